@@ -1,0 +1,91 @@
+"""One experiment = one `Config`: the model, data, train and log sections of a YAML file.
+
+The dataclasses are the single source of truth; jsonargparse turns them into the YAML schema and the
+`--section.key value` command-line overrides, rejecting unknown keys and wrong types by name.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import yaml
+from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
+
+from tml.data.config import DataConfig
+from tml.model.config import ModelConfig
+from tml.train.config import LogConfig, TrainConfig
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "log": LogConfig}
+
+
+class ConfigError(ValueError):
+    """A configuration file or override that tml cannot use."""
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> "Config":
+        """Rebuild a config saved in a checkpoint; unknown keys are refused by name."""
+        sections = {}
+        for name, section_cls in SECTIONS.items():
+            given = dict(values.get(name, {}))
+            known = {f.name for f in dataclasses.fields(section_cls)}
+            unknown = sorted(set(given) - known)
+            if unknown:
+                raise ConfigError(f"unknown key {name}.{unknown[0]} (known: {', '.join(sorted(known))})")
+            sections[name] = section_cls(**given)
+        extra = sorted(set(values) - set(SECTIONS))
+        if extra:
+            raise ConfigError(f"unknown section {extra[0]!r} (known: {', '.join(SECTIONS)})")
+        return cls(**sections)
+
+
+def build_parser(prog: str | None = None, description: str | None = None) -> ArgumentParser:
+    """The parser behind every entry point: `--config FILE` then `--section.key value` overrides."""
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
+    parser.add_argument("--config", action=ActionConfigFile, help="YAML experiment file (configs/*.yaml)")
+    for name, section_cls in SECTIONS.items():
+        parser.add_class_arguments(section_cls, name, help=f"{name} section")
+    return parser
+
+
+def config_from_namespace(parser: ArgumentParser, namespace: Namespace) -> Config:
+    """Turn parsed arguments into dataclasses, so __post_init__ validation runs on the final values."""
+    try:
+        init = parser.instantiate_classes(namespace)
+        return Config(**{name: init[name] for name in SECTIONS})
+    except (TypeError, ValueError) as error:
+        raise ConfigError(str(error)) from error
+
+
+def load_config(args: Sequence[str] | None = None, parser: ArgumentParser | None = None) -> Config:
+    """Parse `--config FILE --section.key value ...` into a validated Config."""
+    parser = parser or build_parser()
+    try:
+        namespace = parser.parse_args(list(args) if args is not None else None)
+    except Exception as error:  # jsonargparse raises ArgumentError with the key named
+        raise ConfigError(str(error)) from error
+    return config_from_namespace(parser, namespace)
+
+
+def load_yaml_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:
+    """Convenience for tests and notebooks: `load_yaml_config("configs/tiny.yaml", ["--train.lr=1e-3"])`."""
+    if not Path(path).is_file():
+        raise ConfigError(f"config file not found: {path}")
+    return load_config(["--config", str(path), *overrides])
+
+
+def dump_yaml(config: Config) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,65 @@
+"""The model's shape. Field names are part of the YAML schema: keep them stable."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+GPT2_PADDED_VOCAB = 50304  # GPT-2's 50,257 tokens rounded up to a multiple of 128 for fast matmuls
+
+
+class ModelConfigError(ValueError):
+    """A model configuration that cannot describe a working transformer."""
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = GPT2_PADDED_VOCAB
+    block_size: int = 512
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    attention: Literal["mla", "mha"] = "mla"
+    norm: Literal["post", "pre"] = "post"
+    q_lora_rank: int = 0  # 0 = full-rank query projection
+    kv_lora_rank: int = 256
+    qk_nope_head_dim: int = 64
+    qk_rope_head_dim: int = 32
+    v_head_dim: int = 64
+    rope_theta: float = 10000.0
+    dropout: float = 0.0
+    bias: bool = False
+    tie_embeddings: bool = True
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def fail(field: str, why: str) -> None:
+            raise ModelConfigError(f"model.{field}={getattr(self, field)!r}: {why}")
+
+        for field in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, field) <= 0:
+                fail(field, "must be a positive integer")
+        if self.attention not in ("mla", "mha"):
+            fail("attention", "must be 'mla' or 'mha'")
+        if self.norm not in ("post", "pre"):
+            fail("norm", "must be 'post' or 'pre'")
+        if self.n_embd % self.n_head != 0:
+            fail("n_embd", f"must be divisible by n_head={self.n_head}")
+        if self.q_lora_rank < 0:
+            fail("q_lora_rank", "must be >= 0 (0 means a full-rank query)")
+        if self.rope_theta <= 0:
+            fail("rope_theta", "must be positive")
+        if not 0.0 <= self.dropout < 1.0:
+            fail("dropout", "must be in [0, 1)")
+        if self.attention == "mla":
+            for field in ("kv_lora_rank", "qk_nope_head_dim", "v_head_dim"):
+                if getattr(self, field) <= 0:
+                    fail(field, "must be a positive integer for MLA")
+            if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2 != 0:
+                fail("qk_rope_head_dim", "must be a positive even number (RoPE rotates pairs)")
+        else:
+            head_dim = self.n_embd // self.n_head
+            if head_dim % 2 != 0:
+                fail("n_embd", f"gives an odd MHA head dim {head_dim}; RoPE rotates pairs")

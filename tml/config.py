@@ -7,9 +7,10 @@ The dataclasses are the single source of truth; jsonargparse turns them into the
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import yaml
 from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
@@ -36,7 +37,7 @@ class Config:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> "Config":
+    def from_dict(cls, values: dict[str, Any]) -> Config:
         """Rebuild a config saved in a checkpoint; unknown keys are refused by name."""
         sections = {}
         for name, section_cls in SECTIONS.items():

@@ -1,0 +1,205 @@
+"""Model benchmark: KV-cache size, CPU decode speed (MLA absorbed / MLA naive / MHA), tiny train-step speed.
+
+Prints one JSON object. Run: python benchmarks/bench_model.py [--dtype float32|bfloat16] [--decode-steps N] [--threads N]
+On a machine shared with other jobs use --threads 1: OpenMP threads that wait on a busy core slow torch down
+many times over.
+Figures from a shared machine vary run to run; compare the ratios within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from dataclasses import replace
+from functools import partial
+from pathlib import Path
+
+import torch
+
+from tml.config import load_yaml_config
+from tml.model import ModelConfig, Transformer
+from tml.model.kv_cache import cache_numbers_per_token, kv_cache_bytes_per_token
+
+# The reference model of the issue: GPT-2 small's shape, MLA with a 256-wide latent and a 32-dim RoPE key.
+REFERENCE_SHAPE = dict(n_layer=12, n_head=12, n_embd=768, kv_lora_rank=256, qk_rope_head_dim=32,
+                       qk_nope_head_dim=64, v_head_dim=64)
+CONTEXTS = (256, 1024, 2048)  # cached tokens before the timed decode steps
+WARMUP_STEPS = 1  # untimed decode steps per mode and context (first-call allocations, cache warm-up)
+DEFAULT_DECODE_STEPS = 7  # timed steps per mode and context (median): enough to be steady, short on 2 busy cores
+# A tiny training shape that does not depend on configs/ (which may change): what a CPU smoke run could train.
+TINY_SHAPE = dict(n_layer=4, n_head=4, n_embd=256, block_size=256, kv_lora_rank=128)
+TINY_BATCH = 8
+TINY_YAML = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+TRAIN_SHAPE_FIELDS = ("n_layer", "n_head", "n_embd", "block_size", "kv_lora_rank", "qk_nope_head_dim",
+                      "qk_rope_head_dim", "v_head_dim")
+TRAIN_WARMUP_STEPS, TRAIN_TIMED_STEPS = 1, 4
+CACHE_GOAL_FRACTION = 1 / 5  # the issue's goal: MLA's cache at most a fifth of MHA's
+
+
+def reference_model(attention: str, dtype: torch.dtype) -> Transformer:
+    torch.manual_seed(0)
+    # One position past the longest context: each timed step decodes the token after `context` cached ones.
+    config = ModelConfig(**REFERENCE_SHAPE, attention=attention, block_size=max(CONTEXTS) + 1)
+    return Transformer(config).to(dtype).eval()
+
+
+@torch.no_grad()
+def timed_decode_step(model: Transformer, cache: list, context: int, absorb: bool) -> float:
+    """Seconds for one batch-1 decode step with exactly `context` tokens cached.
+
+    The prefilled cache is rewound to `context` first: attention is causal, so its prefix is exactly what a
+    prefill of `context` tokens would have cached.
+    """
+    for layer_cache in cache:
+        layer_cache.truncate(context)
+    token = torch.zeros(1, 1, dtype=torch.long)
+    start = time.perf_counter()
+    model(token, cache=cache, absorb=absorb)
+    return time.perf_counter() - start
+
+
+@torch.no_grad()
+def bench_decode(dtype: torch.dtype, steps: int) -> dict:
+    """Decode tokens/s per mode and context. The modes take turns step by step, so a burst of load from other
+    processes slows all of them alike instead of skewing one."""
+    results: dict = {}
+    prompt = torch.randint(0, ModelConfig().vocab_size, (1, max(CONTEXTS)))
+    models, caches = {}, {}
+    for attention in ("mla", "mha"):
+        models[attention] = reference_model(attention, dtype)
+        caches[attention] = models[attention].new_cache(batch_size=1)
+        start = time.perf_counter()
+        models[attention](prompt, cache=caches[attention])
+        results[f"{attention}_prefill_tokens_per_s"] = round(prompt.shape[1] / (time.perf_counter() - start), 1)
+    results["max_abs_logit_diff_absorbed_vs_naive"] = absorbed_vs_naive_gap(models["mla"], caches["mla"])
+
+    modes = {"mla_absorbed": ("mla", True), "mla_naive": ("mla", False), "mha": ("mha", True)}
+    for name in modes:
+        results[name] = {}
+    # Longest context first: a decode step overwrites only the position just past its context, so every
+    # shorter context still sees exactly the prefilled prefix.
+    for context in sorted(CONTEXTS, reverse=True):
+        times: dict[str, list[float]] = {name: [] for name in modes}
+        for step in range(WARMUP_STEPS + steps):
+            for name, (attention, absorb) in modes.items():
+                seconds = timed_decode_step(models[attention], caches[attention], context, absorb)
+                if step >= WARMUP_STEPS:
+                    times[name].append(seconds)
+        for name in modes:
+            results[name][str(context)] = round(1.0 / statistics.median(times[name]), 2)
+    return {name: dict(sorted(value.items(), key=lambda kv: int(kv[0]))) if name in modes else value
+            for name, value in results.items()}
+
+
+@torch.no_grad()
+def absorbed_vs_naive_gap(model: Transformer, cache: list) -> float:
+    """Both decode paths on the same long cache must agree (a benchmark of a wrong path would be meaningless)."""
+    token = torch.ones(1, 1, dtype=torch.long)
+    logits = []
+    for absorb in (True, False):
+        for layer_cache in cache:
+            layer_cache.truncate(max(CONTEXTS))
+        logits.append(model(token, cache=cache, absorb=absorb)[0].float())
+    return float((logits[0] - logits[1]).abs().max())
+
+
+def train_step(model: Transformer, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        _, loss = model(x, y)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+
+
+def train_shapes() -> dict[str, tuple[ModelConfig, int]]:
+    """The named tiny shape, plus configs/tiny.yaml's model and batch when that file is present."""
+    shapes = {"tiny_4x256": (ModelConfig(**TINY_SHAPE), TINY_BATCH)}
+    if TINY_YAML.is_file():
+        config = load_yaml_config(TINY_YAML)
+        shapes["configs/tiny.yaml"] = (config.model, config.train.batch_size)
+    return shapes
+
+
+def bench_train_step() -> dict:
+    """Forward + backward + AdamW step with bf16 autocast, as a CPU smoke run trains.
+    MLA and MHA of each shape alternate step by step, as in bench_decode."""
+    results = {}
+    for shape_name, (model_config, batch) in train_shapes().items():
+        runs = {}
+        for attention in ("mla", "mha"):
+            torch.manual_seed(0)
+            model = Transformer(replace(model_config, attention=attention)).train()
+            x = torch.randint(0, model.config.vocab_size, (batch, model.config.block_size))
+            optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
+            runs[attention] = (model, partial(train_step, model, optimizer, x, torch.roll(x, -1, 1)))
+        times: dict[str, list[float]] = {attention: [] for attention in runs}
+        for step in range(TRAIN_WARMUP_STEPS + TRAIN_TIMED_STEPS):
+            for attention, (_, run) in runs.items():
+                start = time.perf_counter()
+                run()
+                if step >= TRAIN_WARMUP_STEPS:
+                    times[attention].append(time.perf_counter() - start)
+        shape = {field: getattr(model_config, field) for field in TRAIN_SHAPE_FIELDS}
+        results[shape_name] = {"shape": shape, "batch": batch, "autocast": "bfloat16"}
+        for attention, (model, _) in runs.items():
+            tokens_per_s = batch * model_config.block_size / statistics.median(times[attention])
+            results[shape_name][attention] = {
+                "tokens_per_s": round(tokens_per_s, 1),
+                "params_non_embedding": model.num_params(),
+                "flops_per_token": model.flops_per_token(),
+                "achieved_gflops": round(tokens_per_s * model.flops_per_token() / 1e9, 2),
+            }
+    return results
+
+
+def cache_sizes() -> dict:
+    sizes = {}
+    for attention in ("mla", "mha"):
+        config = ModelConfig(**REFERENCE_SHAPE, attention=attention)
+        sizes[attention] = {
+            "numbers_per_token_per_layer": cache_numbers_per_token(config),
+            "bytes_per_token_bf16": kv_cache_bytes_per_token(config, torch.bfloat16),
+            "bytes_per_token_fp32": kv_cache_bytes_per_token(config, torch.float32),
+        }
+    sizes["mla_over_mha"] = round(sizes["mla"]["bytes_per_token_bf16"] / sizes["mha"]["bytes_per_token_bf16"], 4)
+    return sizes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                        help="decode weights and cache dtype (CPU matmuls are fastest in float32)")
+    parser.add_argument("--decode-steps", type=int, default=DEFAULT_DECODE_STEPS)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dtype = getattr(torch, args.dtype)
+
+    start, cpu_start = time.perf_counter(), time.process_time()
+    cache = cache_sizes()
+    decode = bench_decode(dtype, args.decode_steps)
+    train = bench_train_step()
+    longest = str(max(CONTEXTS))
+    report = {
+        "machine": {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
+                    "note": "shared CPU machine; compare ratios"},
+        "kv_cache_reference": cache,
+        "decode_tokens_per_s": {"dtype": args.dtype, "batch": 1, "timed_steps": args.decode_steps, **decode},
+        "absorbed_speedup_over_naive": {c: round(decode["mla_absorbed"][c] / decode["mla_naive"][c], 2)
+                                        for c in decode["mla_naive"]},
+        "train_step": train,
+        "goals": {
+            "absorbed_faster_than_naive_at_longest_context": decode["mla_absorbed"][longest] > decode["mla_naive"][longest],
+            "mla_cache_at_most_a_fifth_of_mha": cache["mla_over_mha"] <= CACHE_GOAL_FRACTION,
+        },
+        "wall_s": round(time.perf_counter() - start, 1),
+        "cpu_s": round(time.process_time() - cpu_start, 1),  # far below wall_s when other jobs hold the cores
+    }
+    print(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,114 @@
+"""MLA and MHA attention: the training path, the absorbed and naive decode paths, and fp16 safety."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import debug_model_config
+from tml.model.attention import MultiHeadLatentAttention, attend_cached, causal_attention_padded
+from tml.model.kv_cache import LatentCache
+
+DECODE_ATOL = 1e-5  # fp32: absorbed and naive differ only in summation order
+PREFILL, DECODE = 6, 8
+
+
+def mla_module(q_lora_rank: int = 0) -> MultiHeadLatentAttention:
+    torch.manual_seed(0)
+    # nope != v and nope + rope != v, so a wrong head split or scale cannot cancel out.
+    config = debug_model_config(q_lora_rank=q_lora_rank, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=20)
+    return MultiHeadLatentAttention(config).eval()
+
+
+def decode_outputs(attn: MultiHeadLatentAttention, x: torch.Tensor, absorb: bool) -> torch.Tensor:
+    """Prefill PREFILL tokens, then feed one token, then chunks of 3 and the rest, through the cache."""
+    cache = LatentCache(x.shape[0], x.shape[1], attn.kv_lora_rank, attn.rope_dim)
+    steps = [(0, PREFILL), (PREFILL, PREFILL + 1), (PREFILL + 1, PREFILL + 4), (PREFILL + 4, x.shape[1])]
+    return torch.cat([attn(x[:, a:b], cache, absorb=absorb) for a, b in steps], dim=1)
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 16])
+def test_absorbed_decode_matches_naive_decode(q_lora_rank):
+    attn = mla_module(q_lora_rank)
+    x = torch.randn(2, PREFILL + DECODE, 64)
+    with torch.no_grad():
+        absorbed, naive = decode_outputs(attn, x, absorb=True), decode_outputs(attn, x, absorb=False)
+    torch.testing.assert_close(absorbed, naive, atol=DECODE_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("absorb", [True, False])
+def test_cached_decode_matches_full_forward(absorb):
+    attn = mla_module()
+    x = torch.randn(2, PREFILL + DECODE, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(decode_outputs(attn, x, absorb), attn(x), atol=DECODE_ATOL, rtol=0)
+
+
+def test_absorbed_decode_never_expands_latents_into_per_head_keys():
+    attn = mla_module()
+    expansions = []
+    attn.kv_up.register_forward_hook(lambda *_: expansions.append(1))
+    cache = LatentCache(1, 8, attn.kv_lora_rank, attn.rope_dim)
+    with torch.no_grad():
+        attn(torch.randn(1, 4, 64), cache)  # prefill expands once, through SDPA
+        expansions.clear()
+        attn(torch.randn(1, 1, 64), cache, absorb=True)
+        assert expansions == []
+        attn(torch.randn(1, 1, 64), cache, absorb=False)
+        assert expansions == [1]
+
+
+def test_full_forward_equals_explicit_attention_with_mla_scale():
+    """SDPA must be called causal with scale 1/sqrt(nope + rope) over [q_nope | q_rope] . [k_nope | k_rope]."""
+    attn = mla_module()
+    x = torch.randn(1, 10, 64)
+    with torch.no_grad():
+        q_nope, q_rope = attn._query(x, 0)
+        k, v = attn._expand(*attn._latent(x, 0))
+        scores = torch.cat((q_nope, q_rope), dim=-1) @ k.transpose(-2, -1) / math.sqrt(12 + 8)
+        scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
+        y = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(1, 10, -1)
+        torch.testing.assert_close(attn(x), attn.out_proj(y), atol=DECODE_ATOL, rtol=0)
+
+
+def test_cached_attention_does_not_overflow_in_fp16():
+    # Dot products of 16 dims of 100 * 100 = 160,000, beyond fp16's 65,504: only an fp32 softmax survives.
+    q = torch.full((1, 2, 1, 16), 100.0, dtype=torch.float16)
+    k = torch.full((1, 2, 5, 16), 100.0, dtype=torch.float16)
+    k[:, :, -1] = -100.0
+    v = torch.randn(1, 2, 5, 8, dtype=torch.float16)
+    out = attend_cached(q, k, v, scale=1.0, start=4)
+    assert out.dtype == torch.float16 and torch.isfinite(out).all()
+    torch.testing.assert_close(out, v[:, :, :4].float().mean(dim=2, keepdim=True).half(), atol=1e-3, rtol=0)
+
+
+def test_absorbed_decode_does_not_overflow_in_fp16():
+    attn = mla_module().half()
+    with torch.no_grad():
+        attn.kv_up.weight.fill_(1.0)  # q in latent space becomes 12 * 10 = 120 per latent dim
+    cache = LatentCache(1, 4, attn.kv_lora_rank, attn.rope_dim, dtype=torch.float16)
+    cache.update(torch.full((1, 3, attn.kv_lora_rank), 30.0), torch.zeros(1, 3, attn.rope_dim))
+    q_nope = torch.full((1, 4, 1, attn.nope_dim), 10.0, dtype=torch.float16)
+    q_rope = torch.zeros(1, 4, 1, attn.rope_dim, dtype=torch.float16)
+    latent, rope_key = cache.update(torch.full((1, 1, attn.kv_lora_rank), 30.0), torch.zeros(1, 1, attn.rope_dim))
+    # Scores reach 120 * 30 * 32 = 115,200 before scaling: an fp16 matmul would give inf and then NaN.
+    out = attn._absorbed_attention(q_nope, q_rope, latent, rope_key, start=3)
+    assert torch.isfinite(out).all()
+    # Equal scores mix the identical latents unchanged; W_UV of ones then sums the 32 latent dims of 30.
+    torch.testing.assert_close(out.float(), torch.full(out.shape, 32 * 30.0), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize(("qk_dim", "v_dim"), [(24, 16), (16, 24), (16, 16)])
+def test_padded_attention_equals_plain_sdpa_values_and_gradients(qk_dim, v_dim):
+    q, k = torch.randn(2, 3, 9, qk_dim, requires_grad=True), torch.randn(2, 3, 9, qk_dim, requires_grad=True)
+    v = torch.randn(2, 3, 9, v_dim, requires_grad=True)
+    padded = causal_attention_padded(q, k, v, scale=0.3, dropout_p=0.0)
+    plain = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, scale=0.3)
+    torch.testing.assert_close(padded, plain)
+    grad_out = torch.randn_like(plain)
+    padded_grads = torch.autograd.grad(padded, (q, k, v), grad_out)
+    plain_grads = torch.autograd.grad(plain, (q, k, v), grad_out)
+    for ours, reference in zip(padded_grads, plain_grads, strict=True):
+        torch.testing.assert_close(ours, reference)

@@ -1,0 +1,43 @@
+"""Every invalid ModelConfig is refused with an error naming the field at fault."""
+
+from __future__ import annotations
+
+import pytest
+
+from tests.conftest import debug_model_config
+from tml.model import ModelConfigError
+
+INVALID_FIELDS = [
+    ("vocab_size", 0),
+    ("block_size", -1),
+    ("n_layer", 0),
+    ("n_head", 0),
+    ("n_embd", 0),
+    ("n_embd", 66),  # not divisible by n_head=4
+    ("attention", "gqa"),
+    ("norm", "sandwich"),
+    ("q_lora_rank", -1),
+    ("kv_lora_rank", 0),
+    ("qk_nope_head_dim", 0),
+    ("qk_rope_head_dim", 0),
+    ("qk_rope_head_dim", 7),  # RoPE rotates pairs
+    ("v_head_dim", -4),
+    ("rope_theta", 0.0),
+    ("dropout", 1.0),
+    ("dropout", -0.1),
+]
+
+
+@pytest.mark.parametrize(("field", "value"), INVALID_FIELDS)
+def test_invalid_field_raises_naming_it(field, value):
+    with pytest.raises(ModelConfigError, match=f"model.{field}="):
+        debug_model_config(**{field: value})
+
+
+def test_mha_with_odd_head_dim_raises_naming_n_embd():
+    with pytest.raises(ModelConfigError, match="model.n_embd="):
+        debug_model_config(attention="mha", n_embd=36, n_head=4)  # head dim 9 cannot be rotated in pairs
+
+
+def test_mla_only_fields_are_not_checked_for_mha():
+    debug_model_config(attention="mha", kv_lora_rank=0, qk_rope_head_dim=0)

@@ -1,0 +1,211 @@
+"""The transformer: cached decoding equals the full forward, causality, init, learning, limits and sampling."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from tests.conftest import debug_model_config
+from tml.model import Transformer
+from tml.model.transformer import sample_next_token
+
+DECODE_ATOL = 1e-5  # fp32 logits of the debug model
+PROMPT = 5
+OVERFIT_STEPS = 100  # the debug model memorises one batch to under a fifth of its start loss in ~60
+
+VARIANTS = {
+    "mla-post": dict(),
+    "mla-pre": dict(norm="pre"),
+    "mla-lowrank-q-post": dict(q_lora_rank=16),
+    "mla-lowrank-q-pre": dict(q_lora_rank=16, norm="pre"),
+    "mha-post": dict(attention="mha"),
+    "mha-pre": dict(attention="mha", norm="pre"),
+}
+
+
+def build(**overrides) -> Transformer:
+    torch.manual_seed(0)
+    return Transformer(debug_model_config(**overrides)).eval()
+
+
+def all_logits(model: Transformer, idx: torch.Tensor) -> torch.Tensor:
+    logits, _ = model(idx, targets=idx)  # with targets, forward returns every position's logits
+    return logits
+
+
+@pytest.mark.parametrize("absorb", [True, False], ids=["absorbed", "naive"])
+@pytest.mark.parametrize("variant", VARIANTS.values(), ids=VARIANTS.keys())
+def test_incremental_decode_matches_full_forward_at_every_position(variant, absorb):
+    model = build(**variant)
+    idx = torch.randint(0, 256, (2, model.config.block_size))
+    with torch.no_grad():
+        full = all_logits(model, idx)
+        cache = model.new_cache(batch_size=2)
+        step_logits = [model(idx[:, :1], cache=cache, absorb=absorb)[0]]
+        step_logits += [model(idx[:, t:t + 1], cache=cache, absorb=absorb)[0] for t in range(1, idx.shape[1])]
+    torch.testing.assert_close(torch.cat(step_logits, dim=1), full, atol=DECODE_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("q_lora_rank", [0, 16])
+def test_absorbed_decode_matches_naive_decode_after_a_prompt(q_lora_rank):
+    model = build(q_lora_rank=q_lora_rank)
+    idx = torch.randint(0, 256, (3, 20))
+    outputs = {}
+    with torch.no_grad():
+        for absorb in (True, False):
+            cache = model.new_cache(batch_size=3)
+            model(idx[:, :PROMPT], cache=cache)
+            outputs[absorb] = torch.cat([model(idx[:, t:t + 1], cache=cache, absorb=absorb)[0]
+                                         for t in range(PROMPT, idx.shape[1])], dim=1)
+    torch.testing.assert_close(outputs[True], outputs[False], atol=DECODE_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_changing_a_future_token_leaves_earlier_logits_unchanged(attention):
+    model = build(attention=attention)
+    idx = torch.randint(0, 256, (1, 16))
+    changed = idx.clone()
+    changed[0, 10] = (idx[0, 10] + 1) % 256
+    with torch.no_grad():
+        before, after = all_logits(model, idx), all_logits(model, changed)
+    torch.testing.assert_close(before[:, :10], after[:, :10], atol=0, rtol=0)
+    assert not torch.allclose(before[:, 10:], after[:, 10:])
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_init_follows_gpt2_statistics(attention):
+    model = Transformer(debug_model_config(attention=attention, n_embd=128, n_layer=4, bias=True, vocab_size=1024))
+    residual_std = 0.02 / math.sqrt(2 * 4)
+    for name, param in model.named_parameters():
+        if name.endswith(("attn.out_proj.weight", "mlp.fc_out.weight")):
+            assert param.std().item() == pytest.approx(residual_std, rel=0.1), name
+        elif name.endswith(".bias"):
+            assert torch.all(param == 0), name
+        elif "norm" in name:
+            assert torch.all(param == 1), name
+        else:
+            assert param.std().item() == pytest.approx(0.02, rel=0.1), name
+
+
+def test_embeddings_are_tied_to_the_output_layer():
+    model = build()
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert build(tie_embeddings=False).lm_head.weight is not build(tie_embeddings=False).tok_emb.weight
+
+
+@pytest.mark.parametrize("variant", [dict(), dict(attention="mha"), dict(norm="pre", q_lora_rank=16)],
+                         ids=["mla", "mha", "mla-pre-lowrank-q"])
+def test_overfits_one_small_batch(variant):
+    model = build(**variant).train()
+    idx = torch.randint(0, 256, (4, 33))
+    x, y = idx[:, :-1], idx[:, 1:]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first_loss = model(x, y)[1].item()
+    for _ in range(OVERFIT_STEPS):
+        _, loss = model(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    assert first_loss == pytest.approx(math.log(256), rel=0.1)  # untrained: near-uniform predictions
+    assert loss.item() < 0.2 * first_loss
+
+
+def test_loss_ignores_targets_of_minus_one():
+    model = build()
+    idx = torch.randint(0, 256, (1, 8))
+    targets = idx.clone()
+    targets[0, 4:] = -1
+    logits, loss = model(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits[0, :4], idx[0, :4])
+    torch.testing.assert_close(loss, expected)
+
+
+def test_without_targets_only_the_last_position_is_returned():
+    model = build()
+    idx = torch.randint(0, 256, (2, 7))
+    logits, loss = model(idx)
+    assert logits.shape == (2, 1, 256) and loss is None
+    torch.testing.assert_close(logits, all_logits(model, idx)[:, -1:])
+
+
+def test_input_longer_than_block_size_raises_naming_both_lengths():
+    model = build()
+    with pytest.raises(ValueError, match="33 tokens but model.block_size is 32"):
+        model(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_generate_past_block_size_raises():
+    model = build()
+    with pytest.raises(ValueError, match="exceeds model.block_size=32"):
+        model.generate(torch.zeros(1, 30, dtype=torch.long), max_new_tokens=3)
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_greedy_generate_equals_argmax_of_uncached_forward(attention):
+    model = build(attention=attention)
+    prompt = torch.randint(0, 256, (2, PROMPT))
+    generated = model.generate(prompt, max_new_tokens=10, top_k=1)
+    expected = prompt
+    with torch.no_grad():
+        for _ in range(10):
+            expected = torch.cat((expected, model(expected)[0][:, -1].argmax(-1, keepdim=True)), dim=1)
+    assert torch.equal(generated, expected)
+    assert torch.equal(model.generate(prompt, 10, temperature=0.0), expected)
+    assert torch.equal(model.generate(prompt, 10, top_p=1e-6, absorb=False), expected)
+
+
+def test_generate_is_reproducible_with_a_seeded_generator():
+    model = build()
+    prompt = torch.randint(0, 256, (1, PROMPT))
+    runs = [model.generate(prompt, 12, generator=torch.Generator().manual_seed(7)) for _ in range(2)]
+    assert torch.equal(runs[0], runs[1])
+
+
+def test_top_k_samples_only_the_k_most_likely_tokens():
+    logits = torch.tensor([[0.0, 3.0, 1.0, 2.5, -1.0, 2.9]])
+    generator = torch.Generator().manual_seed(0)
+    samples = {sample_next_token(logits, top_k=3, generator=generator).item() for _ in range(300)}
+    assert samples == {1, 3, 5}
+
+
+def test_top_p_samples_only_the_smallest_nucleus():
+    probs = torch.tensor([[0.05, 0.5, 0.3, 0.1, 0.05]])
+    generator = torch.Generator().manual_seed(0)
+    samples = {sample_next_token(probs.log(), top_p=0.75, generator=generator).item() for _ in range(300)}
+    assert samples == {1, 2}  # 0.5 alone is short of 0.75; 0.5 + 0.3 reaches it
+
+
+def test_high_temperature_flattens_and_low_temperature_sharpens():
+    logits = torch.tensor([[2.0, 0.0]])
+    generator = torch.Generator().manual_seed(0)
+    def share_of_second(temperature: float) -> float:
+        draws = [sample_next_token(logits, temperature, generator=generator).item() for _ in range(2000)]
+        return sum(draws) / len(draws)
+    assert share_of_second(0.25) < 0.01 < 0.08 < share_of_second(1.0) < 0.2 < 0.35 < share_of_second(10.0)
+
+
+@pytest.mark.parametrize(("kwargs", "field"), [
+    (dict(temperature=-1.0), "temperature"), (dict(top_k=0), "top_k"), (dict(top_p=0.0), "top_p"),
+    (dict(top_p=1.5), "top_p"),
+])
+def test_invalid_sampling_arguments_raise_naming_them(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        build().generate(torch.zeros(1, 2, dtype=torch.long), 3, **kwargs)
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_flops_per_token_is_6n_plus_attention(attention):
+    config = debug_model_config(attention=attention)
+    model = Transformer(config)
+    dense = sum(p.numel() for p in model.parameters())  # tied: the embedding table is the lm_head's matmul
+    qk_plus_v = 16 + 8 + 16 if attention == "mla" else 2 * 64 // 4
+    expected = 6 * dense + 6 * config.n_layer * config.n_head * config.block_size * qk_plus_v
+    assert model.flops_per_token() == expected
+
+
+def test_num_params_non_embedding_excludes_the_token_table():
+    model = build(tie_embeddings=False)
+    assert model.num_params(non_embedding=False) - model.num_params() == 256 * 64
+    assert model.num_params(non_embedding=False) == sum(p.numel() for p in model.parameters())

@@ -1,0 +1,336 @@
+"""Token shards on disk: size-bounded uint16 files per split plus an index.json that describes them.
+
+Layout: `{shard_dir}/index.json` and `{shard_dir}/{split}_{k:05d}.bin`. The writer streams: a document's tokens are
+appended to the open shard and only the current shard's hash lives in memory, so corpora far larger than RAM
+can be written. Every file lands under a temporary name and is renamed when complete, the index last, so a
+crash leaves either the previous complete data set or no index at all, never a half-written one that loads.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import numpy as np
+
+INDEX_FILE = "index.json"
+FORMAT_VERSION = 1  # bump when the index layout changes; older indexes are then refused and rebuilt
+SHARD_DTYPE = np.dtype(np.uint16)  # GPT-2's 50,257 ids fit in 16 bits: half the disk and page cache of int32
+SPLITS = ("train", "val")
+SCAN_CHUNK_TOKENS = 1 << 24  # 32 MB of uint16 per step when scanning a shard, so scans never load a whole shard
+
+
+class ShardError(ValueError):
+    """Shards on disk that do not match their index (or no usable index)."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    file: str  # relative to the shard directory
+    tokens: int
+    sha256: str
+    max_token: int
+
+
+@dataclass(frozen=True)
+class DocumentSpan:
+    """Where one book's tokens (and its trailing <|endoftext|>) start in a split, and how many there are."""
+
+    id: int
+    title: str
+    shard: int  # index into the split's shard list where the document starts
+    offset: int  # token offset inside that shard
+    length: int  # may run on into the following shards
+
+
+@dataclass
+class SplitIndex:
+    shards: list[ShardInfo] = field(default_factory=list)
+    documents: list[DocumentSpan] = field(default_factory=list)
+
+    @property
+    def tokens(self) -> int:
+        return sum(shard.tokens for shard in self.shards)
+
+
+@dataclass
+class ShardIndex:
+    shard_dir: Path
+    tokenizer: str
+    vocab_size: int
+    shard_tokens: int
+    fingerprint: str  # hash of every input (books, cleaning, tokenizer, split); equal means nothing to redo
+    settings: dict[str, Any]  # the data config values the shards were built from (checked by data_is_ready)
+    splits: dict[str, SplitIndex]
+    dtype: str = SHARD_DTYPE.name
+    format_version: int = FORMAT_VERSION
+
+    def path(self, split: str, shard: int) -> Path:
+        return self.shard_dir / self.splits[split].shards[shard].file
+
+    def to_json(self) -> dict[str, Any]:
+        values = asdict(self)
+        values.pop("shard_dir")
+        return values
+
+    @classmethod
+    def from_json(cls, shard_dir: Path, values: dict[str, Any]) -> ShardIndex:
+        splits = {
+            name: SplitIndex(
+                shards=[ShardInfo(**shard) for shard in split["shards"]],
+                documents=[DocumentSpan(**document) for document in split["documents"]],
+            )
+            for name, split in values.pop("splits").items()
+        }
+        return cls(shard_dir=shard_dir, splits=splits, **values)
+
+    @classmethod
+    def load(cls, shard_dir: str | Path, verify: bool = False, scan_tokens: bool = True) -> ShardIndex:
+        """Read index.json and check it against the shard files; ShardError names the first file at fault.
+
+        Always checked: format, dtype, every file present with the size the index gives, documents tiling each
+        split. `scan_tokens` reads every token once (memory-mapped, chunked) to refuse ids >= vocab size before
+        they reach an embedding; `verify` also recomputes each shard's sha256.
+        """
+        shard_dir = Path(shard_dir)
+        index_path = shard_dir / INDEX_FILE
+        if not index_path.is_file():
+            raise ShardError(f"{index_path} not found: run `tml-prepare --config FILE` to build the shards")
+        try:
+            values = json.loads(index_path.read_text())
+            index = cls.from_json(shard_dir, values)
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            raise ShardError(f"{index_path} is not a tml shard index ({error}); rebuild with tml-prepare --force") from error
+        index.check(verify=verify, scan_tokens=scan_tokens)
+        return index
+
+    def check(self, verify: bool = False, scan_tokens: bool = True) -> None:
+        index_path = self.shard_dir / INDEX_FILE
+        if self.format_version != FORMAT_VERSION:
+            raise ShardError(f"{index_path}: format_version {self.format_version}, this tml reads {FORMAT_VERSION}")
+        if self.dtype != SHARD_DTYPE.name:
+            raise ShardError(f"{index_path}: dtype {self.dtype!r}, tml shards are {SHARD_DTYPE.name}")
+        if not 0 < self.vocab_size <= np.iinfo(SHARD_DTYPE).max + 1:
+            raise ShardError(f"{index_path}: vocab_size {self.vocab_size} does not fit {SHARD_DTYPE.name}")
+        missing = [split for split in SPLITS if split not in self.splits]
+        if missing:
+            raise ShardError(f"{index_path}: no {missing[0]!r} split")
+        for split_name, split in self.splits.items():
+            for number, shard in enumerate(split.shards):
+                self._check_shard(split_name, number, shard, verify, scan_tokens)
+            self._check_documents(split_name, split)
+
+    def _check_shard(self, split: str, number: int, shard: ShardInfo, verify: bool, scan_tokens: bool) -> None:
+        path = self.shard_dir / shard.file
+        if shard.file != shard_name(split, number):
+            raise ShardError(f"{self.shard_dir / INDEX_FILE}: {split} shard {number} is {shard.file!r}")
+        if not path.is_file():
+            raise ShardError(f"{path} is missing (listed in {INDEX_FILE}); rebuild with tml-prepare --force")
+        expected = shard.tokens * SHARD_DTYPE.itemsize
+        size = path.stat().st_size
+        if size != expected:
+            raise ShardError(
+                f"{path} is {size} bytes but {INDEX_FILE} says {shard.tokens} {SHARD_DTYPE.name} tokens "
+                f"= {expected} bytes (truncated, replaced, or written with another dtype)"
+            )
+        if not 0 < shard.tokens <= self.shard_tokens:
+            raise ShardError(f"{path}: {shard.tokens} tokens, outside 1..shard_tokens={self.shard_tokens}")
+        if shard.max_token >= self.vocab_size:
+            raise ShardError(f"{path}: max token {shard.max_token} >= vocab size {self.vocab_size}")
+        if scan_tokens:
+            actual_max = scan_max_token(path)
+            if actual_max >= self.vocab_size:
+                raise ShardError(f"{path} holds token {actual_max} >= vocab size {self.vocab_size}")
+            if actual_max != shard.max_token:
+                raise ShardError(f"{path}: max token {actual_max}, {INDEX_FILE} says {shard.max_token} (edited?)")
+        if verify:
+            digest = file_sha256(path)
+            if digest != shard.sha256:
+                raise ShardError(f"{path}: sha256 {digest} differs from {INDEX_FILE} ({shard.sha256})")
+
+    def _check_documents(self, split_name: str, split: SplitIndex) -> None:
+        """Documents must tile the split exactly, in order: each starts where the previous one ended."""
+        index_path = self.shard_dir / INDEX_FILE
+        starts = shard_starts(split)
+        position = 0
+        for document in split.documents:
+            inside = 0 <= document.shard < len(split.shards) and 0 <= document.offset < split.shards[document.shard].tokens
+            if not inside or starts[document.shard] + document.offset != position or document.length <= 0:
+                raise ShardError(f"{index_path}: {split_name} document {document.id} does not start where the previous ended")
+            position += document.length
+        if position != split.tokens:
+            raise ShardError(f"{index_path}: {split_name} documents cover {position} tokens, its shards hold {split.tokens}")
+
+
+def shard_name(split: str, number: int) -> str:
+    return f"{split}_{number:05d}.bin"
+
+
+def shard_starts(split: SplitIndex) -> list[int]:
+    """Offset of each shard's first token in the split's concatenated token stream."""
+    starts, total = [], 0
+    for shard in split.shards:
+        starts.append(total)
+        total += shard.tokens
+    return starts
+
+
+def scan_max_token(path: Path) -> int:
+    tokens = np.memmap(path, dtype=SHARD_DTYPE, mode="r")
+    return max(int(tokens[i : i + SCAN_CHUNK_TOKENS].max()) for i in range(0, len(tokens), SCAN_CHUNK_TOKENS))
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        while chunk := file.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def choose_val_books(book_ids: list[int], val_frac: float, seed: int) -> set[int]:
+    """Whole books held out for validation: the same ids for the same seed whatever order the source lists them.
+
+    At least one book is held out when there are two or more and val_frac > 0, and at least one is kept for
+    training; a single book goes to train (a split by book cannot hold one out).
+    """
+    if not 0.0 <= val_frac < 1.0:
+        raise ValueError(f"data.val_frac must be in [0, 1), got {val_frac}")
+    ids = sorted(set(book_ids))
+    count = round(val_frac * len(ids))
+    if val_frac > 0 and len(ids) >= 2:
+        count = min(max(count, 1), len(ids) - 1)
+    return set(random.Random(seed).sample(ids, count))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    temporary = path.with_name(f"{path.name}.tmp")
+    with open(temporary, "wb") as file:
+        file.write(data)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(temporary, path)
+
+
+class SplitWriter:
+    """Appends one split's documents to shards of at most `shard_tokens` tokens each."""
+
+    def __init__(self, shard_dir: Path, split: str, shard_tokens: int, vocab_size: int):
+        if shard_tokens <= 0:
+            raise ValueError(f"data.shard_tokens must be positive, got {shard_tokens}")
+        self.shard_dir, self.split = shard_dir, split
+        self.shard_tokens, self.vocab_size = shard_tokens, vocab_size
+        self.index = SplitIndex()
+        self._file: BinaryIO | None = None
+        self._hash = hashlib.sha256()
+        self._count = 0
+        self._max_token = 0
+
+    def add(self, document_id: int, title: str, tokens: np.ndarray) -> None:
+        """Append one document, continuing into new shards when the current one fills up."""
+        if len(tokens) == 0:
+            return
+        tokens = np.ascontiguousarray(tokens, dtype=SHARD_DTYPE)
+        if self._file is None or self._count == self.shard_tokens:
+            self._open_next()
+        self.index.documents.append(
+            DocumentSpan(id=document_id, title=title, shard=len(self.index.shards), offset=self._count, length=len(tokens))
+        )
+        while len(tokens):
+            if self._count == self.shard_tokens:
+                self._open_next()
+            piece, tokens = tokens[: self.shard_tokens - self._count], tokens[self.shard_tokens - self._count :]
+            self._write(piece)
+
+    def add_checked(self, document_id: int, title: str, tokens: list[int]) -> None:
+        """Like add, for token lists straight from the tokenizer: ids that do not fit are refused, not wrapped."""
+        try:
+            array = np.array(tokens, dtype=SHARD_DTYPE)  # NumPy >= 2 raises on ids outside uint16 (1.x wraps)
+        except OverflowError:
+            array = None
+        if array is None or (len(array) and int(array.max()) >= self.vocab_size):
+            raise ShardError(f"document {document_id} ({title}) has token ids outside 0..{self.vocab_size - 1}")
+        self.add(document_id, title, array)
+
+    def _write(self, piece: np.ndarray) -> None:
+        data = piece.tobytes()
+        assert self._file is not None
+        self._file.write(data)
+        self._hash.update(data)
+        self._count += len(piece)
+        self._max_token = max(self._max_token, int(piece.max()))
+
+    def _open_next(self) -> None:
+        self._finish_current()
+        self._file = open(self.shard_dir / f"{shard_name(self.split, len(self.index.shards))}.tmp", "wb")
+        self._hash, self._count, self._max_token = hashlib.sha256(), 0, 0
+
+    def _finish_current(self) -> None:
+        if self._file is None:
+            return
+        name = shard_name(self.split, len(self.index.shards))
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        os.replace(self.shard_dir / f"{name}.tmp", self.shard_dir / name)
+        self.index.shards.append(ShardInfo(name, self._count, self._hash.hexdigest(), self._max_token))
+
+    def close(self) -> SplitIndex:
+        self._finish_current()
+        return self.index
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            Path(self._file.name).unlink(missing_ok=True)
+            self._file = None
+
+
+def write_shards(
+    shard_dir: str | Path,
+    documents: Iterable[tuple[str, int, str, list[int]]],
+    *,
+    tokenizer: str,
+    vocab_size: int,
+    shard_tokens: int,
+    fingerprint: str,
+    settings: dict[str, Any],
+) -> ShardIndex:
+    """Stream (split, id, title, tokens) documents into shards and write the index last.
+
+    The old index is removed first, so an interrupted rewrite is never mistaken for a complete data set, and
+    shards of a previous, larger build are deleted at the end.
+    """
+    shard_dir = Path(shard_dir)
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    (shard_dir / INDEX_FILE).unlink(missing_ok=True)
+    for leftover in shard_dir.glob("*.tmp"):  # from an interrupted earlier build
+        leftover.unlink()
+    writers = {split: SplitWriter(shard_dir, split, shard_tokens, vocab_size) for split in SPLITS}
+    try:
+        for split, document_id, title, tokens in documents:
+            if split not in writers:
+                raise ValueError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
+            writers[split].add_checked(document_id, title, tokens)
+        splits = {split: writer.close() for split, writer in writers.items()}
+    except BaseException:
+        for writer in writers.values():
+            writer.abort()
+        raise
+    index = ShardIndex(
+        shard_dir=shard_dir, tokenizer=tokenizer, vocab_size=vocab_size, shard_tokens=shard_tokens,
+        fingerprint=fingerprint, settings=settings, splits=splits,
+    )
+    kept = {shard.file for split in splits.values() for shard in split.shards}
+    for stale in shard_dir.glob("*.bin"):
+        if stale.name not in kept and stale.name.split("_")[0] in SPLITS:
+            stale.unlink()
+    write_atomic(shard_dir / INDEX_FILE, json.dumps(index.to_json(), indent=1).encode())
+    return index

@@ -56,3 +56,8 @@ def test_from_dict_refuses_unknown_keys():
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_yaml_config(tmp_path / "nope.yaml")
+
+
+def test_abbreviated_key_is_not_taken_for_a_longer_one():
+    with pytest.raises(ConfigError, match="max_step"):
+        load_config(["--train.max_step", "3"])

@@ -55,7 +55,7 @@ class Config:
 
 def build_parser(prog: str | None = None, description: str | None = None) -> ArgumentParser:
     """The parser behind every entry point: `--config FILE` then `--section.key value` overrides."""
-    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False)
+    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False, allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML experiment file (configs/*.yaml)")
     for name, section_cls in SECTIONS.items():
         parser.add_class_arguments(section_cls, name, help=f"{name} section")

@@ -1,0 +1,96 @@
+"""Training throughput (tokens/s) and MFU of the tiny and small configs on this machine, as JSON.
+
+Times the loop's hot path exactly as tml/train/loop.py runs it (Fabric forward under autocast, backward,
+clipping, AdamW step) on random tokens, after warm-up steps. MFU is against the matmul peak measured at start-up
+on CPU (tml.train.throughput), or the datasheet peak on a known GPU. The micro-batch is reduced (--batch-size)
+so a CPU measurement takes seconds; tokens/s hardly depends on it at these sizes.
+
+    python benchmarks/bench_train.py --configs configs/tiny.yaml configs/small.yaml --steps 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from tml.config import load_yaml_config  # noqa: E402
+from tml.model import Transformer  # noqa: E402
+from tml.train.fabric import build_fabric  # noqa: E402
+from tml.train.optim import build_optimizer  # noqa: E402
+from tml.train.throughput import mfu, peak_flops, precision_dtype  # noqa: E402
+
+
+def bench(config_path: str, steps: int, warmup: int, batch_size: int, precision: str | None) -> dict:
+    overrides = [f"--train.batch_size={batch_size}", "--train.grad_accum=1", "--train.devices=1"]
+    if precision:
+        overrides.append(f"--train.precision={precision}")
+    config = load_yaml_config(config_path, overrides)
+    fabric = build_fabric(config.train)
+    torch.manual_seed(0)
+    with fabric.init_module():
+        model = Transformer(config.model)
+    optimizer = build_optimizer(model, config.train)
+    model, optimizer = fabric.setup(model), fabric.setup_optimizers(optimizer)
+    shape = (config.train.batch_size, config.model.block_size)
+    x = torch.randint(0, config.model.vocab_size, shape, device=fabric.device)
+    y = torch.randint(0, config.model.vocab_size, shape, device=fabric.device)
+
+    def step() -> None:
+        _, loss = model(x, y)
+        fabric.backward(loss)
+        fabric.clip_gradients(model, optimizer, max_norm=config.train.grad_clip, error_if_nonfinite=False)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(warmup):
+        step()
+    if fabric.device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    if fabric.device.type == "cuda":
+        torch.cuda.synchronize()
+    seconds = (time.perf_counter() - start) / steps
+    tokens_per_s = shape[0] * shape[1] / seconds
+    precision_used = fabric.strategy.precision.precision if hasattr(fabric.strategy.precision, "precision") else ""
+    peak = peak_flops(fabric.device, str(precision_used or config.train.precision))
+    flops_per_token = model.flops_per_token()
+    return {
+        "config": config_path,
+        "device": str(fabric.device),
+        "precision": str(precision_used or config.train.precision),
+        "matmul_dtype": precision_dtype(str(precision_used or config.train.precision)),
+        "threads": torch.get_num_threads(),
+        "params": model.num_params(non_embedding=False),
+        "batch_size": shape[0],
+        "block_size": shape[1],
+        "seconds_per_step": round(seconds, 4),
+        "tokens_per_s": round(tokens_per_s, 1),
+        "flops_per_token": flops_per_token,
+        "peak_flops_per_device": peak,
+        "mfu": round(mfu(tokens_per_s, flops_per_token, peak) or 0.0, 4),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--configs", nargs="+", default=["configs/tiny.yaml", "configs/small.yaml"])
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--precision", default=None, help="override train.precision (e.g. 32-true)")
+    args = parser.parse_args()
+    results = [bench(path, args.steps, args.warmup, args.batch_size, args.precision) for path in args.configs]
+    print(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()

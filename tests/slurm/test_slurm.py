@@ -1,0 +1,159 @@
+"""tml/slurm.py without a cluster: the request, the sbatch script it renders, and the task-side settings."""
+
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.conftest import LAUNCHER, REPO_ROOT
+from tml.config import Config
+from tml.slurm import (
+    RENDEZVOUS_PORT_BASE,
+    SlurmRequestError,
+    SlurmResources,
+    config_for_job,
+    config_for_restart,
+    parse_time_limit,
+    render_sbatch,
+    rendezvous_port,
+    restart_count,
+)
+
+
+def sbatch_options(script: str) -> dict[str, str]:
+    return dict(line.removeprefix("#SBATCH --").split("=", 1) for line in script.splitlines()
+                if line.startswith("#SBATCH --") and "=" in line)
+
+
+def test_dry_run_for_two_nodes_of_eight_gpus_asks_one_task_per_gpu():
+    dry_run = subprocess.run(
+        [sys.executable, str(LAUNCHER), "--config", "configs/tiny.yaml", "--nodes", "2", "--gpus-per-node", "8",
+         "--partition", "gpu", "--time", "2-00:00:00", "--dry-run"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert dry_run.returncode == 0, dry_run.stderr
+    options = sbatch_options(dry_run.stdout)
+    assert options["nodes"] == "2"
+    assert options["ntasks-per-node"] == "8"
+    assert options["gpus-per-node"] == "8"
+    assert options["partition"] == "gpu"
+    assert options["time"] == str(2 * 24 * 60)
+    assert options["signal"].startswith("USR2@")
+    assert "srun " in dry_run.stdout and "submitit.core._submit" in dry_run.stdout
+    assert "nothing submitted" in dry_run.stderr
+
+
+def test_gpu_tasks_per_node_must_equal_gpus_per_node():
+    with pytest.raises(SlurmRequestError, match="--tasks-per-node 4 with --gpus-per-node 8"):
+        SlurmResources(nodes=2, gpus_per_node=8, tasks_per_node=4)
+    assert SlurmResources(nodes=2, gpus_per_node=8, tasks_per_node=8).devices_per_node == 8
+
+
+def test_cpu_job_runs_tasks_per_node_processes_per_node():
+    resources = SlurmResources(nodes=3, gpus_per_node=0, tasks_per_node=4)
+    assert (resources.devices_per_node, resources.world_size, resources.accelerator) == (4, 12, "cpu")
+    options = sbatch_options(render_sbatch(resources, "/runs/x/slurm"))
+    assert options["ntasks-per-node"] == "4" and "gpus-per-node" not in options
+
+
+def test_fabric_layout_comes_from_the_slurm_request(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = Config()
+    config.train.devices, config.train.accelerator, config.train.out_dir = 2, "cpu", "runs/x"
+    job_config, notices = config_for_job(config, SlurmResources(nodes=4, gpus_per_node=8))
+    assert (job_config.train.devices, job_config.train.num_nodes, job_config.train.accelerator) == (8, 4, "cuda")
+    assert job_config.train.out_dir == str(tmp_path / "runs" / "x")
+    assert Path(job_config.data.shard_dir).is_absolute()
+    assert len(notices) == 2 and "train.devices=2 replaced by 8" in notices[0]
+    assert config.train.devices == 2  # the caller's config is left alone
+
+
+@pytest.mark.parametrize(
+    ("limit", "minutes"),
+    [("90", 90), ("1:30", 2), ("2:00:00", 120), ("1-2", 26 * 60), ("1-0:30", 24 * 60 + 30), ("0-0:0:59", 1)],
+)
+def test_slurm_time_formats_become_minutes(limit, minutes):
+    assert parse_time_limit(limit) == minutes
+
+
+@pytest.mark.parametrize("limit", ["", "1h", "24:00:00:00", "-5", "0", "1:2:3:4"])
+def test_time_limits_slurm_would_not_understand_are_refused(limit):
+    with pytest.raises(SlurmRequestError, match="--time"):
+        parse_time_limit(limit)
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "option"),
+    [
+        ("partition", "debug\nrm -rf ~", "--partition"),
+        ("partition", "debug; rm -rf ~", "--partition"),
+        ("account", "$(whoami)", "--account"),
+        ("qos", "high normal", "--qos"),
+        ("constraint", "a100`id`", "--constraint"),
+        ("mem", "64G; reboot", "--mem"),
+        ("job_name", "ok\n#SBATCH --nodes=100", "--job-name"),
+        ("time", "10\nhostname", "--time"),
+        ("job_name", "interactive", "--job-name"),
+    ],
+)
+def test_values_that_could_escape_into_the_script_are_refused(field, value, option):
+    with pytest.raises(SlurmRequestError, match=option):
+        SlurmResources(**{field: value})
+
+
+def test_the_rendered_script_passes_hostile_text_to_srun_as_plain_arguments(tmp_path):
+    """Run the script with a stand-in `srun` that records its argv: nothing may be executed by the shell."""
+    marker = tmp_path / "injected"
+    folder = tmp_path / f"logs $(touch {marker}) ';touch {marker}'"
+    script = render_sbatch(SlurmResources(gpus_per_node=0, job_name=f"x'; touch {marker} #"), folder)
+    fake_bin = tmp_path / "bin"
+    fake_bin.mkdir()
+    srun = fake_bin / "srun"
+    srun.write_text('#!/bin/sh\nfor arg in "$@"; do printf "%s\\n" "$arg"; done > "$SRUN_ARGS"\n')
+    srun.chmod(srun.stat().st_mode | stat.S_IEXEC)
+    (tmp_path / "job.sh").write_text(script)
+    env = {**os.environ, "PATH": f"{fake_bin}{os.pathsep}{os.environ['PATH']}", "SRUN_ARGS": str(tmp_path / "argv")}
+    subprocess.run(["bash", str(tmp_path / "job.sh")], env=env, check=True, timeout=30)
+    argv = (tmp_path / "argv").read_text().splitlines()
+    assert not marker.exists()
+    assert argv[-1] == str(folder)  # the folder reaches Submitit as one literal argument
+    assert f"{folder}/%j_%t_log.out" in argv
+
+
+def test_rendezvous_port_is_the_same_for_all_tasks_and_differs_between_jobs_and_restarts():
+    ports = {rendezvous_port(job, restarts) for job in range(1000, 1100) for restarts in range(4)}
+    assert len(ports) == 400
+    assert all(RENDEZVOUS_PORT_BASE <= port < 32768 for port in ports)  # below Linux's ephemeral range
+    assert rendezvous_port(123456, 1) == rendezvous_port(123456, 1)
+
+
+def test_a_restarted_job_resumes_from_last_only_when_it_exists(tmp_path):
+    config = Config()
+    config.train.out_dir, config.train.resume = str(tmp_path), "/pretrained/step-0001000"
+    assert config_for_restart(config).train.resume == "/pretrained/step-0001000"  # killed before any save
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "last").symlink_to("step-0000010")
+    assert config_for_restart(config).train.resume == "auto"
+
+
+def test_restart_count_reads_slurms_counter(monkeypatch):
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    assert restart_count() == 0
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "2")
+    assert restart_count() == 2
+
+
+def test_launcher_reports_a_bad_request_without_a_traceback():
+    launched = subprocess.run(
+        [sys.executable, str(LAUNCHER), "--config", "configs/tiny.yaml", "--gpus-per-node", "8",
+         "--tasks-per-node", "2", "--dry-run"],
+        cwd=REPO_ROOT, capture_output=True, text=True, timeout=60,
+    )
+    assert launched.returncode == 2
+    assert "--tasks-per-node 2 with --gpus-per-node 8" in launched.stderr
+    assert "Traceback" not in launched.stderr

@@ -1,0 +1,104 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from tests.conftest import debug_model_config
+from tml.model import Transformer
+from tml.train.config import TrainConfig
+from tml.train.optim import build_optimizer, build_scheduler, decay_groups
+
+
+def test_linear_weights_decay_and_biases_norms_embeddings_do_not():
+    model = Transformer(debug_model_config(bias=True))
+    decay, no_decay = decay_groups(model)
+    params = dict(model.named_parameters())
+    assert decay and no_decay
+    assert all(params[name].dim() >= 2 and not name.startswith("tok_emb") for name in decay)
+    assert "tok_emb.weight" in no_decay
+    assert any(name.endswith("bias") for name in no_decay)
+    assert any("norm" in name for name in no_decay)
+    assert any("kv_norm" in name for name in no_decay)  # the MLA latent RMSNorm
+    assert not any(name.endswith("bias") or "norm" in name for name in decay)
+    # every trainable tensor lands in exactly one group; the tied head is the embedding, counted once
+    assert len(set(decay) | set(no_decay)) == len(decay) + len(no_decay) == len(params)
+    assert "lm_head.weight" not in decay
+
+
+def test_tied_head_follows_the_embedding_even_when_visited_first():
+    class HeadFirst(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = nn.Linear(4, 10, bias=False)
+            self.emb = nn.Embedding(10, 4)
+            self.head.weight = self.emb.weight
+
+    decay, no_decay = decay_groups(HeadFirst())
+    assert decay == [] and no_decay == ["head.weight"]
+
+
+def test_unknown_parameter_kind_is_refused_by_name():
+    class Odd(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3))
+
+    with pytest.raises(ValueError, match="scale"):
+        decay_groups(Odd())
+
+
+def test_optimizer_groups_carry_the_configured_decay():
+    model = Transformer(debug_model_config())
+    optimizer = build_optimizer(model, TrainConfig(weight_decay=0.1))
+    assert [g["weight_decay"] for g in optimizer.param_groups] == [0.1, 0.0]
+    assert sum(len(g["params"]) for g in optimizer.param_groups) == len(list(model.parameters()))
+
+
+def lrs_over_run(train: TrainConfig) -> list[float]:
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=train.lr)
+    scheduler = build_scheduler(optimizer, train)
+    lrs = []
+    for _ in range(train.max_steps):
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_schedule_warms_up_linearly_then_decays_to_min_lr_at_the_last_step():
+    train = TrainConfig(max_steps=100, lr=3e-4, min_lr=3e-5, warmup_frac=0.1)
+    lrs = lrs_over_run(train)
+    assert lrs[0] == pytest.approx(3e-4 / 10)  # step 0: first of 10 warm-up steps
+    assert lrs[9] == pytest.approx(3e-4)  # end of warm-up reaches the peak
+    assert lrs[10] == pytest.approx(3e-4)  # cosine starts at the peak
+    assert lrs[-1] == pytest.approx(3e-5)  # last step lands on min_lr
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # monotone decay
+    midpoint = 10 + (99 - 10) / 2
+    assert lrs[int(midpoint)] == pytest.approx(3e-5 + 0.5 * (3e-4 - 3e-5) * (1 + math.cos(math.pi * 44 / 89)))
+
+
+def test_reference_schedule_values():
+    train = TrainConfig()  # the reference: 18,370 steps, 10% warm-up
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=train.lr)
+    lam = build_scheduler(optimizer, train).lr_lambdas[0]
+    assert lam.warmup_steps == 1837
+    assert train.lr * lam(1836) == pytest.approx(3e-4)
+    assert train.lr * lam(18_369) == pytest.approx(3e-5)
+
+
+def test_schedule_state_round_trips():
+    train = TrainConfig(max_steps=20, warmup_frac=0.2)
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=train.lr)
+    scheduler = build_scheduler(optimizer, train)
+    for _ in range(7):
+        optimizer.step()
+        scheduler.step()
+    state = scheduler.state_dict()
+    fresh_opt = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=train.lr)
+    fresh = build_scheduler(fresh_opt, train)
+    fresh.load_state_dict(state)
+    fresh_opt.param_groups[0]["lr"] = fresh.get_last_lr()[0]
+    assert fresh.get_last_lr() == scheduler.get_last_lr()
+    optimizer.step(), scheduler.step(), fresh_opt.step(), fresh.step()
+    assert fresh.get_last_lr() == scheduler.get_last_lr()

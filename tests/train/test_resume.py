@@ -1,0 +1,59 @@
+"""A run killed with SIGKILL and resumed with `--train.resume auto` ends bit-identical to an uninterrupted run."""
+
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import REPO_ROOT
+from tests.train.conftest import tiny_run_config
+from tests.train.test_loop import SUBPROCESS_TIMEOUT_S, launch
+from tml.config import dump_yaml
+from tml.train.checkpoint import checkpoints_dir, read_meta, safe_load
+
+POLL_S = 0.05
+
+
+def final_state(run_dir):
+    last = checkpoints_dir(run_dir) / "last"
+    return safe_load(last / "model.pt"), safe_load(last / "optimizer.pt"), read_meta(last)["step"]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * SUBPROCESS_TIMEOUT_S + 30)
+def test_sigkilled_run_resumed_with_auto_matches_an_uninterrupted_run_bit_for_bit(tmp_path, tiny_shards):
+    settings = dict(max_steps=20, batch_size=8, grad_accum=2, ckpt_interval=4, val_interval=8, keep_checkpoints=1)
+    reference = tiny_run_config(tiny_shards, tmp_path / "reference", **settings)
+    done = launch(reference)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    killed = tiny_run_config(tiny_shards, tmp_path / "killed", resume="auto", **settings)
+    config_path = tmp_path / "killed.yaml"
+    config_path.write_text(dump_yaml(killed))
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "launch" / "local.py"), "--config", str(config_path)],
+                               cwd=REPO_ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = checkpoints_dir(killed.train.out_dir) / "last"
+    deadline = time.monotonic() + SUBPROCESS_TIMEOUT_S
+    try:
+        while not last.exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(POLL_S)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    killed_at = read_meta(last)["step"]
+    assert killed_at < settings["max_steps"], "the run finished before it could be killed"
+
+    resumed = launch(killed)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"at step {killed_at}" in resumed.stdout + resumed.stderr
+
+    model_ref, optim_ref, step_ref = final_state(reference.train.out_dir)
+    model_res, optim_res, step_res = final_state(killed.train.out_dir)
+    assert step_ref == step_res == settings["max_steps"]
+    for name, value in model_ref.items():
+        assert torch.equal(model_res[name], value), name
+    for index, state in optim_ref["state"].items():
+        assert torch.equal(optim_res["state"][index]["exp_avg_sq"], state["exp_avg_sq"])

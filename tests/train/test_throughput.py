@@ -1,0 +1,53 @@
+import pytest
+
+from tml.train.throughput import (
+    ThroughputMeter,
+    gpu_peak_flops,
+    measure_cpu_peak_flops,
+    mfu,
+    precision_dtype,
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.4e12),
+        ("NVIDIA H100 PCIe", "fp16", 756.5e12),
+        ("NVIDIA H200", "fp16", 989.4e12),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
+        ("NVIDIA A10G", "fp16", 70e12),
+        ("NVIDIA L40S", "bf16", 362.05e12),
+        ("NVIDIA GeForce RTX 4090", "fp32", 82.6e12),
+        ("Tesla V100-SXM2-16GB", "fp16", 125e12),
+    ],
+)
+def test_peak_table_picks_the_most_specific_gpu(name, dtype, peak):
+    assert gpu_peak_flops(name, dtype) == peak
+
+
+def test_unknown_gpu_or_unsupported_dtype_gives_no_peak():
+    assert gpu_peak_flops("Some Future GPU", "bf16") is None
+    assert gpu_peak_flops("Tesla V100-SXM2-16GB", "bf16") is None
+
+
+def test_precision_names_map_to_matmul_dtypes():
+    assert [precision_dtype(p) for p in ("16-mixed", "bf16-mixed", "32-true")] == ["fp16", "bf16", "fp32"]
+
+
+def test_mfu_is_achieved_over_peak_flops():
+    assert mfu(1000.0, 6_000_000, 1e12, world_size=2) == pytest.approx(1000 * 6e6 / 2e12)
+    assert mfu(1000.0, 6_000_000, None) is None
+
+
+def test_cpu_peak_is_measured_and_plausible():
+    peak = measure_cpu_peak_flops("fp32", seconds=0.05)
+    assert 1e8 < peak < 1e14
+
+
+def test_meter_counts_tokens_over_the_window():
+    meter = ThroughputMeter(flops_per_token=100, peak_flops_per_device=1e6)
+    meter.start()
+    meter.add(500)
+    tokens_per_s, utilisation = meter.measure()
+    assert tokens_per_s > 0 and utilisation == pytest.approx(tokens_per_s * 100 / 1e6)

@@ -1,0 +1,347 @@
+"""Everything about saving and loading training state.
+
+Layout of a run's `checkpoints/` directory:
+
+    step-0000500/            one complete checkpoint (a directory, for plain and DeepSpeed runs alike)
+      model.pt               model state dict (plain runs; rank 0)
+      optimizer.pt           optimizer state dict (plain runs; rank 0)
+      deepspeed/             Fabric/DeepSpeed checkpoint directory instead of the two above (every rank writes)
+      trainer.pt             scheduler, grad-scaler, step and loop counters (rank 0)
+      rank-00000.pt ...      per rank: Python/NumPy/torch/CUDA RNG states and the batch stream's position
+      meta.json              step, resolved config, wandb run id, world size
+      MANIFEST.json          size and sha256 of every file above, written last
+    last -> step-0000500     relative symlinks, replaced atomically
+    best -> step-0000400
+
+A checkpoint is written under a temporary name and renamed into place only when every rank has finished and
+the manifest is written, so a killed run never leaves a half-written `step-*`, `last` or `best`. Loading
+checks the manifest first, so a truncated or altered file is refused with its name, and uses
+`torch.load(weights_only=True)`: a checkpoint is data, not code. (DeepSpeed's own files are read by DeepSpeed's
+loader; the manifest still guards them.) Older step checkpoints beyond `keep` are pruned, never the targets of
+`last` or `best`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from lightning import Fabric
+
+from tml.config import Config
+
+FORMAT_VERSION = 1
+MANIFEST = "MANIFEST.json"
+META = "meta.json"
+HASH_CHUNK = 1 << 20  # 1 MiB reads keep hashing memory flat for multi-GB files
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message names the file."""
+
+
+def checkpoints_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / "checkpoints"
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+# ---------------------------------------------------------------------------------------------------- locating
+
+
+def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
+    """`none` -> None; `auto` -> `checkpoints/last` when present; anything else is a checkpoint path that must exist."""
+    if resume in ("", "none"):
+        return None
+    if resume == "auto":
+        last = checkpoints_dir(out_dir) / "last"
+        if not last.is_symlink() and not last.exists():
+            return None
+        if not last.exists():
+            raise CheckpointError(f"{last} points to a missing checkpoint ({os.readlink(last)})")
+        return last.resolve()
+    path = Path(resume)
+    if not path.exists():
+        raise CheckpointError(f"train.resume={resume!r}: no such checkpoint")
+    return find_checkpoint(path)
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its `best`, else `last`)."""
+    path = Path(path)
+    if (path / META).exists() or (path / MANIFEST).exists():
+        return path.resolve()
+    for name in ("best", "last"):
+        candidate = checkpoints_dir(path) / name
+        if candidate.exists():
+            return candidate.resolve()
+    raise CheckpointError(f"{path} is neither a checkpoint directory (no {MANIFEST}) nor a run directory with one")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _files(directory: Path) -> list[Path]:
+    return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
+
+
+def write_manifest(directory: Path) -> None:
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(directory)}
+    _write_text_atomic(directory / MANIFEST, json.dumps({"format": FORMAT_VERSION, "files": entries}, indent=1))
+
+
+def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
+    """Check every file against the manifest; returns meta.json. Raises CheckpointError naming the bad file."""
+    directory = Path(directory)
+    manifest_path = directory / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{manifest_path} is missing: {directory} is not a complete tml checkpoint")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        entries = manifest["files"]
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"{manifest_path} is corrupted ({error})") from error
+    for relative, expected in entries.items():
+        path = directory / relative
+        if not path.is_file():
+            raise CheckpointError(f"{path} is missing from the checkpoint")
+        size = path.stat().st_size
+        if size != expected["bytes"]:
+            raise CheckpointError(f"{path} is truncated or altered: {size} bytes, expected {expected['bytes']}")
+        if _sha256(path) != expected["sha256"]:
+            raise CheckpointError(f"{path} is corrupted: its sha256 does not match {MANIFEST}")
+    return read_meta(directory)
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise CheckpointError(f"cannot read {path}: {error}") from error
+
+
+def safe_load(path: Path) -> Any:
+    """torch.load restricted to tensors and plain containers; errors name the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # truncated zip, unpickling refused, ...
+        raise CheckpointError(f"cannot load {path}: {error}") from error
+
+
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _point_link(link: Path, target_name: str) -> None:
+    """Replace `link` with a relative symlink to `target_name` atomically."""
+    tmp = link.with_name(f".{link.name}.tmp-link")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    os.symlink(target_name, tmp)
+    os.replace(tmp, link)
+
+
+# ------------------------------------------------------------------------------------------------- RNG states
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """This rank's RNG states in a form torch.load(weights_only=True) accepts (NumPy's key as a tensor)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(_as_tuple(state["python"]))
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["gauss"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _as_tuple(value: Any) -> Any:
+    return tuple(_as_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+# ------------------------------------------------------------------------------------------------ the manager
+
+
+class Checkpointer:
+    """Saves and loads complete training states for one run; every rank calls save() and load() together."""
+
+    def __init__(self, fabric: Fabric, out_dir: str | Path, keep: int, deepspeed: bool = False) -> None:
+        self.fabric = fabric
+        self.root = checkpoints_dir(out_dir)
+        self.keep = keep
+        self.deepspeed = deepspeed
+        self._saved_steps: set[int] = set()
+
+    def save(
+        self,
+        step: int,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        stream,
+        loop_state: dict[str, Any],
+        config: Config,
+        wandb_run_id: str | None,
+        best: bool = False,
+    ) -> Path:
+        """Write `step-N` (unless this run already wrote it), then point `last` (and `best`) at it."""
+        fabric = self.fabric
+        name = step_name(step)
+        final = self.root / name
+        if step not in self._saved_steps:
+            tmp = self.root / f".tmp-{name}"
+            if fabric.global_rank == 0:
+                if tmp.exists():
+                    shutil.rmtree(tmp)  # left over from a run killed while saving
+                tmp.mkdir(parents=True)
+            fabric.barrier()
+            if self.deepspeed:
+                fabric.save(tmp / "deepspeed", {"model": model, "optimizer": optimizer})
+            elif fabric.global_rank == 0:
+                torch.save(model.state_dict(), tmp / "model.pt")
+                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            rank_state = {"rng": capture_rng_state(), "data": stream.state_dict()}
+            torch.save(rank_state, tmp / f"rank-{fabric.global_rank:05d}.pt")
+            if fabric.global_rank == 0:
+                trainer = {
+                    "scheduler": scheduler.state_dict(),
+                    "precision": fabric.strategy.precision.state_dict(),
+                    "loop": loop_state,
+                }
+                torch.save(trainer, tmp / "trainer.pt")
+                meta = {
+                    "format": FORMAT_VERSION, "step": step, "world_size": fabric.world_size,
+                    "deepspeed": self.deepspeed, "wandb_run_id": wandb_run_id, "config": config.to_dict(),
+                }
+                _write_text_atomic(tmp / META, json.dumps(meta, indent=1))
+            fabric.barrier()
+            if fabric.global_rank == 0:
+                write_manifest(tmp)
+                if final.exists():  # from an earlier trajectory of this run (resumed from an older checkpoint)
+                    stale = self.root / f".stale-{name}"
+                    os.replace(final, stale)
+                    shutil.rmtree(stale)
+                os.replace(tmp, final)
+            self._saved_steps.add(step)
+        if fabric.global_rank == 0:
+            _point_link(self.root / "last", name)
+            if best:
+                _point_link(self.root / "best", name)
+            self._prune()
+        fabric.barrier()
+        return final
+
+    def has_saved(self, step: int) -> bool:
+        return step in self._saved_steps
+
+    def _prune(self) -> None:
+        protected = {os.readlink(self.root / link) for link in ("last", "best") if (self.root / link).is_symlink()}
+        steps = sorted(p.name for p in self.root.glob("step-*") if p.is_dir())
+        keep = set(steps[-self.keep :]) if self.keep > 0 else set()
+        for name in steps:
+            if name not in keep and name not in protected:
+                shutil.rmtree(self.root / name)
+
+    def load(
+        self,
+        directory: Path,
+        model: torch.nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: torch.optim.lr_scheduler.LRScheduler,
+        stream,
+    ) -> dict[str, Any]:
+        """Restore everything saved by save() into the set-up objects; returns the loop state and meta."""
+        fabric = self.fabric
+        error = None
+        if fabric.global_rank == 0:
+            try:
+                verify_checkpoint(directory)
+            except CheckpointError as caught:
+                error = str(caught)
+        error = fabric.broadcast(error, src=0)
+        if error:
+            raise CheckpointError(error)
+        meta = read_meta(directory)
+        if meta.get("deepspeed", False) != self.deepspeed:
+            raise CheckpointError(
+                f"{directory / META}: saved with deepspeed={meta.get('deepspeed')} but this run uses "
+                f"deepspeed={self.deepspeed}; export it with `tml export` and start a new run from the weights"
+            )
+        if self.deepspeed:
+            from tml.train.zero_export import verify_deepspeed_checkpoint
+
+            try:
+                verify_deepspeed_checkpoint(directory / "deepspeed")  # DeepSpeed itself unpickles without limits
+            except ValueError as error:
+                raise CheckpointError(str(error)) from error
+            fabric.load(directory / "deepspeed", {"model": model, "optimizer": optimizer})
+        else:
+            model.load_state_dict(safe_load(directory / "model.pt"))
+            optimizer.load_state_dict(safe_load(directory / "optimizer.pt"))
+        trainer = safe_load(directory / "trainer.pt")
+        scheduler.load_state_dict(trainer["scheduler"])
+        fabric.strategy.precision.load_state_dict(trainer["precision"])
+        rank_file = directory / f"rank-{fabric.global_rank:05d}.pt"
+        if meta["world_size"] != fabric.world_size:
+            warnings.warn(
+                f"{directory} was saved with {meta['world_size']} ranks, this run has {fabric.world_size}: "
+                "the data stream restarts its epoch position and RNG states are re-seeded", stacklevel=2,
+            )
+        else:
+            rank_state = safe_load(rank_file)
+            stream.load_state_dict(rank_state["data"])
+            restore_rng_state(rank_state["rng"])
+        self._saved_steps.add(int(meta["step"]))
+        return {"loop": trainer["loop"], "meta": meta}
+
+
+def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
+    """Model weights and config of a checkpoint (or a run directory's best/last), for generate/eval/export.
+
+    A DeepSpeed checkpoint is consolidated to one fp32 state dict with DeepSpeed's ZeRO export first.
+    """
+    directory = find_checkpoint(path)
+    meta = verify_checkpoint(directory)
+    config = Config.from_dict(meta["config"])
+    if meta.get("deepspeed"):
+        import tempfile
+
+        from tml.train.zero_export import export_fp32_state_dict
+
+        with tempfile.TemporaryDirectory() as tmp:
+            exported = export_fp32_state_dict(directory / "deepspeed", Path(tmp) / "model.pt")
+            return safe_load(exported), config
+    return safe_load(directory / "model.pt"), config

@@ -1,0 +1,252 @@
+"""The training loop: `train(config) -> TrainResult`, plain Fabric code from data to checkpoints.
+
+One optimizer step = `grad_accum` micro-batches per rank. Under DDP the gradient all-reduce runs only on the last
+micro-batch (`no_backward_sync`); under DeepSpeed the engine owns accumulation, loss scaling and clipping
+(see tml/train/fabric.py), so the loop does not divide the loss, steps the engine on every micro-batch and
+reads the engine's grad norm. Everything that must agree across ranks (loss, preemption flag, early stopping)
+is reduced or broadcast, so every rank takes the same branch and saves together.
+"""
+
+from __future__ import annotations
+
+import gc
+import math
+from contextlib import nullcontext
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from lightning import Fabric
+from lightning.fabric.utilities.seed import seed_everything
+
+from tml.config import Config, dump_yaml
+from tml.data.packed import PackedDataset
+from tml.data.sampler import BatchStream
+from tml.data.shards import ShardIndex
+from tml.model import Transformer
+from tml.train.checkpoint import Checkpointer, read_meta, resolve_resume
+from tml.train.early_stopping import EarlyStopping
+from tml.train.evaluate import EvalResult, evaluate
+from tml.train.fabric import build_fabric, is_deepspeed
+from tml.train.loggers import ConsoleReport, build_loggers, flat_hyperparameters, new_wandb_run_id
+from tml.train.optim import build_optimizer, build_scheduler
+from tml.train.preemption import PreemptionFlag, install_preemption_handler
+from tml.train.throughput import ThroughputMeter, peak_flops
+
+GIB = 2**30
+MAX_NONFINITE_STEPS = 5  # consecutive non-finite losses before the run is declared diverged (fp16 skips are fine)
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss stayed non-finite; the last good checkpoint is kept untouched."""
+
+
+@dataclass
+class TrainResult:
+    final_step: int
+    best_val_loss: float
+    val_loss: float  # at the final validation
+    val_perplexity: float  # exp(val_loss)
+    stopped_early: bool
+    preempted: bool
+    out_dir: Path
+
+
+def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResult:
+    tc = config.train
+    out_dir = Path(tc.out_dir)
+    resume_dir = resolve_resume(tc.resume, out_dir)
+    wandb_run_id = (read_meta(resume_dir).get("wandb_run_id") if resume_dir else None) or new_wandb_run_id()
+
+    fabric = build_fabric(tc, build_loggers(config, wandb_run_id))
+    fabric.launch()
+    preemption = preemption or install_preemption_handler()
+    deepspeed = is_deepspeed(fabric)
+    rank0 = fabric.global_rank == 0
+    if rank0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / ".config.yaml.tmp"
+        tmp.write_text(dump_yaml(config))
+        tmp.replace(out_dir / "config.yaml")
+
+    # Same seed everywhere for identical initial weights, then a per-rank seed for dropout and sampling.
+    with torch.device("meta"):  # counted on a meta copy: ZeRO-3 partitions the real parameters at init
+        flops_per_token = Transformer(config.model).flops_per_token()
+    seed_everything(tc.seed, verbose=False)
+    with fabric.init_module():
+        model = Transformer(config.model)
+    seed_everything(tc.seed + fabric.global_rank, verbose=False)
+
+    if tc.compile:
+        model = torch.compile(model)  # Fabric unwraps it for the strategy and compiles the wrapped module again
+    optimizer = build_optimizer(model, tc)
+    scheduler = build_scheduler(optimizer, tc)  # before setup: DeepSpeed's wrapper is no torch Optimizer
+    if deepspeed:
+        model, optimizer = fabric.setup(model, optimizer)  # DeepSpeed builds its engine from both at once
+    else:
+        model = fabric.setup(model)
+        optimizer = fabric.setup_optimizers(optimizer)
+
+    block = config.model.block_size
+    data_vocab = ShardIndex.load(config.data.shard_dir, scan_tokens=False).vocab_size
+    if data_vocab > config.model.vocab_size:
+        raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the vocabulary of the shards in "
+                         f"{config.data.shard_dir} ({data_vocab}); token ids would fall outside the embedding")
+    train_set = PackedDataset(config.data.shard_dir, "train", block, config.data.stride)
+    val_set = PackedDataset(config.data.shard_dir, "val", block, block)  # non-overlapping: every token counts once
+    batches = BatchStream(train_set, tc.batch_size, fabric.global_rank, fabric.world_size, tc.seed,
+                          num_workers=config.data.num_workers, pin_memory=fabric.device.type == "cuda")
+
+    checkpointer = Checkpointer(fabric, out_dir, tc.keep_checkpoints, deepspeed)
+    early_stopping = EarlyStopping(tc.early_stop_patience, tc.early_stop_min_delta)
+    step = 0
+    if resume_dir is not None:
+        restored = checkpointer.load(resume_dir, model, optimizer, scheduler, batches)
+        step = restored["loop"]["step"]
+        early_stopping.load_state_dict(restored["loop"]["early_stopping"])
+        fabric.print(f"resumed from {resume_dir} at step {step}")
+
+    for logger in fabric.loggers:
+        logger.log_hyperparams(flat_hyperparameters(config))
+    tokens_per_step = tc.batch_size * block * tc.grad_accum * fabric.world_size
+    meter = ThroughputMeter(flops_per_token, peak_flops(fabric.device, tc.precision), fabric.world_size)
+    scaler = getattr(fabric.strategy.precision, "scaler", None)  # fp16 on GPU: skips overflowed steps itself
+    skip_sync = fabric.world_size > 1 and not deepspeed
+    engine = fabric.strategy.model if deepspeed else None  # the DeepSpeedEngine (Fabric's optimizer.step bypasses it)
+    loss_divisor = 1 if deepspeed else tc.grad_accum  # the DeepSpeed engine divides by grad_accum itself
+
+    def save(best: bool = False) -> None:
+        loop_state = {"step": step, "early_stopping": early_stopping.state_dict()}
+        checkpointer.save(step, model, optimizer, scheduler, batches, loop_state, config, wandb_run_id, best=best)
+
+    def validate() -> tuple[EvalResult, bool]:
+        """Validate, log, save `best` on improvement; True when early stopping says stop (rank 0 decides)."""
+        result = evaluate(fabric, model, val_set, tc.batch_size, tc.val_batches)
+        improved = result.loss < early_stopping.best - early_stopping.min_delta
+        stop = fabric.broadcast(early_stopping.update(result.loss), src=0)
+        fabric.log_dict({"val/loss": result.loss, "val/perplexity": result.perplexity}, step=step)
+        report.print(f"step {step:>7d} | val loss {result.loss:.4f} | val ppl {result.perplexity:.2f}")
+        if improved:
+            save(best=True)
+        return result, stop
+
+    val: EvalResult | None = None
+    stopped_early = preempted = False
+    nonfinite_streak = 0
+    model.train()
+    meter.start()
+    try:
+        with ConsoleReport(rank0, tc.max_steps, step) as report:
+            while step < tc.max_steps:
+                loss_sum = torch.zeros((), device=fabric.device)
+                for micro in range(tc.grad_accum):
+                    x, y = fabric.to_device(next(batches))
+                    with nullcontext() if deepspeed else fabric.no_backward_sync(
+                            model, enabled=skip_sync and micro < tc.grad_accum - 1):
+                        _, loss = model(x, y)
+                        fabric.backward(loss / loss_divisor)
+                    if deepspeed:
+                        engine.step()  # every micro-batch: the engine counts them and updates on the last
+                    loss_sum += loss.detach()
+                signalled = torch.tensor(float(preemption.requested), device=fabric.device)
+                flags = fabric.all_reduce(torch.stack([loss_sum / tc.grad_accum, signalled]), reduce_op="sum")
+                step_loss = flags[0].item() / fabric.world_size
+                finite = math.isfinite(step_loss)
+
+                if deepspeed:
+                    grad_norm = engine.get_global_grad_norm()  # pre-clip, identical on every rank
+                else:
+                    max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
+                    grad_norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
+                    if finite or scaler is not None:
+                        optimizer.step()  # a NaN step with a scaler is skipped by the scaler (scale lowered)
+                    optimizer.zero_grad(set_to_none=True)
+                lr = scheduler.get_last_lr()[0]  # the rate this step used
+                scheduler.step()
+                step += 1
+                meter.add(tokens_per_step)
+
+                nonfinite_streak = 0 if finite else nonfinite_streak + 1
+                if nonfinite_streak >= MAX_NONFINITE_STEPS:
+                    raise TrainingDiverged(
+                        f"loss was non-finite for {nonfinite_streak} consecutive steps (last at step {step}); "
+                        f"stopping with the last good checkpoint kept in {out_dir / 'checkpoints'}. "
+                        "Lower train.lr, raise train.warmup_frac or use bf16-mixed."
+                    )
+                if step % tc.log_interval == 0 or step == tc.max_steps:
+                    tokens_per_s, mfu = meter.measure()
+                    metrics = {"train/loss": step_loss, "train/lr": lr,
+                               "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                               "train/tokens_per_s": tokens_per_s, "train/tokens": step * tokens_per_step}
+                    if mfu is not None:
+                        metrics["train/mfu"] = mfu
+                    if fabric.device.type == "cuda":
+                        metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(fabric.device) / GIB
+                    fabric.log_dict(metrics, step=step)
+                    status = f"loss {step_loss:.4f} | lr {metrics['train/lr']:.2e} | {tokens_per_s:,.0f} tok/s"
+                    report.print(f"step {step:>7d} | {status}" + (f" | MFU {mfu:.1%}" if mfu is not None else ""))
+                    report.advance(step, status)
+
+                saved = False
+                if finite and (step % tc.val_interval == 0 or step == tc.max_steps):
+                    val, stopped_early = validate()
+                    saved = checkpointer.has_saved(step)
+                if flags[1].item() > 0:
+                    preempted = True
+                    report.print(f"step {step:>7d} | preemption signal received: saving `last` and stopping")
+                if finite and not saved and (step % tc.ckpt_interval == 0 or step == tc.max_steps
+                                             or stopped_early or preempted):
+                    save()
+                if stopped_early:
+                    report.print(f"step {step:>7d} | early stopping: no val improvement for "
+                                 f"{tc.early_stop_patience} validations")
+                if stopped_early or preempted:
+                    break
+            if val is None and not preempted:  # resumed at the end: still report the final metric
+                val, _ = validate()
+            report.summary({
+                "steps": f"{step:,} / {tc.max_steps:,}",
+                "best val loss": f"{early_stopping.best:.4f}",
+                "final val loss": f"{val.loss:.4f}" if val else "-",
+                "final val perplexity": f"{val.perplexity:.2f}" if val else "-",
+                "stopped early": str(stopped_early),
+                "preempted": str(preempted),
+                "checkpoints": str(out_dir / "checkpoints"),
+                **({"peak GPU memory": f"{torch.cuda.max_memory_allocated(fabric.device) / GIB:.2f} GiB"}
+                   if fabric.device.type == "cuda" else {}),
+            })
+        for logger in fabric.loggers:
+            logger.finalize("success")
+        finish_wandb(fabric)
+    finally:
+        preemption.uninstall()
+        batches.close()
+        model = optimizer = scheduler = engine = None  # drop every reference before the process group goes
+        teardown(fabric)
+
+    return TrainResult(
+        final_step=step,
+        best_val_loss=early_stopping.best,
+        val_loss=val.loss if val else math.nan,
+        val_perplexity=val.perplexity if val else math.nan,
+        stopped_early=stopped_early,
+        preempted=preempted,
+        out_dir=out_dir,
+    )
+
+
+def finish_wandb(fabric: Fabric) -> None:
+    for logger in fabric.loggers:
+        if type(logger).__name__ == "WandbLogger" and fabric.global_rank == 0:
+            logger.experiment.finish()
+
+
+def teardown(fabric: Fabric) -> None:
+    """Free the model before the process group: gloo on CPU aborted 3 runs in 8 without this order."""
+    gc.collect()
+    if fabric.world_size > 1 and dist.is_available() and dist.is_initialized():
+        try:
+            fabric.barrier()
+        finally:
+            dist.destroy_process_group()

@@ -1,0 +1,92 @@
+"""AdamW with GPT-style grouped weight decay, and a cosine learning-rate schedule with linear warm-up.
+
+Decay rule (the one GPT-2/nanoGPT use, decided by module type so it never depends on parameter names):
+- a weight of dimension >= 2 owned by an `nn.Linear` decays: these are the matrices that can grow without bound;
+- everything else does not: biases, norm weights (LayerNorm/RMSNorm gains pull towards 1, not 0) and embeddings
+  (decaying rare tokens' rows towards zero hurts them most). A tied LM head *is* the embedding, so it follows the
+  embedding and does not decay.
+Any other parameter (a module type the rule does not know) is refused by name, so a new layer cannot silently
+land in the wrong group.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LambdaLR
+
+from tml.train.config import TrainConfig
+
+NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.LayerNorm, nn.RMSNorm)
+
+
+def decay_groups(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Split parameter names into (decay, no_decay) by the module-type rule above; shared tensors count once."""
+    decay: list[str] = []
+    no_decay: list[str] = []
+    # A tied LM head shares the embedding's tensor: decide by the embedding whichever module is visited first.
+    embedding_ids = {id(p) for m in model.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    seen: set[int] = set()
+    for module_name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in seen or not param.requires_grad:
+                continue
+            seen.add(id(param))
+            full_name = f"{module_name}.{param_name}" if module_name else param_name
+            if id(param) in embedding_ids:
+                no_decay.append(full_name)
+            elif isinstance(module, nn.Linear) and param_name == "weight" and param.dim() >= 2:
+                decay.append(full_name)
+            elif param_name == "bias" or isinstance(module, NO_DECAY_MODULES) or _is_norm(module):
+                no_decay.append(full_name)
+            else:
+                raise ValueError(
+                    f"parameter {full_name} ({type(module).__name__}, shape {tuple(param.shape)}) is not covered by "
+                    "the weight-decay rule in tml/train/optim.py; extend the rule before training this model"
+                )
+    return decay, no_decay
+
+
+def _is_norm(module: nn.Module) -> bool:
+    """Custom norm classes (the model's own RMSNorm) are recognised by name, as nn.RMSNorm may not be used."""
+    return "norm" in type(module).__name__.lower()
+
+
+def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = decay_groups(model)
+    params = dict(model.named_parameters())
+    groups = [
+        {"params": [params[name] for name in decay], "weight_decay": train.weight_decay},
+        {"params": [params[name] for name in no_decay], "weight_decay": 0.0},
+    ]
+    # fused/foreach kernels are picked by torch per device; betas from the config (0.95: GPT-3's choice for stability)
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2))
+
+
+@dataclass
+class CosineWithWarmup:
+    """Multiplier on the base lr at optimizer step `step`: linear warm-up, then cosine down to min_lr at the last step.
+
+    A callable object rather than a lambda so LambdaLR.state_dict() saves its fields with the checkpoint.
+    """
+
+    max_steps: int
+    warmup_steps: int
+    min_ratio: float  # min_lr / lr
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        decay_steps = max(1, self.max_steps - 1 - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / decay_steps)
+        return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> LambdaLR:
+    """warmup = warmup_frac * max_steps; lr reaches train.lr at the end of warm-up and train.min_lr at the last step."""
+    warmup_steps = int(train.warmup_frac * train.max_steps)
+    min_ratio = train.min_lr / train.lr if train.lr > 0 else 0.0
+    return LambdaLR(optimizer, CosineWithWarmup(train.max_steps, warmup_steps, min_ratio))

@@ -1,0 +1,113 @@
+"""Tokens per second and model FLOPs utilisation (MFU) against the hardware's dense peak.
+
+MFU = achieved training FLOP/s / peak FLOP/s, with training FLOPs per token from `model.flops_per_token()`
+(6N + attention). GPUs are looked up in a table of vendor datasheet peaks (dense, no sparsity); on CPU the peak
+is a matmul measured briefly at start-up, so CPU MFU says how close the loop gets to what this machine's matmul
+can do, not to a marketing figure.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+# Dense peak FLOP/s per device by dtype, from the vendor datasheets. "fp32" is the non-tensor-core FP32 peak,
+# because torch runs fp32 matmuls in full precision unless TF32 is switched on. Order matters: the first
+# substring of the device name that matches wins, so "H100 PCIe" precedes "H100" and "A100" precedes "A10".
+GPU_PEAK_FLOPS: tuple[tuple[str, dict[str, float | None]], ...] = (
+    ("GH200", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12}),
+    ("H200", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12}),
+    ("H100 PCIe", {"bf16": 756.5e12, "fp16": 756.5e12, "fp32": 51.2e12}),
+    ("H100 NVL", {"bf16": 835.5e12, "fp16": 835.5e12, "fp32": 60.0e12}),
+    ("H100", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12}),  # SXM
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
+    ("L40S", {"bf16": 362.05e12, "fp16": 362.05e12, "fp32": 91.6e12}),
+    ("L40", {"bf16": 181.05e12, "fp16": 181.05e12, "fp32": 90.5e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12}),
+    ("RTX 4090", {"bf16": 165.2e12, "fp16": 165.2e12, "fp32": 82.6e12}),  # fp32 accumulate
+    ("RTX 3090", {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12}),
+    ("A6000", {"bf16": 154.8e12, "fp16": 154.8e12, "fp32": 38.7e12}),
+    ("A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 31.2e12}),
+    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12}),
+    ("V100", {"bf16": None, "fp16": 125e12, "fp32": 15.7e12}),  # no bf16 tensor cores
+    ("T4", {"bf16": None, "fp16": 65e12, "fp32": 8.1e12}),
+)
+
+CPU_PROBE_SIZE = 1024  # square matmul side: as large as the big training matmuls, so the peak is a fair one
+CPU_PROBE_SECONDS = 0.25  # per dtype; start-up cost stays well under a second
+
+
+def precision_dtype(precision: str) -> str:
+    """The dtype the matmuls run in for a Fabric precision string."""
+    if precision.startswith("bf16"):
+        return "bf16"
+    if precision.startswith("16"):
+        return "fp16"
+    return "fp32"
+
+
+def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
+    for key, peaks in GPU_PEAK_FLOPS:
+        if key.lower() in device_name.lower():
+            return peaks.get(dtype)
+    return None
+
+
+def measure_cpu_peak_flops(dtype: str = "fp32", seconds: float = CPU_PROBE_SECONDS) -> float:
+    """FLOP/s of a square matmul on this CPU with the current torch thread count."""
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    a = torch.randn(CPU_PROBE_SIZE, CPU_PROBE_SIZE, dtype=torch_dtype)
+    b = torch.randn(CPU_PROBE_SIZE, CPU_PROBE_SIZE, dtype=torch_dtype)
+    a @ b  # warm-up: first call pays for kernel selection
+    calls = 0
+    start = time.perf_counter()
+    while (elapsed := time.perf_counter() - start) < seconds or calls < 2:
+        a @ b
+        calls += 1
+    return 2 * CPU_PROBE_SIZE**3 * calls / elapsed
+
+
+def peak_flops(device: torch.device, precision: str) -> float | None:
+    """Peak FLOP/s of one device for this precision; None when unknown (MFU is then not reported)."""
+    dtype = precision_dtype(precision)
+    if device.type == "cuda":
+        return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
+    if device.type == "cpu":
+        return measure_cpu_peak_flops(dtype)
+    return None
+
+
+@dataclass
+class ThroughputMeter:
+    """Tokens/s and MFU over the steps since the last `measure()`; counts all ranks' tokens."""
+
+    flops_per_token: int
+    peak_flops_per_device: float | None
+    world_size: int = 1
+    _tokens: int = 0
+    _start: float | None = None
+
+    def start(self) -> None:
+        self._tokens = 0
+        self._start = time.perf_counter()
+
+    def add(self, tokens: int) -> None:
+        self._tokens += tokens
+
+    def measure(self) -> tuple[float, float | None]:
+        """(tokens/s, MFU or None) since the last call, then restart the window."""
+        if self._start is None:
+            self.start()
+            return 0.0, None
+        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        tokens_per_s = self._tokens / elapsed
+        self.start()
+        return tokens_per_s, mfu(tokens_per_s, self.flops_per_token, self.peak_flops_per_device, self.world_size)
+
+
+def mfu(tokens_per_s: float, flops_per_token: int, peak_per_device: float | None, world_size: int = 1) -> float | None:
+    if not peak_per_device:
+        return None
+    return tokens_per_s * flops_per_token / (peak_per_device * world_size)

@@ -16,6 +16,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -100,10 +101,10 @@ def stripped_books(books: Sequence[Book]) -> Iterator[tuple[Book, str]]:
 def tokenized_books(
     texts: Iterable[tuple[Book, str]], val_ids: set[int], threads: int, progress: Progress | None = None,
     task: TaskID | None = None,
-) -> Iterator[tuple[str, int, str, list[int]]]:
+) -> Iterator[tuple[str, int, str, np.ndarray]]:
     """(split, id, title, tokens) per book, in source order, encoding about ENCODE_BATCH_CHARS at a time."""
 
-    def encode(batch: list[tuple[Book, str]]) -> Iterator[tuple[str, int, str, list[int]]]:
+    def encode(batch: list[tuple[Book, str]]) -> Iterator[tuple[str, int, str, np.ndarray]]:
         for (book, _), tokens in zip(batch, encode_documents([text for _, text in batch], threads), strict=True):
             if progress is not None and task is not None:
                 progress.advance(task, book.bytes)

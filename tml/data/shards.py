@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -248,15 +248,12 @@ class SplitWriter:
             piece, tokens = tokens[: self.shard_tokens - self._count], tokens[self.shard_tokens - self._count :]
             self._write(piece)
 
-    def add_checked(self, document_id: int, title: str, tokens: list[int]) -> None:
-        """Like add, for token lists straight from the tokenizer: ids that do not fit are refused, not wrapped."""
-        try:
-            array = np.array(tokens, dtype=SHARD_DTYPE)  # NumPy >= 2 raises on ids outside uint16 (1.x wraps)
-        except OverflowError:
-            array = None
-        if array is None or (len(array) and int(array.max()) >= self.vocab_size):
+    def add_checked(self, document_id: int, title: str, tokens: np.ndarray | Sequence[int]) -> None:
+        """Like add, for tokens straight from the tokenizer: ids outside the vocabulary are refused, not wrapped."""
+        array = np.asarray(tokens)
+        if array.size and (int(array.min()) < 0 or int(array.max()) >= self.vocab_size):
             raise ShardError(f"document {document_id} ({title}) has token ids outside 0..{self.vocab_size - 1}")
-        self.add(document_id, title, array)
+        self.add(document_id, title, array.astype(SHARD_DTYPE, copy=False))
 
     def _write(self, piece: np.ndarray) -> None:
         data = piece.tobytes()
@@ -295,7 +292,7 @@ class SplitWriter:
 
 def write_shards(
     shard_dir: str | Path,
-    documents: Iterable[tuple[str, int, str, list[int]]],
+    documents: Iterable[tuple[str, int, str, np.ndarray | Sequence[int]]],
     *,
     tokenizer: str,
     vocab_size: int,

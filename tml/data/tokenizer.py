@@ -13,8 +13,10 @@ import hashlib
 import importlib.util
 import os
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 import tiktoken.load
 from tiktoken_ext import openai_public
@@ -165,18 +167,25 @@ def resolve_threads(threads: int) -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def encode_documents(texts: list[str], threads: int = 0) -> list[list[int]]:
+def encode_documents(texts: list[str], threads: int = 0) -> list[np.ndarray]:
     """Encode documents in parallel, each followed by <|endoftext|> so a concatenation keeps them apart.
 
-    Special-token text inside a book is encoded as ordinary text: a book cannot inject a document boundary.
+    Tokens come back as uint32 arrays straight from tiktoken's buffer: turning Python int lists into arrays
+    cost about a tenth of the tokenizer's own time. tiktoken releases the GIL while encoding, so plain threads
+    scale. Special-token text inside a book is encoded as ordinary text: a book cannot inject a document boundary.
     """
-    threads = resolve_threads(threads)
-    # Longest first: tiktoken hands texts to its threads in order, so one long book at the end of a batch
-    # would leave the other threads idle while it finishes.
+    encoding = get_tokenizer()
+    end = np.array([EOT_TOKEN_ID], dtype=np.uint32)
+
+    def encode(text: str) -> np.ndarray:
+        return np.concatenate((encoding.encode_to_numpy(text, disallowed_special=()), end))
+
+    # Longest first: the pool hands texts out in order, so one long book at the end of a batch would leave the
+    # other threads idle while it finishes.
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]), reverse=True)
-    encoded = get_tokenizer().encode_ordinary_batch([texts[i] for i in order], num_threads=threads)
-    documents: list[list[int]] = [[] for _ in texts]
+    with ThreadPoolExecutor(max_workers=resolve_threads(threads)) as pool:
+        encoded = list(pool.map(encode, [texts[i] for i in order]))
+    documents: list[np.ndarray] = [end] * len(texts)
     for position, tokens in zip(order, encoded, strict=True):
-        tokens.append(EOT_TOKEN_ID)
         documents[position] = tokens
     return documents

@@ -74,7 +74,9 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
     with torch.device("meta"):  # counted on a meta copy: ZeRO-3 partitions the real parameters at init
         flops_per_token = Transformer(config.model).flops_per_token()
     seed_everything(tc.seed, verbose=False)
-    with fabric.init_module():
+    # Not under DeepSpeed's zero.Init (what fabric.init_module enters for ZeRO-3): it partitions each submodule's
+    # parameters as soon as it is built, so the model's own init afterwards would miss them. setup partitions.
+    with nullcontext() if deepspeed else fabric.init_module():
         model = Transformer(config.model)
     seed_everything(tc.seed + fabric.global_rank, verbose=False)
 

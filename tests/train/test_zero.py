@@ -1,0 +1,188 @@
+"""DeepSpeed ZeRO-2 and ZeRO-3 with two CPU processes through launch/local.py: train, save, resume and export.
+
+Each stage costs two 2-process runs (one uninterrupted, one resumed from its mid-run checkpoint), shared by all
+the assertions below; one in-process single-process run is the numerical reference for both stages.
+DeepSpeed builds a C++ communication op on first use (about 40 s on 2 cores); TORCH_EXTENSIONS_DIR keeps it
+in a stable cache so that cost is paid once per machine, not once per run.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from lightning import Fabric
+
+from tests.conftest import REPO_ROOT, debug_model_config
+from tests.train.conftest import tiny_run_config
+from tests.train.test_loop import scalars
+from tml.config import dump_yaml
+from tml.data.packed import PackedDataset
+from tml.model import Transformer
+from tml.train.checkpoint import load_model_weights
+from tml.train.evaluate import evaluate
+from tml.train.loop import train
+from tml.train.zero_export import ZeroCheckpointError, export_fp32_state_dict, verify_deepspeed_checkpoint
+
+RUN_TIMEOUT_S = 240  # one 2-process run incl. the first-use op build; usually 15-25 s once the op is cached
+STEPS, RESUME_STEP = 6, 3
+# The same global batch of 16 windows per step: 2 ranks x 2 micro-batches of 4 vs 1 process x 4 micro-batches.
+COMMON = dict(max_steps=STEPS, batch_size=4, val_interval=RESUME_STEP, ckpt_interval=RESUME_STEP,
+              keep_checkpoints=2, log_interval=1, lr=3e-3, grad_clip=1.0)
+# fp32 sums taken in another order (reduce-scatter across ranks), amplified a little by Adam's normalisation.
+WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 1e-5
+VAL_LOSS_RTOL = 1e-5  # the same fp32 weights on the same windows; only the batching of the sum differs
+
+
+def extensions_env() -> dict[str, str]:
+    cache = os.environ.get("TORCH_EXTENSIONS_DIR", str(Path.home() / ".cache" / "tml" / "torch_extensions"))
+    return {**os.environ, "TORCH_EXTENSIONS_DIR": cache}
+
+
+def launch_local(config) -> subprocess.CompletedProcess:
+    """launch/local.py in its own process group, so a hung gloo rank is killed with it on timeout."""
+    path = Path(config.train.out_dir + ".yaml")
+    path.write_text(dump_yaml(config))
+    process = subprocess.Popen([sys.executable, str(REPO_ROOT / "launch" / "local.py"), "--config", str(path)],
+                               cwd=REPO_ROOT, env=extensions_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=RUN_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        stdout, stderr = process.communicate()
+        pytest.fail(f"{path.name} did not finish in {RUN_TIMEOUT_S} s:\n{stderr[-3000:]}")
+    if process.returncode != 0:
+        pytest.fail(f"{path.name} exited with {process.returncode}:\n{stderr[-3000:]}")
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def step_dir(run_dir: Path, step: int) -> Path:
+    return run_dir / "checkpoints" / f"step-{step:07d}"
+
+
+@pytest.fixture(scope="module")
+def single_run(tiny_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "run"
+    train(tiny_run_config(tiny_shards, out, grad_accum=4, devices=1, **COMMON))
+    return out
+
+
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+def zero_runs(request, tiny_shards, tmp_path_factory) -> SimpleNamespace:
+    root = tmp_path_factory.mktemp(f"zero{request.param}")
+    settings = dict(strategy="deepspeed", zero_stage=request.param, devices=2, grad_accum=2, **COMMON)
+    full = launch_local(tiny_run_config(tiny_shards, root / "full", **settings))
+    resumed = launch_local(tiny_run_config(tiny_shards, root / "resumed", **settings,
+                                           resume=str(step_dir(root / "full", RESUME_STEP))))
+    return SimpleNamespace(stage=request.param, root=root, full=root / "full", resumed=root / "resumed",
+                           resumed_output=resumed.stdout + resumed.stderr, full_output=full.stdout + full.stderr)
+
+
+def exported(run_dir: Path, step: int, tmp_path: Path) -> dict[str, torch.Tensor]:
+    path = export_fp32_state_dict(step_dir(run_dir, step) / "deepspeed", tmp_path / f"{run_dir.name}-{step}.pt")
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * RUN_TIMEOUT_S + 60)
+def test_zero_training_lowers_the_loss_and_saves_deepspeed_checkpoints(zero_runs):
+    losses = [value for _, value in scalars(zero_runs.full, "train/loss")]
+    assert len(losses) == STEPS
+    assert losses[-1] < losses[0] - 0.2
+    val = dict(scalars(zero_runs.full, "val/loss"))
+    assert val[STEPS] < val[RESUME_STEP]
+    shards = sorted(p.name for p in (step_dir(zero_runs.full, STEPS) / "deepspeed" / "checkpoint").glob("*.pt"))
+    assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards  # optimizer state really sharded over 2 ranks
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * RUN_TIMEOUT_S + 60)
+def test_zero_matches_one_process_with_the_same_global_batch(zero_runs, single_run, tmp_path):
+    """Accumulation, loss scaling and clipping happen once: the engine's weights equal plain single-process ones."""
+    weights = exported(zero_runs.full, STEPS, tmp_path)
+    reference, _ = load_model_weights(step_dir(single_run, STEPS))
+    assert weights.keys() == reference.keys()
+    for name, value in reference.items():
+        torch.testing.assert_close(weights[name], value, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=name)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * RUN_TIMEOUT_S + 60)
+def test_zero_resume_from_a_mid_run_checkpoint_is_bit_identical(zero_runs, tmp_path):
+    assert f"resumed from {step_dir(zero_runs.full, RESUME_STEP)}" in zero_runs.resumed_output
+    uninterrupted = exported(zero_runs.full, STEPS, tmp_path)
+    resumed = exported(zero_runs.resumed, STEPS, tmp_path)
+    for name, value in uninterrupted.items():
+        assert torch.equal(resumed[name], value), name
+    full_losses = scalars(zero_runs.full, "train/loss")[RESUME_STEP:]
+    assert scalars(zero_runs.resumed, "train/loss") == full_losses
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * RUN_TIMEOUT_S + 60)
+def test_exported_weights_load_into_a_fresh_transformer_and_reproduce_the_engines_val_loss(
+    zero_runs, tiny_shards, tmp_path
+):
+    model = Transformer(debug_model_config())
+    model.load_state_dict(exported(zero_runs.full, STEPS, tmp_path))  # strict: every name and shape matches
+    config = tiny_run_config(tiny_shards, tmp_path)
+    block = config.model.block_size
+    val_set = PackedDataset(config.data.shard_dir, "val", block, block)
+    fabric = Fabric(accelerator="cpu", devices=1, precision="32-true")
+    result = evaluate(fabric, model, val_set, config.train.batch_size, config.train.val_batches)
+    engine_val_loss = dict(scalars(zero_runs.full, "val/loss"))[STEPS]
+    assert result.loss == pytest.approx(engine_val_loss, rel=VAL_LOSS_RTOL)
+
+
+# ------------------------------------------------------------------------- export errors (fast, no processes)
+
+
+def fake_checkpoint(root: Path, shard_content) -> Path:
+    """The directory layout DeepSpeed writes (`latest` naming the tag folder), with one given shard."""
+    (root / "checkpoint").mkdir(parents=True)
+    (root / "latest").write_text("checkpoint")
+    torch.save(shard_content, root / "checkpoint" / "mp_rank_00_model_states.pt")
+    return root
+
+
+def test_export_refuses_a_directory_that_is_not_a_deepspeed_checkpoint(tmp_path):
+    with pytest.raises(ZeroCheckpointError, match="latest is missing"):
+        export_fp32_state_dict(tmp_path, tmp_path / "out.pt")
+    with pytest.raises(ZeroCheckpointError, match="not a directory"):
+        export_fp32_state_dict(tmp_path / "absent", tmp_path / "out.pt")
+    assert not (tmp_path / "out.pt").exists()
+
+
+def test_export_given_the_shard_folder_names_the_checkpoint_directory(tmp_path):
+    root = fake_checkpoint(tmp_path / "ckpt", {"module": {}})
+    with pytest.raises(ZeroCheckpointError, match=f"did you mean its parent {root}"):
+        export_fp32_state_dict(root / "checkpoint", tmp_path / "out.pt")
+
+
+class RunsCode:
+    """Unpickling this touches a file: what an unsafe load of a tampered checkpoint would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return shutil.copyfile, (__file__, str(self.marker))
+
+
+def test_a_shard_that_would_run_code_is_refused_before_deepspeed_unpickles_it(tmp_path):
+    marker = tmp_path / "code-ran"
+    root = fake_checkpoint(tmp_path / "ckpt", {"module": {}, "payload": RunsCode(marker)})
+    shard = root / "checkpoint" / "mp_rank_00_model_states.pt"
+    with pytest.raises(ZeroCheckpointError, match=f"cannot load {shard} safely"):
+        verify_deepspeed_checkpoint(root)
+    with pytest.raises(ZeroCheckpointError):
+        export_fp32_state_dict(root, tmp_path / "out.pt")
+    assert not marker.exists()
+    torch.load(shard, weights_only=False)  # the unsafe load DeepSpeed would do: the payload runs
+    assert marker.exists()

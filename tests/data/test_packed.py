@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tml.data.packed import PackedDataset
-from tml.data.shards import write_shards
+from tml.data.shards import ShardError, write_shards
 
 VOCAB = 50257
 
@@ -84,3 +84,14 @@ def test_large_token_ids_survive_uint16_storage(tmp_path):
     write_stream(tmp_path, tokens, shard_tokens=4)
     x, y = PackedDataset(tmp_path, "train", block_size=8, stride=1)[0]
     assert x.tolist() == tokens[:8].tolist() and y.tolist() == tokens[1:].tolist()
+
+
+def test_token_outside_the_vocabulary_in_its_own_split_is_refused_by_name(stream):
+    shard_dir, _ = stream
+    path = shard_dir / "train_00002.bin"
+    tokens = np.fromfile(path, dtype=np.uint16)
+    tokens[0] = VOCAB
+    tokens.tofile(path)
+    with pytest.raises(ShardError, match=f"train_00002.bin holds token {VOCAB} >= vocab size {VOCAB}"):
+        PackedDataset(shard_dir, "train", block_size=8, stride=8)
+    assert len(PackedDataset(shard_dir, "val", block_size=2, stride=1)) == 1  # val reads none of train's tokens

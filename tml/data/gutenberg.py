@@ -33,7 +33,9 @@ from pathlib import Path
 
 from rich.progress import Progress
 
+from tml.data.clean import normalize_text
 from tml.data.config import DataConfig
+from tml.data.shards import file_sha256, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +87,7 @@ class Book:
 def parse_title_author(text: str) -> tuple[str, str]:
     """Title and author from the header's `Title:` / `Author:` lines, or from the old first line
     `The Project Gutenberg Etext of X, by Y`; empty strings when neither is there."""
-    header = text[:HEADER_SCAN_CHARS].replace("\r\n", "\n").replace("\r", "\n").lstrip("\ufeff")
+    header = normalize_text(text[:HEADER_SCAN_CHARS])
     fields = {}
     for key in ("Title", "Author"):
         # Some files glue the field onto the previous line ("...www.gutenberg.orgTitle: ..."), so no ^ anchor.
@@ -99,14 +101,6 @@ def parse_title_author(text: str) -> tuple[str, str]:
             fields["Title"] = first.group(1).strip()
             fields["Author"] = fields["Author"] or (first.group(2) or "").strip()
     return fields["Title"], fields["Author"]
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for chunk in iter(lambda: file.read(CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def describe_file(book_id: int, path: Path, sha256: str | None = None) -> Book:
@@ -149,9 +143,7 @@ class Manifest:
             entry = asdict(book) | {"path": book.path.name, "url": url}
             self.books[book.id] = entry
             values = {"version": MANIFEST_VERSION, "books": {str(key): self.books[key] for key in sorted(self.books)}}
-            temporary = self.path.with_name(self.path.name + ".tmp")
-            temporary.write_text(json.dumps(values, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
-            os.replace(temporary, self.path)
+            write_atomic(self.path, (json.dumps(values, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 # --------------------------------------------------------------------------------------------- HTTP
@@ -219,13 +211,11 @@ def unreachable_message(base: str, origin: str, reason: str) -> str:
 class Downloader:
     """Fetches books from one base URL into raw_dir; thread-safe, so a pool of workers shares one."""
 
-    def __init__(self, base_url: str, origin: str, cfg: DataConfig, manifest: Manifest,
-                 retry_backoff_s: float = RETRY_BACKOFF_S):
+    def __init__(self, base_url: str, origin: str, cfg: DataConfig, manifest: Manifest):
         self.base_url = base_url.rstrip("/")
         self.origin = origin
         self.timeout = cfg.request_timeout
         self.max_retries = cfg.max_retries
-        self.retry_backoff_s = retry_backoff_s
         self.limiter = RateLimiter(cfg.requests_per_second)
         self.manifest = manifest
         self.raw_dir = Path(cfg.raw_dir)
@@ -270,7 +260,7 @@ class Downloader:
                         f"giving up on {url} after {attempt + 1} attempts: {failure}. Finished books are kept in "
                         f"{self.raw_dir}; run again later to resume, or set data.mirror / {MIRROR_ENV}"
                     ) from None
-                backoff = self.retry_backoff_s * 2**attempt
+                backoff = RETRY_BACKOFF_S * 2**attempt
                 delay = min(MAX_RETRY_WAIT_S, max(backoff, failure.wait or 0.0))
                 log.warning("%s: %s; retrying in %.1f s (%d/%d)", url, failure, delay, attempt + 1, self.max_retries)
                 if self.stop.wait(delay):
@@ -462,7 +452,7 @@ def gather_books(cfg: DataConfig, progress: Progress | None = None) -> list[Book
                            book_ids, 1, progress, threading.Event())
         where = f"mirror directory {directory} ({origin})"
     else:
-        downloader = Downloader(mirror, origin, cfg, manifest, retry_backoff_s=RETRY_BACKOFF_S)
+        downloader = Downloader(mirror, origin, cfg, manifest)
         results = _run_all(downloader.fetch_book, book_ids, cfg.download_concurrency, progress, downloader.stop)
         where = f"{mirror} ({origin})"
     books = [book for book in results if book is not None]

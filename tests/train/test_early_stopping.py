@@ -23,3 +23,14 @@ def test_state_round_trips():
     restored = EarlyStopping(patience=3)
     restored.load_state_dict(stopper.state_dict())
     assert (restored.best, restored.bad_validations) == (2.0, 1)
+
+
+def test_improved_says_whether_the_latest_validation_set_a_new_best():
+    stopper = EarlyStopping(patience=3, min_delta=0.1)
+    assert not stopper.improved  # nothing validated yet
+    stopper.update(2.0)
+    assert stopper.improved
+    stopper.update(1.95)  # within min_delta: not an improvement
+    assert not stopper.improved
+    stopper.update(1.5)
+    assert stopper.improved

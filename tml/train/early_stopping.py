@@ -26,6 +26,11 @@ class EarlyStopping:
             self.bad_validations += 1
         return self.patience > 0 and self.bad_validations >= self.patience
 
+    @property
+    def improved(self) -> bool:
+        """Whether the latest validation set a new best (the loop then saves `best`)."""
+        return self.bad_validations == 0 and math.isfinite(self.best)
+
     def state_dict(self) -> dict[str, float | int]:
         return asdict(self)
 

@@ -71,13 +71,12 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         tmp.replace(out_dir / "config.yaml")
 
     # Same seed everywhere for identical initial weights, then a per-rank seed for dropout and sampling.
-    with torch.device("meta"):  # counted on a meta copy: ZeRO-3 partitions the real parameters at init
-        flops_per_token = Transformer(config.model).flops_per_token()
     seed_everything(tc.seed, verbose=False)
     # Not under DeepSpeed's zero.Init (what fabric.init_module enters for ZeRO-3): it partitions each submodule's
     # parameters as soon as it is built, so the model's own init afterwards would miss them. setup partitions.
     with nullcontext() if deepspeed else fabric.init_module():
         model = Transformer(config.model)
+    flops_per_token = model.flops_per_token()  # before setup: ZeRO-3 then partitions the parameters
     seed_everything(tc.seed + fabric.global_rank, verbose=False)
 
     if tc.compile:
@@ -125,8 +124,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
     def validate() -> tuple[EvalResult, bool]:
         """Validate, log, save `best` on improvement; True when early stopping says stop (rank 0 decides)."""
         result = evaluate(fabric, model, val_set, tc.batch_size, tc.val_batches)
-        improved = result.loss < early_stopping.best - early_stopping.min_delta
-        stop = fabric.broadcast(early_stopping.update(result.loss), src=0)
+        # Rank 0 decides both, so a last-bit difference in a reduction can never leave one rank out of a save.
+        stop, improved = fabric.broadcast((early_stopping.update(result.loss), early_stopping.improved), src=0)
         fabric.log_dict({"val/loss": result.loss, "val/perplexity": result.perplexity}, step=step)
         report.print(f"step {step:>7d} | val loss {result.loss:.4f} | val ppl {result.perplexity:.2f}")
         if improved:
@@ -152,8 +151,9 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                         engine.step()  # every micro-batch: the engine counts them and updates on the last
                     loss_sum += loss.detach()
                 signalled = torch.tensor(float(preemption.requested), device=fabric.device)
-                flags = fabric.all_reduce(torch.stack([loss_sum / tc.grad_accum, signalled]), reduce_op="sum")
-                step_loss = flags[0].item() / fabric.world_size
+                loss_total, signalled_ranks = fabric.all_reduce(
+                    torch.stack([loss_sum / tc.grad_accum, signalled]), reduce_op="sum").tolist()  # one host sync
+                step_loss = loss_total / fabric.world_size
                 finite = math.isfinite(step_loss)
 
                 if deepspeed:
@@ -194,7 +194,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                 if finite and (step % tc.val_interval == 0 or step == tc.max_steps):
                     val, stopped_early = validate()
                     saved = checkpointer.has_saved(step)
-                if flags[1].item() > 0:
+                if signalled_ranks > 0:
                     preempted = True
                     report.print(f"step {step:>7d} | preemption signal received: saving `last` and stopping")
                 if finite and not saved and (step % tc.ckpt_interval == 0 or step == tc.max_steps

@@ -2,20 +2,22 @@
 
 `train` and `prepare` take the experiment options (`--config FILE --section.key value`); the others work from a
 checkpoint directory (or a run directory, meaning its `best`, else `last`), whose saved config rebuilds the model.
+torch and Lightning are imported inside the commands that use them, so `tml prepare` and a config error in
+`tml train` answer without paying the seconds their import takes.
 """
 
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-
-import torch
+from typing import TYPE_CHECKING
 
 from tml.config import ConfigError
-from tml.train.checkpoint import CheckpointError, load_model_weights
+
+if TYPE_CHECKING:
+    import torch
 
 EVAL_BATCH_SIZE = 8  # windows per forward pass in `tml eval`: small enough for CPU memory at block size 512
 
@@ -26,6 +28,7 @@ def train_main(argv: Sequence[str]) -> int:
     from tml.data.gutenberg import GutenbergError
     from tml.data.prepare import PrepareError, data_is_ready, prepare_data
     from tml.data.shards import ShardError
+    from tml.train.checkpoint import CheckpointError
     from tml.train.loop import TrainingDiverged, train
 
     try:
@@ -45,24 +48,29 @@ def train_main(argv: Sequence[str]) -> int:
     return 0
 
 
-def load_model(checkpoint: str, device: torch.device):
+def load_model(checkpoint: str, device: torch.device) -> torch.nn.Module:
     from tml.model import Transformer
+    from tml.train.checkpoint import load_model_weights
 
     state, config = load_model_weights(checkpoint)
     model = Transformer(config.model)
     model.load_state_dict(state)
-    return model.to(device).eval(), config
+    return model.to(device).eval()
 
 
 def default_device() -> torch.device:
+    import torch
+
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from tml.data.tokenizer import get_tokenizer
 
     device = default_device()
-    model, _ = load_model(args.checkpoint, device)
+    model = load_model(args.checkpoint, device)
     tokenizer = get_tokenizer()
     prompt = tokenizer.encode(args.prompt, allowed_special="all") or [tokenizer.eot_token]
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
@@ -77,9 +85,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-@torch.no_grad()
 def text_loss(model, tokens: list[int], device: torch.device) -> tuple[float, int]:
     """Mean next-token loss over non-overlapping block_size windows of `tokens` (the tail window included)."""
+    import torch
+
+    from tml.model.transformer import IGNORE_INDEX
+
     block = model.config.block_size
     data = torch.tensor(tokens, dtype=torch.long)
     starts = list(range(0, len(tokens) - 1, block))
@@ -88,11 +99,12 @@ def text_loss(model, tokens: list[int], device: torch.device) -> tuple[float, in
         rows = [data[s : s + block + 1] for s in starts[i : i + EVAL_BATCH_SIZE]]
         width = max(len(r) for r in rows) - 1
         x = torch.zeros(len(rows), width, dtype=torch.long)
-        y = torch.full((len(rows), width), -1, dtype=torch.long)  # -1: ignored by the loss
+        y = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # padding: not counted by the loss
         for j, row in enumerate(rows):
             x[j, : len(row) - 1], y[j, : len(row) - 1] = row[:-1], row[1:]
-        _, loss = model(x.to(device), y.to(device))
-        tokens_here = int((y != -1).sum())
+        with torch.no_grad():
+            _, loss = model(x.to(device), y.to(device))
+        tokens_here = int((y != IGNORE_INDEX).sum())
         total += loss.item() * tokens_here
         count += tokens_here
     return total / count, count
@@ -100,9 +112,10 @@ def text_loss(model, tokens: list[int], device: torch.device) -> tuple[float, in
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tml.data.tokenizer import get_tokenizer
+    from tml.train.evaluate import perplexity
 
     device = default_device()
-    model, _ = load_model(args.checkpoint, device)
+    model = load_model(args.checkpoint, device)
     path = Path(args.data)
     if not path.is_file():
         raise FileNotFoundError(f"--data {path}: no such text file")
@@ -110,18 +123,17 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if len(tokens) < 2:
         raise ValueError(f"--data {path}: needs at least two tokens of text")
     loss, count = text_loss(model, tokens, device)
-    print(f"{path}: {count:,} tokens | loss {loss:.4f} | perplexity {math.exp(loss):.2f}")
+    print(f"{path}: {count:,} tokens | loss {loss:.4f} | perplexity {perplexity(loss):.2f}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
     """One plain fp32 state dict from any checkpoint (DeepSpeed ZeRO shards are consolidated)."""
+    from tml.train.checkpoint import load_model_weights
+    from tml.train.zero_export import save_fp32_state_dict
+
     state, _ = load_model_weights(args.checkpoint)
-    output = Path(args.output)
-    output.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output.with_name(f".{output.name}.tmp")
-    torch.save({k: v.float() if v.is_floating_point() else v for k, v in state.items()}, tmp)
-    tmp.replace(output)
+    output = save_fp32_state_dict(state, args.output)
     print(f"wrote {output} ({len(state)} tensors)")
     return 0
 
@@ -160,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return prepare_main(argv[1:])
     args = build_parser().parse_args(argv)
+    from tml.train.checkpoint import CheckpointError
+
     handlers = {"generate": cmd_generate, "eval": cmd_eval, "export": cmd_export}
     try:
         return handlers[args.command](args)

@@ -296,7 +296,11 @@ def set_rendezvous(env: submitit.JobEnvironment) -> str:
 
 
 class TrainTask(submitit.helpers.Checkpointable):
-    """What every SLURM task runs: `train(config)`, then the hand-over to SLURM if it was preempted."""
+    """What every SLURM task runs: `train(config)`, then the hand-over to SLURM if it was preempted.
+
+    Submitit's requeue hook (`Checkpointable.checkpoint`) resubmits this task unchanged: a restarted task sees
+    SLURM_RESTART_COUNT > 0 and resumes from `last` itself, whichever way (signal or preemption) it was requeued.
+    """
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -315,10 +319,6 @@ class TrainTask(submitit.helpers.Checkpointable):
         if result.preempted:
             hand_over_preemption(env, preemption.signal_number, result.final_step)
         return result
-
-    def checkpoint(self, *args: Any, **kwargs: Any) -> submitit.helpers.DelayedSubmission:
-        """Submitit's requeue hook (rank 0, on its warning signal): the same task, resuming from `last`."""
-        return submitit.helpers.DelayedSubmission(TrainTask(config_for_restart(self.config)))
 
 
 def hand_over_preemption(env: submitit.JobEnvironment, signal_number: int | None, step: int) -> None:

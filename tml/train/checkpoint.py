@@ -23,7 +23,6 @@ loader; the manifest still guards them.) Older step checkpoints beyond `keep` ar
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
@@ -37,11 +36,12 @@ import torch
 from lightning import Fabric
 
 from tml.config import Config
+from tml.data.shards import file_sha256, write_atomic
+from tml.train.zero_export import ZeroCheckpointError, fp32_state_dict, verify_deepspeed_checkpoint
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
 META = "meta.json"
-HASH_CHUNK = 1 << 20  # 1 MiB reads keep hashing memory flat for multi-GB files
 
 
 class CheckpointError(RuntimeError):
@@ -88,21 +88,14 @@ def find_checkpoint(path: str | Path) -> Path:
     raise CheckpointError(f"{path} is neither a checkpoint directory (no {MANIFEST}) nor a run directory with one")
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _files(directory: Path) -> list[Path]:
     return sorted(p for p in directory.rglob("*") if p.is_file() and p.name != MANIFEST)
 
 
 def write_manifest(directory: Path) -> None:
-    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in _files(directory)}
-    _write_text_atomic(directory / MANIFEST, json.dumps({"format": FORMAT_VERSION, "files": entries}, indent=1))
+    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in _files(directory)}
+    manifest = {"format": FORMAT_VERSION, "files": entries}
+    write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
 def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
@@ -123,7 +116,7 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
         size = path.stat().st_size
         if size != expected["bytes"]:
             raise CheckpointError(f"{path} is truncated or altered: {size} bytes, expected {expected['bytes']}")
-        if _sha256(path) != expected["sha256"]:
+        if file_sha256(path) != expected["sha256"]:
             raise CheckpointError(f"{path} is corrupted: its sha256 does not match {MANIFEST}")
     return read_meta(directory)
 
@@ -142,15 +135,6 @@ def safe_load(path: Path) -> Any:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # truncated zip, unpickling refused, ...
         raise CheckpointError(f"cannot load {path}: {error}") from error
-
-
-def _write_text_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
 
 
 def _point_link(link: Path, target_name: str) -> None:
@@ -246,7 +230,7 @@ class Checkpointer:
                     "format": FORMAT_VERSION, "step": step, "world_size": fabric.world_size,
                     "deepspeed": self.deepspeed, "wandb_run_id": wandb_run_id, "config": config.to_dict(),
                 }
-                _write_text_atomic(tmp / META, json.dumps(meta, indent=1))
+                write_atomic(tmp / META, json.dumps(meta, indent=1).encode())
             fabric.barrier()
             if fabric.global_rank == 0:
                 write_manifest(tmp)
@@ -275,6 +259,21 @@ class Checkpointer:
             if name not in keep and name not in protected:
                 shutil.rmtree(self.root / name)
 
+    def _verify(self, directory: Path) -> dict[str, Any]:
+        """The manifest, the DeepSpeed flag and (DeepSpeed) the shards' safety; returns meta.json."""
+        meta = verify_checkpoint(directory)
+        if meta.get("deepspeed", False) != self.deepspeed:
+            raise CheckpointError(
+                f"{directory / META}: saved with deepspeed={meta.get('deepspeed')} but this run uses "
+                f"deepspeed={self.deepspeed}; export it with `tml export` and start a new run from the weights"
+            )
+        if self.deepspeed:
+            try:
+                verify_deepspeed_checkpoint(directory / "deepspeed")  # DeepSpeed itself unpickles without limits
+            except ZeroCheckpointError as error:
+                raise CheckpointError(str(error)) from error
+        return meta
+
     def load(
         self,
         directory: Path,
@@ -285,28 +284,16 @@ class Checkpointer:
     ) -> dict[str, Any]:
         """Restore everything saved by save() into the set-up objects; returns the loop state and meta."""
         fabric = self.fabric
-        error = None
-        if fabric.global_rank == 0:
+        error = meta = None
+        if fabric.global_rank == 0:  # the files are shared: one rank checks them for all
             try:
-                verify_checkpoint(directory)
+                meta = self._verify(directory)
             except CheckpointError as caught:
                 error = str(caught)
-        error = fabric.broadcast(error, src=0)
+        error, meta = fabric.broadcast((error, meta), src=0)
         if error:
             raise CheckpointError(error)
-        meta = read_meta(directory)
-        if meta.get("deepspeed", False) != self.deepspeed:
-            raise CheckpointError(
-                f"{directory / META}: saved with deepspeed={meta.get('deepspeed')} but this run uses "
-                f"deepspeed={self.deepspeed}; export it with `tml export` and start a new run from the weights"
-            )
         if self.deepspeed:
-            from tml.train.zero_export import verify_deepspeed_checkpoint
-
-            try:
-                verify_deepspeed_checkpoint(directory / "deepspeed")  # DeepSpeed itself unpickles without limits
-            except ValueError as error:
-                raise CheckpointError(str(error)) from error
             fabric.load(directory / "deepspeed", {"model": model, "optimizer": optimizer})
         else:
             model.load_state_dict(safe_load(directory / "model.pt"))
@@ -337,11 +324,5 @@ def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Confi
     meta = verify_checkpoint(directory)
     config = Config.from_dict(meta["config"])
     if meta.get("deepspeed"):
-        import tempfile
-
-        from tml.train.zero_export import export_fp32_state_dict
-
-        with tempfile.TemporaryDirectory() as tmp:
-            exported = export_fp32_state_dict(directory / "deepspeed", Path(tmp) / "model.pt")
-            return safe_load(exported), config
+        return fp32_state_dict(directory / "deepspeed"), config
     return safe_load(directory / "model.pt"), config

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from lightning import Fabric
 
-IGNORE_INDEX = -1  # the model's cross-entropy ignore_index
+from tml.model.transformer import IGNORE_INDEX
 
 
 @dataclass

@@ -127,7 +127,6 @@ def _deepspeed_config(train: TrainConfig, precision: str) -> dict:
         # With offload DeepSpeed insists on its compiled CPU Adam; torch's AdamW is correct, only slower.
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": DEEPSPEED_STEPS_PER_PRINT,
-        "wall_clock_breakdown": False,
     }
     if precision == "16-mixed":
         config["fp16"] = {

@@ -24,9 +24,6 @@ class PreemptionFlag:
     def requested(self) -> bool:
         return self.signal_number is not None
 
-    def set(self, signal_number: int = signal.SIGTERM) -> None:
-        self.signal_number = signal_number
-
     def _handle(self, signal_number: int, frame: FrameType | None) -> None:
         self.signal_number = signal_number
 

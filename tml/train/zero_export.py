@@ -81,20 +81,31 @@ def _strip_wrapper_prefixes(name: str) -> str:
     return name
 
 
-def export_fp32_state_dict(checkpoint_dir: str | Path, output_file: str | Path) -> Path:
-    """Write the fp32 weights of the ZeRO checkpoint in `checkpoint_dir` to `output_file`; returns its path.
+def fp32_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
+    """The fp32 weights of the ZeRO checkpoint in `checkpoint_dir`, named as `Transformer.state_dict()` names them.
 
-    Runs in one process on any machine (no GPU, no process group). The file is a plain `{name: tensor}` dict:
-    `Transformer(config).load_state_dict(torch.load(path, weights_only=True))` works.
+    Runs in one process on any machine (no GPU, no process group).
     """
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     verify_deepspeed_checkpoint(checkpoint_dir)
-    output_file = Path(output_file)
     state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
-    state = {_strip_wrapper_prefixes(name): tensor.detach().float().contiguous() for name, tensor in state.items()}
+    return {_strip_wrapper_prefixes(name): tensor.detach().float().contiguous() for name, tensor in state.items()}
+
+
+def save_fp32_state_dict(state: dict[str, torch.Tensor], output_file: str | Path) -> Path:
+    """Write `state` as the plain `{name: tensor}` file `tml export` produces (floating tensors as fp32), atomically.
+
+    `Transformer(config).load_state_dict(torch.load(path, weights_only=True))` works on the result.
+    """
+    output_file = Path(output_file)
     output_file.parent.mkdir(parents=True, exist_ok=True)
     tmp = output_file.with_name(f".{output_file.name}.tmp")
-    torch.save(state, tmp)
+    torch.save({name: t.float() if t.is_floating_point() else t for name, t in state.items()}, tmp)
     os.replace(tmp, output_file)
     return output_file
+
+
+def export_fp32_state_dict(checkpoint_dir: str | Path, output_file: str | Path) -> Path:
+    """Write the fp32 weights of the ZeRO checkpoint in `checkpoint_dir` to `output_file`; returns its path."""
+    return save_fp32_state_dict(fp32_state_dict(checkpoint_dir), output_file)

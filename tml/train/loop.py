@@ -23,9 +23,9 @@ from lightning.fabric.utilities.seed import seed_everything
 from tml.config import Config, dump_yaml
 from tml.data.packed import PackedDataset
 from tml.data.sampler import BatchStream
-from tml.data.shards import ShardIndex
+from tml.data.shards import ShardIndex, write_atomic
 from tml.model import Transformer
-from tml.train.checkpoint import Checkpointer, read_meta, resolve_resume
+from tml.train.checkpoint import Checkpointer, checkpoints_dir, read_meta, resolve_resume
 from tml.train.early_stopping import EarlyStopping
 from tml.train.evaluate import EvalResult, evaluate
 from tml.train.fabric import build_fabric, is_deepspeed
@@ -66,9 +66,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
     rank0 = fabric.global_rank == 0
     if rank0:
         out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / ".config.yaml.tmp"
-        tmp.write_text(dump_yaml(config))
-        tmp.replace(out_dir / "config.yaml")
+        write_atomic(out_dir / "config.yaml", dump_yaml(config).encode())
 
     # Same seed everywhere for identical initial weights, then a per-rank seed for dropout and sampling.
     seed_everything(tc.seed, verbose=False)
@@ -173,7 +171,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                 if nonfinite_streak >= MAX_NONFINITE_STEPS:
                     raise TrainingDiverged(
                         f"loss was non-finite for {nonfinite_streak} consecutive steps (last at step {step}); "
-                        f"stopping with the last good checkpoint kept in {out_dir / 'checkpoints'}. "
+                        f"stopping with the last good checkpoint kept in {checkpoints_dir(out_dir)}. "
                         "Lower train.lr, raise train.warmup_frac or use bf16-mixed."
                     )
                 if step % tc.log_interval == 0 or step == tc.max_steps:
@@ -214,7 +212,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                 "final val perplexity": f"{val.perplexity:.2f}" if val else "-",
                 "stopped early": str(stopped_early),
                 "preempted": str(preempted),
-                "checkpoints": str(out_dir / "checkpoints"),
+                "checkpoints": str(checkpoints_dir(out_dir)),
                 **({"peak GPU memory": f"{torch.cuda.max_memory_allocated(fabric.device) / GIB:.2f} GiB"}
                    if fabric.device.type == "cuda" else {}),
             })

@@ -6,14 +6,16 @@ import sys
 
 import pytest
 import torch
+from lightning import Fabric
 from lightning.fabric.plugins.precision import MixedPrecision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+import tml.train.loop as loop_module
 from tests.conftest import REPO_ROOT
 from tests.train.conftest import tiny_run_config
 from tml.config import dump_yaml
 from tml.model import Transformer
-from tml.train.checkpoint import load_model_weights, read_meta
+from tml.train.checkpoint import checkpoints_dir, load_model_weights, read_meta, safe_load
 from tml.train.loop import MAX_NONFINITE_STEPS, TrainingDiverged, train
 from tml.train.preemption import PreemptionFlag
 
@@ -77,6 +79,71 @@ def test_fp16_scaler_skips_an_overflowed_step_and_lowers_the_scale():
     assert precision.state_dict()["scale"] == 2.0**15  # what checkpoints save and restore
 
 
+FP16_OVERFLOWING_SCALE = 2.0**20  # overflows the debug model's fp16 backward at steps 1, 3, 6 and 12 (halving each time)
+
+
+def use_real_fp16_on_cpu(monkeypatch, init_scale: float = FP16_OVERFLOWING_SCALE) -> None:
+    """Run the loop under Fabric's real 16-mixed plugin (fp16 autocast + GradScaler), which on CPU Fabric would
+    otherwise turn into bf16: the loss-scaling path a GPU run takes, exercised end to end on CPU."""
+
+    def build_fp16_fabric(train_config, loggers=None):
+        scaler = torch.amp.GradScaler("cpu", init_scale=init_scale)
+        return Fabric(accelerator="cpu", devices=1, loggers=loggers,
+                      plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+
+    monkeypatch.setattr(loop_module, "build_fabric", build_fp16_fabric)
+
+
+def saved_scaler_state(run_dir):
+    return safe_load(checkpoints_dir(run_dir) / "last" / "trainer.pt")["precision"]
+
+
+def test_fp16_run_skips_overflowed_steps_lowers_the_scale_and_still_learns(tmp_path, tiny_shards, monkeypatch):
+    use_real_fp16_on_cpu(monkeypatch)
+    result = train(tiny_run_config(tiny_shards, tmp_path, max_steps=12, precision="16-mixed"))
+    grad_norms = [value for _, value in scalars(tmp_path, "train/grad_norm")]
+    assert not math.isfinite(grad_norms[0])  # the first step overflowed: the scaler skipped it
+    assert sum(map(math.isfinite, grad_norms)) >= 6  # the others stepped
+    assert saved_scaler_state(tmp_path)["scale"] < FP16_OVERFLOWING_SCALE  # halved on overflow, and saved
+    losses = [value for _, value in scalars(tmp_path, "train/loss")]
+    assert sum(losses[-3:]) / 3 < sum(losses[:3]) / 3 - 0.2
+    assert result.final_step == 12 and math.isfinite(result.val_loss)  # overflows are not divergence
+    state, _ = load_model_weights(checkpoints_dir(tmp_path) / "last")
+    assert all(torch.isfinite(t).all() for t in state.values())
+
+
+class PreemptAtStep(PreemptionFlag):
+    """Raised when the loop reads it for the `step`-th time (it reads once per optimizer step)."""
+
+    def __init__(self, step: int) -> None:
+        super().__init__()
+        self.step, self.reads = step, 0
+
+    @property
+    def requested(self) -> bool:
+        self.reads += 1
+        return self.reads >= self.step
+
+
+def test_fp16_run_preempted_and_resumed_matches_an_uninterrupted_run_bit_for_bit(tmp_path, tiny_shards, monkeypatch):
+    """The grad scaler's scale and growth counter travel in the checkpoint: without them the resumed run would
+    overflow and skip different steps."""
+    use_real_fp16_on_cpu(monkeypatch)
+    settings = dict(max_steps=12, precision="16-mixed", val_interval=100, ckpt_interval=100)
+    train(tiny_run_config(tiny_shards, tmp_path / "whole", **settings))
+    interrupted = tiny_run_config(tiny_shards, tmp_path / "split", **settings)
+    assert train(interrupted, preemption=PreemptAtStep(5)).final_step == 5
+    assert saved_scaler_state(tmp_path / "split")["scale"] < FP16_OVERFLOWING_SCALE
+    interrupted.train.resume = "auto"
+    assert train(interrupted, preemption=PreemptionFlag()).final_step == 12
+
+    assert saved_scaler_state(tmp_path / "split") == saved_scaler_state(tmp_path / "whole")
+    whole, _ = load_model_weights(checkpoints_dir(tmp_path / "whole") / "last")
+    split, _ = load_model_weights(checkpoints_dir(tmp_path / "split") / "last")
+    for name, value in whole.items():
+        assert torch.equal(split[name], value), name
+
+
 def test_persistent_nan_stops_with_a_clear_message_and_keeps_the_last_good_checkpoint(
         tmp_path, tiny_shards, monkeypatch):
     original = Transformer.forward
@@ -106,6 +173,20 @@ def test_preemption_signal_saves_last_and_resume_continues(tmp_path, tiny_shards
     config.train.resume = "auto"
     resumed = train(config, preemption=PreemptionFlag())
     assert not resumed.preempted and resumed.final_step == 6
+
+
+@pytest.mark.slow
+def test_compiled_run_matches_eager_and_saves_weights_a_plain_model_loads(tmp_path, tiny_shards):
+    settings = dict(max_steps=4, val_interval=4, ckpt_interval=4)
+    eager = train(tiny_run_config(tiny_shards, tmp_path / "eager", **settings))
+    compiled = train(tiny_run_config(tiny_shards, tmp_path / "compiled", compile=True, **settings))
+    eager_losses = [value for _, value in scalars(tmp_path / "eager", "train/loss")]
+    compiled_losses = [value for _, value in scalars(tmp_path / "compiled", "train/loss")]
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-3)  # same math, fused kernels
+    assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-3)
+    state, config = load_model_weights(checkpoints_dir(tmp_path / "compiled") / "last")
+    assert not any(name.startswith("_orig_mod.") for name in state)  # no torch.compile wrapper in the keys
+    Transformer(config.model).load_state_dict(state)  # strict: what `tml generate` and `tml eval` do
 
 
 def launch(config, timeout=SUBPROCESS_TIMEOUT_S, **popen):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import math
+import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -163,7 +164,11 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                         optimizer.step()  # a NaN step with a scaler is skipped by the scaler (scale lowered)
                     optimizer.zero_grad(set_to_none=True)
                 lr = scheduler.get_last_lr()[0]  # the rate this step used
-                scheduler.step()
+                with warnings.catch_warnings():
+                    # An fp16 step the scaler skipped (overflow) never called the torch optimizer; the schedule
+                    # still advances one step per loop step, which is what torch's warning about it doubts.
+                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+                    scheduler.step()
                 step += 1
                 meter.add(tokens_per_step)
 

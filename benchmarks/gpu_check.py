@@ -1,0 +1,166 @@
+"""The GPU check: the reference setup on one GPU for a few hundred fp16 steps, then decode with the latent cache.
+
+What the CPU suite cannot show: the real CUDA fp16 path (Fabric's 16-mixed with a GradScaler, SDPA kernels,
+pinned-memory loading), its speed, and its memory. Runs `tml.train.loop.train` unchanged on the reference config
+(12x768 post-LN MLA, block 512, batch 20 x 4 accumulation, 16-mixed) for `--steps` optimizer steps, reads the
+figures back from the run's TensorBoard scalars, times `generate` from the saved checkpoint (absorbed and naive
+latent-cache decode), and prints one JSON object. Optionally repeats the run with `train.compile=true`.
+
+    python benchmarks/gpu_check.py --books DIR [--steps 200] [--compile-steps 100] [--json FILE]
+    python benchmarks/gpu_check.py --shards DIR ...   # already tokenized shards: no tokenizer files needed
+
+`--allow-cpu` with small `--model.*` overrides runs the same code on CPU (the test suite does), so the script
+is known to work before a GPU is at hand. Extra `--section.key value` arguments override the config.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
+
+from tml.config import Config, load_yaml_config  # noqa: E402
+from tml.data.prepare import prepare_data  # noqa: E402
+from tml.train.checkpoint import checkpoints_dir  # noqa: E402
+from tml.train.fabric import resolve_accelerator, resolve_precision  # noqa: E402
+from tml.train.loop import train  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+WARMUP_LOG_WINDOWS = 2  # the first logged windows include CUDA context, cuBLAS and allocator warm-up
+LOG_INTERVAL = 10  # steps per tokens/s window
+MAX_BOOKS = 20  # ~10 MB of text: a few million tokens, tokenized in seconds, enough for 200 steps of 41k tokens
+DECODE_PROMPT_TOKENS = 16
+DECODE_NEW_TOKENS = 256
+
+
+def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser.add_argument("--config", default=str(REPO_ROOT / "configs" / "reference.yaml"))
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--books", help="a directory of Gutenberg .txt files (the first 20 are used)")
+    source.add_argument("--shards", help="a shard directory already built by tml-prepare")
+    parser.add_argument("--steps", type=int, default=200, help="optimizer steps of the fp16 run")
+    parser.add_argument("--compile-steps", type=int, default=0, help="also run this many steps compiled (0: skip)")
+    parser.add_argument("--work", help="where shards and runs go (default: a new temporary directory)")
+    parser.add_argument("--json", help="also write the JSON result to this file")
+    parser.add_argument("--allow-cpu", action="store_true", help="run without CUDA (to test this script)")
+    return parser.parse_known_args(argv)
+
+
+def run_config(args: argparse.Namespace, overrides: list[str], work: Path, name: str, steps: int,
+               extra: list[str] = ()) -> Config:
+    data = [f"--data.shard_dir={args.shards}"] if args.shards else [
+        f"--data.source={args.books}", f"--data.max_books={MAX_BOOKS}", f"--data.shard_dir={work}/shards",
+        f"--data.raw_dir={work}/raw"]
+    return load_yaml_config(args.config, [
+        *data, f"--train.max_steps={steps}", f"--train.val_interval={steps}", f"--train.ckpt_interval={steps}",
+        "--train.val_batches=10", f"--train.log_interval={LOG_INTERVAL}", f"--train.out_dir={work}/{name}",
+        "--train.resume=none", "--train.devices=1", "--log.wandb=false", *extra, *overrides,
+    ])
+
+
+def scalars(run_dir: Path, tag: str) -> list[float]:
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return [event.value for event in events.Scalars(tag)] if tag in events.Tags()["scalars"] else []
+
+
+def median_after_warmup(values: list[float]) -> float | None:
+    steady = values[WARMUP_LOG_WINDOWS:] or values
+    return statistics.median(steady) if steady else None
+
+
+def train_and_measure(config: Config) -> dict:
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    start = time.perf_counter()
+    result = train(config)
+    wall = time.perf_counter() - start
+    run_dir = Path(config.train.out_dir)
+    losses = scalars(run_dir, "train/loss")
+    return {
+        "precision": resolve_precision(config.train, resolve_accelerator(config.train)),  # as run: bf16 on CPU
+        "compile": config.train.compile,
+        "steps": result.final_step,
+        "tokens_per_step": config.train.batch_size * config.train.grad_accum * config.model.block_size,
+        "tokens_per_s_median": median_after_warmup(scalars(run_dir, "train/tokens_per_s")),
+        "mfu_median": median_after_warmup(scalars(run_dir, "train/mfu")),
+        "peak_memory_gib": max(scalars(run_dir, "train/peak_memory_gib"), default=None),
+        "train_loss_first": losses[0] if losses else None,
+        "train_loss_last": losses[-1] if losses else None,
+        "val_loss": result.val_loss,
+        "val_perplexity": result.val_perplexity,
+        "wall_s": round(wall, 1),
+    }
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def decode_speed(run_dir: Path, device: torch.device) -> dict:
+    """Tokens/s of greedy decode from the saved `last` checkpoint, absorbed vs naive latent-cache attention."""
+    from tml.cli import load_model
+
+    model = load_model(str(checkpoints_dir(run_dir) / "last"), device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = model.to(dtype)
+    new_tokens = min(DECODE_NEW_TOKENS, model.config.block_size - DECODE_PROMPT_TOKENS)
+    prompt = torch.randint(0, model.config.vocab_size, (1, DECODE_PROMPT_TOKENS),
+                           generator=torch.Generator().manual_seed(0)).to(device)
+    figures: dict = {"dtype": str(dtype).removeprefix("torch."), "new_tokens": new_tokens}
+    outputs = {}
+    for absorb in (True, False):
+        model.generate(prompt, 8, temperature=0.0, absorb=absorb)  # warm-up: kernels, allocator
+        synchronize(device)
+        start = time.perf_counter()
+        outputs[absorb] = model.generate(prompt, new_tokens, temperature=0.0, absorb=absorb)
+        synchronize(device)
+        figures["absorbed_tokens_per_s" if absorb else "naive_tokens_per_s"] = round(
+            new_tokens / (time.perf_counter() - start), 1)
+    figures["greedy_tokens_agree"] = float((outputs[True] == outputs[False]).float().mean())
+    return figures
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args, overrides = parse_args(argv)
+    cuda = torch.cuda.is_available()
+    if not cuda and not args.allow_cpu:
+        sys.exit("gpu_check: no CUDA device visible (pass --allow-cpu to run the script on CPU anyway)")
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="tml-gpu-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+
+    config = run_config(args, overrides, work, "fp16", args.steps)
+    if not args.shards:
+        prepare_data(config.data)
+    device = torch.device("cuda" if cuda else "cpu")
+    report = {
+        "device": torch.cuda.get_device_name(0) if cuda else "cpu",
+        "torch": torch.__version__,
+        "model": {key: getattr(config.model, key) for key in ("n_layer", "n_head", "n_embd", "attention", "norm",
+                                                               "kv_lora_rank", "block_size")},
+        "run": train_and_measure(config),
+    }
+    report["decode"] = decode_speed(Path(config.train.out_dir), device)
+    if args.compile_steps > 0:
+        compiled = run_config(args, overrides, work, "fp16-compiled", args.compile_steps, ["--train.compile=true"])
+        report["compiled_run"] = train_and_measure(compiled)
+    text = json.dumps(report, indent=1)
+    print(text)
+    if args.json:
+        Path(args.json).write_text(text + "\n")
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""benchmarks/gpu_check.py runs its whole path on CPU with a debug-size model, so the GPU check works first time."""
+
+import importlib.util
+import json
+import math
+import shutil
+
+import pytest
+
+from tests.conftest import REPO_ROOT, debug_model_config
+from tests.train.conftest import write_synthetic_shards
+
+SCRIPT = REPO_ROOT / "benchmarks" / "gpu_check.py"
+DEBUG_MODEL_KEYS = ("block_size", "n_layer", "n_head", "n_embd", "kv_lora_rank", "qk_nope_head_dim",
+                    "qk_rope_head_dim", "v_head_dim")
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def debug_overrides(vocab_size: int) -> list[str]:
+    model = debug_model_config(vocab_size=vocab_size)
+    return [f"--model.{key}={getattr(model, key)}" for key in ("vocab_size", *DEBUG_MODEL_KEYS)] + [
+        "--train.batch_size=2", "--train.grad_accum=2", "--train.accelerator=cpu"]
+
+
+def test_gpu_check_refuses_to_run_without_cuda_unless_allowed(tmp_path):
+    with pytest.raises(SystemExit, match="no CUDA device"):
+        load_script().main(["--shards", str(tmp_path), "--work", str(tmp_path)])
+
+
+def test_gpu_check_trains_the_reference_config_decodes_and_writes_json_on_cpu(tmp_path):
+    shards = write_synthetic_shards(tmp_path / "shards")
+    json_path = tmp_path / "result.json"
+    report = load_script().main(["--shards", str(shards), "--steps", "12", "--work", str(tmp_path / "work"),
+                                 "--json", str(json_path), "--allow-cpu", *debug_overrides(vocab_size=256)])
+    assert json.loads(json_path.read_text()) == report
+    run = report["run"]
+    assert run["precision"] == "bf16-mixed"  # the reference's 16-mixed, as CPU runs it
+    assert run["steps"] == 12 and run["tokens_per_step"] == 2 * 2 * 32
+    assert run["tokens_per_s_median"] > 0 and 0 < run["mfu_median"] < 1
+    assert run["peak_memory_gib"] is None  # CUDA only
+    assert math.isfinite(run["train_loss_first"]) and math.isfinite(run["train_loss_last"])
+    assert run["val_perplexity"] == pytest.approx(math.exp(run["val_loss"]))
+    decode = report["decode"]
+    assert decode["new_tokens"] == 32 - 16
+    assert decode["absorbed_tokens_per_s"] > 0 and decode["naive_tokens_per_s"] > 0
+    assert decode["greedy_tokens_agree"] > 0.9  # same model, two exact attention forms (fp32 on CPU)
+    assert "compiled_run" not in report
+
+
+@pytest.mark.shared
+def test_gpu_check_prepares_shards_from_a_folder_of_books(tmp_path, shared_gutenberg):
+    books = tmp_path / "books"
+    books.mkdir()
+    for name in ("pg11.txt", "pg16.txt"):  # two short books: Alice in Wonderland, Peter Pan
+        shutil.copy(shared_gutenberg / name, books / name)
+    report = load_script().main(["--books", str(books), "--steps", "2", "--work", str(tmp_path / "work"),
+                                 "--allow-cpu", *debug_overrides(vocab_size=50304)])
+    assert (tmp_path / "work" / "shards").is_dir()
+    assert report["run"]["steps"] == 2 and math.isfinite(report["run"]["val_loss"])

@@ -21,6 +21,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,6 +31,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from tml.config import Config, load_yaml_config  # noqa: E402
 from tml.data.prepare import prepare_data  # noqa: E402
+from tml.data.shards import write_atomic  # noqa: E402
 from tml.train.checkpoint import checkpoints_dir  # noqa: E402
 from tml.train.fabric import resolve_accelerator, resolve_precision  # noqa: E402
 from tml.train.loop import train  # noqa: E402
@@ -132,7 +134,22 @@ def decode_speed(run_dir: Path, device: torch.device) -> dict:
     return figures
 
 
+def run_stage(report: dict, name: str, stage, json_path: str | None) -> bool:
+    """Run one optional stage into report[name]; a failure is recorded (not raised), so the figures of the
+    stages that worked still come back from a single GPU session. The JSON file is rewritten after each stage."""
+    try:
+        report[name] = stage()
+        ok = True
+    except Exception as error:  # any failure of a benchmark stage is a finding to report
+        report[name] = {"error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()[-4000:]}
+        ok = False
+    if json_path:
+        write_atomic(Path(json_path), (json.dumps(report, indent=1) + "\n").encode())
+    return ok
+
+
 def main(argv: list[str] | None = None) -> dict:
+    """Run the check; exits non-zero (after printing the JSON) when a stage failed."""
     args, overrides = parse_args(argv)
     cuda = torch.cuda.is_available()
     if not cuda and not args.allow_cpu:
@@ -149,16 +166,16 @@ def main(argv: list[str] | None = None) -> dict:
         "torch": torch.__version__,
         "model": {key: getattr(config.model, key) for key in ("n_layer", "n_head", "n_embd", "attention", "norm",
                                                                "kv_lora_rank", "block_size")},
-        "run": train_and_measure(config),
     }
-    report["decode"] = decode_speed(Path(config.train.out_dir), device)
+    ok = run_stage(report, "run", lambda: train_and_measure(config), args.json)
+    if ok:
+        ok = run_stage(report, "decode", lambda: decode_speed(Path(config.train.out_dir), device), args.json)
     if args.compile_steps > 0:
         compiled = run_config(args, overrides, work, "fp16-compiled", args.compile_steps, ["--train.compile=true"])
-        report["compiled_run"] = train_and_measure(compiled)
-    text = json.dumps(report, indent=1)
-    print(text)
-    if args.json:
-        Path(args.json).write_text(text + "\n")
+        ok = run_stage(report, "compiled_run", lambda: train_and_measure(compiled), args.json) and ok
+    print(json.dumps(report, indent=1))
+    if not ok:
+        sys.exit("gpu_check: a stage failed; its error and traceback are in the JSON above")
     return report
 
 

@@ -63,3 +63,21 @@ def test_gpu_check_prepares_shards_from_a_folder_of_books(tmp_path, shared_guten
                                  "--allow-cpu", *debug_overrides(vocab_size=50304)])
     assert (tmp_path / "work" / "shards").is_dir()
     assert report["run"]["steps"] == 2 and math.isfinite(report["run"]["val_loss"])
+
+
+def test_a_failing_stage_is_reported_in_the_json_and_the_figures_before_it_are_kept(tmp_path, monkeypatch):
+    script = load_script()
+
+    def decode_failing(run_dir, device):  # fault injection: the stage after training breaks
+        raise RuntimeError("no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(script, "decode_speed", decode_failing)
+    shards = write_synthetic_shards(tmp_path / "shards")
+    json_path = tmp_path / "result.json"
+    with pytest.raises(SystemExit, match="a stage failed"):
+        script.main(["--shards", str(shards), "--steps", "2", "--work", str(tmp_path / "work"), "--json",
+                     str(json_path), "--allow-cpu", *debug_overrides(vocab_size=256)])
+    report = json.loads(json_path.read_text())
+    assert report["run"]["steps"] == 2
+    assert report["decode"]["error"] == "RuntimeError: no kernel image is available for execution on the device"
+    assert "decode_failing" in report["decode"]["traceback"]

@@ -61,3 +61,36 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 def test_abbreviated_key_is_not_taken_for_a_longer_one():
     with pytest.raises(ConfigError, match="max_step"):
         load_config(["--train.max_step", "3"])
+
+
+CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
+REFERENCE_FAMILY = ("reference", "ddp", "zero2", "zero3")  # the reference run on one GPU, DDP, ZeRO-2, ZeRO-3
+
+
+@pytest.mark.parametrize("path", sorted(CONFIGS_DIR.glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_config_loads(path):
+    assert isinstance(load_yaml_config(path), Config)
+
+
+def test_reference_config_is_exactly_the_reference_setup():
+    config = load_yaml_config(CONFIGS_DIR / "reference.yaml")
+    m, t = config.model, config.train
+    assert (m.block_size, m.n_layer, m.n_head, m.n_embd, m.attention, m.norm) == (512, 12, 12, 768, "mla", "post")
+    assert (t.batch_size, t.grad_accum, t.max_steps) == (20, 4, 18_370)
+    assert (t.lr, t.min_lr, t.warmup_frac, t.grad_clip) == (3e-4, 3e-5, 0.1, 1.0)
+    assert (t.val_interval, t.precision, t.devices, t.num_nodes, t.strategy) == (500, "16-mixed", 1, 1, "auto")
+    assert t.early_stop_patience > 0 and t.ckpt_interval > 0
+    assert config.data.source == "gutenberg" and config.log.tensorboard
+
+
+@pytest.mark.parametrize("name", REFERENCE_FAMILY[1:])
+def test_multi_gpu_configs_keep_the_reference_model_global_batch_and_schedule(name):
+    reference = load_yaml_config(CONFIGS_DIR / "reference.yaml")
+    config = load_yaml_config(CONFIGS_DIR / f"{name}.yaml")
+    assert config.model == reference.model
+    global_batch = config.train.batch_size * config.train.grad_accum * config.train.devices * config.train.num_nodes
+    assert global_batch == reference.train.batch_size * reference.train.grad_accum == 80
+    for key in ("max_steps", "lr", "min_lr", "warmup_frac", "weight_decay", "grad_clip", "val_interval",
+                "val_batches", "early_stop_patience", "precision"):
+        assert getattr(config.train, key) == getattr(reference.train, key), key
+    assert config.train.devices > 1 and config.train.strategy != "auto"

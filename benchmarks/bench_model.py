@@ -108,7 +108,7 @@ def absorbed_vs_naive_gap(model: Transformer, cache: list) -> float:
 
 def train_step(model: Transformer, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        _, loss = model(x, y)
+        _, loss = model(x, y, return_logits=False)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

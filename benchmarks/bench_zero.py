@@ -59,7 +59,7 @@ def bench(args: argparse.Namespace) -> dict | None:
     def step() -> None:
         for micro in range(tc.grad_accum):
             with nullcontext() if deepspeed else fabric.no_backward_sync(model, enabled=micro < tc.grad_accum - 1):
-                _, loss = model(x, y)
+                _, loss = model(x, y, return_logits=False)
                 fabric.backward(loss if deepspeed else loss / tc.grad_accum)
             if deepspeed:
                 engine.step()

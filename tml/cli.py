@@ -103,7 +103,7 @@ def text_loss(model, tokens: list[int], device: torch.device) -> tuple[float, in
         for j, row in enumerate(rows):
             x[j, : len(row) - 1], y[j, : len(row) - 1] = row[:-1], row[1:]
         with torch.no_grad():
-            _, loss = model(x.to(device), y.to(device))
+            _, loss = model(x.to(device), y.to(device), return_logits=False)
         tokens_here = int((y != IGNORE_INDEX).sum())
         total += loss.item() * tokens_here
         count += tokens_here

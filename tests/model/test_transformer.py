@@ -122,6 +122,14 @@ def test_loss_ignores_targets_of_minus_one():
     torch.testing.assert_close(loss, expected)
 
 
+def test_training_forward_can_skip_returning_logits_with_the_same_loss():
+    model = build()
+    idx = torch.randint(0, 256, (2, 8))
+    logits, loss = model(idx, idx)
+    no_logits, same_loss = model(idx, idx, return_logits=False)
+    assert logits.shape == (2, 8, 256) and no_logits is None
+    assert torch.equal(same_loss, loss)
+
 def test_without_targets_only_the_last_position_is_returned():
     model = build()
     idx = torch.randint(0, 256, (2, 7))

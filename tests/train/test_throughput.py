@@ -15,6 +15,7 @@ from tml.train.throughput import (
         ("NVIDIA H100 80GB HBM3", "bf16", 989.4e12),
         ("NVIDIA H100 PCIe", "fp16", 756.5e12),
         ("NVIDIA H200", "fp16", 989.4e12),
+        ("NVIDIA H200 NVL", "bf16", 835.5e12),
         ("NVIDIA A100-SXM4-80GB", "bf16", 312e12),
         ("NVIDIA A10G", "fp16", 70e12),
         ("NVIDIA L40S", "bf16", 362.05e12),

@@ -81,13 +81,15 @@ class Transformer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: list[LayerCache] | None = None, absorb: bool | None = None,
-                ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                cache: list[LayerCache] | None = None, absorb: bool | None = None, return_logits: bool = True,
+                ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits and mean cross-entropy (ignore_index -1).
 
         With targets, logits cover every position; without, only the last one ([B,1,V]), which is all that
         sampling needs and saves the vocabulary projection of the rest. `cache` (from `new_cache`) makes this
         an incremental step: idx holds only the new tokens and their positions continue the cache.
+        `return_logits=False` (training and evaluation) returns (None, loss): Fabric's precision wrapper would
+        otherwise copy the [B,T,V] logits to fp32 on the way out, 2 GB per reference micro-batch, for nothing.
         """
         T = idx.shape[1]
         start = cache[0].length if cache is not None else 0
@@ -109,7 +111,7 @@ class Transformer(nn.Module):
         logits = self.lm_head(x)
         # fp32 loss: a bf16/fp16 log-softmax over 50k classes loses the small differences training follows.
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
-        return logits, loss
+        return (logits if return_logits else None), loss
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> list[LayerCache]:
         """One empty cache per layer, on the model's device and in its dtype, for up to max_len positions."""

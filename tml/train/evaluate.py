@@ -58,7 +58,7 @@ def evaluate(fabric: Fabric, model: torch.nn.Module, dataset, batch_size: int, v
         keep = torch.tensor(real[start : start + batch_size])
         y[~keep] = IGNORE_INDEX
         x, y = fabric.to_device((x, y))
-        _, loss = model(x, y)
+        _, loss = model(x, y, return_logits=False)
         tokens = (y != IGNORE_INDEX).sum()
         if tokens > 0:
             loss_sum += loss.double() * tokens

@@ -144,7 +144,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                     x, y = fabric.to_device(next(batches))
                     with nullcontext() if deepspeed else fabric.no_backward_sync(
                             model, enabled=skip_sync and micro < tc.grad_accum - 1):
-                        _, loss = model(x, y)
+                        _, loss = model(x, y, return_logits=False)
                         fabric.backward(loss / loss_divisor)
                     if deepspeed:
                         engine.step()  # every micro-batch: the engine counts them and updates on the last

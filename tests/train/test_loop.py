@@ -207,6 +207,10 @@ def test_two_process_ddp_matches_one_process_with_doubled_accumulation(tmp_path,
     for config in (single, ddp):
         done = launch(config)
         assert done.returncode == 0, done.stderr[-3000:]
+    # Only rank 0 logs: one event file, one scalar per step, one console line per step.
+    assert len(list((tmp_path / "ddp" / "tensorboard").glob("events.out.tfevents.*"))) == 1
+    assert [step for step, _ in scalars(tmp_path / "ddp", "train/loss")] == list(range(1, 7))
+    assert done.stdout.count("step       6 | loss") == 1
     weights_single, _ = load_model_weights(tmp_path / "single" / "checkpoints" / "last")
     weights_ddp, _ = load_model_weights(tmp_path / "ddp" / "checkpoints" / "last")
     for name, value in weights_single.items():

@@ -4,9 +4,10 @@ What the CPU suite cannot show: the real CUDA fp16 path (Fabric's 16-mixed with 
 pinned-memory loading), its speed, and its memory. Runs `tml.train.loop.train` unchanged on the reference config
 (12x768 post-LN MLA, block 512, batch 20 x 4 accumulation, 16-mixed) for `--steps` optimizer steps, reads the
 figures back from the run's TensorBoard scalars, times `generate` from the saved checkpoint (absorbed and naive
-latent-cache decode), and prints one JSON object. Optionally repeats the run with `train.compile=true`.
+latent-cache decode), and prints one JSON object. `--variants` adds shorter runs that each change one thing:
+torch.compile, the MHA baseline at the same width, or bf16 instead of fp16.
 
-    python benchmarks/gpu_check.py --books DIR [--steps 200] [--compile-steps 100] [--json FILE]
+    python benchmarks/gpu_check.py --books DIR [--steps 200] [--variants compiled,mha,bf16] [--json FILE]
     python benchmarks/gpu_check.py --shards DIR ...   # already tokenized shards: no tokenizer files needed
 
 `--allow-cpu` with small `--model.*` overrides runs the same code on CPU (the test suite does), so the script
@@ -42,6 +43,12 @@ LOG_INTERVAL = 10  # steps per tokens/s window
 MAX_BOOKS = 20  # ~10 MB of text: a few million tokens, tokenized in seconds, enough for 200 steps of 41k tokens
 DECODE_PROMPT_TOKENS = 16
 DECODE_NEW_TOKENS = 256
+# Each variant changes one thing against the fp16 run, so its figures compare directly with the main ones.
+VARIANTS: dict[str, list[str]] = {
+    "compiled": ["--train.compile=true"],
+    "mha": ["--model.attention=mha"],  # the MHA baseline at the same width and depth
+    "bf16": ["--train.precision=bf16-mixed"],
+}
 
 
 def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[str]]:
@@ -51,11 +58,20 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     source.add_argument("--books", help="a directory of Gutenberg .txt files (the first 20 are used)")
     source.add_argument("--shards", help="a shard directory already built by tml-prepare")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps of the fp16 run")
-    parser.add_argument("--compile-steps", type=int, default=0, help="also run this many steps compiled (0: skip)")
+    parser.add_argument("--variants", default="", help=f"comma-separated, from {', '.join(VARIANTS)} (default none)")
+    parser.add_argument("--variant-steps", type=int, default=100, help="optimizer steps of each variant run")
     parser.add_argument("--work", help="where shards and runs go (default: a new temporary directory)")
     parser.add_argument("--json", help="also write the JSON result to this file")
     parser.add_argument("--allow-cpu", action="store_true", help="run without CUDA (to test this script)")
     return parser.parse_known_args(argv)
+
+
+def variant_names(text: str) -> list[str]:
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"gpu_check: unknown --variants {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    return names
 
 
 def run_config(args: argparse.Namespace, overrides: list[str], work: Path, name: str, steps: int,
@@ -92,6 +108,7 @@ def train_and_measure(config: Config) -> dict:
     return {
         "precision": resolve_precision(config.train, resolve_accelerator(config.train)),  # as run: bf16 on CPU
         "compile": config.train.compile,
+        "attention": config.model.attention,
         "steps": result.final_step,
         "tokens_per_step": config.train.batch_size * config.train.grad_accum * config.model.block_size,
         "tokens_per_s_median": median_after_warmup(scalars(run_dir, "train/tokens_per_s")),
@@ -152,6 +169,7 @@ def run_stage(report: dict, name: str, stage, json_path: str | None) -> bool:
 def main(argv: list[str] | None = None) -> dict:
     """Run the check; exits non-zero (after printing the JSON) when a stage failed."""
     args, overrides = parse_args(argv)
+    variants = variant_names(args.variants)  # a typo fails here, not after the main run
     cuda = torch.cuda.is_available()
     if not cuda and not args.allow_cpu:
         sys.exit("gpu_check: no CUDA device visible (pass --allow-cpu to run the script on CPU anyway)")
@@ -171,9 +189,9 @@ def main(argv: list[str] | None = None) -> dict:
     ok = run_stage(report, "run", lambda: train_and_measure(config), args.json)
     if ok:
         ok = run_stage(report, "decode", lambda: decode_speed(Path(config.train.out_dir), device), args.json)
-    if args.compile_steps > 0:
-        compiled = run_config(args, overrides, work, "fp16-compiled", args.compile_steps, ["--train.compile=true"])
-        ok = run_stage(report, "compiled_run", lambda: train_and_measure(compiled), args.json) and ok
+    for name in variants:
+        variant = run_config(args, overrides, work, name, args.variant_steps, VARIANTS[name])
+        ok = run_stage(report, f"{name}_run", lambda config=variant: train_and_measure(config), args.json) and ok
     print(json.dumps(report, indent=1))
     if not ok:
         sys.exit("gpu_check: a stage failed; its error and traceback are in the JSON above")

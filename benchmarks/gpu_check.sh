@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # GPU check (a few minutes on one modern GPU): the reference config (configs/reference.yaml: 12x768 post-LN MLA,
 # block 512, batch 20 x 4 accumulation, fp16 mixed precision) for 200 optimizer steps on one GPU, greedy decode
-# from its checkpoint with the latent KV cache, and 100 steps with torch.compile; prints JSON with tokens/s, MFU
-# (against the datasheet peak in tml/train/throughput.py) and peak GPU memory. Details: benchmarks/gpu_check.py.
+# from its checkpoint with the latent KV cache, then 100 steps each compiled, as MHA and in bf16; prints JSON with
+# tokens/s, MFU (against the datasheet peak in tml/train/throughput.py) and peak GPU memory. Details: gpu_check.py.
 # Data: 20 books from ../shared/data/gutenberg or ./shared/data/gutenberg (or TML_GPU_CHECK_BOOKS=DIR): no network.
 #   bash benchmarks/gpu_check.sh [--json FILE] [--section.key value ...]
 set -euo pipefail
@@ -13,4 +13,5 @@ for candidate in ../shared/data/gutenberg shared/data/gutenberg; do
 done
 if [ -z "$BOOKS" ]; then echo "gpu_check: no Gutenberg books found; set TML_GPU_CHECK_BOOKS=DIR" >&2; exit 1; fi
 exec python benchmarks/gpu_check.py --books "$BOOKS" --steps "${TML_GPU_CHECK_STEPS:-200}" \
-  --compile-steps "${TML_GPU_CHECK_COMPILE_STEPS:-100}" ${TML_GPU_CHECK_DIR:+--work "$TML_GPU_CHECK_DIR"} "$@"
+  --variants "${TML_GPU_CHECK_VARIANTS:-compiled,mha,bf16}" --variant-steps "${TML_GPU_CHECK_VARIANT_STEPS:-100}" \
+  ${TML_GPU_CHECK_DIR:+--work "$TML_GPU_CHECK_DIR"} "$@"

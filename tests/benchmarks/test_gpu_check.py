@@ -37,7 +37,8 @@ def test_gpu_check_trains_the_reference_config_decodes_and_writes_json_on_cpu(tm
     shards = write_synthetic_shards(tmp_path / "shards")
     json_path = tmp_path / "result.json"
     report = load_script().main(["--shards", str(shards), "--steps", "12", "--work", str(tmp_path / "work"),
-                                 "--json", str(json_path), "--allow-cpu", *debug_overrides(vocab_size=256)])
+                                 "--json", str(json_path), "--variants", "mha,bf16", "--variant-steps", "2",
+                                 "--allow-cpu", *debug_overrides(vocab_size=256)])
     assert json.loads(json_path.read_text()) == report
     run = report["run"]
     assert run["precision"] == "bf16-mixed"  # the reference's 16-mixed, as CPU runs it
@@ -50,7 +51,14 @@ def test_gpu_check_trains_the_reference_config_decodes_and_writes_json_on_cpu(tm
     assert decode["new_tokens"] == 32 - 16
     assert decode["absorbed_tokens_per_s"] > 0 and decode["naive_tokens_per_s"] > 0
     assert decode["greedy_tokens_agree"] > 0.9  # same model, two exact attention forms (fp32 on CPU)
-    assert "compiled_run" not in report
+    assert report["mha_run"]["attention"] == "mha" and report["mha_run"]["steps"] == 2
+    assert report["bf16_run"]["precision"] == "bf16-mixed" and report["bf16_run"]["attention"] == "mla"
+    assert "compiled_run" not in report  # only the variants asked for
+
+
+def test_an_unknown_variant_is_refused_before_anything_runs(tmp_path):
+    with pytest.raises(SystemExit, match="unknown --variants fp8"):
+        load_script().main(["--shards", str(tmp_path), "--variants", "mha,fp8", "--allow-cpu"])
 
 
 @pytest.mark.shared

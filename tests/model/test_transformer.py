@@ -130,6 +130,7 @@ def test_training_forward_can_skip_returning_logits_with_the_same_loss():
     assert logits.shape == (2, 8, 256) and no_logits is None
     assert torch.equal(same_loss, loss)
 
+
 def test_without_targets_only_the_last_position_is_returned():
     model = build()
     idx = torch.randint(0, 256, (2, 7))

@@ -184,8 +184,9 @@ class MultiHeadAttention(nn.Module):
         """`absorb` is accepted for a uniform block interface; MHA has nothing to absorb."""
         B, T, C = x.shape
         start = cache.length if cache is not None else 0
-        q, k, v = self.qkv_proj(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(q, start, self.rope_theta), apply_rotary(k, start, self.rope_theta)
+        qkv = self.qkv_proj(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(qkv[:2], start, self.rope_theta)  # one rotation (and one set of angles) for both
+        v = qkv[2]
         if cache is not None:
             k, v = cache.update(k, v)
         if start == 0:

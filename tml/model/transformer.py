@@ -57,8 +57,6 @@ class Transformer(nn.Module):
         super().__init__()
         config.validate()
         self.config = config
-        # Decode in latent space by default; set False (or pass absorb=False) for the naive expand-then-attend path.
-        self.absorb_decode = True
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
@@ -81,13 +79,14 @@ class Transformer(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None, *,
-                cache: list[LayerCache] | None = None, absorb: bool | None = None, return_logits: bool = True,
+                cache: list[LayerCache] | None = None, absorb: bool = True, return_logits: bool = True,
                 ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """Logits and mean cross-entropy (ignore_index -1).
 
         With targets, logits cover every position; without, only the last one ([B,1,V]), which is all that
         sampling needs and saves the vocabulary projection of the rest. `cache` (from `new_cache`) makes this
-        an incremental step: idx holds only the new tokens and their positions continue the cache.
+        an incremental step: idx holds only the new tokens and their positions continue the cache; MLA decodes it
+        in latent space unless `absorb=False` (the naive expand-then-attend path, kept as the reference).
         `return_logits=False` (training and evaluation) returns (None, loss): Fabric's precision wrapper would
         otherwise copy the [B,T,V] logits to fp32 on the way out, 2 GB per reference micro-batch, for nothing.
         """
@@ -99,7 +98,6 @@ class Transformer(nn.Module):
             raise ValueError(
                 f"{start} cached + {T} new tokens exceed model.block_size={self.config.block_size}"
             )
-        absorb = self.absorb_decode if absorb is None else absorb
 
         x = self.dropout(self.tok_emb(idx))
         for layer, block in enumerate(self.blocks):
@@ -123,7 +121,7 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None,
-                 absorb: bool | None = None) -> torch.Tensor:
+                 absorb: bool = True) -> torch.Tensor:
         """Extend idx [B,T] by max_new_tokens sampled tokens using the KV cache; returns [B, T+max_new_tokens].
 
         temperature 0 means greedy decoding. Prompt plus new tokens must fit in block_size: RoPE positions past

@@ -36,7 +36,15 @@ from tml.data import clean
 from tml.data.clean import strip_gutenberg
 from tml.data.config import DataConfig
 from tml.data.gutenberg import Book, GutenbergError, gather_books
-from tml.data.shards import FORMAT_VERSION, SHARD_DTYPE, ShardError, ShardIndex, choose_val_books, write_shards
+from tml.data.shards import (
+    FORMAT_VERSION,
+    SHARD_DTYPE,
+    ShardError,
+    ShardIndex,
+    choose_val_books,
+    file_sha256,
+    write_shards,
+)
 from tml.data.tokenizer import GPT2_FILES, TOKENIZER_NAME, TokenizerError, encode_documents, get_tokenizer
 
 PREPARE_VERSION = 1  # bump when the way documents become tokens changes (e.g. the separator), to force rebuilds
@@ -64,7 +72,7 @@ def data_settings(cfg: DataConfig) -> dict[str, Any]:
             "prepare": PREPARE_VERSION,
             "format": FORMAT_VERSION,
             # a fix to header stripping changes the text, so the cleaning code itself is an input
-            "clean": hashlib.sha256(Path(clean.__file__).read_bytes()).hexdigest(),
+            "clean": file_sha256(Path(clean.__file__)),
             "tokenizer": {name: expected for name, (_, expected) in GPT2_FILES.items()},
         },
     }

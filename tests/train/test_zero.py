@@ -24,7 +24,7 @@ from tests.train.test_loop import scalars
 from tml.config import dump_yaml
 from tml.data.packed import PackedDataset
 from tml.model import Transformer
-from tml.train.checkpoint import load_model_weights
+from tml.train.checkpoint import checkpoints_dir, load_model_weights, step_name
 from tml.train.evaluate import evaluate
 from tml.train.loop import train
 from tml.train.zero_export import ZeroCheckpointError, export_fp32_state_dict, verify_deepspeed_checkpoint
@@ -63,7 +63,7 @@ def launch_local(config) -> subprocess.CompletedProcess:
 
 
 def step_dir(run_dir: Path, step: int) -> Path:
-    return run_dir / "checkpoints" / f"step-{step:07d}"
+    return checkpoints_dir(run_dir) / step_name(step)
 
 
 @pytest.fixture(scope="module")

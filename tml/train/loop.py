@@ -164,11 +164,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                         optimizer.step()  # a NaN step with a scaler is skipped by the scaler (scale lowered)
                     optimizer.zero_grad(set_to_none=True)
                 lr = scheduler.get_last_lr()[0]  # the rate this step used
-                with warnings.catch_warnings():
-                    # An fp16 step the scaler skipped (overflow) never called the torch optimizer; the schedule
-                    # still advances one step per loop step, which is what torch's warning about it doubts.
-                    warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
-                    scheduler.step()
+                advance_schedule(scheduler, step)
                 step += 1
                 meter.add(tokens_per_step)
 
@@ -239,6 +235,21 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         preempted=preempted,
         out_dir=out_dir,
     )
+
+
+def advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:
+    """One schedule step per loop step, also after an optimizer step that was skipped (fp16 overflow, NaN loss).
+
+    torch warns at a fresh schedule's first step when the optimizer has not stepped yet, which a skipped first step
+    triggers for nothing. Only that step is wrapped: entering `catch_warnings` resets Python's show-once warning
+    registries, so wrapping every step would repeat any such warning from the training step on every step.
+    """
+    if step > 0:  # a resumed schedule restores its step count, and torch checks only the first
+        scheduler.step()
+        return
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", r"Detected call of `lr_scheduler\.step\(\)` before", UserWarning)
+        scheduler.step()
 
 
 def finish_wandb(fabric: Fabric) -> None:

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from tml.config import load_yaml_config  # noqa: E402
 from tml.model import Transformer  # noqa: E402
-from tml.train.fabric import build_fabric  # noqa: E402
+from tml.train.fabric import build_fabric, resolve_precision  # noqa: E402
 from tml.train.optim import build_optimizer  # noqa: E402
 from tml.train.throughput import mfu, peak_flops, precision_dtype  # noqa: E402
 
@@ -60,14 +60,14 @@ def bench(config_path: str, steps: int, warmup: int, batch_size: int, precision:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / steps
     tokens_per_s = shape[0] * shape[1] / seconds
-    precision_used = fabric.strategy.precision.precision if hasattr(fabric.strategy.precision, "precision") else ""
-    peak = peak_flops(fabric.device, str(precision_used or config.train.precision))
+    precision = resolve_precision(config.train, fabric.device.type)  # as build_fabric ran it: bf16 for fp16 on CPU
+    peak = peak_flops(fabric.device, precision)
     flops_per_token = model.flops_per_token()
     return {
         "config": config_path,
         "device": str(fabric.device),
-        "precision": str(precision_used or config.train.precision),
-        "matmul_dtype": precision_dtype(str(precision_used or config.train.precision)),
+        "precision": precision,
+        "matmul_dtype": precision_dtype(precision),
         "threads": torch.get_num_threads(),
         "params": model.num_params(non_embedding=False),
         "batch_size": shape[0],

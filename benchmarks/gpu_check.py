@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Sequence
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -30,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
+from tml.cli import load_model  # noqa: E402
 from tml.config import Config, load_yaml_config  # noqa: E402
 from tml.data.prepare import prepare_data  # noqa: E402
 from tml.data.shards import write_atomic  # noqa: E402
@@ -75,7 +77,7 @@ def variant_names(text: str) -> list[str]:
 
 
 def run_config(args: argparse.Namespace, overrides: list[str], work: Path, name: str, steps: int,
-               extra: list[str] = ()) -> Config:
+               extra: Sequence[str] = ()) -> Config:
     data = [f"--data.shard_dir={args.shards}"] if args.shards else [
         f"--data.source={args.books}", f"--data.max_books={MAX_BOOKS}", f"--data.shard_dir={work}/shards",
         f"--data.raw_dir={work}/raw"]
@@ -129,8 +131,6 @@ def synchronize(device: torch.device) -> None:
 
 def decode_speed(run_dir: Path, device: torch.device) -> dict:
     """Tokens/s of greedy decode from the saved `last` checkpoint, absorbed vs naive latent-cache attention."""
-    from tml.cli import load_model
-
     model = load_model(str(checkpoints_dir(run_dir) / "last"), device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = model.to(dtype)

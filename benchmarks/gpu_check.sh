@@ -12,6 +12,7 @@ for candidate in ../shared/data/gutenberg shared/data/gutenberg; do
   if [ -z "$BOOKS" ] && [ -d "$candidate" ]; then BOOKS="$candidate"; fi
 done
 if [ -z "$BOOKS" ]; then echo "gpu_check: no Gutenberg books found; set TML_GPU_CHECK_BOOKS=DIR" >&2; exit 1; fi
-exec python benchmarks/gpu_check.py --books "$BOOKS" --steps "${TML_GPU_CHECK_STEPS:-200}" \
-  --variants "${TML_GPU_CHECK_VARIANTS:-compiled,mha,bf16}" --variant-steps "${TML_GPU_CHECK_VARIANT_STEPS:-100}" \
+exec python benchmarks/gpu_check.py --books "$BOOKS" --variants "${TML_GPU_CHECK_VARIANTS:-compiled,mha,bf16}" \
+  ${TML_GPU_CHECK_STEPS:+--steps "$TML_GPU_CHECK_STEPS"} \
+  ${TML_GPU_CHECK_VARIANT_STEPS:+--variant-steps "$TML_GPU_CHECK_VARIANT_STEPS"} \
   ${TML_GPU_CHECK_DIR:+--work "$TML_GPU_CHECK_DIR"} "$@"

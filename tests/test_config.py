@@ -2,6 +2,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO_ROOT
 from tml.config import Config, ConfigError, load_config, load_yaml_config
 from tml.model.config import ModelConfigError
 
@@ -63,8 +64,8 @@ def test_abbreviated_key_is_not_taken_for_a_longer_one():
         load_config(["--train.max_step", "3"])
 
 
-CONFIGS_DIR = Path(__file__).resolve().parents[1] / "configs"
-REFERENCE_FAMILY = ("reference", "ddp", "zero2", "zero3")  # the reference run on one GPU, DDP, ZeRO-2, ZeRO-3
+CONFIGS_DIR = REPO_ROOT / "configs"
+MULTI_GPU_CONFIGS = ("ddp", "zero2", "zero3")  # the reference run with DDP, ZeRO-2 and ZeRO-3
 
 
 @pytest.mark.parametrize("path", sorted(CONFIGS_DIR.glob("*.yaml")), ids=lambda path: path.name)
@@ -83,7 +84,7 @@ def test_reference_config_is_exactly_the_reference_setup():
     assert config.data.source == "gutenberg" and config.log.tensorboard
 
 
-@pytest.mark.parametrize("name", REFERENCE_FAMILY[1:])
+@pytest.mark.parametrize("name", MULTI_GPU_CONFIGS)
 def test_multi_gpu_configs_keep_the_reference_model_global_batch_and_schedule(name):
     reference = load_yaml_config(CONFIGS_DIR / "reference.yaml")
     config = load_yaml_config(CONFIGS_DIR / f"{name}.yaml")

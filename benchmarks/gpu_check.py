@@ -34,7 +34,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from tml.cli import load_model  # noqa: E402
 from tml.config import Config, load_yaml_config  # noqa: E402
 from tml.data.prepare import prepare_data  # noqa: E402
-from tml.data.shards import write_atomic  # noqa: E402
+from tml.files import write_atomic  # noqa: E402
 from tml.train.checkpoint import checkpoints_dir  # noqa: E402
 from tml.train.fabric import resolve_accelerator, resolve_precision  # noqa: E402
 from tml.train.loop import train  # noqa: E402

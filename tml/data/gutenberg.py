@@ -35,7 +35,7 @@ from rich.progress import Progress
 
 from tml.data.clean import normalize_text
 from tml.data.config import DataConfig
-from tml.data.shards import file_sha256, write_atomic
+from tml.files import file_sha256, write_atomic
 
 log = logging.getLogger(__name__)
 

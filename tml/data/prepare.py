@@ -42,10 +42,10 @@ from tml.data.shards import (
     ShardError,
     ShardIndex,
     choose_val_books,
-    file_sha256,
     write_shards,
 )
 from tml.data.tokenizer import GPT2_FILES, TOKENIZER_NAME, TokenizerError, encode_documents, get_tokenizer
+from tml.files import file_sha256
 
 PREPARE_VERSION = 1  # bump when the way documents become tokens changes (e.g. the separator), to force rebuilds
 # Text encoded per tiktoken batch: large enough that every thread stays busy (the batch's longest book is

@@ -19,6 +19,8 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
+from tml.files import file_sha256, write_atomic
+
 INDEX_FILE = "index.json"
 FORMAT_VERSION = 1  # bump when the index layout changes; older indexes are then refused and rebuilt
 SHARD_DTYPE = np.dtype(np.uint16)  # GPT-2's 50,257 ids fit in 16 bits: half the disk and page cache of int32
@@ -189,14 +191,6 @@ def scan_max_token(path: Path) -> int:
     return max(int(tokens[i : i + SCAN_CHUNK_TOKENS].max()) for i in range(0, len(tokens), SCAN_CHUNK_TOKENS))
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        while chunk := file.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def choose_val_books(book_ids: list[int], val_frac: float, seed: int) -> set[int]:
     """Whole books held out for validation: the same ids for the same seed whatever order the source lists them.
 
@@ -210,15 +204,6 @@ def choose_val_books(book_ids: list[int], val_frac: float, seed: int) -> set[int
     if val_frac > 0 and len(ids) >= 2:
         count = min(max(count, 1), len(ids) - 1)
     return set(random.Random(seed).sample(ids, count))
-
-
-def write_atomic(path: Path, data: bytes) -> None:
-    temporary = path.with_name(f"{path.name}.tmp")
-    with open(temporary, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(temporary, path)
 
 
 class SplitWriter:

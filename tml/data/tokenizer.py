@@ -21,7 +21,7 @@ import tiktoken
 import tiktoken.load
 from tiktoken_ext import openai_public
 
-from tml.data.shards import file_sha256
+from tml.files import file_sha256
 
 TOKENIZER_NAME = "gpt2"
 EOT_TOKEN_ID = 50256  # <|endoftext|>: separates documents in the token stream

@@ -36,7 +36,7 @@ import torch
 from lightning import Fabric
 
 from tml.config import Config
-from tml.data.shards import file_sha256, write_atomic
+from tml.files import file_sha256, write_atomic
 from tml.train.zero_export import ZeroCheckpointError, fp32_state_dict, verify_deepspeed_checkpoint
 
 FORMAT_VERSION = 1

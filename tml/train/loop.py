@@ -24,7 +24,8 @@ from lightning.fabric.utilities.seed import seed_everything
 from tml.config import Config, dump_yaml
 from tml.data.packed import PackedDataset
 from tml.data.sampler import BatchStream
-from tml.data.shards import ShardIndex, write_atomic
+from tml.data.shards import ShardIndex
+from tml.files import write_atomic
 from tml.model import Transformer
 from tml.train.checkpoint import Checkpointer, checkpoints_dir, read_meta, resolve_resume
 from tml.train.early_stopping import EarlyStopping

@@ -1,10 +1,13 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tml.config import Config, ConfigError, load_config, load_yaml_config
+from tml.config import SECTIONS, Config, ConfigError, build_parser, load_config, load_yaml_config
+from tml.data.config import DataConfig, DataConfigError
 from tml.model.config import ModelConfigError
+from tml.train.config import TrainConfig, TrainConfigError
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -95,3 +98,100 @@ def test_multi_gpu_configs_keep_the_reference_model_global_batch_and_schedule(na
                 "val_batches", "early_stop_patience", "precision"):
         assert getattr(config.train, key) == getattr(reference.train, key), key
     assert config.train.devices > 1 and config.train.strategy != "auto"
+
+
+@pytest.mark.parametrize(
+    ("override", "named"),
+    [
+        ("--train.devices=0", "train.devices=0"),
+        ("--train.devices=-1", "train.devices=-1"),
+        ("--train.num_nodes=0", "train.num_nodes=0"),
+        ("--train.batch_size=0", "train.batch_size=0"),
+        ("--train.grad_accum=0", "train.grad_accum=0"),
+        ("--train.max_steps=0", "train.max_steps=0"),
+        ("--train.val_interval=0", "train.val_interval=0"),
+        ("--train.val_batches=0", "train.val_batches=0"),
+        ("--train.ckpt_interval=0", "train.ckpt_interval=0"),
+        ("--train.log_interval=0", "train.log_interval=0"),
+        ("--train.keep_checkpoints=-1", "train.keep_checkpoints=-1"),
+        ("--train.early_stop_patience=-1", "train.early_stop_patience=-1"),
+        ("--train.early_stop_min_delta=-0.1", "train.early_stop_min_delta=-0.1"),
+        ("--train.lr=-1", "train.lr=-1.0"),
+        ("--train.lr=nan", "train.lr"),
+        ("--train.min_lr=-1e-5", "train.min_lr"),
+        ("--train.min_lr=1e-3", "train.min_lr=0.001: must be in \\[0, lr=0.0003\\]"),
+        ("--train.warmup_frac=-0.1", "train.warmup_frac"),
+        ("--train.warmup_frac=1.5", "train.warmup_frac"),
+        ("--train.weight_decay=-0.1", "train.weight_decay"),
+        ("--train.beta1=1", "train.beta1"),
+        ("--train.beta2=-0.5", "train.beta2"),
+        ("--train.grad_clip=-1", "train.grad_clip"),
+        ("--train.out_dir=", "train.out_dir"),
+        ("--data.stride=0", "data.stride=0"),
+        ("--data.shard_tokens=0", "data.shard_tokens=0"),
+        ("--data.val_frac=0", "data.val_frac=0.0"),
+        ("--data.val_frac=1", "data.val_frac=1.0"),
+        ("--data.encode_threads=-1", "data.encode_threads"),
+        ("--data.num_workers=-1", "data.num_workers"),
+    ],
+)
+def test_bad_value_is_refused_at_load_time_naming_the_key(override, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config([override])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["--train.strategy=deepspeed", "--train.zero_stage=0"], "train.zero_stage=0"),
+        (["--train.strategy=deepspeed", "--train.zero_stage=5"], "train.zero_stage=5"),
+        (["--train.strategy=ddp", "--train.zero_offload=optimizer"], "train.zero_offload.*strategy=deepspeed"),
+        (["--train.strategy=deepspeed", "--train.zero_stage=2", "--train.zero_offload=optimizer+params"],
+         "train.zero_offload.*zero_stage=3"),
+    ],
+)
+def test_impossible_combination_is_refused_at_load_time(overrides, named):
+    with pytest.raises(ConfigError, match=named):
+        load_config(overrides)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [dict(strategy="fsdp"), dict(precision="16-true"), dict(accelerator="tpu"), dict(zero_offload="nvme")],
+)
+def test_section_built_in_code_refuses_values_outside_its_literal(values):
+    with pytest.raises(TrainConfigError, match=f"train.{next(iter(values))}"):
+        TrainConfig(**values)
+
+
+def test_section_refuses_a_bad_value_set_by_replace_too():
+    with pytest.raises(DataConfigError, match="data.stride"):
+        dataclasses.replace(DataConfig(), stride=0)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["--train.grad_clip=0"],  # no clipping
+        ["--train.keep_checkpoints=0", "--train.early_stop_patience=0"],  # keep none / never stop early
+        ["--train.warmup_frac=0"],
+        ["--train.warmup_frac=1"],  # warm up for the whole run
+        ["--train.min_lr=0"],
+        ["--train.lr=0", "--train.min_lr=0"],  # frozen weights: the early-stopping plateau test trains like this
+        ["--train.min_lr=3e-4"],  # equal to lr: a constant schedule after warm-up
+        ["--train.weight_decay=0", "--train.beta1=0"],
+        ["--train.strategy=ddp", "--train.zero_stage=0"],  # zero_stage only matters to DeepSpeed
+        ["--data.num_workers=0", "--data.encode_threads=0"],
+    ],
+)
+def test_edge_values_that_work_are_accepted(overrides):
+    assert isinstance(load_config(overrides), Config)
+
+
+@pytest.mark.parametrize("section", sorted(SECTIONS))
+def test_help_explains_every_key(section):
+    """The dataclass docstrings' `Attributes:` lines are the `--help` text; a new field must get one too."""
+    helps = {action.dest: action.help for action in build_parser()._actions}
+    undocumented = [f"{section}.{field.name}" for field in dataclasses.fields(SECTIONS[section])
+                    if not helps.get(f"{section}.{field.name}")]
+    assert undocumented == []

@@ -1,4 +1,10 @@
-"""Where the corpus comes from and how it is cut into training windows."""
+"""Where the corpus comes from and how it is cut into training windows.
+
+Each field's meaning is in DataConfig's `Attributes:` docstring, which jsonargparse shows in `--help`.
+
+Every value is checked when the config is built (`__post_init__`), so a bad one is refused at load time with its
+key named, before anything is downloaded or queued.
+"""
 
 from __future__ import annotations
 
@@ -10,21 +16,67 @@ DEFAULT_BOOK_IDS: tuple[int, ...] = (
 )
 
 
+class DataConfigError(ValueError):
+    """A data.* value that cannot prepare or feed a corpus; the message names the key and the value."""
+
+
 @dataclass
 class DataConfig:
-    source: str = "gutenberg"  # "gutenberg" (download by id) or a local directory of Gutenberg .txt files
-    mirror: str | None = None  # base URL or directory standing in for gutenberg.org; env TML_GUTENBERG_MIRROR
+    """Where the books come from, how they become token shards, and how training reads them.
+
+    Attributes:
+        source: "gutenberg" (download book_ids) or a local directory of Gutenberg .txt files
+        mirror: base URL or directory standing in for gutenberg.org (env TML_GUTENBERG_MIRROR does the same)
+        book_ids: Gutenberg ebook numbers to download when source is "gutenberg"
+        max_books: cap on the books taken from the source (null = all of them)
+        raw_dir: where downloaded books land
+        shard_dir: token shards and their index.json
+        val_frac: fraction of whole books held out for validation
+        split_seed: seed of the choice of validation books
+        shard_tokens: bound on tokens per shard file (50M tokens = 100 MB of uint16)
+        stride: tokens between the starts of training windows; below model.block_size the windows overlap
+        encode_threads: tokenizer threads; 0 = all cores
+        download_concurrency: books downloaded at the same time
+        requests_per_second: polite rate limit towards the mirror; 0 = none
+        request_timeout: seconds a request may stall before it is retried
+        max_retries: retries of a failed request (with growing waits) before preparation gives up
+        num_workers: DataLoader worker processes; 0 = load batches in the training process
+    """
+
+    source: str = "gutenberg"
+    mirror: str | None = None
     book_ids: list[int] = field(default_factory=lambda: list(DEFAULT_BOOK_IDS))
-    max_books: int | None = None  # cap on books taken from the source (None = all)
-    raw_dir: str = "data/gutenberg/raw"  # downloaded books land here
-    shard_dir: str = "data/gutenberg/shards"  # token shards + index.json
-    val_frac: float = 0.1  # fraction of whole books held out for validation
+    max_books: int | None = None
+    raw_dir: str = "data/gutenberg/raw"
+    shard_dir: str = "data/gutenberg/shards"
+    val_frac: float = 0.1
     split_seed: int = 1337
-    shard_tokens: int = 50_000_000  # bound on tokens per shard file (100 MB of uint16)
-    stride: int = 256  # distance between window starts; < block_size overlaps windows
-    encode_threads: int = 0  # 0 = all cores
+    shard_tokens: int = 50_000_000
+    stride: int = 256
+    encode_threads: int = 0
     download_concurrency: int = 4
-    requests_per_second: float = 2.0  # polite rate limit towards the mirror
+    requests_per_second: float = 2.0
     request_timeout: float = 30.0
     max_retries: int = 5
-    num_workers: int = 0  # DataLoader workers
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """The download settings (book_ids, max_books, rates, retries) are checked by tml/data/gutenberg.py,
+        which alone uses them, and only when it downloads."""
+
+        def fail(key: str, why: str) -> None:
+            raise DataConfigError(f"data.{key}={getattr(self, key)!r}: {why}")
+
+        # Training always validates, so some whole books must be held out and some kept.
+        if not 0 < self.val_frac < 1:
+            fail("val_frac", "must be between 0 and 1 (exclusive): the fraction of books held out for validation")
+        for key in ("shard_tokens", "stride"):
+            if getattr(self, key) < 1:
+                fail(key, "must be at least 1")
+        if self.encode_threads < 0:
+            fail("encode_threads", "must be >= 0 (0 = all cores)")
+        if self.num_workers < 0:
+            fail("num_workers", "must be >= 0 (0 = load batches in the training process)")

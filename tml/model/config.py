@@ -1,4 +1,7 @@
-"""The model's shape. Field names are part of the YAML schema: keep them stable."""
+"""The model's shape. Field names are part of the YAML schema: keep them stable.
+
+Each field's meaning is in ModelConfig's `Attributes:` docstring, which jsonargparse shows in `--help`.
+"""
 
 from __future__ import annotations
 
@@ -14,6 +17,27 @@ class ModelConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
+    """A decoder-only transformer with Multi-head Latent Attention (MLA) or standard multi-head attention.
+
+    Attributes:
+        vocab_size: embedding rows; at least the tokenizer's vocabulary (GPT-2's, padded to a multiple of 128)
+        block_size: context length in tokens
+        n_layer: transformer blocks
+        n_head: attention heads
+        n_embd: width of the residual stream
+        attention: mla (compressed latent KV cache, DeepSeek-V2) or mha (standard multi-head attention)
+        norm: post (LayerNorm after each residual add, as in the original Transformer) or pre (before each sublayer)
+        q_lora_rank: rank of the low-rank query projection; 0 = full-rank query
+        kv_lora_rank: width of MLA's compressed key-value latent, the bulk of its KV cache
+        qk_nope_head_dim: per-head query/key dims without rotary position (MLA)
+        qk_rope_head_dim: per-head query/key dims with rotary position, key part shared across heads (MLA); even
+        v_head_dim: per-head value dims (MLA)
+        rope_theta: RoPE base; larger stretches the rotary wavelengths
+        dropout: dropout probability on the attention weights and the attention output
+        bias: biases in the linear layers and LayerNorms
+        tie_embeddings: share the token embedding with the output projection
+    """
+
     vocab_size: int = GPT2_PADDED_VOCAB
     block_size: int = 512
     n_layer: int = 12
@@ -21,7 +45,7 @@ class ModelConfig:
     n_embd: int = 768
     attention: Literal["mla", "mha"] = "mla"
     norm: Literal["post", "pre"] = "post"
-    q_lora_rank: int = 0  # 0 = full-rank query projection
+    q_lora_rank: int = 0
     kv_lora_rank: int = 256
     qk_nope_head_dim: int = 64
     qk_rope_head_dim: int = 32

@@ -1,15 +1,65 @@
-"""Training and logging settings. Field names are part of the YAML schema: keep them stable."""
+"""Training and logging settings. Field names are part of the YAML schema: keep them stable.
+
+Each field's meaning is in its class's `Attributes:` docstring, which jsonargparse shows in `--help`.
+
+Every value is checked when the config is built (`__post_init__`), so a bad setting is refused at load time with
+its key named, before data is prepared or a SLURM job is queued. What depends on the machine (is there a CUDA
+device?) is checked later, where the Fabric is built (tml/train/fabric.py).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
+from typing import Literal, get_args
+
+Precision = Literal["16-mixed", "bf16-mixed", "32-true"]
+Strategy = Literal["auto", "ddp", "deepspeed"]
+ZeroOffload = Literal["none", "optimizer", "optimizer+params"]
+Accelerator = Literal["auto", "cpu", "cuda"]
+ZERO_STAGES = (1, 2, 3)  # DeepSpeed's stage 0 is plain data parallelism: use strategy=ddp for that
+
+
+class TrainConfigError(ValueError):
+    """A train.* value no run can use; the message names the key and the value."""
 
 
 @dataclass
 class TrainConfig:
-    max_steps: int = 18_370  # optimizer steps
-    batch_size: int = 20  # micro-batch per device
+    """How to train: schedule, optimizer, validation, checkpoints and distribution.
+
+    Attributes:
+        max_steps: optimizer steps to train for
+        batch_size: sequences per micro-batch, on each device
+        grad_accum: micro-batches accumulated into one optimizer step
+        lr: peak learning rate, reached at the end of warm-up
+        min_lr: learning rate at the last step, where the cosine decay ends
+        warmup_frac: fraction of max_steps over which the learning rate rises linearly from 0 to lr
+        weight_decay: AdamW weight decay, applied to the linear layers' weights only
+        beta1: AdamW's decay rate for the gradient mean
+        beta2: AdamW's decay rate for the squared gradient (0.95, GPT-3's choice for stability)
+        grad_clip: clip the global gradient norm to this; 0 disables clipping
+        val_interval: optimizer steps between validations
+        val_batches: batches of batch_size windows per validation, spread evenly over the validation split
+        early_stop_patience: validations without improvement before stopping; 0 disables
+        early_stop_min_delta: how much lower a validation loss must be to count as an improvement
+        ckpt_interval: optimizer steps between `last` checkpoints
+        keep_checkpoints: step checkpoints kept besides `last` and `best`
+        precision: 16-mixed (fp16 with loss scaling; bf16-mixed on CPU), bf16-mixed or 32-true
+        strategy: auto (one process), ddp, or deepspeed (ZeRO, see zero_stage)
+        zero_stage: DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters
+        zero_offload: DeepSpeed CPU offload: none, optimizer, or optimizer+params (ZeRO-3 only)
+        accelerator: auto (CUDA when present, else CPU with a notice), cpu or cuda
+        devices: processes per node, one per GPU (launch/slurm.py sets it from the SLURM request)
+        num_nodes: nodes (launch/slurm.py sets it from --nodes)
+        out_dir: run directory: checkpoints, config.yaml and TensorBoard logs
+        resume: "none", "auto" (latest checkpoint in out_dir) or a checkpoint path
+        seed: seed of the initial weights and of the data order
+        compile: run the model through torch.compile
+        log_interval: optimizer steps between console and logger lines
+    """
+
+    max_steps: int = 18_370
+    batch_size: int = 20
     grad_accum: int = 4
     lr: float = 3e-4
     min_lr: float = 3e-5
@@ -17,29 +67,81 @@ class TrainConfig:
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
-    grad_clip: float = 1.0  # 0 disables clipping
+    grad_clip: float = 1.0
     val_interval: int = 500
     val_batches: int = 50
-    early_stop_patience: int = 0  # validations without improvement before stopping; 0 disables
+    early_stop_patience: int = 0
     early_stop_min_delta: float = 0.0
-    ckpt_interval: int = 500  # steps between `last` checkpoints
-    keep_checkpoints: int = 2  # step checkpoints kept besides `last` and `best`
-    precision: Literal["16-mixed", "bf16-mixed", "32-true"] = "16-mixed"
-    strategy: Literal["auto", "ddp", "deepspeed"] = "auto"
+    ckpt_interval: int = 500
+    keep_checkpoints: int = 2
+    precision: Precision = "16-mixed"
+    strategy: Strategy = "auto"
     zero_stage: int = 2
-    zero_offload: Literal["none", "optimizer", "optimizer+params"] = "none"
-    accelerator: Literal["auto", "cpu", "cuda"] = "auto"
+    zero_offload: ZeroOffload = "none"
+    accelerator: Accelerator = "auto"
     devices: int = 1
     num_nodes: int = 1
     out_dir: str = "runs/default"
-    resume: str = "none"  # "none", "auto" (latest in out_dir) or a checkpoint path
+    resume: str = "none"
     seed: int = 1337
     compile: bool = False
     log_interval: int = 10
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        def fail(key: str, why: str) -> None:
+            raise TrainConfigError(f"train.{key}={getattr(self, key)!r}: {why}")
+
+        for key in ("max_steps", "batch_size", "grad_accum", "devices", "num_nodes", "val_interval", "val_batches",
+                    "ckpt_interval", "log_interval"):
+            if getattr(self, key) < 1:
+                fail(key, "must be at least 1")
+        for key in ("keep_checkpoints", "early_stop_patience", "weight_decay", "early_stop_min_delta"):
+            if getattr(self, key) < 0:
+                fail(key, "must be >= 0")
+        if self.grad_clip < 0:
+            fail("grad_clip", "must be >= 0 (0 disables clipping)")
+        if not self.lr >= 0:  # `not >=` also refuses NaN; 0 is allowed: frozen weights (a plateau on purpose)
+            fail("lr", "must be >= 0")
+        if not 0 <= self.min_lr <= self.lr:
+            fail("min_lr", f"must be in [0, lr={self.lr}]: the cosine schedule decays from lr down to min_lr")
+        # 1.0 is allowed: the whole run warms up, reaching lr at the last step.
+        if not 0 <= self.warmup_frac <= 1:
+            fail("warmup_frac", "must be in [0, 1] (a fraction of max_steps)")
+        for key in ("beta1", "beta2"):
+            if not 0 <= getattr(self, key) < 1:
+                fail(key, "must be in [0, 1) (AdamW's moment decay)")
+        for key, allowed in (("precision", Precision), ("strategy", Strategy), ("zero_offload", ZeroOffload),
+                             ("accelerator", Accelerator)):
+            if getattr(self, key) not in get_args(allowed):
+                fail(key, f"must be one of {', '.join(get_args(allowed))}")
+        if self.strategy == "deepspeed" and self.zero_stage not in ZERO_STAGES:
+            fail("zero_stage", "must be 1, 2 or 3 with strategy=deepspeed")
+        if self.zero_offload != "none" and self.strategy != "deepspeed":
+            fail("zero_offload", f"needs train.strategy=deepspeed (got {self.strategy!r})")
+        if self.zero_offload == "optimizer+params" and self.zero_stage != 3:
+            fail("zero_offload", f"needs train.zero_stage=3 (got {self.zero_stage}): only ZeRO-3 partitions the "
+                                 "parameters it would offload")
+        if not self.out_dir:
+            fail("out_dir", "must name a directory")
+        if not self.resume:
+            fail("resume", "must be 'none', 'auto' or a checkpoint path")
+
 
 @dataclass
 class LogConfig:
+    """Where training metrics go besides the console.
+
+    Attributes:
+        tensorboard: write TensorBoard event files to {out_dir}/tensorboard
+        wandb: also log to Weights & Biases (offline under {out_dir}/wandb when WANDB_API_KEY is unset)
+        wandb_project: Weights & Biases project
+        wandb_entity: Weights & Biases team or user (null = your default entity)
+        run_name: run name shown by the loggers (null = chosen by the logger)
+    """
+
     tensorboard: bool = True
     wandb: bool = False
     wandb_project: str = "tml"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import statistics
 import sys
 import tempfile
@@ -97,6 +98,11 @@ def scalars(run_dir: Path, tag: str) -> list[float]:
 def median_after_warmup(values: list[float]) -> float | None:
     steady = values[WARMUP_LOG_WINDOWS:] or values
     return statistics.median(steady) if steady else None
+
+
+def clear_run(work: Path, name: str) -> None:
+    """A rerun with the same --work starts each run afresh (a fresh run refuses an out_dir holding checkpoints)."""
+    shutil.rmtree(work / name, ignore_errors=True)
 
 
 def train_and_measure(config: Config) -> dict:
@@ -186,11 +192,13 @@ def main(argv: list[str] | None = None) -> dict:
         "model": {key: getattr(config.model, key) for key in ("n_layer", "n_head", "n_embd", "attention", "norm",
                                                                "kv_lora_rank", "block_size")},
     }
+    clear_run(work, "fp16")
     ok = run_stage(report, "run", lambda: train_and_measure(config), args.json)
     if ok:
         ok = run_stage(report, "decode", lambda: decode_speed(Path(config.train.out_dir), device), args.json)
     for name in variants:
         variant = run_config(args, overrides, work, name, args.variant_steps, VARIANTS[name])
+        clear_run(work, name)
         ok = run_stage(report, f"{name}_run", lambda config=variant: train_and_measure(config), args.json) and ok
     print(json.dumps(report, indent=1))
     if not ok:

@@ -90,10 +90,18 @@ def main(argv: list[str] | None = None) -> int:
         print(render_sbatch(resources, folder))
         return 0
 
-    from tml.data.prepare import data_is_ready, prepare_data
+    from tml.data.gutenberg import GutenbergError
+    from tml.data.prepare import PrepareError, data_is_ready, prepare_data
+    from tml.data.shards import ShardError
+    from tml.train.checkpoint import CheckpointError, resume_checkpoint
 
-    if not data_is_ready(config.data):  # here, once, rather than racing in every task
-        prepare_data(config.data)
+    try:
+        resume_checkpoint(config)  # a resume the run would refuse is refused here, before data or the queue
+        if not data_is_ready(config.data):  # here, once, rather than racing in every task
+            prepare_data(config.data)
+    except (GutenbergError, PrepareError, ShardError, ConfigError, CheckpointError) as error:  # as `tml train`
+        print(f"launch/slurm.py: {error}", file=sys.stderr)
+        return 1
     try:
         job = submit(make_executor(resources, folder), TrainTask(config))
     except (SlurmSubmitError, RuntimeError) as error:  # RuntimeError: Submitit finds no srun here

@@ -1,11 +1,12 @@
-"""The shared file helpers: hashes match hashlib's, and an interrupted write never replaces the good file."""
+"""The shared file helpers: hashes match hashlib's, an interrupted write never replaces the good file, and a failed
+write never leaves its temporary file behind."""
 
 import hashlib
 import os
 
 import pytest
 
-from tml.files import HASH_CHUNK_BYTES, file_sha256, write_atomic
+from tml.files import HASH_CHUNK_BYTES, file_sha256, replaced_on_success, write_atomic
 
 
 def test_sha256_of_a_file_larger_than_one_chunk_matches_hashlib(tmp_path):
@@ -34,3 +35,28 @@ def test_a_write_that_fails_midway_keeps_the_old_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         write_atomic(path, b"half")
     assert path.read_bytes() == b"good"
+    assert [p.name for p in tmp_path.iterdir()] == ["index.json"]  # the temporary went with the failure
+
+
+def test_a_directory_in_the_way_fails_and_leaves_no_temporary(tmp_path):
+    target = tmp_path / "model.pt"
+    target.mkdir()
+    with pytest.raises(IsADirectoryError):
+        write_atomic(target, b"weights")
+    assert [p.name for p in tmp_path.iterdir()] == ["model.pt"] and not any(target.iterdir())
+
+
+def test_an_interrupted_writer_leaves_neither_file_nor_temporary(tmp_path):
+    target = tmp_path / "weights.pt"
+    with pytest.raises(KeyboardInterrupt), replaced_on_success(target, tmp_path / ".weights.pt.tmp") as temporary:
+        temporary.write_bytes(b"half of the weights")
+        raise KeyboardInterrupt  # Ctrl-C in the middle of torch.save
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_successful_writer_is_renamed_into_place(tmp_path):
+    target = tmp_path / "weights.pt"
+    with replaced_on_success(target) as temporary:
+        temporary.write_bytes(b"all of the weights")
+        assert not target.exists()  # readers never see the file before it is complete
+    assert target.read_bytes() == b"all of the weights" and list(tmp_path.iterdir()) == [target]

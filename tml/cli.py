@@ -9,43 +9,80 @@ torch and Lightning are imported inside the commands that use them, so `tml prep
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tml.config import ConfigError
 
 if TYPE_CHECKING:
     import torch
 
+CTRL_C_EXIT_STATUS = 130  # 128 + SIGINT: what shells report for a run ended by Ctrl-C, so `tml train && ...` stops
 EVAL_BATCH_SIZE = 8  # windows per forward pass in `tml eval`: small enough for CPU memory at block size 512
 
 
 def train_main(argv: Sequence[str]) -> int:
-    """`tml train` / launch/local.py: load the config, prepare the shards when missing, train on this machine."""
+    """`tml train` / launch/local.py: load the config, prepare the shards when missing, train on this machine.
+
+    Exit status: 0 when training ends or is stopped by a scheduler's signal (`last` saved; SLURM requeues),
+    130 (the shell's "ended by Ctrl-C") when Ctrl-C stopped it, cleanly or not, 1 on an error, 2 on a bad config.
+    """
     from tml.config import load_config
-    from tml.data.gutenberg import GutenbergError
-    from tml.data.prepare import PrepareError, data_is_ready, prepare_data
-    from tml.data.shards import ShardError
-    from tml.train.checkpoint import CheckpointError
-    from tml.train.loop import TrainingDiverged, train
 
     try:
         config = load_config(argv)
     except ConfigError as error:
         print(f"tml: {error}", file=sys.stderr)
         return 2
+    # Imported after the config is known to be good: torch and Lightning take seconds to import.
+    from tml.data.gutenberg import GutenbergError
+    from tml.data.prepare import PrepareError, data_is_ready, prepare_data
+    from tml.data.shards import ShardError
+    from tml.train.checkpoint import CheckpointError, resume_checkpoint
+    from tml.train.loop import TrainingDiverged, train
+    from tml.train.preemption import INTERACTIVE_SIGNALS, PreemptionFlag
+
+    stop = PreemptionFlag()
     try:
+        resume_checkpoint(config)  # a refused resume must not first rebuild the shards the run was trained on
         if not data_is_ready(config.data):
             prepare_data(config.data)
-        result = train(config)
+        result = train(config, stop.install(INTERACTIVE_SIGNALS))
+    except ConfigError as error:  # a setting this machine cannot run (train.accelerator=cuda without CUDA)
+        print(f"tml: {error}", file=sys.stderr)
+        return 2
     except (GutenbergError, PrepareError, ShardError, TrainingDiverged, CheckpointError) as error:
         print(f"tml: {error}", file=sys.stderr)
         return 1
-    if result.preempted:
-        print(f"tml: preempted at step {result.final_step}; resume with --train.resume auto", file=sys.stderr)
+    except KeyboardInterrupt:  # before the handler was installed, or the second Ctrl-C
+        if is_first_local_process():
+            print(f"tml: aborted; checkpoints in {config.train.out_dir} are as last saved", file=sys.stderr)
+        return CTRL_C_EXIT_STATUS
+    finally:
+        stop.uninstall()  # the loop does it too, but not when it fails before its first step
+    if not result.preempted:
+        return 0
+    if stop.interrupted:
+        if is_first_local_process():
+            print(f"tml: stopped at step {result.final_step} (Ctrl-C); last checkpoint saved, "
+                  "resume with --train.resume auto", file=sys.stderr)
+        # Only the first process: Fabric's launcher kills every rank as soon as one of its children exits non-zero.
+        return CTRL_C_EXIT_STATUS if is_first_local_process() else 0
+    if is_first_local_process():
+        print(f"tml: preempted by {stop.describe()} at step {result.final_step}; resume with --train.resume auto",
+              file=sys.stderr)
     return 0
+
+
+def is_first_local_process() -> bool:
+    """Rank 0 on this machine: Fabric re-runs the entry point for every extra local rank, with LOCAL_RANK >= 1."""
+    return os.environ.get("LOCAL_RANK", "0") == "0"
 
 
 def load_model(checkpoint: str, device: torch.device) -> torch.nn.Module:
@@ -64,29 +101,52 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def sampling_options(args: argparse.Namespace) -> dict:
+    """The CLI's sampling flags as `Transformer.generate` takes them: --top-k 0 and --top-p 1 mean "off" (None)."""
+    if args.max_new_tokens < 0:
+        raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature {args.temperature} must be >= 0 (0 = greedy)")
+    if args.top_k < 0:
+        raise ValueError(f"--top-k {args.top_k} must be >= 1, or 0 for off")
+    if not 0.0 < args.top_p <= 1.0:
+        raise ValueError(f"--top-p {args.top_p} must be in (0, 1]; 1 is off")
+    return {"temperature": args.temperature, "top_k": args.top_k or None,
+            "top_p": args.top_p if args.top_p < 1.0 else None}
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
+    """Sample from a checkpoint; when prompt + --max-new-tokens overflows the block, generate what fits and say so."""
     import torch
 
     from tml.data.tokenizer import get_tokenizer
 
+    options = sampling_options(args)
     device = default_device()
     model = load_model(args.checkpoint, device)
     tokenizer = get_tokenizer()
     prompt = tokenizer.encode(args.prompt, allowed_special="all") or [tokenizer.eot_token]
+    block = model.config.block_size
+    room = block - len(prompt)  # RoPE positions past the block were never trained: generate stops there
+    if room < min(args.max_new_tokens, 1):  # the prompt alone fills (or overflows) the block
+        raise ValueError(f"the prompt is {len(prompt)} tokens and the model's block_size is {block}: "
+                         "no room to generate; shorten --prompt")
+    new_tokens = min(args.max_new_tokens, room)
+    if new_tokens < args.max_new_tokens:
+        print(f"tml generate: generating {new_tokens} tokens, not {args.max_new_tokens}: a {len(prompt)}-token "
+              f"prompt leaves {room} of the model's block_size {block}", file=sys.stderr)
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    room = model.config.block_size - idx.shape[1]
-    if room < args.max_new_tokens:
-        raise ValueError(f"prompt of {idx.shape[1]} tokens + --max-new-tokens {args.max_new_tokens} exceeds "
-                         f"the model's block_size {model.config.block_size}")
-    out = model.generate(idx, args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                         top_p=args.top_p, generator=generator)
+    out = model.generate(idx, new_tokens, generator=generator, **options)
     print(tokenizer.decode(out[0].tolist()))
     return 0
 
 
-def text_loss(model, tokens: list[int], device: torch.device) -> tuple[float, int]:
-    """Mean next-token loss over non-overlapping block_size windows of `tokens` (the tail window included)."""
+def text_loss(model, tokens: list[int], device: torch.device, progress: Progress | None = None) -> tuple[float, int]:
+    """Mean next-token loss over non-overlapping block_size windows of `tokens` (the tail window included).
+
+    `progress`, when given, gets a task advanced once per batch of windows.
+    """
     import torch
 
     from tml.model.transformer import IGNORE_INDEX
@@ -94,8 +154,10 @@ def text_loss(model, tokens: list[int], device: torch.device) -> tuple[float, in
     block = model.config.block_size
     data = torch.tensor(tokens, dtype=torch.long)
     starts = list(range(0, len(tokens) - 1, block))
+    batch_starts = range(0, len(starts), EVAL_BATCH_SIZE)
+    task = progress.add_task("eval", total=len(batch_starts)) if progress is not None else None
     total, count = 0.0, 0
-    for i in range(0, len(starts), EVAL_BATCH_SIZE):
+    for i in batch_starts:
         rows = [data[s : s + block + 1] for s in starts[i : i + EVAL_BATCH_SIZE]]
         width = max(len(r) for r in rows) - 1
         x = torch.zeros(len(rows), width, dtype=torch.long)
@@ -107,22 +169,49 @@ def text_loss(model, tokens: list[int], device: torch.device) -> tuple[float, in
         tokens_here = int((y != IGNORE_INDEX).sum())
         total += loss.item() * tokens_here
         count += tokens_here
+        if task is not None:
+            progress.advance(task)
     return total / count, count
+
+
+def read_text_file(path: Path) -> str:
+    """The file's text, refusing what is not UTF-8 text: decoding a binary file "with replacement" would
+    evaluate the model on noise for minutes and report a meaningless perplexity."""
+    if not path.exists():
+        raise FileNotFoundError(f"--data {path}: no such file")
+    if not path.is_file():
+        raise ValueError(f"--data {path} is not a file (a UTF-8 text file is needed)")
+    data = path.read_bytes()
+    if (nul := data.find(b"\0")) >= 0:
+        raise ValueError(f"--data {path} is not a text file (a NUL byte at offset {nul:,})")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise ValueError(f"--data {path} is not UTF-8 text (byte {data[error.start]:#04x} at offset "
+                         f"{error.start:,})") from None
+
+
+def eval_progress() -> Progress:
+    """A transient bar on stderr, shown only on a terminal: stdout keeps just the result line."""
+    console = Console(stderr=True)
+    return Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TextColumn("batches"),
+                    TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=True,
+                    disable=not console.is_terminal)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tml.data.tokenizer import get_tokenizer
     from tml.train.evaluate import perplexity
 
+    path = Path(args.data)
+    text = read_text_file(path)  # before the model loads: a wrong file is refused at once
     device = default_device()
     model = load_model(args.checkpoint, device)
-    path = Path(args.data)
-    if not path.is_file():
-        raise FileNotFoundError(f"--data {path}: no such text file")
-    tokens = get_tokenizer().encode_ordinary(path.read_text(encoding="utf-8", errors="replace"))
+    tokens = get_tokenizer().encode_ordinary(text)
     if len(tokens) < 2:
         raise ValueError(f"--data {path}: needs at least two tokens of text")
-    loss, count = text_loss(model, tokens, device)
+    with eval_progress() as progress:
+        loss, count = text_loss(model, tokens, device, progress)
     print(f"{path}: {count:,} tokens | loss {loss:.4f} | perplexity {perplexity(loss):.2f}")
     return 0
 
@@ -132,10 +221,23 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tml.train.checkpoint import load_model_weights
     from tml.train.zero_export import save_fp32_state_dict
 
+    output = Path(args.output)
+    if output.is_dir():  # before the checkpoint loads: refused at once
+        raise ValueError(f"--output {output} is a directory; name the file to write, e.g. {output / 'model.pt'}")
     state, _ = load_model_weights(args.checkpoint)
-    output = save_fp32_state_dict(state, args.output)
+    try:
+        save_fp32_state_dict(state, output)
+    except (OSError, RuntimeError) as error:  # torch.save reports an unopenable file as a RuntimeError
+        raise ValueError(f"cannot write {output}: {one_line_reason(error)}") from error
     print(f"wrote {output} ({len(state)} tensors)")
     return 0
+
+
+def one_line_reason(error: BaseException) -> str:
+    """`Permission denied` for an OSError; the first line of anything else (torch's messages run to several)."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -147,10 +249,14 @@ def build_parser() -> argparse.ArgumentParser:
     generate = commands.add_parser("generate", help="sample text from a checkpoint (latent KV cache)")
     generate.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     generate.add_argument("--prompt", required=True)
-    generate.add_argument("--max-new-tokens", type=int, default=100)
-    generate.add_argument("--temperature", type=float, default=0.8)
-    generate.add_argument("--top-k", type=int, default=None)
-    generate.add_argument("--top-p", type=float, default=None)
+    generate.add_argument("--max-new-tokens", type=int, default=100,
+                          help="at most this many; fewer when the prompt leaves less of the model's block_size "
+                               "(default: %(default)s)")
+    generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
+    generate.add_argument("--top-k", type=int, default=0, help="sample from the K most likely tokens; 0 = off "
+                          "(default)")
+    generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off "
+                          "(default)")
     generate.add_argument("--seed", type=int, default=1337)
 
     evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on a text file")
@@ -159,7 +265,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write one fp32 state dict (consolidates DeepSpeed ZeRO shards)")
     export.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
-    export.add_argument("--output", required=True, help="output .pt file")
+    export.add_argument("--output", required=True, help="output .pt file (not a directory)")
     return parser
 
 
@@ -177,9 +283,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {"generate": cmd_generate, "eval": cmd_eval, "export": cmd_export}
     try:
         return handlers[args.command](args)
-    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as error:
+    except (CheckpointError, ConfigError, ValueError, OSError) as error:
         print(f"tml {args.command}: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"tml {args.command}: interrupted", file=sys.stderr)
+        return CTRL_C_EXIT_STATUS
 
 
 if __name__ == "__main__":

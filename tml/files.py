@@ -1,13 +1,16 @@
 """File helpers every stage shares: content hashes and writes that never leave a half-written file behind.
 
 Shards, downloaded books, tokenizer files, checkpoints and run configs all go through these, so "a good file is
-never replaced by a partial one" holds in one place.
+never replaced by a partial one" holds in one place, and so does its other half: a write that fails (full disk,
+a directory in the way, Ctrl-C) takes its temporary file with it instead of leaving it beside the target.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 HASH_CHUNK_BYTES = 1 << 20  # read files in 1 MB pieces: shards and checkpoints can be larger than memory wants
@@ -21,11 +24,23 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+@contextlib.contextmanager
+def replaced_on_success(path: Path, temporary: Path | None = None) -> Iterator[Path]:
+    """Yield a temporary path to write (default `<name>.tmp` beside `path`); rename it over `path` when the block
+    succeeds, delete it when anything fails (including the rename itself and KeyboardInterrupt)."""
+    temporary = temporary or path.with_name(f"{path.name}.tmp")
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):  # never hide the error that got us here
+            temporary.unlink(missing_ok=True)
+        raise
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to `<name>.tmp`, fsync, then rename over `path`: readers see the old file or the new one, never half."""
-    temporary = path.with_name(f"{path.name}.tmp")
-    with open(temporary, "wb") as file:
+    with replaced_on_success(path) as temporary, open(temporary, "wb") as file:
         file.write(data)
         file.flush()
         os.fsync(file.fileno())
-    os.replace(temporary, path)

@@ -71,6 +71,8 @@ SLURM_CONSTRAINT = re.compile(r"[A-Za-z0-9_.\-,+&|*\[\]()!:]+")
 SLURM_MEMORY = re.compile(r"[0-9]+[KMGT]?", re.IGNORECASE)
 # SLURM's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
 SLURM_TIME = re.compile(r"(?:(?P<days>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?")
+# Names Submitit gives a submission's files until sbatch returns a job id (then they become <job id>_*).
+SUBMITIT_TEMPORARY_FILE = re.compile(r"[0-9a-f]{32}\.pkl|\.submission_file_[0-9a-f]{32}\.sh")
 
 
 class SlurmRequestError(ValueError):
@@ -272,9 +274,14 @@ def restart_count() -> int:
 
 
 def config_for_restart(config: Config) -> Config:
-    """A restarted job resumes from `checkpoints/last` when there is one (else it keeps the original resume)."""
-    last = Path(config.train.out_dir) / "checkpoints" / "last"
-    if not (last.exists() or last.is_symlink()):
+    """A restarted job resumes its own checkpoints when there are any (else it keeps the original resume).
+
+    Any step directory counts, not only `last`: a job killed between writing its first step and pointing `last`
+    at it would otherwise restart with `resume: none`, which refuses an out_dir holding checkpoints.
+    """
+    from tml.train.checkpoint import describe_saved_run  # torch: only in the job, not for --dry-run
+
+    if describe_saved_run(config.train.out_dir) is None:
         return config
     return dataclasses.replace(config, train=dataclasses.replace(config.train, resume="auto"))
 
@@ -342,15 +349,36 @@ def make_executor(resources: SlurmResources, folder: str | Path) -> submitit.Slu
     return executor
 
 
+def remove_submission_leftovers(folder: Path, before: set[str], created: bool) -> None:
+    """Delete what Submitit wrote for a submission that got no job id: the pickled task and the sbatch script,
+    still under the temporary names (`<uuid>.pkl`, `.submission_file_<uuid>.sh`) a successful submit renames."""
+    if not folder.is_dir():
+        return
+    for path in folder.iterdir():
+        if path.name not in before and SUBMITIT_TEMPORARY_FILE.fullmatch(path.name) and path.is_file():
+            path.unlink()
+    if created and not any(folder.iterdir()):
+        folder.rmdir()
+
+
 def submit(executor: submitit.SlurmExecutor, task: Any) -> SlurmJob:
-    """Submit `task`; SLURM's refusal (bad partition, impossible request) becomes a SlurmSubmitError at once."""
+    """Submit `task`; SLURM's refusal (bad partition, impossible request) becomes a SlurmSubmitError at once.
+
+    A submission that fails leaves the log folder as it found it (and removes it again if it made it).
+    """
+    folder = Path(executor.folder)
+    created = not folder.is_dir()
+    before = set() if created else {path.name for path in folder.iterdir()}
     refusal = io.StringIO()
     try:
         with contextlib.redirect_stderr(refusal):  # Submitit echoes sbatch's stderr; it goes in the error instead
             return executor.submit(task)
-    except FailedJobError as error:
-        message = str(error).strip() or refusal.getvalue().strip()
-        raise SlurmSubmitError(f"SLURM refused the job:\n{message}") from None
+    except BaseException as error:
+        remove_submission_leftovers(folder, before, created)
+        if isinstance(error, FailedJobError):
+            message = str(error).strip() or refusal.getvalue().strip()
+            raise SlurmSubmitError(f"SLURM refused the job:\n{message}") from None
+        raise
 
 
 def slurm_job_state(job_id: str) -> dict[str, str]:

@@ -67,10 +67,13 @@ def test_gpu_check_prepares_shards_from_a_folder_of_books(tmp_path, shared_guten
     books.mkdir()
     for name in ("pg11.txt", "pg16.txt"):  # two short books: Alice in Wonderland, Peter Pan
         shutil.copy(shared_gutenberg / name, books / name)
-    report = load_script().main(["--books", str(books), "--steps", "2", "--work", str(tmp_path / "work"),
-                                 "--allow-cpu", *debug_overrides(vocab_size=50304)])
+    argv = ["--books", str(books), "--steps", "2", "--work", str(tmp_path / "work"), "--allow-cpu",
+            *debug_overrides(vocab_size=50304)]
+    report = load_script().main(argv)
     assert (tmp_path / "work" / "shards").is_dir()
     assert report["run"]["steps"] == 2 and math.isfinite(report["run"]["val_loss"])
+    rerun = load_script().main(argv)  # the same --work again: shards reused, the run starts afresh
+    assert rerun["run"]["steps"] == 2 and "error" not in rerun["decode"]
 
 
 def test_a_failing_stage_is_reported_in_the_json_and_the_figures_before_it_are_kept(tmp_path, monkeypatch):

@@ -61,6 +61,7 @@ def test_request_slurm_cannot_meet_fails_at_once_with_slurms_message(
     assert slurm_says in launched.stderr.lower()
     assert "SLURM refused the job" in launched.stderr
     assert time.monotonic() - start < SUBMIT_REFUSAL_BUDGET_S
+    assert not (tmp_path / "run" / "slurm").exists()  # the refused submission's files went with it
 
 
 def test_submit_raises_slurm_refusal_as_slurm_submit_error(slurm_cluster, tmp_path):

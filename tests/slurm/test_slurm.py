@@ -16,12 +16,15 @@ from tml.slurm import (
     RENDEZVOUS_PORT_BASE,
     SlurmRequestError,
     SlurmResources,
+    SlurmSubmitError,
     config_for_job,
     config_for_restart,
+    make_executor,
     parse_time_limit,
     render_sbatch,
     rendezvous_port,
     restart_count,
+    submit,
 )
 
 
@@ -141,6 +144,13 @@ def test_a_restarted_job_resumes_from_last_only_when_it_exists(tmp_path):
     assert config_for_restart(config).train.resume == "auto"
 
 
+def test_a_restarted_job_resumes_its_step_directory_when_last_was_never_pointed(tmp_path):
+    config = Config()
+    config.train.out_dir, config.train.resume = str(tmp_path), "none"
+    (tmp_path / "checkpoints" / "step-0000010").mkdir(parents=True)  # killed before `last` pointed at it
+    assert config_for_restart(config).train.resume == "auto"
+
+
 def test_restart_count_reads_slurms_counter(monkeypatch):
     monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
     assert restart_count() == 0
@@ -157,3 +167,57 @@ def test_launcher_reports_a_bad_request_without_a_traceback():
     assert launched.returncode == 2
     assert "--tasks-per-node 2 with --gpus-per-node 8" in launched.stderr
     assert "Traceback" not in launched.stderr
+
+
+def run_launcher(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(LAUNCHER), "--config", "configs/tiny.yaml", "--gpus-per-node", "0",
+                           *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+
+
+def test_launcher_refuses_a_bad_train_value_before_submitting(tmp_path):
+    launched = run_launcher("--train.batch_size", "0", "--train.out_dir", str(tmp_path / "run"))
+    assert launched.returncode == 2
+    assert launched.stderr.strip() == "launch/slurm.py: train.batch_size=0: must be at least 1"
+    assert not (tmp_path / "run").exists()
+
+
+def test_launcher_reports_a_data_preparation_failure_in_one_line(tmp_path):
+    missing = tmp_path / "no-such-books"
+    launched = run_launcher("--data.source", str(missing), "--data.shard_dir", str(tmp_path / "shards"),
+                            "--train.out_dir", str(tmp_path / "run"))
+    assert launched.returncode == 1
+    assert launched.stderr.strip().splitlines() == [
+        f"launch/slurm.py: data.source={str(missing)!r} is neither 'gutenberg' nor an existing directory of "
+        "Gutenberg .txt files"]
+    assert not (tmp_path / "run" / "slurm").exists()
+
+
+@pytest.fixture
+def refusing_sbatch(tmp_path, monkeypatch):
+    """An `sbatch` that refuses every job as SLURM does (message on stderr, status 1), and an `srun` for Submitit's
+    check that it runs on a cluster: a real refusal needs a cluster (tests/slurm/test_dev_cluster.py has one)."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, body in (("sbatch", "echo 'sbatch: error: invalid partition specified: nope' >&2\nexit 1"),
+                       ("srun", "exit 1")):
+        (bin_dir / name).write_text(f"#!/bin/sh\n{body}\n")
+        (bin_dir / name).chmod(stat.S_IRWXU)
+    monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
+
+
+def test_refused_submission_removes_the_files_and_folder_it_made(tmp_path, refusing_sbatch):
+    folder = tmp_path / "run" / "slurm"
+    with pytest.raises(SlurmSubmitError, match="invalid partition"):
+        submit(make_executor(SlurmResources(gpus_per_node=0, time="5"), folder), print)
+    assert not folder.exists()
+
+
+def test_refused_submission_keeps_what_was_in_the_folder_before(tmp_path, refusing_sbatch):
+    folder = tmp_path / "slurm"
+    folder.mkdir()
+    earlier = [folder / "123_submitted.pkl", folder / "123_0_log.out", folder / f"{'a' * 32}.pkl"]
+    for path in earlier:
+        path.write_text("from an earlier job")
+    with pytest.raises(SlurmSubmitError):
+        submit(make_executor(SlurmResources(gpus_per_node=0, time="5"), folder), print)
+    assert sorted(folder.iterdir()) == sorted(earlier)

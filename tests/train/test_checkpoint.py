@@ -14,6 +14,7 @@ from tml.model import Transformer
 from tml.train.checkpoint import (
     Checkpointer,
     CheckpointError,
+    check_resume_config,
     load_model_weights,
     resolve_resume,
     verify_checkpoint,
@@ -143,3 +144,64 @@ def test_resume_setting_is_resolved_or_refused(tmp_path):
     assert resolve_resume("auto", tmp_path) is None  # nothing saved yet: start fresh
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         resolve_resume(str(tmp_path / "missing"), tmp_path)
+
+
+def test_a_fresh_run_over_an_existing_run_is_refused_naming_its_last_step(tmp_path, tiny_shards):
+    saved_run(tmp_path, tiny_shards, steps=(2, 4), keep=1, best_at=(2,))
+    with pytest.raises(CheckpointError, match=r"up to step 4 .*--train\.resume auto continues it, another "
+                                              r"--train\.out_dir starts a new run"):
+        resolve_resume("none", tmp_path)
+    assert resolve_resume("none", tmp_path / "elsewhere") is None
+
+
+def test_auto_resumes_the_newest_step_when_a_run_died_before_pointing_last(tmp_path, tiny_shards):
+    saved_run(tmp_path, tiny_shards, steps=(2, 4), keep=2, best_at=())
+    (tmp_path / "checkpoints" / "last").unlink()
+    assert resolve_resume("auto", tmp_path) == (tmp_path / "checkpoints" / "step-0000004").resolve()
+    with pytest.raises(CheckpointError, match="up to step 4"):
+        resolve_resume("none", tmp_path)
+
+
+def test_a_changed_model_is_refused_naming_each_key_both_values_and_the_way_out(tmp_path):
+    saved = Config(model=debug_model_config()).to_dict()
+    current = Config(model=debug_model_config(attention="mha", n_layer=3))
+    with pytest.raises(CheckpointError) as refused:
+        check_resume_config(tmp_path, saved, current, "auto")
+    message = str(refused.value)
+    assert "model.n_layer 2 -> 3" in message and "model.attention mla -> mha" in message
+    assert "another --train.out_dir" in message and "--model.n_layer 2 --model.attention mla" in message
+    with pytest.raises(CheckpointError, match="--train.resume none"):  # resumed from a path: no out_dir to change
+        check_resume_config(tmp_path, saved, current, str(tmp_path))
+
+
+@pytest.mark.parametrize("section, key, value", [
+    ("data", "stride", 8), ("data", "book_ids", [11, 12]), ("data", "val_frac", 0.2), ("train", "seed", 1),
+])
+def test_a_changed_data_stream_or_seed_is_refused(tmp_path, section, key, value):
+    saved = Config().to_dict()
+    current = Config()
+    setattr(getattr(current, section), key, value)
+    with pytest.raises(CheckpointError, match=f"{section}.{key} .* -> .*data position"):
+        check_resume_config(tmp_path, saved, current, "auto")
+
+
+def test_other_changes_are_listed_for_the_notice_and_paths_of_the_run_are_not(tmp_path):
+    saved = Config().to_dict()
+    current = Config()
+    current.train.max_steps, current.train.lr, current.data.shard_dir = 400, 1e-3, "/scratch/shards"
+    current.train.resume, current.train.out_dir, current.data.num_workers = "auto", "runs/moved", 4
+    assert check_resume_config(tmp_path, saved, current, "auto") == [
+        "data.shard_dir data/gutenberg/shards -> /scratch/shards", "train.max_steps 18370 -> 400",
+        "train.lr 0.0003 -> 0.001",
+    ]
+    del saved["train"]["max_steps"]  # a key the checkpoint predates is not compared
+    assert "train.max_steps" not in " ".join(check_resume_config(tmp_path, saved, current, "auto"))
+
+
+def test_a_stream_over_other_windows_is_refused_as_a_checkpoint_error(tmp_path, tiny_shards):
+    saved_run(tmp_path, tiny_shards, steps=(2,))
+    fabric, model, optimizer, scheduler, _ = training_objects(tiny_shards)
+    other_windows = BatchStream(PackedDataset(tiny_shards, "train", 32, 8), 4, 0, 1, seed=3)
+    with pytest.raises(CheckpointError, match="rank-00000.pt.*dataset_len"):
+        Checkpointer(fabric, tmp_path, keep=1).load(resolve_resume("auto", tmp_path), model, optimizer, scheduler,
+                                                    other_windows)

@@ -1,17 +1,31 @@
+"""`tml generate|eval|export` on a tiny trained run, and `tml train` stopped with Ctrl-C in a real subprocess."""
+
+import errno
 import math
+import os
 import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
+from rich.progress import Progress
 
 from tests.conftest import debug_model_config
 from tests.train.conftest import tiny_run_config
-from tml.cli import main, text_loss
+from tml.cli import CTRL_C_EXIT_STATUS, EVAL_BATCH_SIZE, main, text_loss
+from tml.config import dump_yaml
 from tml.data.tokenizer import get_tokenizer
 from tml.model import Transformer
 from tml.model.config import GPT2_PADDED_VOCAB
-from tml.train.checkpoint import load_model_weights
+from tml.train import zero_export
+from tml.train.checkpoint import checkpoints_dir, load_model_weights, read_meta
 from tml.train.loop import train
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 8
 
@@ -36,7 +50,36 @@ def test_generate_continues_the_prompt(trained_run, capsys):
 
 def test_generate_refuses_a_prompt_longer_than_the_block(trained_run, capsys):
     code = main(["generate", "--checkpoint", str(trained_run), "--prompt", TEXT, "--max-new-tokens", "5"])
-    assert code == 1 and "block_size" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 1 and "block_size" in err and "shorten --prompt" in err
+
+
+def test_generate_with_defaults_fills_the_block_and_says_it_stopped_short(trained_run, capsys):
+    code = main(["generate", "--checkpoint", str(trained_run), "--prompt", "Hi"])  # --max-new-tokens 100 > block
+    captured = capsys.readouterr()
+    block = debug_model_config().block_size
+    assert code == 0
+    assert captured.err == (f"tml generate: generating {block - 1} tokens, not 100: a 1-token prompt leaves "
+                            f"{block - 1} of the model's block_size {block}\n")
+    assert len(get_tokenizer().encode(captured.out.removesuffix("\n"), allowed_special="all")) >= block - 1
+
+
+def test_generate_top_k_0_means_off(trained_run, capsys):
+    """0 samples exactly as a k as large as the vocabulary, which filters nothing."""
+    outputs = []
+    for k in ("0", str(GPT2_PADDED_VOCAB)):
+        assert main(["generate", "--checkpoint", str(trained_run), "--prompt", "Once", "--max-new-tokens", "8",
+                     "--temperature", "1.5", "--top-k", k]) == 0
+        outputs.append(capsys.readouterr().out)
+    assert outputs[0] == outputs[1]
+
+
+@pytest.mark.parametrize(("flag", "value", "hint"), [("--top-k", "-1", "or 0 for off"), ("--top-p", "0", "1 is off"),
+                                                     ("--temperature", "-1", "0 = greedy")])
+def test_generate_refuses_bad_sampling_flags_in_the_cli_s_own_terms(trained_run, capsys, flag, value, hint):
+    assert main(["generate", "--checkpoint", str(trained_run), "--prompt", "Hi", flag, value]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"tml generate: {flag} ") and hint in err and "None" not in err and err.count("\n") == 1
 
 
 def test_eval_prints_perplexity_equal_to_exp_of_the_token_mean_loss(trained_run, tmp_path, capsys):
@@ -44,6 +87,7 @@ def test_eval_prints_perplexity_equal_to_exp_of_the_token_mean_loss(trained_run,
     text_file.write_text(TEXT)
     assert main(["eval", "--checkpoint", str(trained_run), "--data", str(text_file)]) == 0
     out = capsys.readouterr().out
+    assert out.count("\n") == 1  # not a terminal: no progress bar, the result line only
     loss = float(re.search(r"loss ([0-9.]+)", out).group(1))
     ppl = float(re.search(r"perplexity ([0-9.]+)", out).group(1))
     assert ppl == pytest.approx(math.exp(loss), rel=1e-3)
@@ -57,6 +101,28 @@ def test_eval_prints_perplexity_equal_to_exp_of_the_token_mean_loss(trained_run,
     assert loss == pytest.approx(expected, abs=1e-4)
 
 
+def test_eval_progress_advances_once_per_batch_of_windows(trained_run):
+    state, config = load_model_weights(trained_run)
+    model = Transformer(config.model)
+    model.load_state_dict(state)
+    tokens = get_tokenizer().encode_ordinary(TEXT * 3)
+    windows = math.ceil((len(tokens) - 1) / config.model.block_size)
+    with Progress(disable=True) as progress:
+        text_loss(model.eval(), tokens, torch.device("cpu"), progress)
+    (task,) = progress.tasks
+    assert task.total == task.completed == math.ceil(windows / EVAL_BATCH_SIZE) > 1
+
+
+@pytest.mark.parametrize(("content", "reason"), [(b"PK\x03\x04\x00\x00weights", "not a text file"),
+                                                 ("café".encode("latin-1"), "not UTF-8 text")])
+def test_eval_refuses_a_file_that_is_not_utf8_text(trained_run, tmp_path, capsys, content, reason):
+    data = tmp_path / "model.pt"
+    data.write_bytes(content)
+    assert main(["eval", "--checkpoint", str(trained_run), "--data", str(data)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"tml eval: --data {data} is {reason}") and err.count("\n") == 1
+
+
 def test_export_writes_a_plain_fp32_state_dict(trained_run, tmp_path):
     output = tmp_path / "weights.pt"
     assert main(["export", "--checkpoint", str(trained_run / "checkpoints" / "last"), "--output", str(output)]) == 0
@@ -64,6 +130,29 @@ def test_export_writes_a_plain_fp32_state_dict(trained_run, tmp_path):
     state, _ = load_model_weights(trained_run / "checkpoints" / "last")
     assert set(exported) == set(state)
     assert all(torch.equal(exported[k], state[k]) for k in state)
+
+
+def test_export_refuses_a_directory_output_at_once(trained_run, tmp_path, capsys):
+    output = tmp_path / "emptydir"
+    output.mkdir()
+    assert main(["export", "--checkpoint", str(trained_run), "--output", str(output)]) == 1
+    err = capsys.readouterr().err
+    assert err == (f"tml export: --output {output} is a directory; name the file to write, "
+                   f"e.g. {output / 'model.pt'}\n")
+    assert [p.name for p in tmp_path.iterdir()] == ["emptydir"] and not any(output.iterdir())
+
+
+def test_export_that_fails_while_writing_says_why_in_one_line_and_leaves_no_temporary(trained_run, tmp_path,
+                                                                                        capsys, monkeypatch):
+    def disk_fills_up(obj, file):  # fault injection: half the bytes land, then the disk is full
+        file.write(b"PK half a zip")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(zero_export.torch, "save", disk_fills_up)
+    output = tmp_path / "weights.pt"
+    assert main(["export", "--checkpoint", str(trained_run), "--output", str(output)]) == 1
+    assert capsys.readouterr().err == f"tml export: cannot write {output}: No space left on device\n"
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_a_corrupted_checkpoint_is_refused_naming_the_file(trained_run, tmp_path, capsys):
@@ -74,3 +163,73 @@ def test_a_corrupted_checkpoint_is_refused_naming_the_file(trained_run, tmp_path
     (broken / "model.pt").write_bytes(b"not a checkpoint")
     assert main(["eval", "--checkpoint", str(broken), "--data", __file__]) == 1
     assert "model.pt" in capsys.readouterr().err
+
+
+# --- Ctrl-C in `tml train`: a real process, a real SIGINT --------------------------------------------------------
+
+STEP_LINE = re.compile(r"^step\s+(\d+) \| loss")
+
+
+def start_training(tmp_path: Path, tiny_shards: Path, **train_options) -> subprocess.Popen:
+    config = tiny_run_config(tiny_shards, tmp_path / "run", max_steps=10_000, log_interval=1, val_interval=10_000,
+                             ckpt_interval=10_000, resume="auto", **train_options)
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(dump_yaml(config))
+    process = subprocess.Popen(
+        [sys.executable, "-m", "tml.cli", "train", "--config", str(config_file)], cwd=REPO_ROOT,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal, even under `&`
+    )
+    return process
+
+
+def read_until(process: subprocess.Popen, wanted, seen: list[str]) -> str:
+    """Lines of the run's output until one satisfies `wanted`; fails if the run ends first."""
+    for line in process.stdout:
+        seen.append(line)
+        if wanted(line):
+            return line
+    pytest.fail("the run ended before the expected line:\n" + "".join(seen))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_ctrl_c_saves_last_at_the_current_step_and_resume_continues(tmp_path, tiny_shards, capsys):
+    process = start_training(tmp_path, tiny_shards)
+    seen: list[str] = []
+    read_until(process, lambda line: (m := STEP_LINE.match(line)) and int(m.group(1)) >= 3, seen)
+    process.send_signal(signal.SIGINT)
+    rest, _ = process.communicate(timeout=120)
+    output = "".join(seen) + rest
+    stopped = re.findall(r"^tml: stopped at step (\d+) \(Ctrl-C\); last checkpoint saved, resume with "
+                         r"--train.resume auto$", output, flags=re.MULTILINE)
+    assert process.returncode == CTRL_C_EXIT_STATUS, output
+    assert "Traceback" not in output and len(stopped) == 1 and output.count("press Ctrl-C again") == 1
+    step = int(stopped[0])
+    last_logged = max(int(n) for n in re.findall(r"^step\s+(\d+) \| loss", output, flags=re.MULTILINE))
+    assert step == last_logged >= 3  # log_interval 1: nothing trained after the save, nothing lost before it
+    assert read_meta(checkpoints_dir(tmp_path / "run") / "last")["step"] == step
+
+    config = tiny_run_config(tiny_shards, tmp_path / "run", max_steps=step + 2, log_interval=1,
+                             val_interval=10_000, ckpt_interval=10_000, resume="auto")
+    result = train(config)
+    assert f"at step {step}" in capsys.readouterr().out  # "resumed from ... at step N"
+    assert result.final_step == step + 2 and not result.preempted
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_a_second_ctrl_c_aborts_at_once_in_one_line(tmp_path, tiny_shards):
+    process = start_training(tmp_path, tiny_shards, grad_accum=200)  # steps of seconds: the 2nd lands mid-step
+    seen: list[str] = []
+    read_until(process, STEP_LINE.match, seen)
+    process.send_signal(signal.SIGINT)
+    read_until(process, lambda line: "press Ctrl-C again" in line, seen)
+    process.send_signal(signal.SIGINT)
+    started = time.monotonic()
+    rest, _ = process.communicate(timeout=60)
+    output = "".join(seen) + rest
+    assert process.returncode == CTRL_C_EXIT_STATUS, output
+    assert "Traceback" not in output and output.count("tml: aborted;") == 1
+    assert time.monotonic() - started < 30  # not after finishing the step and saving
+    assert not (checkpoints_dir(tmp_path / "run") / "last").exists()

@@ -1,5 +1,6 @@
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -9,14 +10,16 @@ import torch
 from lightning import Fabric
 from lightning.fabric.plugins.precision import MixedPrecision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import tml.train.loop as loop_module
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, debug_model_config
 from tests.train.conftest import tiny_run_config
 from tml.config import dump_yaml
 from tml.model import Transformer
-from tml.train.checkpoint import checkpoints_dir, load_model_weights, read_meta, safe_load
+from tml.train.checkpoint import CheckpointError, checkpoints_dir, load_model_weights, read_meta, safe_load
 from tml.train.loop import MAX_NONFINITE_STEPS, TrainingDiverged, train
+from tml.train.optim import CosineWithWarmup
 from tml.train.preemption import PreemptionFlag
 
 SUBPROCESS_TIMEOUT_S = 240  # a 2-process CPU run on a busy 2-core machine; far above its usual ~30 s
@@ -173,6 +176,48 @@ def test_preemption_signal_saves_last_and_resume_continues(tmp_path, tiny_shards
     config.train.resume = "auto"
     resumed = train(config, preemption=PreemptionFlag())
     assert not resumed.preempted and resumed.final_step == 6
+
+
+def test_resume_with_a_longer_run_follows_the_new_schedule_from_the_saved_step(tmp_path, tiny_shards, capsys):
+    quiet = dict(val_interval=100, ckpt_interval=100)
+    train(tiny_run_config(tiny_shards, tmp_path, max_steps=6, **quiet))  # ends at its min_lr
+    longer = tiny_run_config(tiny_shards, tmp_path, max_steps=16, lr=2e-3, min_lr=1e-4, warmup_frac=0.5,
+                             resume="auto", **quiet)
+    used = []
+    hook = register_optimizer_step_pre_hook(lambda optimizer, *_: used.append(optimizer.param_groups[0]["lr"]))
+    try:
+        assert train(longer).final_step == 16
+    finally:
+        hook.remove()
+    curve = CosineWithWarmup(max_steps=16, warmup_steps=8, min_ratio=1e-4 / 2e-3)
+    expected = [2e-3 * curve(step) for step in range(6, 16)]
+    assert used == pytest.approx(expected)  # from the first resumed step on, whatever the optimizer state said
+    assert [lr for step, lr in scalars(tmp_path, "train/lr") if step > 6] == pytest.approx(expected)
+    assert used[0] == pytest.approx(2e-3 * 7 / 8) and used[1] == pytest.approx(2e-3)  # the new warm-up and peak
+    assert used[-1] == pytest.approx(1e-4)  # the new min_lr at the new last step
+    assert ("resuming with changed settings: train.max_steps 6 -> 16, train.lr 0.003 -> 0.002, "
+            "train.min_lr 0.0003 -> 0.0001, train.warmup_frac 0.1 -> 0.5") in capsys.readouterr().out
+
+
+def test_resume_with_another_model_or_a_fresh_run_over_a_run_is_refused_before_anything_is_written(
+        tmp_path, tiny_shards):
+    config = tiny_run_config(tiny_shards, tmp_path, max_steps=2, val_interval=2, ckpt_interval=2)
+    train(config)
+    before = {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()}
+    config.model, config.train.resume = debug_model_config(attention="mha"), "auto"
+    with pytest.raises(CheckpointError, match="model.attention mla -> mha .*--model.attention mla"):
+        train(config)
+    config.model, config.train.resume = debug_model_config(), "none"
+    with pytest.raises(CheckpointError, match="up to step 2 .*--train.resume auto continues it"):
+        train(config)
+    assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
+
+
+def test_a_run_stopped_before_its_first_validation_shows_no_best_val_loss(tmp_path, tiny_shards, capsys):
+    config = tiny_run_config(tiny_shards, tmp_path, max_steps=6, val_interval=100, ckpt_interval=100)
+    assert train(config, preemption=PreemptAtStep(1)).preempted
+    [row] = [line for line in capsys.readouterr().out.splitlines() if "best val loss" in line]
+    assert re.fullmatch(r".*best val loss\W*-\W*", row), row
 
 
 @pytest.mark.slow

@@ -7,7 +7,13 @@ from torch import nn
 from tests.conftest import debug_model_config
 from tml.model import Transformer
 from tml.train.config import TrainConfig
-from tml.train.optim import build_optimizer, build_scheduler, decay_groups
+from tml.train.optim import (
+    CosineWithWarmup,
+    build_optimizer,
+    build_scheduler,
+    decay_groups,
+    restore_schedule_step,
+)
 
 
 def test_linear_weights_decay_and_biases_norms_embeddings_do_not():
@@ -102,3 +108,46 @@ def test_schedule_state_round_trips():
     assert fresh.get_last_lr() == scheduler.get_last_lr()
     optimizer.step(), scheduler.step(), fresh_opt.step(), fresh.step()
     assert fresh.get_last_lr() == scheduler.get_last_lr()
+
+
+def scheduler_after(train: TrainConfig, steps: int):
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=train.lr)
+    scheduler = build_scheduler(optimizer, train)
+    for _ in range(steps):
+        optimizer.step()
+        scheduler.step()
+    return optimizer, scheduler
+
+
+def resumed_lrs(saved_state: dict, train: TrainConfig, stale_lr: float) -> list[float]:
+    """The lrs a resumed run uses until train.max_steps; its optimizer comes back with the saved run's lr."""
+    optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=train.lr)
+    scheduler = build_scheduler(optimizer, train)  # the loop builds it before loading the optimizer's state
+    optimizer.param_groups[0]["lr"] = stale_lr  # what optimizer.load_state_dict restores
+    restore_schedule_step(scheduler, saved_state)
+    lrs = []
+    for _ in range(scheduler.last_epoch, train.max_steps):
+        assert optimizer.param_groups[0]["lr"] == scheduler.get_last_lr()[0]  # the rate used is the one logged
+        lrs.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    return lrs
+
+
+def test_restored_schedule_follows_the_current_config_from_the_saved_step():
+    old = TrainConfig(max_steps=10, lr=3e-4, min_lr=3e-5, warmup_frac=0.1)
+    optimizer, scheduler = scheduler_after(old, 10)  # finished: the old curve sits at min_lr
+    new = TrainConfig(max_steps=40, lr=1e-3, min_lr=1e-5, warmup_frac=0.5)  # 20 warm-up steps: 10 still to come
+    lrs = resumed_lrs(scheduler.state_dict(), new, optimizer.param_groups[0]["lr"])
+    curve = CosineWithWarmup(max_steps=40, warmup_steps=20, min_ratio=1e-5 / 1e-3)
+    assert lrs == pytest.approx([1e-3 * curve(step) for step in range(10, 40)])
+    assert lrs[0] == pytest.approx(1e-3 * 11 / 20)  # step 10: the new warm-up, not the old min_lr
+    assert lrs[9] == pytest.approx(1e-3)  # the new peak at the end of warm-up
+    assert lrs[-1] == pytest.approx(1e-5)  # the new min_lr at the new last step
+    assert lrs == pytest.approx(lrs_over_run(new)[10:])  # as if the run had had the new config all along
+
+
+def test_restored_schedule_with_an_unchanged_config_is_exactly_the_uninterrupted_one():
+    train = TrainConfig(max_steps=30, warmup_frac=0.2)
+    optimizer, scheduler = scheduler_after(train, 4)
+    assert resumed_lrs(scheduler.state_dict(), train, optimizer.param_groups[0]["lr"]) == lrs_over_run(train)[4:]

@@ -35,7 +35,7 @@ from rich.progress import Progress
 
 from tml.data.clean import normalize_text
 from tml.data.config import DataConfig
-from tml.files import file_sha256, write_atomic
+from tml.files import file_sha256, replaced_on_success, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -248,12 +248,10 @@ class Downloader:
                 raise _Stopped("stopped because another download failed")
             self.limiter.wait()
             try:
-                sha256 = self._fetch_once(url, partial)
-                os.replace(partial, path)
-                return sha256
+                with replaced_on_success(path, partial):
+                    return self._fetch_once(url, partial)
             except _Retryable as failure:
                 if attempt == self.max_retries:
-                    partial.unlink(missing_ok=True)
                     if failure.unreachable:
                         raise GutenbergError(unreachable_message(self.base_url, self.origin, str(failure))) from None
                     raise GutenbergError(
@@ -339,9 +337,8 @@ def copy_from_directory(directory: Path, book_id: int, raw_dir: Path, manifest: 
     source = find_in_directory(directory, book_id)
     if source is None:
         return None
-    partial = path.with_name(path.name + ".part")
-    shutil.copyfile(source, partial)
-    os.replace(partial, path)
+    with replaced_on_success(path, path.with_name(path.name + ".part")) as partial:
+        shutil.copyfile(source, partial)
     book = describe_file(book_id, path)
     manifest.record(book, source.resolve().as_uri())
     return book

@@ -21,7 +21,7 @@ import tiktoken
 import tiktoken.load
 from tiktoken_ext import openai_public
 
-from tml.files import file_sha256
+from tml.files import file_sha256, replaced_on_success
 
 TOKENIZER_NAME = "gpt2"
 EOT_TOKEN_ID = 50256  # <|endoftext|>: separates documents in the token stream
@@ -93,9 +93,9 @@ def seed_tiktoken_cache(source_dir: Path, cache_dir: Path) -> None:
     cache_dir.mkdir(parents=True, exist_ok=True)
     for name, (url, _) in GPT2_FILES.items():
         target = cache_path(url, cache_dir)
-        temporary = target.with_name(f"{target.name}.{os.getpid()}.tmp")
-        temporary.write_bytes(files[name].read_bytes())
-        os.replace(temporary, target)
+        # One temporary per process: local ranks may seed the same cache at once.
+        with replaced_on_success(target, target.with_name(f"{target.name}.{os.getpid()}.tmp")) as temporary:
+            temporary.write_bytes(files[name].read_bytes())
 
 
 def encoding_from_files(source_dir: Path) -> tiktoken.Encoding:

@@ -19,6 +19,11 @@ checks the manifest first, so a truncated or altered file is refused with its na
 `torch.load(weights_only=True)`: a checkpoint is data, not code. (DeepSpeed's own files are read by DeepSpeed's
 loader; the manifest still guards them.) Older step checkpoints beyond `keep` are pruned, never the targets of
 `last` or `best`.
+
+Resuming compares the run's config with the checkpoint's before anything is written (check_resume_config): a
+changed model or data stream is refused, other changes are reported. The checkpoint supplies the schedule's step
+count, not its shape, so a new max_steps or lr takes effect; and a fresh run (`resume: none`) is refused over an
+out_dir that already holds checkpoints.
 """
 
 from __future__ import annotations
@@ -26,6 +31,8 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
+import shlex
 import shutil
 import warnings
 from pathlib import Path
@@ -36,12 +43,14 @@ import torch
 from lightning import Fabric
 
 from tml.config import Config
-from tml.files import file_sha256, write_atomic
+from tml.files import file_sha256, replaced_on_success, write_atomic
+from tml.train.optim import restore_schedule_step
 from tml.train.zero_export import ZeroCheckpointError, fp32_state_dict, verify_deepspeed_checkpoint
 
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
 META = "meta.json"
+STEP_DIR = re.compile(r"step-(\d+)")  # the names step_name() gives
 
 
 class CheckpointError(RuntimeError):
@@ -60,13 +69,25 @@ def step_name(step: int) -> str:
 
 
 def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
-    """`none` -> None; `auto` -> `checkpoints/last` when present; anything else is a checkpoint path that must exist."""
+    """`none` -> None; `auto` -> `checkpoints/last` when present; anything else is a checkpoint path that must exist.
+
+    `none` over an out_dir that already holds checkpoints is refused: the new run would repoint `last` and `best`
+    at its own (worse) models and orphan the old step directories.
+    """
     if resume in ("", "none"):
+        existing = describe_saved_run(out_dir)
+        if existing:
+            raise CheckpointError(
+                f"{out_dir} already holds a run ({existing}) and train.resume is 'none': --train.resume auto "
+                f"continues it, another --train.out_dir starts a new run (or delete {out_dir} first)"
+            )
         return None
     if resume == "auto":
         last = checkpoints_dir(out_dir) / "last"
         if not last.is_symlink() and not last.exists():
-            return None
+            # A run killed between renaming its first step directory into place and pointing `last` at it.
+            steps = saved_steps(out_dir)
+            return (checkpoints_dir(out_dir) / step_name(max(steps))).resolve() if steps else None
         if not last.exists():
             raise CheckpointError(f"{last} points to a missing checkpoint ({os.readlink(last)})")
         return last.resolve()
@@ -74,6 +95,24 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
     if not path.exists():
         raise CheckpointError(f"train.resume={resume!r}: no such checkpoint")
     return find_checkpoint(path)
+
+
+def saved_steps(out_dir: str | Path) -> list[int]:
+    """Steps of the complete checkpoints in out_dir (a step directory only appears once its manifest is written)."""
+    root = checkpoints_dir(out_dir)
+    return sorted(int(match[1]) for p in root.glob("step-*") if (match := STEP_DIR.fullmatch(p.name)) and p.is_dir())
+
+
+def describe_saved_run(out_dir: str | Path) -> str | None:
+    """'checkpoints up to step N' when out_dir has `checkpoints/last` or a step directory, else None."""
+    root = checkpoints_dir(out_dir)
+    steps = saved_steps(out_dir)
+    last = root / "last"
+    if last.is_symlink() and (match := STEP_DIR.fullmatch(os.readlink(last))):
+        steps.append(int(match[1]))
+    if steps:
+        return f"checkpoints up to step {max(steps)} in {root}"
+    return f"{last} -> {os.readlink(last)}" if last.is_symlink() else None
 
 
 def find_checkpoint(path: str | Path) -> Path:
@@ -142,8 +181,83 @@ def _point_link(link: Path, target_name: str) -> None:
     tmp = link.with_name(f".{link.name}.tmp-link")
     if tmp.is_symlink() or tmp.exists():
         tmp.unlink()
-    os.symlink(target_name, tmp)
-    os.replace(tmp, link)
+    with replaced_on_success(link, tmp):
+        os.symlink(target_name, tmp)
+
+
+# ------------------------------------------------------------------------------------ resuming under a config
+
+# Settings that only say where the run's files go or how the raw books were fetched: never worth a notice.
+SILENT_ON_RESUME = frozenset({
+    "train.resume", "train.out_dir", "data.mirror", "data.raw_dir", "data.encode_threads", "data.num_workers",
+    "data.download_concurrency", "data.requests_per_second", "data.request_timeout", "data.max_retries",
+})
+# The saved data position counts windows of one token stream, in one seed's shuffle. These decide which tokens
+# form the train split (source, books, split) and how it is cut (stride), so under new values the position
+# points at other text, and BatchStream only notices when the window count happens to differ. shard_dir and
+# shard_tokens are only a notice: train_main rebuilds shards that do not match these settings, so a moved
+# shard_dir holds the same tokens, and windows are stitched across shard files whatever their size.
+DATA_POSITION_KEYS = frozenset({
+    "data.source", "data.book_ids", "data.max_books", "data.val_frac", "data.split_seed", "data.stride", "train.seed",
+})
+
+
+def changed_settings(saved: dict[str, Any], current: Config) -> list[tuple[str, Any, Any]]:
+    """(section.key, saved value, current value) for every setting that differs, in config order.
+
+    A key the saved config lacks (a field added since) is skipped: there is nothing to compare it with.
+    """
+    changes = []
+    for section, values in current.to_dict().items():
+        saved_section = saved.get(section, {})
+        for key, value in values.items():
+            if key in saved_section and saved_section[key] != value:
+                changes.append((f"{section}.{key}", saved_section[key], value))
+    return changes
+
+
+def _shown(value: Any) -> str:
+    """A value as it is written on the command line (`mla`, `0.003`, `[11, 12]`, `null`)."""
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def check_resume_config(resume_dir: Path, saved: dict[str, Any], current: Config, resume: str) -> list[str]:
+    """Refuse a config the checkpoint cannot continue under; return the other changes as `key old -> new`.
+
+    `saved` is the checkpoint's config (meta.json). A different model cannot take the saved weights, and the
+    DATA_POSITION_KEYS above make the saved data position meaningless: both raise CheckpointError naming each key
+    with both values. Everything else (max_steps, lr, intervals, ...) may change on resume and is returned for a
+    notice. Called before anything is written, so a refused resume leaves the run directory as it was.
+    """
+    changes = [c for c in changed_settings(saved, current) if c[0] not in SILENT_ON_RESUME]
+    refused = [c for c in changes if c[0].startswith("model.") or c[0] in DATA_POSITION_KEYS]
+    if refused:
+        reasons = []
+        if any(key.startswith("model.") for key, _, _ in refused):
+            reasons.append("its weights are for the saved model")
+        if any(key in DATA_POSITION_KEYS for key, _, _ in refused):
+            reasons.append("its data position counts windows of the saved data and seed")
+        listed = ", ".join(f"{key} {_shown(old)} -> {_shown(new)}" for key, old, new in refused)
+        old_values = " ".join(f"--{key} {shlex.quote(_shown(old))}" for key, old, _ in refused)
+        fresh = "another --train.out_dir" if resume == "auto" else "--train.resume none"
+        raise CheckpointError(
+            f"cannot resume {resume_dir} with changed {listed} ({'; '.join(reasons)}): start a new run with "
+            f"{fresh}, or continue this one with {old_values}"
+        )
+    return [f"{key} {_shown(old)} -> {_shown(new)}" for key, old, new in changes]
+
+
+def resume_checkpoint(config: Config) -> tuple[Path | None, dict[str, Any], list[str]]:
+    """The checkpoint this run resumes from (None for a fresh run), its meta.json, and the settings changed since.
+
+    Raises CheckpointError for what cannot resume (resolve_resume, check_resume_config) without writing anything,
+    so a launcher can call it before building data for the run.
+    """
+    resume_dir = resolve_resume(config.train.resume, config.train.out_dir)
+    if resume_dir is None:
+        return None, {}, []
+    meta = read_meta(resume_dir)
+    return resume_dir, meta, check_resume_config(resume_dir, meta["config"], config, config.train.resume)
 
 
 # ------------------------------------------------------------------------------------------------- RNG states
@@ -204,38 +318,43 @@ class Checkpointer:
         final = self.root / name
         if step not in self._saved_steps:
             tmp = self.root / f".tmp-{name}"
-            if fabric.global_rank == 0:
-                if tmp.exists():
-                    shutil.rmtree(tmp)  # left over from a run killed while saving
-                tmp.mkdir(parents=True)
-            fabric.barrier()
-            if self.deepspeed:
-                fabric.save(tmp / "deepspeed", {"model": model, "optimizer": optimizer})
-            elif fabric.global_rank == 0:
-                torch.save(model.state_dict(), tmp / "model.pt")
-                torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-            rank_state = {"rng": capture_rng_state(), "data": stream.state_dict()}
-            torch.save(rank_state, tmp / f"rank-{fabric.global_rank:05d}.pt")
-            if fabric.global_rank == 0:
-                trainer = {
-                    "scheduler": scheduler.state_dict(),
-                    "precision": fabric.strategy.precision.state_dict(),
-                    "loop": loop_state,
-                }
-                torch.save(trainer, tmp / "trainer.pt")
-                meta = {
-                    "format": FORMAT_VERSION, "step": step, "world_size": fabric.world_size,
-                    "deepspeed": self.deepspeed, "wandb_run_id": wandb_run_id, "config": config.to_dict(),
-                }
-                write_atomic(tmp / META, json.dumps(meta, indent=1).encode())
-            fabric.barrier()
-            if fabric.global_rank == 0:
-                write_manifest(tmp)
-                if final.exists():  # from an earlier trajectory of this run (resumed from an older checkpoint)
-                    stale = self.root / f".stale-{name}"
-                    os.replace(final, stale)
-                    shutil.rmtree(stale)
-                os.replace(tmp, final)
+            try:
+                if fabric.global_rank == 0:
+                    if tmp.exists():
+                        shutil.rmtree(tmp)  # left over from a run killed while saving
+                    tmp.mkdir(parents=True)
+                fabric.barrier()
+                if self.deepspeed:
+                    fabric.save(tmp / "deepspeed", {"model": model, "optimizer": optimizer})
+                elif fabric.global_rank == 0:
+                    torch.save(model.state_dict(), tmp / "model.pt")
+                    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+                rank_state = {"rng": capture_rng_state(), "data": stream.state_dict()}
+                torch.save(rank_state, tmp / f"rank-{fabric.global_rank:05d}.pt")
+                if fabric.global_rank == 0:
+                    trainer = {
+                        "scheduler": scheduler.state_dict(),
+                        "precision": fabric.strategy.precision.state_dict(),
+                        "loop": loop_state,
+                    }
+                    torch.save(trainer, tmp / "trainer.pt")
+                    meta = {
+                        "format": FORMAT_VERSION, "step": step, "world_size": fabric.world_size,
+                        "deepspeed": self.deepspeed, "wandb_run_id": wandb_run_id, "config": config.to_dict(),
+                    }
+                    write_atomic(tmp / META, json.dumps(meta, indent=1).encode())
+                fabric.barrier()
+                if fabric.global_rank == 0:
+                    write_manifest(tmp)
+                    if final.exists():  # from an earlier trajectory of this run (resumed from an older step)
+                        stale = self.root / f".stale-{name}"
+                        os.replace(final, stale)
+                        shutil.rmtree(stale)
+                    os.replace(tmp, final)
+            except BaseException:  # a failed or interrupted save leaves no half-written step behind
+                if fabric.global_rank == 0:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                raise
             self._saved_steps.add(step)
         if fabric.global_rank == 0:
             _point_link(self.root / "last", name)
@@ -296,8 +415,9 @@ class Checkpointer:
             model.load_state_dict(safe_load(directory / "model.pt"))
             optimizer.load_state_dict(safe_load(directory / "optimizer.pt"))
         trainer = safe_load(directory / "trainer.pt")
-        scheduler.load_state_dict(trainer["scheduler"])
-        fabric.strategy.precision.load_state_dict(trainer["precision"])
+        restore_schedule_step(scheduler, trainer["scheduler"])  # the step count; the curve is this run's config
+        if trainer["precision"]:  # empty from a run without a grad scaler (bf16, fp32): a new one starts fresh
+            fabric.strategy.precision.load_state_dict(trainer["precision"])
         rank_file = directory / f"rank-{fabric.global_rank:05d}.pt"
         if meta["world_size"] != fabric.world_size:
             warnings.warn(
@@ -306,7 +426,10 @@ class Checkpointer:
             )
         else:
             rank_state = safe_load(rank_file)
-            stream.load_state_dict(rank_state["data"])
+            try:
+                stream.load_state_dict(rank_state["data"])
+            except ValueError as error:  # other shards than the checkpoint's: its position means nothing here
+                raise CheckpointError(f"{rank_file}: {error}") from error
             restore_rng_state(rank_state["rng"])
         self._saved_steps.add(int(meta["step"]))
         return {"loop": trainer["loop"], "meta": meta}

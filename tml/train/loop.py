@@ -27,7 +27,7 @@ from tml.data.sampler import BatchStream
 from tml.data.shards import ShardIndex
 from tml.files import write_atomic
 from tml.model import Transformer
-from tml.train.checkpoint import Checkpointer, checkpoints_dir, read_meta, resolve_resume
+from tml.train.checkpoint import Checkpointer, checkpoints_dir, resume_checkpoint
 from tml.train.early_stopping import EarlyStopping
 from tml.train.evaluate import EvalResult, evaluate
 from tml.train.fabric import build_fabric, is_deepspeed
@@ -58,17 +58,14 @@ class TrainResult:
 def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResult:
     tc = config.train
     out_dir = Path(tc.out_dir)
-    resume_dir = resolve_resume(tc.resume, out_dir)
-    wandb_run_id = (read_meta(resume_dir).get("wandb_run_id") if resume_dir else None) or new_wandb_run_id()
+    resume_dir, meta, changed = resume_checkpoint(config)  # refuses a resume this config cannot continue
+    wandb_run_id = meta.get("wandb_run_id") or new_wandb_run_id()
 
     fabric = build_fabric(tc, build_loggers(config, wandb_run_id))
     fabric.launch()
     preemption = preemption or install_preemption_handler()
     deepspeed = is_deepspeed(fabric)
     rank0 = fabric.global_rank == 0
-    if rank0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(out_dir / "config.yaml", dump_yaml(config).encode())
 
     # Same seed everywhere for identical initial weights, then a per-rank seed for dropout and sampling.
     seed_everything(tc.seed, verbose=False)
@@ -107,6 +104,11 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         step = restored["loop"]["step"]
         early_stopping.load_state_dict(restored["loop"]["early_stopping"])
         fabric.print(f"resumed from {resume_dir} at step {step}")
+        if changed:
+            fabric.print(f"resuming with changed settings: {', '.join(changed)}")
+    if rank0:  # only now: a refused resume leaves the run's config.yaml describing its checkpoints
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_atomic(out_dir / "config.yaml", dump_yaml(config).encode())
 
     for logger in fabric.loggers:
         logger.log_hyperparams(flat_hyperparameters(config))
@@ -196,7 +198,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                     saved = checkpointer.has_saved(step)
                 if signalled_ranks > 0:
                     preempted = True
-                    report.print(f"step {step:>7d} | preemption signal received: saving `last` and stopping")
+                    report.print(f"step {step:>7d} | stop requested ({preemption.describe()}): "
+                                 "saving `last` and stopping")
                 if finite and not saved and (step % tc.ckpt_interval == 0 or step == tc.max_steps
                                              or stopped_early or preempted):
                     save()
@@ -209,7 +212,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                 val, _ = validate()
             report.summary({
                 "steps": f"{step:,} / {tc.max_steps:,}",
-                "best val loss": f"{early_stopping.best:.4f}",
+                "best val loss": f"{early_stopping.best:.4f}" if math.isfinite(early_stopping.best) else "-",
                 "final val loss": f"{val.loss:.4f}" if val else "-",
                 "final val perplexity": f"{val.perplexity:.2f}" if val else "-",
                 "stopped early": str(stopped_early),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -70,7 +71,8 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
 class CosineWithWarmup:
     """Multiplier on the base lr at optimizer step `step`: linear warm-up, then cosine down to min_lr at the last step.
 
-    A callable object rather than a lambda so LambdaLR.state_dict() saves its fields with the checkpoint.
+    A callable object rather than a lambda so LambdaLR.state_dict() saves its fields with the checkpoint; a resume
+    takes only the step count from there (restore_schedule_step), so the current config governs the curve.
     """
 
     max_steps: int
@@ -90,3 +92,22 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> Lam
     warmup_steps = int(train.warmup_frac * train.max_steps)
     min_ratio = train.min_lr / train.lr if train.lr > 0 else 0.0
     return LambdaLR(optimizer, CosineWithWarmup(train.max_steps, warmup_steps, min_ratio))
+
+
+def restore_schedule_step(scheduler: LambdaLR, saved: dict[str, Any]) -> None:
+    """Continue at a saved schedule's step count under the *current* config's schedule.
+
+    LambdaLR.load_state_dict would also bring back the saved base lrs and CosineWithWarmup fields, so a resume
+    with a new max_steps or lr would silently keep the old curve. Those come from the config built into
+    `scheduler`; the optimizer's lrs (just restored from its checkpoint) are set to that curve at the saved step,
+    which with an unchanged config are exactly the values the uninterrupted run would have used.
+    """
+    step = saved["last_epoch"]
+    current = {
+        "base_lrs": list(scheduler.base_lrs),
+        "lr_lambdas": [vars(fn).copy() for fn in scheduler.lr_lambdas],
+        "_last_lr": [base * fn(step) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas, strict=True)],
+    }
+    scheduler.load_state_dict({**saved, **current})
+    for group, lr in zip(scheduler.optimizer.param_groups, current["_last_lr"], strict=True):
+        group["lr"] = lr

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from tml.files import replaced_on_success
+
 # DeepSpeed reads its own files with torch.load(weights_only=False). Its optimizer shards hold, besides tensors and
 # containers, instances of exactly these plain data classes; anything else in a file means it is not a checkpoint
 # this code wrote, and it is refused before DeepSpeed unpickles it.
@@ -99,10 +101,16 @@ def save_fp32_state_dict(state: dict[str, torch.Tensor], output_file: str | Path
     `Transformer(config).load_state_dict(torch.load(path, weights_only=True))` works on the result.
     """
     output_file = Path(output_file)
+    if output_file.is_dir():
+        raise IsADirectoryError(f"{output_file} is a directory; name the file to write, e.g. {output_file}/model.pt")
     output_file.parent.mkdir(parents=True, exist_ok=True)
-    tmp = output_file.with_name(f".{output_file.name}.tmp")
-    torch.save({name: t.float() if t.is_floating_point() else t for name, t in state.items()}, tmp)
-    os.replace(tmp, output_file)
+    state = {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
+    # Opened here rather than by torch.save: Python's OSError names the reason (torch's says "enforce fail").
+    with replaced_on_success(output_file, output_file.with_name(f".{output_file.name}.tmp")) as tmp, \
+            open(tmp, "wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())  # on disk before the rename, as write_atomic does
     return output_file
 
 

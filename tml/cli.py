@@ -95,6 +95,24 @@ def load_model(checkpoint: str, device: torch.device) -> torch.nn.Module:
     return model.to(device).eval()
 
 
+def chosen_checkpoint(command: str, path: str) -> str:
+    """The checkpoint directory `path` names. For a run directory, say which of its checkpoints is used (its
+    `best`, else `last`), since the user did not name one."""
+    from tml.train.checkpoint import checkpoints_dir, find_checkpoint
+
+    directory = find_checkpoint(path)
+    if directory != Path(path).resolve():
+        best = checkpoints_dir(path) / "best"
+        which = "best" if best.exists() and best.resolve() == directory else "last"
+        print(f"tml {command}: using {directory} (the run's {which}; name a checkpoint directory to use another)",
+              file=sys.stderr)
+    return str(directory)
+
+
+def n_tokens(count: int) -> str:
+    return f"{count:,} token" + ("" if count == 1 else "s")
+
+
 def default_device() -> torch.device:
     import torch
 
@@ -123,18 +141,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     options = sampling_options(args)
     device = default_device()
-    model = load_model(args.checkpoint, device)
+    model = load_model(chosen_checkpoint("generate", args.checkpoint), device)
     tokenizer = get_tokenizer()
     prompt = tokenizer.encode(args.prompt, allowed_special="all") or [tokenizer.eot_token]
     block = model.config.block_size
     room = block - len(prompt)  # RoPE positions past the block were never trained: generate stops there
     if room < min(args.max_new_tokens, 1):  # the prompt alone fills (or overflows) the block
-        raise ValueError(f"the prompt is {len(prompt)} tokens and the model's block_size is {block}: "
+        raise ValueError(f"the prompt is {n_tokens(len(prompt))} and the model's block_size is {block}: "
                          "no room to generate; shorten --prompt")
     new_tokens = min(args.max_new_tokens, room)
     if new_tokens < args.max_new_tokens:
-        print(f"tml generate: generating {new_tokens} tokens, not {args.max_new_tokens}: a {len(prompt)}-token "
-              f"prompt leaves {room} of the model's block_size {block}", file=sys.stderr)
+        print(f"tml generate: generating {n_tokens(new_tokens)}, not {args.max_new_tokens}: a prompt of "
+              f"{n_tokens(len(prompt))} leaves {room} of the model's block_size {block}", file=sys.stderr)
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(idx, new_tokens, generator=generator, **options)
@@ -206,7 +224,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     path = Path(args.data)
     text = read_text_file(path)  # before the model loads: a wrong file is refused at once
     device = default_device()
-    model = load_model(args.checkpoint, device)
+    model = load_model(chosen_checkpoint("eval", args.checkpoint), device)
     tokens = get_tokenizer().encode_ordinary(text)
     if len(tokens) < 2:
         raise ValueError(f"--data {path}: needs at least two tokens of text")
@@ -224,7 +242,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.is_dir():  # before the checkpoint loads: refused at once
         raise ValueError(f"--output {output} is a directory; name the file to write, e.g. {output / 'model.pt'}")
-    state, _ = load_model_weights(args.checkpoint)
+    state, _ = load_model_weights(chosen_checkpoint("export", args.checkpoint))
     try:
         save_fp32_state_dict(state, output)
     except (OSError, RuntimeError) as error:  # torch.save reports an unopenable file as a RuntimeError

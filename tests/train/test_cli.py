@@ -59,9 +59,17 @@ def test_generate_with_defaults_fills_the_block_and_says_it_stopped_short(traine
     captured = capsys.readouterr()
     block = debug_model_config().block_size
     assert code == 0
-    assert captured.err == (f"tml generate: generating {block - 1} tokens, not 100: a 1-token prompt leaves "
-                            f"{block - 1} of the model's block_size {block}\n")
+    assert captured.err.splitlines()[-1] == (f"tml generate: generating {block - 1} tokens, not 100: a prompt of "
+                                             f"1 token leaves {block - 1} of the model's block_size {block}")
     assert len(get_tokenizer().encode(captured.out.removesuffix("\n"), allowed_special="all")) >= block - 1
+
+
+def test_a_run_directory_says_which_of_its_checkpoints_is_used(trained_run, capsys):
+    best = (checkpoints_dir(trained_run) / "best").resolve()
+    assert main(["generate", "--checkpoint", str(trained_run), "--prompt", "Once", "--max-new-tokens", "2"]) == 0
+    assert f"tml generate: using {best} (the run's best;" in capsys.readouterr().err
+    assert main(["generate", "--checkpoint", str(best), "--prompt", "Once", "--max-new-tokens", "2"]) == 0
+    assert "using" not in capsys.readouterr().err  # a checkpoint named by the user needs no notice
 
 
 def test_generate_top_k_0_means_off(trained_run, capsys):
@@ -151,7 +159,7 @@ def test_export_that_fails_while_writing_says_why_in_one_line_and_leaves_no_temp
     monkeypatch.setattr(zero_export.torch, "save", disk_fills_up)
     output = tmp_path / "weights.pt"
     assert main(["export", "--checkpoint", str(trained_run), "--output", str(output)]) == 1
-    assert capsys.readouterr().err == f"tml export: cannot write {output}: No space left on device\n"
+    assert capsys.readouterr().err.splitlines()[-1] == f"tml export: cannot write {output}: No space left on device"
     assert list(tmp_path.iterdir()) == []
 
 

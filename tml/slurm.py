@@ -188,7 +188,9 @@ class SlurmResources:
     def describe(self) -> str:
         per_node = f"{self.gpus_per_node} GPU tasks" if self.gpus_per_node else f"{self.devices_per_node} CPU tasks"
         backend = "nccl" if self.gpus_per_node else "gloo"
-        return f"{self.nodes} node(s) x {per_node} = {self.world_size} ranks ({backend}), time limit {self.time}"
+        unit = " min" if self.time.isdigit() else ""  # SLURM reads a bare number as minutes
+        return (f"{self.nodes} node(s) x {per_node} = {self.world_size} ranks ({backend}), "
+                f"time limit {self.time}{unit}")
 
 
 def executor_parameters(resources: SlurmResources) -> dict[str, Any]:
@@ -407,8 +409,7 @@ def wait(job: SlurmJob, poll_s: float = WAIT_POLL_S, out=sys.stdout) -> tuple[in
         if time.monotonic() - last_poll >= poll_s:
             last_poll = time.monotonic()
             job.get_info(mode="force")
-            info = slurm_job_state(job.job_id)
-            state = f"{info.get('JobState', job.state)} ({info.get('Reason', '')})" if info else job.state
+            state = job_state_line(slurm_job_state(job.job_id), job.state)
             if state != last_state:
                 print(f"job {job.job_id}: {state}", file=out, flush=True)
                 last_state = state
@@ -418,6 +419,18 @@ def wait(job: SlurmJob, poll_s: float = WAIT_POLL_S, out=sys.stdout) -> tuple[in
     try:
         results = job.results()
     except (UncompletedJobError, FailedJobError) as error:
-        print(f"job {job.job_id} failed:\n{error}", file=out, flush=True)
+        if slurm_job_state(job.job_id).get("JobState", "").startswith("CANCELLED"):  # not a failure: say so briefly
+            print(f"job {job.job_id} was cancelled; its tasks save `last` on scancel's SIGTERM (submit again with "
+                  "--train.resume auto to continue)", file=out, flush=True)
+        else:
+            print(f"job {job.job_id} failed:\n{error}", file=out, flush=True)
         return slurm_exit_code(job.job_id) or 1, None
     return 0, results[0]
+
+
+def job_state_line(info: dict[str, str], fallback: str) -> str:
+    """`RUNNING` or `PENDING (Resources)`: SLURM's state, with its reason when it gives one (it says "None")."""
+    if not info:
+        return fallback
+    state, reason = info.get("JobState", fallback), info.get("Reason", "")
+    return f"{state} ({reason})" if reason and reason != "None" else state

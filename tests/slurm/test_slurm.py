@@ -19,6 +19,7 @@ from tml.slurm import (
     SlurmSubmitError,
     config_for_job,
     config_for_restart,
+    job_state_line,
     make_executor,
     parse_time_limit,
     render_sbatch,
@@ -221,3 +222,14 @@ def test_refused_submission_keeps_what_was_in_the_folder_before(tmp_path, refusi
     with pytest.raises(SlurmSubmitError):
         submit(make_executor(SlurmResources(gpus_per_node=0, time="5"), folder), print)
     assert sorted(folder.iterdir()) == sorted(earlier)
+
+
+def test_job_state_line_shows_a_reason_only_when_slurm_gives_one():
+    assert job_state_line({"JobState": "PENDING", "Reason": "Resources"}, "UNKNOWN") == "PENDING (Resources)"
+    assert job_state_line({"JobState": "RUNNING", "Reason": "None"}, "UNKNOWN") == "RUNNING"
+    assert job_state_line({}, "COMPLETED") == "COMPLETED"  # scontrol forgot the job: Submitit's view
+
+
+def test_a_bare_time_limit_is_described_in_minutes():
+    assert SlurmResources(nodes=1, time="30").describe().endswith("time limit 30 min")
+    assert SlurmResources(nodes=1, time="4:00:00").describe().endswith("time limit 4:00:00")

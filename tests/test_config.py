@@ -41,6 +41,12 @@ def test_wrong_type_is_rejected_with_the_key_named(tmp_path):
         load_yaml_config(path)
 
 
+def test_a_wrong_type_on_the_command_line_is_one_line():
+    with pytest.raises(ConfigError) as caught:
+        load_config(["--train.lr", "abc"])
+    assert "train.lr" in str(caught.value) and "abc" in str(caught.value) and "\n" not in str(caught.value)
+
+
 def test_invalid_model_combination_names_the_field(tmp_path):
     path = write(tmp_path, "model:\n  n_head: 5\n")
     with pytest.raises((ConfigError, ModelConfigError), match="n_embd"):

@@ -76,8 +76,8 @@ def load_config(args: Sequence[str] | None = None, parser: ArgumentParser | None
     parser = parser or build_parser()
     try:
         namespace = parser.parse_args(list(args) if args is not None else None)
-    except Exception as error:  # jsonargparse raises ArgumentError with the key named
-        raise ConfigError(str(error)) from error
+    except Exception as error:  # jsonargparse raises ArgumentError with the key named, over several lines
+        raise ConfigError(" ".join(line.strip() for line in str(error).splitlines() if line.strip())) from error
     return config_from_namespace(parser, namespace)
 
 

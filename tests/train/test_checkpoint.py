@@ -1,12 +1,15 @@
 import json
 import os
 import random
+import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
 
 from tests.conftest import debug_model_config
+from tests.train.conftest import tiny_run_config
 from tml.config import Config
 from tml.data.packed import PackedDataset
 from tml.data.sampler import BatchStream
@@ -15,13 +18,18 @@ from tml.train.checkpoint import (
     Checkpointer,
     CheckpointError,
     check_resume_config,
+    check_resume_layout,
+    checkpoints_dir,
     load_model_weights,
+    read_meta,
     resolve_resume,
+    step_name,
     verify_checkpoint,
     write_manifest,
 )
 from tml.train.config import TrainConfig
 from tml.train.fabric import build_fabric
+from tml.train.loop import train
 from tml.train.optim import build_optimizer, build_scheduler
 
 
@@ -162,6 +170,26 @@ def test_auto_resumes_the_newest_step_when_a_run_died_before_pointing_last(tmp_p
         resolve_resume("none", tmp_path)
 
 
+def test_a_dangling_last_names_the_newest_complete_step_and_how_auto_reaches_it(tmp_path, tiny_shards):
+    saved_run(tmp_path, tiny_shards, steps=(2, 4), keep=2, best_at=())
+    root = tmp_path / "checkpoints"
+    shutil.rmtree(root / "step-0000004")  # `last` now points at nothing
+    with pytest.raises(CheckpointError, match=r"last points to a missing checkpoint \(step-0000004\); the newest "
+                                              r"complete checkpoint is step-0000002: remove the last link and "
+                                              r"--train.resume auto continues from it"):
+        resolve_resume("auto", tmp_path)
+    (root / "last").unlink()
+    assert resolve_resume("auto", tmp_path) == (root / "step-0000002").resolve()
+
+
+def test_a_dangling_last_with_no_step_left_says_removing_it_starts_afresh(tmp_path):
+    root = tmp_path / "checkpoints"
+    root.mkdir()
+    os.symlink("step-0000140", root / "last")
+    with pytest.raises(CheckpointError, match="no complete checkpoint is left: remove the last link"):
+        resolve_resume("auto", tmp_path)
+
+
 def test_a_changed_model_is_refused_naming_each_key_both_values_and_the_way_out(tmp_path):
     saved = Config(model=debug_model_config()).to_dict()
     current = Config(model=debug_model_config(attention="mha", n_layer=3))
@@ -170,7 +198,11 @@ def test_a_changed_model_is_refused_naming_each_key_both_values_and_the_way_out(
     message = str(refused.value)
     assert "model.n_layer 2 -> 3" in message and "model.attention mla -> mha" in message
     assert "another --train.out_dir" in message and "--model.n_layer 2 --model.attention mla" in message
-    with pytest.raises(CheckpointError, match="--train.resume none"):  # resumed from a path: no out_dir to change
+    current.train.out_dir = str(tmp_path / "new")
+    with pytest.raises(CheckpointError, match="new run with --train.resume none, or"):  # resumed from a path
+        check_resume_config(tmp_path, saved, current, str(tmp_path))
+    (checkpoints_dir(current.train.out_dir) / step_name(4)).mkdir(parents=True)  # resume none would be refused
+    with pytest.raises(CheckpointError, match="--train.resume none and another --train.out_dir, or"):
         check_resume_config(tmp_path, saved, current, str(tmp_path))
 
 
@@ -190,12 +222,87 @@ def test_other_changes_are_listed_for_the_notice_and_paths_of_the_run_are_not(tm
     current = Config()
     current.train.max_steps, current.train.lr, current.data.shard_dir = 400, 1e-3, "/scratch/shards"
     current.train.resume, current.train.out_dir, current.data.num_workers = "auto", "runs/moved", 4
+    current.model.dropout, current.train.devices, current.train.num_nodes = 0.1, 2, 2
     assert check_resume_config(tmp_path, saved, current, "auto") == [
-        "data.shard_dir data/gutenberg/shards -> /scratch/shards", "train.max_steps 18370 -> 400",
-        "train.lr 0.0003 -> 0.001",
+        "model.dropout 0.0 -> 0.1", "data.shard_dir data/gutenberg/shards -> /scratch/shards",
+        "train.max_steps 18370 -> 400", "train.lr 0.0003 -> 0.001", "train.devices 1 -> 2", "train.num_nodes 1 -> 2",
     ]
     del saved["train"]["max_steps"]  # a key the checkpoint predates is not compared
     assert "train.max_steps" not in " ".join(check_resume_config(tmp_path, saved, current, "auto"))
+
+
+def test_a_path_written_absolute_is_the_same_setting(tmp_path, monkeypatch):
+    """launch/slurm.py makes data paths absolute: a SLURM restart of a run started with relative ones changes nothing."""
+    monkeypatch.chdir(tmp_path)
+    saved = Config().to_dict()
+    saved["data"]["source"] = "books"
+    current = Config()
+    current.data.source, current.data.shard_dir = str(tmp_path / "books"), str(tmp_path / "data/gutenberg/shards/")
+    assert check_resume_config(tmp_path, saved, current, "auto") == []
+    current.data.source = "gutenberg"  # the download keyword, not a directory called gutenberg
+    with pytest.raises(CheckpointError, match="data.source books -> gutenberg"):
+        check_resume_config(tmp_path, saved, current, "auto")
+
+
+def fake_saved_run(out_dir, saved_config, world_size, deepspeed):
+    """The meta.json resume_checkpoint reads, behind `last`: enough for a refusal that must come first."""
+    step = out_dir / "checkpoints" / "step-0000004"
+    step.mkdir(parents=True)
+    meta = {"format": 1, "step": 4, "world_size": world_size, "deepspeed": deepspeed, "wandb_run_id": None,
+            "config": saved_config.to_dict()}
+    (step / "meta.json").write_text(json.dumps(meta))
+    os.symlink(step.name, out_dir / "checkpoints" / "last")
+    return step
+
+
+def test_a_zero_checkpoint_under_another_rank_count_is_refused_before_anything_is_written(tmp_path, tiny_shards):
+    zero = dict(strategy="deepspeed", zero_stage=2, resume="auto")
+    step = fake_saved_run(tmp_path, tiny_run_config(tiny_shards, tmp_path, devices=2, **zero), 2, True)
+    before = sorted(tmp_path.rglob("*"))
+    with pytest.raises(CheckpointError) as refused:
+        train(tiny_run_config(tiny_shards, tmp_path, devices=1, **zero))
+    message = str(refused.value)
+    assert "\n" not in message
+    assert f"{step} holds ZeRO shards for 2 ranks but this run has 1" in message
+    assert "resume it with 2 ranks" in message and f"`tml eval --checkpoint {step}` read its weights" in message
+    assert "`tml export` writes them as one fp32 .pt" in message
+    assert sorted(tmp_path.rglob("*")) == before  # no config.yaml, no logger files
+
+
+@pytest.mark.parametrize("saved_deepspeed, saved_strategy, advice", [
+    (True, "deepspeed", "with 2 ranks (train.devices x train.num_nodes) and --train.strategy deepspeed "
+                        "--train.zero_stage 3; `tml generate`/`tml eval"),
+    (False, "ddp", "resume it with --train.strategy ddp; `tml generate`/`tml eval"),
+])
+def test_a_checkpoint_of_another_strategy_is_refused_with_advice_that_exists(tmp_path, saved_deepspeed,
+                                                                             saved_strategy, advice):
+    saved = Config(train=TrainConfig(strategy=saved_strategy, zero_stage=3)).to_dict()
+    meta = {"world_size": 2, "deepspeed": saved_deepspeed, "config": saved}
+    with pytest.raises(CheckpointError, match=re.escape(advice)) as refused:
+        check_resume_layout(tmp_path, meta, deepspeed=not saved_deepspeed, world_size=2)
+    assert "start a new run from the weights" not in str(refused.value)
+    check_resume_layout(tmp_path, meta, deepspeed=saved_deepspeed, world_size=1 if not saved_deepspeed else 2)
+
+
+def test_another_rank_count_continues_the_data_position_with_a_notice(tmp_path, tiny_shards):
+    """Every rank saves the same data position; only the per-rank RNG states cannot carry over."""
+    _, _, _, _, stream = saved_run(tmp_path, tiny_shards, steps=(3,), best_at=())
+    expected_next = next(stream)
+    expected_rng = draws()
+    directory = resolve_resume("auto", tmp_path)
+    meta = read_meta(directory)
+    meta["world_size"] = 2  # as if saved by 2 ranks; rank-00000.pt holds the position they all shared
+    (directory / "meta.json").write_text(json.dumps(meta))
+    write_manifest(directory)
+
+    random.seed(11), np.random.seed(11), torch.manual_seed(11)
+    fabric, model, optimizer, scheduler, stream2 = training_objects(tiny_shards, seed=99)
+    restored = Checkpointer(fabric, tmp_path, keep=1).load(directory, model, optimizer, scheduler, stream2)
+    assert restored["notices"] == [f"{directory} was saved with 2 ranks, this run has 1: the data stream continues "
+                                   "from the saved position (rounded down to a whole global batch) and RNG states are "
+                                   "re-seeded"]
+    assert draws() != expected_rng
+    assert all(torch.equal(a, b) for a, b in zip(next(stream2), expected_next, strict=True))
 
 
 def test_a_stream_over_other_windows_is_refused_as_a_checkpoint_error(tmp_path, tiny_shards):

@@ -1,5 +1,6 @@
 """A run killed with SIGKILL and resumed with `--train.resume auto` ends bit-identical to an uninterrupted run."""
 
+import json
 import signal
 import subprocess
 import sys
@@ -8,11 +9,12 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO_ROOT
+from tests.conftest import REPO_ROOT, debug_model_config
 from tests.train.conftest import tiny_run_config
 from tests.train.test_loop import SUBPROCESS_TIMEOUT_S, launch
 from tml.config import dump_yaml
-from tml.train.checkpoint import checkpoints_dir, read_meta, safe_load
+from tml.train.checkpoint import checkpoints_dir, read_meta, safe_load, write_manifest
+from tml.train.loop import train
 
 POLL_S = 0.05
 
@@ -57,3 +59,24 @@ def test_sigkilled_run_resumed_with_auto_matches_an_uninterrupted_run_bit_for_bi
         assert torch.equal(model_res[name], value), name
     for index, state in optim_ref["state"].items():
         assert torch.equal(optim_res["state"][index]["exp_avg_sq"], state["exp_avg_sq"])
+
+
+def test_resume_with_another_rank_count_or_dropout_prints_one_line_notices_not_warnings(
+        tmp_path, tiny_shards, capsys, recwarn):
+    config = tiny_run_config(tiny_shards, tmp_path, max_steps=2, val_interval=2, ckpt_interval=2)
+    train(config)
+    last = (checkpoints_dir(tmp_path) / "last").resolve()
+    meta = read_meta(last)
+    meta["world_size"] = 2  # as if saved by two DDP ranks, which all save the same data position
+    (last / "meta.json").write_text(json.dumps(meta))
+    write_manifest(last)
+    capsys.readouterr()
+
+    config.model, config.train.resume, config.train.max_steps = debug_model_config(dropout=0.1), "auto", 3
+    assert train(config).final_step == 3
+    out = capsys.readouterr().out
+    notice = (f"{last} was saved with 2 ranks, this run has 1: the data stream continues from the saved position "
+              "(rounded down to a whole global batch) and RNG states are re-seeded")
+    assert out.count(notice) == 1
+    assert "resuming with changed settings: model.dropout 0.0 -> 0.1, train.max_steps 2 -> 3" in out
+    assert not [w for w in recwarn if "ranks, this run has" in str(w.message)]

@@ -21,9 +21,10 @@ loader; the manifest still guards them.) Older step checkpoints beyond `keep` ar
 `last` or `best`.
 
 Resuming compares the run's config with the checkpoint's before anything is written (check_resume_config): a
-changed model or data stream is refused, other changes are reported. The checkpoint supplies the schedule's step
-count, not its shape, so a new max_steps or lr takes effect; and a fresh run (`resume: none`) is refused over an
-out_dir that already holds checkpoints.
+changed model or data stream is refused, and so is a DeepSpeed checkpoint under another strategy or rank count
+(check_resume_layout); other changes are reported. The checkpoint supplies the schedule's step count, not its
+shape, so a new max_steps or lr takes effect; and a fresh run (`resume: none`) is refused over an out_dir that
+already holds checkpoints.
 """
 
 from __future__ import annotations
@@ -34,7 +35,6 @@ import random
 import re
 import shlex
 import shutil
-import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,12 +89,21 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
             steps = saved_steps(out_dir)
             return (checkpoints_dir(out_dir) / step_name(max(steps))).resolve() if steps else None
         if not last.exists():
-            raise CheckpointError(f"{last} points to a missing checkpoint ({os.readlink(last)})")
+            raise CheckpointError(f"{last} points to a missing checkpoint ({os.readlink(last)}); {_dangling_last_advice(last)}")
         return last.resolve()
     path = Path(resume)
     if not path.exists():
         raise CheckpointError(f"train.resume={resume!r}: no such checkpoint")
     return find_checkpoint(path)
+
+
+def _dangling_last_advice(dangling_last: Path) -> str:
+    """What `--train.resume auto` does once a dangling `last` is removed (it falls back to the newest step)."""
+    steps = saved_steps(dangling_last.parent.parent)
+    if steps:
+        return (f"the newest complete checkpoint is {step_name(max(steps))}: remove the {dangling_last.name} link "
+                "and --train.resume auto continues from it")
+    return f"no complete checkpoint is left: remove the {dangling_last.name} link to start the run afresh"
 
 
 def saved_steps(out_dir: str | Path) -> list[int]:
@@ -200,6 +209,24 @@ SILENT_ON_RESUME = frozenset({
 DATA_POSITION_KEYS = frozenset({
     "data.source", "data.book_ids", "data.max_books", "data.val_frac", "data.split_seed", "data.stride", "train.seed",
 })
+# The only model setting that leaves the weights' names, shapes and meaning alone: dropout acts in training only.
+MODEL_NOTICE_KEYS = frozenset({"model.dropout"})
+# Settings that name a file or directory: launch/slurm.py makes them absolute, so `data/shards` and
+# `/home/me/run/data/shards` are the same setting. The saved run's working directory is not recorded; relative
+# values are taken from this one's, where a resumed run is normally started too.
+PATH_KEYS = frozenset({"data.source", "data.raw_dir", "data.shard_dir", "train.out_dir"})
+GUTENBERG_SOURCE = "gutenberg"  # data.source's one value that is not a directory
+
+
+def same_setting(key: str, saved: Any, current: Any) -> bool:
+    """Equal values, or (PATH_KEYS) two spellings of the same path."""
+    if saved == current:
+        return True
+    if key not in PATH_KEYS or not isinstance(saved, str) or not isinstance(current, str):
+        return False
+    if key == "data.source" and GUTENBERG_SOURCE in (saved, current):
+        return False
+    return Path(saved).expanduser().resolve() == Path(current).expanduser().resolve()
 
 
 def changed_settings(saved: dict[str, Any], current: Config) -> list[tuple[str, Any, Any]]:
@@ -211,8 +238,9 @@ def changed_settings(saved: dict[str, Any], current: Config) -> list[tuple[str, 
     for section, values in current.to_dict().items():
         saved_section = saved.get(section, {})
         for key, value in values.items():
-            if key in saved_section and saved_section[key] != value:
-                changes.append((f"{section}.{key}", saved_section[key], value))
+            name = f"{section}.{key}"
+            if key in saved_section and not same_setting(name, saved_section[key], value):
+                changes.append((name, saved_section[key], value))
     return changes
 
 
@@ -226,20 +254,24 @@ def check_resume_config(resume_dir: Path, saved: dict[str, Any], current: Config
 
     `saved` is the checkpoint's config (meta.json). A different model cannot take the saved weights, and the
     DATA_POSITION_KEYS above make the saved data position meaningless: both raise CheckpointError naming each key
-    with both values. Everything else (max_steps, lr, intervals, ...) may change on resume and is returned for a
-    notice. Called before anything is written, so a refused resume leaves the run directory as it was.
+    with both values. Everything else (max_steps, lr, dropout, devices, ...) may change on resume and is returned
+    for a notice. Called before anything is written, so a refused resume leaves the run directory as it was.
     """
     changes = [c for c in changed_settings(saved, current) if c[0] not in SILENT_ON_RESUME]
-    refused = [c for c in changes if c[0].startswith("model.") or c[0] in DATA_POSITION_KEYS]
+    refused = [c for c in changes if _changes_weights(c[0]) or c[0] in DATA_POSITION_KEYS]
     if refused:
         reasons = []
-        if any(key.startswith("model.") for key, _, _ in refused):
+        if any(_changes_weights(key) for key, _, _ in refused):
             reasons.append("its weights are for the saved model")
         if any(key in DATA_POSITION_KEYS for key, _, _ in refused):
             reasons.append("its data position counts windows of the saved data and seed")
         listed = ", ".join(f"{key} {_shown(old)} -> {_shown(new)}" for key, old, new in refused)
         old_values = " ".join(f"--{key} {shlex.quote(_shown(old))}" for key, old, _ in refused)
-        fresh = "another --train.out_dir" if resume == "auto" else "--train.resume none"
+        if resume == "auto":
+            fresh = "another --train.out_dir"
+        else:  # resume none over an out_dir that holds a run is refused (resolve_resume)
+            fresh = "--train.resume none" + (" and another --train.out_dir" if describe_saved_run(
+                current.train.out_dir) else "")
         raise CheckpointError(
             f"cannot resume {resume_dir} with changed {listed} ({'; '.join(reasons)}): start a new run with "
             f"{fresh}, or continue this one with {old_values}"
@@ -247,17 +279,52 @@ def check_resume_config(resume_dir: Path, saved: dict[str, Any], current: Config
     return [f"{key} {_shown(old)} -> {_shown(new)}" for key, old, new in changes]
 
 
+def _changes_weights(key: str) -> bool:
+    return key.startswith("model.") and key not in MODEL_NOTICE_KEYS
+
+
+def check_resume_layout(directory: Path, meta: dict[str, Any], deepspeed: bool, world_size: int) -> None:
+    """Refuse a checkpoint whose files this run's strategy cannot load, before DeepSpeed tries and fails.
+
+    A DeepSpeed checkpoint holds ZeRO shards, one set per rank: only DeepSpeed with the same rank count reads
+    them back for training. generate, eval and export read any checkpoint directory, consolidating shards first.
+    """
+    saved_train = meta.get("config", {}).get("train", {})
+    saved_deepspeed, saved_world = meta.get("deepspeed", False), meta.get("world_size", world_size)
+    readers = f"`tml generate`/`tml eval --checkpoint {directory}` read its weights as they are"
+    if saved_deepspeed and (not deepspeed or saved_world != world_size):
+        stage = saved_train.get("zero_stage")
+        strategy = f"--train.strategy deepspeed{f' --train.zero_stage {stage}' if stage else ''}"
+        if deepspeed:
+            problem, way = f"holds ZeRO shards for {saved_world} ranks but this run has {world_size}", ""
+        else:
+            problem, way = "was saved by DeepSpeed ZeRO, which this run does not use", f" and {strategy}"
+        raise CheckpointError(
+            f"{directory} {problem}: resume it with {saved_world} ranks (train.devices x train.num_nodes){way}; "
+            f"{readers}, and `tml export` writes them as one fp32 .pt"
+        )
+    if deepspeed and not saved_deepspeed:
+        strategy = saved_train.get("strategy", "auto")
+        raise CheckpointError(
+            f"{directory} was saved without DeepSpeed (train.strategy {strategy}) and cannot be loaded into a ZeRO "
+            f"engine: resume it with --train.strategy {strategy}; {readers}"
+        )
+
+
 def resume_checkpoint(config: Config) -> tuple[Path | None, dict[str, Any], list[str]]:
     """The checkpoint this run resumes from (None for a fresh run), its meta.json, and the settings changed since.
 
-    Raises CheckpointError for what cannot resume (resolve_resume, check_resume_config) without writing anything,
-    so a launcher can call it before building data for the run.
+    Raises CheckpointError for what cannot resume (resolve_resume, check_resume_config, check_resume_layout)
+    without writing anything, so a launcher can call it before building data for the run.
     """
-    resume_dir = resolve_resume(config.train.resume, config.train.out_dir)
+    train = config.train
+    resume_dir = resolve_resume(train.resume, train.out_dir)
     if resume_dir is None:
         return None, {}, []
     meta = read_meta(resume_dir)
-    return resume_dir, meta, check_resume_config(resume_dir, meta["config"], config, config.train.resume)
+    changed = check_resume_config(resume_dir, meta["config"], config, train.resume)
+    check_resume_layout(resume_dir, meta, train.strategy == "deepspeed", train.devices * train.num_nodes)
+    return resume_dir, meta, changed
 
 
 # ------------------------------------------------------------------------------------------------- RNG states
@@ -376,13 +443,9 @@ class Checkpointer:
                 shutil.rmtree(self.root / name)
 
     def _verify(self, directory: Path) -> dict[str, Any]:
-        """The manifest, the DeepSpeed flag and (DeepSpeed) the shards' safety; returns meta.json."""
+        """The manifest, check_resume_layout and (DeepSpeed) the shards' safety; returns meta.json."""
         meta = verify_checkpoint(directory)
-        if meta.get("deepspeed", False) != self.deepspeed:
-            raise CheckpointError(
-                f"{directory / META}: saved with deepspeed={meta.get('deepspeed')} but this run uses "
-                f"deepspeed={self.deepspeed}; export it with `tml export` and start a new run from the weights"
-            )
+        check_resume_layout(directory, meta, self.deepspeed, self.fabric.world_size)
         if self.deepspeed:
             try:
                 verify_deepspeed_checkpoint(directory / "deepspeed")  # DeepSpeed itself unpickles without limits
@@ -398,7 +461,10 @@ class Checkpointer:
         scheduler: torch.optim.lr_scheduler.LRScheduler,
         stream,
     ) -> dict[str, Any]:
-        """Restore everything saved by save() into the set-up objects; returns the loop state and meta."""
+        """Restore everything saved by save() into the set-up objects.
+
+        Returns the loop state, meta.json and `notices`: lines for rank 0 to print (a changed rank count).
+        """
         fabric = self.fabric
         error = meta = None
         if fabric.global_rank == 0:  # the files are shared: one rank checks them for all
@@ -418,21 +484,24 @@ class Checkpointer:
         restore_schedule_step(scheduler, trainer["scheduler"])  # the step count; the curve is this run's config
         if trainer["precision"]:  # empty from a run without a grad scaler (bf16, fp32): a new one starts fresh
             fabric.strategy.precision.load_state_dict(trainer["precision"])
-        rank_file = directory / f"rank-{fabric.global_rank:05d}.pt"
-        if meta["world_size"] != fabric.world_size:
-            warnings.warn(
-                f"{directory} was saved with {meta['world_size']} ranks, this run has {fabric.world_size}: "
-                "the data stream restarts its epoch position and RNG states are re-seeded", stacklevel=2,
-            )
-        else:
-            rank_state = safe_load(rank_file)
-            try:
-                stream.load_state_dict(rank_state["data"])
-            except ValueError as error:  # other shards than the checkpoint's: its position means nothing here
-                raise CheckpointError(f"{rank_file}: {error}") from error
+        notices = []
+        same_ranks = meta["world_size"] == fabric.world_size
+        # Every rank saved the same data position, so rank 0's serves any rank count (BatchStream re-divides it);
+        # RNG states belong to one rank each and only carry over rank for rank.
+        rank_file = directory / f"rank-{fabric.global_rank if same_ranks else 0:05d}.pt"
+        rank_state = safe_load(rank_file)
+        try:
+            stream.load_state_dict(rank_state["data"])
+        except ValueError as error:  # other shards than the checkpoint's: its position means nothing here
+            raise CheckpointError(f"{rank_file}: {error}") from error
+        if same_ranks:
             restore_rng_state(rank_state["rng"])
+        else:
+            notices.append(f"{directory} was saved with {meta['world_size']} ranks, this run has {fabric.world_size}: "
+                           "the data stream continues from the saved position (rounded down to a whole global batch) "
+                           "and RNG states are re-seeded")
         self._saved_steps.add(int(meta["step"]))
-        return {"loop": trainer["loop"], "meta": meta}
+        return {"loop": trainer["loop"], "meta": meta, "notices": notices}
 
 
 def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:

@@ -104,6 +104,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         step = restored["loop"]["step"]
         early_stopping.load_state_dict(restored["loop"]["early_stopping"])
         fabric.print(f"resumed from {resume_dir} at step {step}")
+        for notice in restored["notices"]:
+            fabric.print(notice)
         if changed:
             fabric.print(f"resuming with changed settings: {', '.join(changed)}")
     if rank0:  # only now: a refused resume leaves the run's config.yaml describing its checkpoints

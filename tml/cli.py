@@ -27,19 +27,31 @@ CTRL_C_EXIT_STATUS = 130  # 128 + SIGINT: what shells report for a run ended by 
 EVAL_BATCH_SIZE = 8  # windows per forward pass in `tml eval`: small enough for CPU memory at block size 512
 
 
-def train_main(argv: Sequence[str]) -> int:
+def train_main(argv: Sequence[str], prog: str | None = None) -> int:
     """`tml train` / launch/local.py: load the config, prepare the shards when missing, train on this machine.
 
     Exit status: 0 when training ends or is stopped by a scheduler's signal (`last` saved; SLURM requeues),
     130 (the shell's "ended by Ctrl-C") when Ctrl-C stopped it, cleanly or not, 1 on an error, 2 on a bad config.
     """
-    from tml.config import load_config
+    from contextlib import ExitStack
 
+    from tml.config import build_parser, load_config
+    from tml.train.parent_death import die_with_local_rank0
+    from tml.train.run_lock import RunLockError, hold_run_lock, is_lock_holder
+
+    die_with_local_rank0()  # the extra local ranks Fabric starts end with this process, even under kill -9
     try:
-        config = load_config(argv)
+        config = load_config(argv, build_parser(prog=prog))  # prog: what --help shows (`tml train`)
     except ConfigError as error:
         print(f"tml: {error}", file=sys.stderr)
         return 2
+    run_lock = ExitStack()  # held until training ends; before the imports, so a refusal comes at once
+    if is_lock_holder():
+        try:
+            run_lock.enter_context(hold_run_lock(config.train.out_dir))
+        except RunLockError as error:
+            print(f"tml: {error}", file=sys.stderr)
+            return 1
     # Imported after the config is known to be good: torch and Lightning take seconds to import.
     from tml.data.gutenberg import GutenbergError
     from tml.data.prepare import PrepareError, data_is_ready, prepare_data
@@ -66,6 +78,7 @@ def train_main(argv: Sequence[str]) -> int:
         return CTRL_C_EXIT_STATUS
     finally:
         stop.uninstall()  # the loop does it too, but not when it fails before its first step
+        run_lock.close()
     if not result.preempted:
         return 0
     if stop.interrupted:
@@ -81,8 +94,9 @@ def train_main(argv: Sequence[str]) -> int:
 
 
 def is_first_local_process() -> bool:
-    """Rank 0 on this machine: Fabric re-runs the entry point for every extra local rank, with LOCAL_RANK >= 1."""
-    return os.environ.get("LOCAL_RANK", "0") == "0"
+    """Rank 0 on this machine: Fabric re-runs the entry point for every extra local rank, with LOCAL_RANK >= 1;
+    under srun (slurm/train.sbatch) LOCAL_RANK is unset and SLURM_LOCALID numbers the tasks of a node."""
+    return os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0"
 
 
 def load_model(checkpoint: str, device: torch.device) -> torch.nn.Module:
@@ -290,7 +304,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "train":
-        return train_main(argv[1:])
+        return train_main(argv[1:], prog="tml train")
     if argv and argv[0] == "prepare":
         from tml.data.prepare import main as prepare_main
 

@@ -317,14 +317,19 @@ class TrainTask(submitit.helpers.Checkpointable):
     def __call__(self):  # -> tml.train.loop.TrainResult
         from tml.train.loop import train
         from tml.train.preemption import install_preemption_handler
+        from tml.train.run_lock import hold_run_lock
 
         env = submitit.JobEnvironment()
         print(set_rendezvous(env), flush=True)
-        config = config_for_restart(self.config) if restart_count() else self.config
-        # Installed before train() so that a signal during start-up is also turned into a save; the loop
-        # restores Submitit's handlers (the ones replaced here) when it returns.
-        preemption = install_preemption_handler()
-        result = train(config, preemption)
+        # Rank 0 holds out_dir for the whole training. When another training holds it, RunLockError fails this
+        # task (exit 1) and srun's --kill-on-bad-exit ends the others, still waiting for rank 0 at Fabric's
+        # rendezvous. A requeued job finds it free: the old job's processes are gone, and the lock with them.
+        with hold_run_lock(self.config.train.out_dir) if env.global_rank == 0 else contextlib.nullcontext():
+            config = config_for_restart(self.config) if restart_count() else self.config
+            # Installed before train() so that a signal during start-up is also turned into a save; the loop
+            # restores Submitit's handlers (the ones replaced here) when it returns.
+            preemption = install_preemption_handler()
+            result = train(config, preemption)
         if result.preempted:
             hand_over_preemption(env, preemption.signal_number, result.final_step)
         return result

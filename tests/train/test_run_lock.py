@@ -1,0 +1,159 @@
+"""One training per out_dir: a second holder is refused naming the first, and the lock never outlives its holder."""
+
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.train.conftest import tiny_run_config
+from tml.config import dump_yaml
+from tml.slurm import TrainTask
+from tml.train.run_lock import LOCK_FILE, RunLockError, describe_holder, hold_run_lock, is_lock_holder
+
+HOLDER_START_S = 30  # a bare Python importing one module, on a busy 2-core machine
+TRAINING_START_S = 180  # launch/local.py importing torch and Lightning and taking its first steps, same machine
+SECOND_RUN_S = 60  # the refused run imports no torch: seconds, with a wide margin
+
+HOLD_FOREVER = """
+import sys, time
+from tml.train.run_lock import hold_run_lock
+with hold_run_lock(sys.argv[1]):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def start_holder(out_dir: Path) -> subprocess.Popen:
+    """Another process holding `out_dir`, returned once it holds it."""
+    process = subprocess.Popen([sys.executable, "-c", HOLD_FOREVER, str(out_dir)], cwd=REPO_ROOT,
+                               stdout=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout.readline() == "held\n"
+    except BaseException:
+        process.kill()
+        raise
+    return process
+
+
+@pytest.fixture
+def holder(tmp_path):
+    process = start_holder(tmp_path / "run")
+    yield process
+    process.kill()
+    process.wait(timeout=HOLDER_START_S)
+
+
+@pytest.mark.timeout(HOLDER_START_S * 2)
+def test_a_second_holder_is_refused_naming_the_first_and_writes_nothing(tmp_path, holder):
+    lock_file = tmp_path / "run" / LOCK_FILE
+    recorded = lock_file.read_bytes()
+    with pytest.raises(RunLockError) as refused, hold_run_lock(tmp_path / "run"):
+        pytest.fail("the lock was granted twice")
+    message = str(refused.value)
+    assert re.fullmatch(rf"{re.escape(str(tmp_path / 'run'))} is in use by another training \(pid {holder.pid} on "
+                        rf"host {re.escape(socket.gethostname())}, since \d\d:\d\d\); wait for it to end or use "
+                        r"another --train\.out_dir", message), message
+    assert lock_file.read_bytes() == recorded and sorted(p.name for p in (tmp_path / "run").iterdir()) == [LOCK_FILE]
+
+
+def test_the_same_process_cannot_hold_one_run_twice_and_holds_it_again_after_the_block(tmp_path):
+    with hold_run_lock(tmp_path / "new" / "run"):  # a missing out_dir is created
+        with pytest.raises(RunLockError, match=r"in use by another training \(pid \d+"), \
+                hold_run_lock(tmp_path / "new" / "run"):
+            pass
+    with hold_run_lock(tmp_path / "new" / "run"):
+        pass
+
+
+@pytest.mark.timeout(HOLDER_START_S * 2)
+def test_a_sigkilled_holder_leaves_no_stale_lock(tmp_path):
+    process = start_holder(tmp_path / "run")
+    process.send_signal(signal.SIGKILL)
+    process.wait(timeout=HOLDER_START_S)
+    assert (tmp_path / "run" / LOCK_FILE).exists()  # the file stays; only the kernel's lock went with the holder
+    with hold_run_lock(tmp_path / "run"):
+        pass
+
+
+def test_an_out_dir_that_cannot_be_created_is_refused_by_name(tmp_path):
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunLockError, match=f"cannot lock {re.escape(str(tmp_path / 'file' / 'run'))} for training"), \
+            hold_run_lock(tmp_path / "file" / "run"):
+        pass
+
+
+def test_the_holder_is_described_with_the_date_only_when_not_today():
+    since = datetime(2026, 11, 27, 18, 2, 30, tzinfo=timezone.utc)
+    record = f'{{"pid": 1234, "host": "gpu7", "since": "{since.isoformat()}"}}\n'
+    assert describe_holder(record, today=since + timedelta(hours=2)) == "pid 1234 on host gpu7, since 18:02"
+    assert describe_holder(record, today=since + timedelta(days=1)) == "pid 1234 on host gpu7, since 2026-11-27 18:02"
+    assert describe_holder("") == describe_holder('{"pid": 12') == "holder not recorded yet"
+
+
+@pytest.mark.parametrize(("environ", "holds"), [
+    ({}, True),  # a plain local run
+    ({"LOCAL_RANK": "0", "NODE_RANK": "0"}, True),
+    ({"LOCAL_RANK": "1"}, False),  # a rank Fabric's launcher started
+    ({"SLURM_PROCID": "3"}, False),  # an srun task of slurm/train.sbatch: LOCAL_RANK is not set there
+    ({"SLURM_PROCID": "0"}, True),
+    ({"LOCAL_RANK": "1", "SLURM_PROCID": "0"}, False),  # Fabric's ranks inside an interactive `srun --pty bash`
+    ({"NODE_RANK": "1"}, False),  # rank 0 of the second node shares the out_dir with the first
+    ({"RANK": "2", "LOCAL_RANK": "0", "GROUP_RANK": "1"}, False),  # torchrun
+])
+def test_only_the_run_s_rank_0_holds_the_lock(environ, holds):
+    assert is_lock_holder(environ) is holds
+
+
+@pytest.mark.timeout(HOLDER_START_S * 2)
+def test_rank_0_of_a_slurm_job_into_a_held_out_dir_fails_before_touching_it(tmp_path, holder, tiny_shards, monkeypatch):
+    """The task fails (Submitit exits non-zero) and srun's --kill-on-bad-exit ends the ranks waiting for it."""
+    task_environment = {"SUBMITIT_EXECUTOR": "slurm", "SLURM_JOB_ID": "4242", "SLURM_PROCID": "0", "SLURM_NTASKS": "2",
+                        "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_NUM_NODES": "1",
+                        "SLURM_JOB_NODELIST": "node1", "MASTER_ADDR": "", "MASTER_PORT": ""}  # restored afterwards
+    for name, value in task_environment.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(RunLockError, match=f"pid {holder.pid} on host"):
+        TrainTask(tiny_run_config(tiny_shards, tmp_path / "run"))()
+    assert [p.name for p in (tmp_path / "run").iterdir()] == [LOCK_FILE]
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(TRAINING_START_S + SECOND_RUN_S + 60)
+def test_a_second_launch_into_a_running_out_dir_exits_1_in_one_line_touching_nothing(tmp_path, tiny_shards):
+    out_dir = tmp_path / "run"
+    config = tiny_run_config(tiny_shards, out_dir, max_steps=10_000, val_interval=10_000, ckpt_interval=10_000,
+                             resume="auto")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(dump_yaml(config))
+    command = [sys.executable, str(REPO_ROOT / "launch" / "local.py"), "--config", str(config_file)]
+    log = tmp_path / "first.log"
+    with open(log, "w") as output:
+        first = subprocess.Popen(command, cwd=REPO_ROOT, stdout=output, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + TRAINING_START_S
+        while not re.search(r"^step\s+\d+ \| loss", log.read_text(), re.MULTILINE):
+            assert first.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+            time.sleep(0.2)
+        before = {path: path.stat().st_mtime_ns for path in out_dir.rglob("*") if not path.name.startswith("events")}
+        events = sorted(out_dir.rglob("events.out.tfevents.*"))
+
+        second = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=SECOND_RUN_S)
+
+        assert second.returncode == 1, second.stderr[-3000:]
+        assert second.stdout == ""
+        assert re.fullmatch(rf"tml: {re.escape(str(out_dir))} is in use by another training \(pid {first.pid} on "
+                            r"host .+, since \d\d:\d\d\); wait for it to end or use another --train\.out_dir\n",
+                            second.stderr), second.stderr
+        assert first.poll() is None  # the first run trains on
+        after = {path: path.stat().st_mtime_ns for path in out_dir.rglob("*") if not path.name.startswith("events")}
+        assert after == before and sorted(out_dir.rglob("events.out.tfevents.*")) == events
+    finally:
+        first.kill()
+        first.wait(timeout=SECOND_RUN_S)

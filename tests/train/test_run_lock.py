@@ -15,7 +15,15 @@ from tests.conftest import REPO_ROOT
 from tests.train.conftest import tiny_run_config
 from tml.config import dump_yaml
 from tml.slurm import TrainTask
-from tml.train.run_lock import LOCK_FILE, RunLockError, describe_holder, hold_run_lock, is_lock_holder
+from tml.train.run_lock import (
+    LOCK_FILE,
+    REQUEUE_LOCK_WAIT_S,
+    RunLockError,
+    describe_holder,
+    hold_run_lock,
+    is_lock_holder,
+    lock_wait_s,
+)
 
 HOLDER_START_S = 30  # a bare Python importing one module, on a busy 2-core machine
 TRAINING_START_S = 180  # launch/local.py importing torch and Lightning and taking its first steps, same machine
@@ -30,9 +38,9 @@ with hold_run_lock(sys.argv[1]):
 """
 
 
-def start_holder(out_dir: Path) -> subprocess.Popen:
+def start_holder(out_dir: Path, script: str = HOLD_FOREVER) -> subprocess.Popen:
     """Another process holding `out_dir`, returned once it holds it."""
-    process = subprocess.Popen([sys.executable, "-c", HOLD_FOREVER, str(out_dir)], cwd=REPO_ROOT,
+    process = subprocess.Popen([sys.executable, "-c", script, str(out_dir)], cwd=REPO_ROOT,
                                stdout=subprocess.PIPE, text=True)
     try:
         assert process.stdout.readline() == "held\n"
@@ -80,6 +88,22 @@ def test_a_sigkilled_holder_leaves_no_stale_lock(tmp_path):
     assert (tmp_path / "run" / LOCK_FILE).exists()  # the file stays; only the kernel's lock went with the holder
     with hold_run_lock(tmp_path / "run"):
         pass
+
+
+@pytest.mark.timeout(HOLDER_START_S * 2)
+def test_a_wait_outlasts_a_holder_that_goes_away(tmp_path):
+    """A requeued job whose dead predecessor's lock lingers (NFS leases) gets it once the holder is gone."""
+    process = start_holder(tmp_path / "run", HOLD_FOREVER.replace("time.sleep(600)", "time.sleep(1.5)"))
+    start = time.monotonic()
+    with hold_run_lock(tmp_path / "run", wait_s=HOLDER_START_S):
+        assert time.monotonic() - start >= 0.5  # it did wait for the holder
+    process.wait(timeout=HOLDER_START_S)
+
+
+@pytest.mark.parametrize(("environ", "wait"), [({}, 0.0), ({"SLURM_RESTART_COUNT": "0"}, 0.0),
+                                               ({"SLURM_RESTART_COUNT": "2"}, REQUEUE_LOCK_WAIT_S)])
+def test_only_a_requeued_job_waits_for_the_lock(environ, wait):
+    assert lock_wait_s(environ) == wait
 
 
 def test_an_out_dir_that_cannot_be_created_is_refused_by_name(tmp_path):

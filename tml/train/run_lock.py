@@ -20,6 +20,7 @@ import json
 import os
 import socket
 import sys
+import time
 from collections.abc import Iterator, Mapping
 from datetime import datetime
 from pathlib import Path
@@ -32,6 +33,11 @@ RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID
 # File systems that cannot flock (Lustre mounted without `-o flock`) answer with one of these; the run goes on
 # unprotected, with a warning, rather than not at all.
 NO_FLOCK_ERRNOS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
+# A requeued SLURM job (SLURM_RESTART_COUNT > 0) after a node failure can find its dead predecessor's lock still
+# held on NFS until the server's lease runs out (90 s by default on NFSv4): it waits up to this long, not refusing
+# at once and ending the job for good.
+REQUEUE_LOCK_WAIT_S = 180.0
+LOCK_RETRY_S = 1.0
 
 
 class RunLockError(RuntimeError):
@@ -61,10 +67,30 @@ def holder_record() -> bytes:
     return (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}) + "\n").encode()
 
 
+def lock_wait_s(environ: Mapping[str, str] = os.environ) -> float:
+    """How long to wait for a held lock: REQUEUE_LOCK_WAIT_S in a requeued SLURM job, else not at all."""
+    restarts = environ.get("SLURM_RESTART_COUNT", "0")
+    return REQUEUE_LOCK_WAIT_S if restarts.isdigit() and int(restarts) > 0 else 0.0
+
+
+def flock_within(fd: int, wait_s: float) -> None:
+    """flock(LOCK_EX) without blocking, retried for up to wait_s seconds; BlockingIOError when still held."""
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            if time.monotonic() + LOCK_RETRY_S > deadline:
+                raise
+            time.sleep(LOCK_RETRY_S)
+
+
 @contextlib.contextmanager
-def hold_run_lock(out_dir: str | Path) -> Iterator[None]:
+def hold_run_lock(out_dir: str | Path, wait_s: float | None = None) -> Iterator[None]:
     """Hold `out_dir` for the block, creating it when missing; RunLockError, with nothing written, when another
-    training holds it."""
+    training holds it (after waiting wait_s seconds; default lock_wait_s())."""
+    wait_s = lock_wait_s() if wait_s is None else wait_s
     directory = Path(out_dir)
     try:
         directory.mkdir(parents=True, exist_ok=True)
@@ -74,7 +100,7 @@ def hold_run_lock(out_dir: str | Path) -> Iterator[None]:
         raise RunLockError(f"cannot lock {out_dir} for training: {error.strerror or error}") from error
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            flock_within(fd, wait_s)
         except BlockingIOError:
             holder = describe_holder(os.pread(fd, 4096, 0).decode(errors="replace"))
             raise RunLockError(f"{out_dir} is in use by another training ({holder}); wait for it to end or use "

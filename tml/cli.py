@@ -9,7 +9,6 @@ torch and Lightning are imported inside the commands that use them, so `tml prep
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -37,6 +36,7 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
 
     from tml.config import build_parser, load_config
     from tml.train.parent_death import die_with_local_rank0
+    from tml.train.ranks import is_first_local_process
     from tml.train.run_lock import RunLockError, hold_run_lock, is_lock_holder
 
     die_with_local_rank0()  # the extra local ranks Fabric starts end with this process, even under kill -9
@@ -91,12 +91,6 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
         print(f"tml: preempted by {stop.describe()} at step {result.final_step}; resume with --train.resume auto",
               file=sys.stderr)
     return 0
-
-
-def is_first_local_process() -> bool:
-    """Rank 0 on this machine: Fabric re-runs the entry point for every extra local rank, with LOCAL_RANK >= 1;
-    under srun (slurm/train.sbatch) LOCAL_RANK is unset and SLURM_LOCALID numbers the tasks of a node."""
-    return os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) == "0"
 
 
 def load_model(checkpoint: str, device: torch.device) -> torch.nn.Module:

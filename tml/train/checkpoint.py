@@ -89,7 +89,8 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
             steps = saved_steps(out_dir)
             return (checkpoints_dir(out_dir) / step_name(max(steps))).resolve() if steps else None
         if not last.exists():
-            raise CheckpointError(f"{last} points to a missing checkpoint ({os.readlink(last)}); {_dangling_last_advice(last)}")
+            raise CheckpointError(
+                f"{last} points to a missing checkpoint ({os.readlink(last)}); {_dangling_last_advice(last)}")
         return last.resolve()
     path = Path(resume)
     if not path.exists():
@@ -443,9 +444,9 @@ class Checkpointer:
                 shutil.rmtree(self.root / name)
 
     def _verify(self, directory: Path) -> dict[str, Any]:
-        """The manifest, check_resume_layout and (DeepSpeed) the shards' safety; returns meta.json."""
+        """The manifest and (DeepSpeed) the shards' safety; returns meta.json. (The strategy and rank count were
+        checked by resume_checkpoint, before the Fabric existed: check_resume_layout.)"""
         meta = verify_checkpoint(directory)
-        check_resume_layout(directory, meta, self.deepspeed, self.fabric.world_size)
         if self.deepspeed:
             try:
                 verify_deepspeed_checkpoint(directory / "deepspeed")  # DeepSpeed itself unpickles without limits

@@ -23,6 +23,7 @@ from lightning.fabric.strategies import DDPStrategy, DeepSpeedStrategy, Strategy
 
 from tml.config import ConfigError
 from tml.train.config import TrainConfig
+from tml.train.ranks import is_first_local_process
 
 # fp16 dynamic loss scaling, as in torch's GradScaler: start at 2**16, halve on overflow (after `hysteresis`
 # overflows in a row), double after `window` clean steps, never below 1.
@@ -49,8 +50,8 @@ class FabricConfigError(ConfigError):
 
 
 def _notice(message: str) -> None:
-    """Print once per machine: Fabric re-runs the entry point in each extra local process (LOCAL_RANK >= 1)."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
+    """Print once per machine, not once per local rank."""
+    if is_first_local_process():
         print(f"tml: {message}", file=sys.stderr)
 
 

@@ -16,6 +16,8 @@ import threading
 from collections.abc import Iterable
 from types import FrameType
 
+from tml.train.ranks import is_first_local_process
+
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
 # What `tml train` listens to: the scheduler's signals plus Ctrl-C. SIGINT is left out of DEFAULT_SIGNALS so
 # that SLURM tasks and library callers of `train()` keep Python's usual KeyboardInterrupt.
@@ -53,9 +55,8 @@ class PreemptionFlag:
             self.signal_number = signal.SIGINT
         previous = self._previous.pop(signal.SIGINT, None)
         signal.signal(signal.SIGINT, previous if previous is not None else signal.default_int_handler)
-        # The terminal signals every local rank; one line per machine is enough (Fabric's extra ranks have
-        # LOCAL_RANK >= 1).
-        if os.environ.get("LOCAL_RANK", "0") == "0":
+        # The terminal signals every local rank; one line per machine is enough.
+        if is_first_local_process():
             announce(CTRL_C_NOTICE)
 
     def install(self, signals: Iterable[int] = DEFAULT_SIGNALS) -> PreemptionFlag:

@@ -101,8 +101,6 @@ def save_fp32_state_dict(state: dict[str, torch.Tensor], output_file: str | Path
     `Transformer(config).load_state_dict(torch.load(path, weights_only=True))` works on the result.
     """
     output_file = Path(output_file)
-    if output_file.is_dir():
-        raise IsADirectoryError(f"{output_file} is a directory; name the file to write, e.g. {output_file}/model.pt")
     output_file.parent.mkdir(parents=True, exist_ok=True)
     state = {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
     # Opened here rather than by torch.save: Python's OSError names the reason (torch's says "enforce fail").

@@ -9,7 +9,7 @@ from contextlib import contextmanager
 import pytest
 
 from tests.conftest import GUTENBERG_DIR
-from tml.data.clean import GutenbergStripWarning, normalize_text, strip_gutenberg
+from tml.data.clean import GutenbergStripWarning, has_gutenberg_header, normalize_text, strip_gutenberg
 
 # Longer than two EDGE_CHARS windows, so the marker rules are tested, not the edge-note cleanup.
 BODY = (
@@ -193,3 +193,16 @@ def test_real_book_keeps_only_book_text(shared_gutenberg, file_name):
     assert "\r" not in body and "\ufeff" not in body
     # The licence is gone from the whole body, not only from its ends.
     assert not re.search(r"small print!|gutenberg-tm|\*\*\* ?(?:start|end) of th", body, re.IGNORECASE)
+
+
+def test_own_text_has_no_gutenberg_header_even_when_it_names_the_project_further_on():
+    assert has_gutenberg_header(HEADER + BODY)
+    assert has_gutenberg_header("\ufeff*** START OF THE PROJECT GUTENBERG EBOOK X ***\n" + BODY)
+    assert not has_gutenberg_header(BODY + "\nEnd of the Project Gutenberg discussion, now our results.\n")
+
+
+@pytest.mark.shared
+def test_every_real_book_opens_with_a_gutenberg_header(shared_gutenberg):
+    missing = [path.name for path in sorted(shared_gutenberg.glob("*.txt"))
+               if not has_gutenberg_header(path.read_text(encoding="utf-8", errors="replace"))]
+    assert missing == []

@@ -26,6 +26,7 @@ from tml.data.gutenberg import (
     gather_books,
     parse_title_author,
     retry_after_seconds,
+    skipped_files,
 )
 
 
@@ -283,10 +284,21 @@ def test_a_local_source_directory_is_used_in_place(tmp_path):
     ids = [book.id for book in books]
     assert ids[:3] == [5, 6, 7] and len(ids) == 4 and ids[3] >= LOCAL_ID_BASE
     assert books[0].path == source / "pg5.txt" and books[0].title == "Book 5"
+    assert books[3].title == "my notes.txt"  # no Title: header: its path under the source names it
     assert not (tmp_path / "raw").exists()  # nothing copied
     # The id of an oddly named file is stable from run to run; max_books keeps the lowest ids.
     assert gather_books(DataConfig(source=str(source)))[3].id == ids[3]
     assert [book.id for book in gather_books(DataConfig(source=str(source), max_books=2))] == [5, 6]
+
+
+def test_local_files_without_a_title_header_are_titled_by_their_relative_path(tmp_path):
+    source = tmp_path / "own"
+    (source / "2024" / ".git").mkdir(parents=True)
+    (source / "2024" / "diary.txt").write_text("Dear diary,\n", encoding="utf-8")
+    (source / "2024" / "photo.png").write_bytes(b"\x89PNG")
+    (source / "2024" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    assert [book.title for book in gather_books(DataConfig(source=str(source)))] == ["2024/diary.txt"]
+    assert skipped_files(DataConfig(source=str(source))) == [source / "2024" / "photo.png"]  # hidden ones not counted
 
 
 def test_a_bad_local_source_is_refused_by_name(tmp_path):

@@ -1,3 +1,4 @@
+import io
 import json
 import os
 import random
@@ -7,14 +8,18 @@ import shutil
 import numpy as np
 import pytest
 import torch
+from rich.console import Console
 
 from tests.conftest import debug_model_config
 from tests.train.conftest import tiny_run_config
 from tml.config import Config
+from tml.data.config import DataConfig
 from tml.data.packed import PackedDataset
+from tml.data.prepare import prepare_data
 from tml.data.sampler import BatchStream
 from tml.model import Transformer
 from tml.train.checkpoint import (
+    DATA_CONTENT,
     Checkpointer,
     CheckpointError,
     check_resume_config,
@@ -23,6 +28,7 @@ from tml.train.checkpoint import (
     load_model_weights,
     read_meta,
     resolve_resume,
+    resume_checkpoint,
     step_name,
     verify_checkpoint,
     write_manifest,
@@ -55,10 +61,10 @@ def take_steps(model, optimizer, scheduler, stream, n):
         scheduler.step()
 
 
-def saved_run(tmp_path, shards, steps=(2, 4, 6), keep=1, best_at=(2,)):
+def saved_run(tmp_path, shards, steps=(2, 4, 6), keep=1, best_at=(2,), config=None):
     fabric, model, optimizer, scheduler, stream = training_objects(shards)
     checkpointer = Checkpointer(fabric, tmp_path, keep=keep)
-    config = Config(model=debug_model_config())
+    config = config or Config(model=debug_model_config())
     done = 0
     for step in steps:
         take_steps(model, optimizer, scheduler, stream, step - done)
@@ -312,3 +318,59 @@ def test_a_stream_over_other_windows_is_refused_as_a_checkpoint_error(tmp_path, 
     with pytest.raises(CheckpointError, match="rank-00000.pt.*dataset_len"):
         Checkpointer(fabric, tmp_path, keep=1).load(resolve_resume("auto", tmp_path), model, optimizer, scheduler,
                                                     other_windows)
+
+
+def run_on_own_corpus(tmp_path, tiny_shards):
+    """A run whose config names a prepared local corpus (the steps themselves train on the tiny shards)."""
+    source = tmp_path / "corpus"
+    source.mkdir()
+    for name in ("a.txt", "b.txt"):
+        (source / name).write_text(f"The text of {name}, repeated. " * 40, encoding="utf-8")
+    data = DataConfig(source=str(source), shard_dir=str(tmp_path / "shards"), encode_threads=1)
+    prepare_data(data, console=Console(file=io.StringIO()))
+    config = Config(model=debug_model_config(), data=data, train=TrainConfig(out_dir=str(tmp_path / "run"),
+                                                                             resume="auto"))
+    saved_run(tmp_path / "run", tiny_shards, steps=(2,), best_at=(), config=config)
+    return source, config
+
+
+def test_a_resume_onto_changed_corpus_files_is_refused_but_not_after_a_touch(tmp_path, tiny_shards):
+    source, config = run_on_own_corpus(tmp_path, tiny_shards)
+    assert DATA_CONTENT in read_meta(resolve_resume("auto", config.train.out_dir))
+    assert resume_checkpoint(config)[0] is not None
+    os.utime(source / "a.txt", ns=(0, 10**18))  # touched: same bytes
+    assert resume_checkpoint(config)[0] is not None
+    original = (source / "a.txt").read_text()
+    (source / "a.txt").write_text(original.replace("repeated", "REPEATED"))
+    with pytest.raises(CheckpointError) as refused:
+        resume_checkpoint(config)
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith(f"cannot resume {resolve_resume('auto', config.train.out_dir)}")
+    assert f"its shards in {config.data.shard_dir} were built from other text than data.source {source}" in message
+    assert "restore those files as they were, or start a new run on the changed corpus with another --train.out_dir" \
+        in message
+    (source / "a.txt").write_text(original)
+    assert resume_checkpoint(config)[0] is not None
+
+
+def test_a_checkpoint_without_a_data_fingerprint_resumes_as_before(tmp_path, tiny_shards):
+    source, config = run_on_own_corpus(tmp_path, tiny_shards)
+    directory = resolve_resume("auto", config.train.out_dir)
+    meta = read_meta(directory)
+    del meta[DATA_CONTENT]  # as written before checkpoints recorded it
+    (directory / "meta.json").write_text(json.dumps(meta))
+    (source / "c.txt").write_text("A file added since.\n")
+    assert resume_checkpoint(config)[0] == directory
+
+
+def test_a_run_from_before_val_split_resumes_only_with_whole_books_held_out(tmp_path, tiny_shards):
+    source, config = run_on_own_corpus(tmp_path, tiny_shards)  # 2 files: auto means tail
+    directory = resolve_resume("auto", config.train.out_dir)
+    meta = read_meta(directory)
+    del meta["config"]["data"]["val_split"], meta[DATA_CONTENT]
+    (directory / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"predates data.val_split\), and data.val_split auto now means tail "
+                                              r".*continue it with --data.val_split books"):
+        resume_checkpoint(config)
+    config.data.val_split = "books"
+    assert resume_checkpoint(config)[0] == directory

@@ -57,6 +57,8 @@ FOOTER_SEARCH_CHARS = 100_000
 MIN_BODY_FRACTION = 0.05
 # A wrapped marker's second line holds the end of a title, never a paragraph of text.
 MAX_WRAPPED_MARKER_CHARS = 120
+# Every Gutenberg file names the project within its first few lines (the 135 shared books by char 270).
+HEADER_PROBE_CHARS = 1000
 
 
 class GutenbergStripWarning(UserWarning):
@@ -66,6 +68,15 @@ class GutenbergStripWarning(UserWarning):
 def normalize_text(text: str) -> str:
     """Drop byte-order marks and turn CRLF / lone CR into LF, so every rule can work line by line."""
     return text.replace("\ufeff", "").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def has_gutenberg_header(text: str) -> bool:
+    """Whether `text` opens like a Project Gutenberg file, so its header and footer rules apply at all.
+
+    Your own text never meets the footer rules: a last line such as "End of the Project Gutenberg discussion"
+    in a file that does not start as a Gutenberg file is the author's, not a footer.
+    """
+    return MENTIONS_GUTENBERG.search(text, 0, HEADER_PROBE_CHARS) is not None
 
 
 def _line_end(text: str, position: int) -> int:

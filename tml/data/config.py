@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 DEFAULT_BOOK_IDS: tuple[int, ...] = (
     11, 12, 16, 23, 74, 76, 84, 98, 1342, 1661, 2701, 345, 1080, 1400, 174, 215, 244, 1952, 2600, 5200,
 )
+VAL_SPLITS = ("books", "tail", "auto")
+# Below 20 documents whole ones are too coarse a hold-out (5 files: 20% of the tokens for val_frac 0.1).
+AUTO_MIN_BOOKS = 20
 
 
 class DataConfigError(ValueError):
@@ -25,13 +28,17 @@ class DataConfig:
     """Where the books come from, how they become token shards, and how training reads them.
 
     Attributes:
-        source: "gutenberg" (download book_ids) or a local directory of Gutenberg .txt files
+        source: "gutenberg" (download book_ids) or a local directory of .txt files (your own text, or Gutenberg
+            books, whose headers are stripped); only .txt files are read, others are skipped
         mirror: base URL or directory standing in for gutenberg.org (env TML_GUTENBERG_MIRROR does the same)
         book_ids: Gutenberg ebook numbers to download when source is "gutenberg"
         max_books: cap on the books taken from the source (null = all of them)
         raw_dir: where downloaded books land
         shard_dir: token shards and their index.json
-        val_frac: fraction of whole books held out for validation
+        val_frac: fraction of the corpus held out for validation
+        val_split: how it is held out: "books" (whole documents, so no text of a val book is trained on), "tail"
+            (the last val_frac of every document's tokens, as nanoGPT does; works for a single file) or "auto"
+            (books for "gutenberg" or a directory of at least 20 documents, else tail)
         split_seed: seed of the choice of validation books
         shard_tokens: bound on tokens per shard file (50M tokens = 100 MB of uint16)
         stride: tokens between the starts of training windows; below model.block_size the windows overlap
@@ -50,6 +57,7 @@ class DataConfig:
     raw_dir: str = "data/gutenberg/raw"
     shard_dir: str = "data/gutenberg/shards"
     val_frac: float = 0.1
+    val_split: str = "auto"
     split_seed: int = 1337
     shard_tokens: int = 50_000_000
     stride: int = 256
@@ -70,9 +78,11 @@ class DataConfig:
         def fail(key: str, why: str) -> None:
             raise DataConfigError(f"data.{key}={getattr(self, key)!r}: {why}")
 
-        # Training always validates, so some whole books must be held out and some kept.
+        # Training always validates, so some text must be held out and some kept.
         if not 0 < self.val_frac < 1:
-            fail("val_frac", "must be between 0 and 1 (exclusive): the fraction of books held out for validation")
+            fail("val_frac", "must be between 0 and 1 (exclusive): the fraction of the corpus held out for validation")
+        if self.val_split not in VAL_SPLITS:
+            fail("val_split", f"must be one of {', '.join(VAL_SPLITS)}")
         for key in ("shard_tokens", "stride"):
             if getattr(self, key) < 1:
                 fail(key, "must be at least 1")

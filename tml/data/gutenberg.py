@@ -4,7 +4,7 @@ Three sources, one result (`list[Book]`, raw unstripped files on disk):
 - gutenberg.org or a mirror URL (`data.mirror` / env TML_GUTENBERG_MIRROR): HTTP with a rate limit, a few
   threads, retries with exponential backoff that honour Retry-After, and a Content-Length check;
 - a mirror directory, in gutenberg.org layout or flat `pg{id}.txt` files: copied the same way;
-- `data.source` = a directory of .txt files: used in place.
+- `data.source` = a directory of .txt files (your own text or Gutenberg books): used in place.
 Downloads land in `{raw_dir}/pg{id}.txt.part` and are renamed only when complete; `{raw_dir}/manifest.json`
 (written atomically after every book) records what finished, so an interrupted run resumes where it stopped.
 """
@@ -28,7 +28,7 @@ import urllib.request
 import warnings
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from rich.progress import Progress
@@ -203,7 +203,7 @@ def unreachable_message(base: str, origin: str, reason: str) -> str:
         "  - a mirror URL or a directory of pg{id}.txt files (or a gutenberg.org-layout tree):\n"
         "      --data.mirror /path/to/books        (or `data: {mirror: /path/to/books}` in the YAML)\n"
         f"      export {MIRROR_ENV}=/path/to/books   (same meaning, for every config)\n"
-        "  - or a directory of Gutenberg .txt files as the source itself:\n"
+        "  - or a directory of .txt files as the source itself:\n"
         "      --data.source /path/to/books"
     )
 
@@ -353,20 +353,37 @@ def local_book_id(path: Path, root: Path) -> int:
     return LOCAL_ID_BASE + int(hashlib.sha256(relative).hexdigest()[:7], 16)
 
 
-def books_from_directory(cfg: DataConfig) -> list[Book]:
-    """Every .txt file under data.source (recursively), by id; the first name form wins when an id repeats."""
+def local_book_paths(cfg: DataConfig) -> dict[int, Path]:
+    """The .txt files under data.source (recursively) that make the corpus, by id, lowest ids first and at most
+    data.max_books of them; the first name form wins when an id repeats. Only names and paths are read."""
     root = Path(cfg.source).expanduser()
     if not root.is_dir():
-        raise GutenbergError(
-            f"data.source={cfg.source!r} is neither 'gutenberg' nor an existing directory of Gutenberg .txt files"
-        )
+        raise GutenbergError(f"data.source={cfg.source!r} is neither 'gutenberg' nor an existing directory of .txt files")
     by_id: dict[int, Path] = {}
     for path in sorted(root.rglob("*.txt"), key=lambda p: (len(p.relative_to(root).parts), p.name)):
-        by_id.setdefault(local_book_id(path, root), path)
-    if not by_id:
+        if path.is_file():
+            by_id.setdefault(local_book_id(path, root), path)
+    return {book_id: by_id[book_id] for book_id in sorted(by_id)[: cfg.max_books]}
+
+
+def skipped_files(cfg: DataConfig) -> list[Path]:
+    """Files under data.source that are not .txt and so are not read (hidden ones, like .git, not counted)."""
+    root = Path(cfg.source).expanduser()
+    return sorted(path for path in root.rglob("*") if path.suffix != ".txt" and path.is_file()
+                  and not any(part.startswith(".") for part in path.relative_to(root).parts))
+
+
+def books_from_directory(cfg: DataConfig) -> list[Book]:
+    """Every .txt file of local_book_paths, titled by its Gutenberg header, else by its path under data.source."""
+    paths = local_book_paths(cfg)
+    if not paths:
         raise GutenbergError(f"data.source={cfg.source!r} holds no .txt files")
-    chosen = sorted(by_id)[: cfg.max_books]
-    return [describe_file(book_id, by_id[book_id]) for book_id in chosen]
+    root = Path(cfg.source).expanduser()
+    books = []
+    for book_id, path in paths.items():
+        book = describe_file(book_id, path)
+        books.append(book if book.title else replace(book, title=path.relative_to(root).as_posix()))
+    return books
 
 
 # --------------------------------------------------------------------------------------------- entry point

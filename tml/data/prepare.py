@@ -4,6 +4,11 @@ The inputs (every book's sha256, the cleaning code, the tokenizer files, the spl
 hashed into a fingerprint stored in the index: a second run with the same inputs returns at once, and any
 change rebuilds. Books are read, cleaned and encoded a bounded batch at a time, so memory does not grow with
 the corpus.
+
+A local directory may hold your own text as well as Gutenberg books: only files that open like a Gutenberg file
+are stripped, and validation holds out whole books or, for a corpus of a few files, the tail of each
+(data.val_split). The index also lists the directory's files (path, size, mtime), so data_is_ready notices an
+edited corpus without reading it, and a file that was only touched keeps its shards.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ import json
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +39,19 @@ from rich.table import Table
 
 from tml.config import ConfigError, build_parser, load_config
 from tml.data import clean
-from tml.data.clean import strip_gutenberg
-from tml.data.config import DataConfig
-from tml.data.gutenberg import Book, GutenbergError, gather_books
+from tml.data.clean import has_gutenberg_header, strip_gutenberg
+from tml.data.config import AUTO_MIN_BOOKS, DataConfig
+from tml.data.gutenberg import (
+    Book,
+    GutenbergError,
+    books_from_directory,
+    gather_books,
+    local_book_paths,
+    skipped_files,
+)
 from tml.data.shards import (
     FORMAT_VERSION,
+    INDEX_FILE,
     SHARD_DTYPE,
     ShardError,
     ShardIndex,
@@ -51,21 +65,61 @@ PREPARE_VERSION = 1  # bump when the way documents become tokens changes (e.g. t
 # Text encoded per tiktoken batch: large enough that every thread stays busy (the batch's longest book is
 # encoded first), small enough that the batch's Python token lists (~36 bytes a token) stay near 100 MB.
 ENCODE_BATCH_CHARS = 8_000_000
+# Names listed in a one-line notice before "and N more": enough to find the files, short enough to read.
+SHOWN_NAMES = 5
+# A val split under this share of val_frac (one small book held out of a few) is worth a warning.
+LOW_VAL_SHARE = 1 / 3
+LATIN_1 = "latin-1"
+# Byte-order marks, longest first: UTF-32's little-endian mark begins with UTF-16's.
+BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xef\xbb\xbf", "utf-8-sig"),
+        (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
+LISTED_STAT = ("path", "bytes", "mtime_ns")  # what data_is_ready compares of each source file: a stat, no read
 
 
 class PrepareError(RuntimeError):
-    """The source gave nothing to train on."""
+    """The source gave nothing to train on, or a file tml cannot read as text."""
 
 
-def data_settings(cfg: DataConfig) -> dict[str, Any]:
+def is_local(cfg: DataConfig) -> bool:
+    return cfg.source != "gutenberg"
+
+
+def source_listing(cfg: DataConfig) -> list[dict[str, Any]]:
+    """Path under data.source, size and mtime of each .txt file a local source contributes ([] for downloads):
+    a stat per file, so launchers notice an edited corpus without reading it."""
+    if not is_local(cfg):
+        return []
+    root = Path(cfg.source).expanduser()
+    try:
+        paths = local_book_paths(cfg)
+    except GutenbergError:  # no such directory: prepare_data says so
+        return []
+    listing = []
+    for path in paths.values():
+        stat = path.stat()
+        listing.append({"path": path.relative_to(root).as_posix(), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+    return sorted(listing, key=lambda entry: entry["path"])
+
+
+def resolved_val_split(cfg: DataConfig, documents: int) -> str:
+    """"books" or "tail": auto holds out whole books only when there are enough for their share to land near val_frac."""
+    if cfg.val_split != "auto":
+        return cfg.val_split
+    return "books" if not is_local(cfg) or documents >= AUTO_MIN_BOOKS else "tail"
+
+
+def data_settings(cfg: DataConfig, listing: list[dict[str, Any]] | None = None) -> dict[str, Any]:
     """The config values and code versions the shards depend on; equal settings mean the shards are current
-    unless a book's bytes changed, which only `prepare_data` checks (it has to read the books)."""
-    from_network = cfg.source == "gutenberg"
+    unless a book's bytes changed, which only `prepare_data` checks (it has to read the books).
+    `listing` is source_listing(cfg) when the caller has it (auto's choice counts a local source's files)."""
+    from_network = not is_local(cfg)
+    listing = source_listing(cfg) if listing is None else listing
     return {
         "source": "gutenberg" if from_network else str(Path(cfg.source).expanduser().resolve()),
         "book_ids": [int(book_id) for book_id in cfg.book_ids] if from_network else None,
         "max_books": cfg.max_books,
         "val_frac": cfg.val_frac,
+        "val_split": resolved_val_split(cfg, len(listing)),
         "split_seed": cfg.split_seed,
         "shard_tokens": cfg.shard_tokens,
         "code": {
@@ -83,40 +137,149 @@ def inputs_fingerprint(settings: dict[str, Any], books: Sequence[Book]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
+def content_fingerprint(books: Sequence[Book]) -> str:
+    """The books' ids and bytes alone: what a checkpoint's data position depends on beyond the config."""
+    return hashlib.sha256(json.dumps([[book.id, book.sha256] for book in books]).encode()).hexdigest()
+
+
+def listed_stats(source_files: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{key: entry[key] for key in LISTED_STAT} for entry in source_files]
+
+
 def data_is_ready(cfg: DataConfig) -> bool:
-    """Cheap check for launchers: a valid index built from these settings exists (no book is read)."""
+    """Cheap check for launchers: a valid index built from these settings, and (local source) from files with
+    the same names, sizes and mtimes, exists (no book is read)."""
     try:
         index = ShardIndex.load(cfg.shard_dir, scan_tokens=False)
     except ShardError:
         return False
-    return index.settings == data_settings(cfg)
+    listing = source_listing(cfg)
+    return index.settings == data_settings(cfg, listing) and listed_stats(index.source_files) == listing
 
 
-def read_book(path: Path) -> str:
-    """Gutenberg files are UTF-8 since the 2000s; the older ones that are not are Latin-1."""
-    data = Path(path).read_bytes()
+def source_content_fingerprint(cfg: DataConfig) -> str | None:
+    """content_fingerprint of the text cfg's shards hold, or will hold once prepared, without building them.
+
+    The index's own when it is current; for a local source whose files changed since, hashed from the files
+    (a `touch` keeps it). None when neither tells (no index, or no source directory to read).
+    """
     try:
-        return data.decode("utf-8")
+        index = ShardIndex.load(cfg.shard_dir, scan_tokens=False)
+    except ShardError:
+        index = None
+    listing = source_listing(cfg)
+    if index is not None and index.content_fingerprint and (
+        not is_local(cfg) or (index.settings.get("source") == data_settings(cfg, listing)["source"]
+                              and listed_stats(index.source_files) == listing)
+    ):
+        return index.content_fingerprint
+    if not is_local(cfg):
+        return None
+    try:
+        return content_fingerprint(books_from_directory(cfg))
+    except GutenbergError:
+        return None
+
+
+def read_book(path: Path) -> tuple[str, str]:
+    """The file's text and the encoding it was read with: a byte-order mark's, else UTF-8, else Latin-1.
+
+    Gutenberg files are UTF-8 since the 2000s and the older ones Latin-1, which decodes any bytes; so a file
+    with NUL bytes (binary, or UTF-16/32 without a BOM) is refused rather than turned into garbage tokens.
+    """
+    data = Path(path).read_bytes()
+    for bom, encoding in BOMS:
+        if data.startswith(bom):
+            try:
+                return data.decode(encoding), encoding
+            except UnicodeDecodeError as error:
+                raise PrepareError(f"{path} starts with a {encoding} byte-order mark but is not {encoding} "
+                                   f"({error}); convert it to UTF-8 or move it out of data.source") from error
+    if b"\x00" in data:
+        raise PrepareError(f"{path} holds NUL bytes: it is binary, or UTF-16/UTF-32 without a byte-order mark; "
+                           "convert it to UTF-8 (e.g. `iconv -f UTF-16LE -t UTF-8`) or move it out of data.source")
+    try:
+        return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
-        return data.decode("latin-1")
+        return data.decode(LATIN_1), LATIN_1
 
 
-def stripped_books(books: Sequence[Book]) -> Iterator[tuple[Book, str]]:
+def plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
+def shown(names: Sequence[str]) -> str:
+    """`a, b, c` or `a, b, c, ... and 7 more`: a notice stays one line however many files it concerns."""
+    listed = ", ".join(names[:SHOWN_NAMES])
+    return listed + (f", ... and {len(names) - SHOWN_NAMES} more" if len(names) > SHOWN_NAMES else "")
+
+
+@dataclass
+class ReadNotes:
+    """What reading a local source found, for one summary line each instead of a warning per file."""
+
+    latin_1: list[str] = field(default_factory=list)
+    kept_whole: list[str] = field(default_factory=list)
+    read: int = 0
+
+    def lines(self) -> list[str]:
+        lines = []
+        if self.kept_whole:
+            lines.append(f"{len(self.kept_whole)} of {self.read} files had no Project Gutenberg header: kept whole "
+                         f"({shown(self.kept_whole)})")
+        if self.latin_1:
+            lines.append(f"not UTF-8, so read as Latin-1: {plural(len(self.latin_1), 'file')} "
+                         f"({shown(self.latin_1)}); convert them to UTF-8 if their text looks wrong")
+        return lines
+
+
+def book_texts(books: Sequence[Book], cfg: DataConfig, notes: ReadNotes) -> Iterator[tuple[Book, str]]:
+    """Each book's text to train on. Downloads are always stripped of Gutenberg's header and footer; a local
+    file only when it opens like a Gutenberg file, else it is kept exactly as read."""
+    root = Path(cfg.source).expanduser()
     for book in books:
-        yield book, strip_gutenberg(read_book(book.path), name=str(book.path))
+        text, encoding = read_book(book.path)
+        if not is_local(cfg):
+            yield book, strip_gutenberg(text, name=str(book.path))
+            continue
+        name = book.path.relative_to(root).as_posix()
+        notes.read += 1
+        if encoding == LATIN_1:
+            notes.latin_1.append(name)
+        if has_gutenberg_header(text):
+            yield book, strip_gutenberg(text, name=str(book.path))
+        else:
+            notes.kept_whole.append(name)
+            yield book, text
+
+
+def split_tail(tokens: np.ndarray, val_frac: float) -> tuple[np.ndarray, np.ndarray | None]:
+    """A document's head for train and its last val_frac of tokens for val (None when that rounds to nothing),
+    each ending in the document's <|endoftext|> so both splits keep documents apart."""
+    body, end = tokens[:-1], tokens[-1:]
+    cut = len(body) - round(val_frac * len(body))
+    val = np.concatenate((body[cut:], end)) if cut < len(body) else None
+    return np.concatenate((body[:cut], end)), val
 
 
 def tokenized_books(
-    texts: Iterable[tuple[Book, str]], val_ids: set[int], threads: int, progress: Progress | None = None,
-    task: TaskID | None = None,
+    texts: Iterable[tuple[Book, str]], val_split: str, val_ids: set[int], val_frac: float, threads: int,
+    progress: Progress | None = None, task: TaskID | None = None,
 ) -> Iterator[tuple[str, int, str, np.ndarray]]:
-    """(split, id, title, tokens) per book, in source order, encoding about ENCODE_BATCH_CHARS at a time."""
+    """(split, id, title, tokens) per book (per part, for "tail"), in source order, encoding about
+    ENCODE_BATCH_CHARS at a time. "books" sends val_ids' books to val whole; "tail" splits every book."""
 
     def encode(batch: list[tuple[Book, str]]) -> Iterator[tuple[str, int, str, np.ndarray]]:
         for (book, _), tokens in zip(batch, encode_documents([text for _, text in batch], threads), strict=True):
             if progress is not None and task is not None:
                 progress.advance(task, book.bytes)
-            yield ("val" if book.id in val_ids else "train"), book.id, book.title, tokens
+            if val_split == "tail":
+                head, tail = split_tail(tokens, val_frac)
+                yield "train", book.id, book.title, head
+                if tail is not None:
+                    yield "val", book.id, book.title, tail
+            else:
+                yield ("val" if book.id in val_ids else "train"), book.id, book.title, tokens
 
     batch, batch_chars = [], 0
     for book, text in texts:
@@ -136,53 +299,125 @@ def progress_bars(console: Console) -> Progress:
     )
 
 
-def print_summary(console: Console, index: ShardIndex, seconds: float, status: str) -> None:
+def split_lines(index: ShardIndex, val_frac: float) -> list[str]:
+    """How validation was held out, what share of the tokens it got, and a warning when that share is tiny."""
+    train, val = index.splits["train"], index.splits["val"]
+    share = val.tokens / max(1, train.tokens + val.tokens)
+    if index.settings.get("val_split") == "tail":
+        held = f"the last {val_frac * 100:g}% of every document's tokens ({plural(len(train.documents), 'document')})"
+    else:
+        names = [document.title or str(document.id) for document in val.documents]
+        held = f"{len(names)} of {len(train.documents) + len(names)} documents: {shown(names)}"
+    lines = [f"val split {index.settings.get('val_split')}: {held}; val holds {share:.1%} of the tokens "
+             f"(data.val_frac {val_frac:g})"]
+    if share < LOW_VAL_SHARE * val_frac:
+        lines.append(f"[yellow]warning:[/] val holds {share:.1%} of the tokens, under a third of data.val_frac "
+                     f"{val_frac:g}: --data.val_split tail holds out val_frac of every document")
+    return lines
+
+
+def print_summary(console: Console, index: ShardIndex, seconds: float, status: str, notes: Sequence[str] = ()) -> None:
     table = Table(show_header=True)
-    for column in ("split", "books", "tokens", "shards", "MB on disk"):
+    for column in ("split", "documents", "tokens", "shards", "MB on disk"):
         table.add_column(column, justify="left" if column == "split" else "right")
     rows = [(name, len(split.documents), split.tokens, len(split.shards)) for name, split in index.splits.items()]
-    rows.append(("total", *(sum(row[column] for row in rows) for column in (1, 2, 3))))
+    documents = len({document.id for split in index.splits.values() for document in split.documents})
+    rows.append(("total", documents, *(sum(row[column] for row in rows) for column in (2, 3))))
     for name, books, tokens, shards in rows:
         megabytes = tokens * SHARD_DTYPE.itemsize / 1e6
         table.add_row(name, f"{books:,}", f"{tokens:,}", f"{shards:,}", f"{megabytes:,.1f}", end_section=name == "val")
     console.print(f"[bold]tml-prepare[/]: {status} in {seconds:.1f} s: {escape(str(index.shard_dir))}", soft_wrap=True)
     console.print(table)
     console.print(f"{index.tokenizer} tokens stored as {index.dtype} (vocab {index.vocab_size:,})")
+    for line in [*split_lines(index, index.settings.get("val_frac", 0.0)), *notes]:
+        console.print(line if line.startswith("[yellow]") else escape(line), soft_wrap=True, highlight=False)
+
+
+def source_files(listing: list[dict[str, Any]], books: Sequence[Book], cfg: DataConfig) -> list[dict[str, Any]]:
+    """The listing with each file's sha256 (from gathering the books), so a rebuild can name what changed."""
+    if not is_local(cfg):
+        return []
+    root = Path(cfg.source).expanduser()
+    hashes = {book.path.relative_to(root).as_posix(): book.sha256 for book in books}
+    return [{**entry, "sha256": hashes.get(entry["path"])} for entry in listing]
+
+
+def changed_files(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str | None:
+    """`2 added (c.txt, d.txt), 1 changed (a.txt)` between two source_files lists, or None when the same."""
+    before = {entry["path"]: entry.get("sha256") for entry in old}
+    after = {entry["path"]: entry.get("sha256") for entry in new}
+    groups = {
+        "added": sorted(after.keys() - before.keys()),
+        "removed": sorted(before.keys() - after.keys()),
+        "changed": sorted(path for path in after.keys() & before.keys() if after[path] != before[path]),
+    }
+    parts = [f"{len(names)} {what} ({shown(names)})" for what, names in groups.items() if names]
+    return ", ".join(parts) if parts else None
+
+
+def check_splits(index: ShardIndex, cfg: DataConfig) -> None:
+    """Training validates, so an empty split is refused here (its index removed) instead of crashing a run later."""
+    for name, split in index.splits.items():
+        if split.tokens == 0:
+            (index.shard_dir / INDEX_FILE).unlink(missing_ok=True)
+            raise PrepareError(f"the {name} split of data.source={cfg.source!r} is empty: every document is too short "
+                               f"to hold out data.val_frac={cfg.val_frac:g} of its tokens; add text or raise val_frac")
 
 
 def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = False) -> Path:
-    """Build cfg.shard_dir from cfg.source unless shards from the same inputs are already there."""
+    """Build cfg.shard_dir from cfg.source unless shards from the same inputs are already there.
+
+    A local source whose files were only touched (same bytes) keeps its shards: the index's listing is updated.
+    """
     console = console or Console()
     started = time.perf_counter()
     shard_dir = Path(cfg.shard_dir)
+    notes: list[str] = []
+    if is_local(cfg) and Path(cfg.source).expanduser().is_dir() and (skipped := skipped_files(cfg)):
+        notes.append(f"not .txt, so skipped: {plural(len(skipped), 'file')} ({shown([path.name for path in skipped])})")
     with progress_bars(console) as progress:
+        listing = source_listing(cfg)  # stat before hashing: a file edited in between is seen as changed next time
         books = gather_books(cfg, progress)
         if not books:
             raise PrepareError(f"no books found in data.source={cfg.source!r}")
-        settings = data_settings(cfg)
+        settings = data_settings(cfg, listing)
         fingerprint = inputs_fingerprint(settings, books)
-        if not force:
-            try:
-                existing = ShardIndex.load(shard_dir)
-            except ShardError:
-                existing = None
-            if existing is not None and existing.fingerprint == fingerprint:
-                progress.stop()
-                print_summary(console, existing, time.perf_counter() - started, "up to date")
-                return shard_dir
+        files = source_files(listing, books, cfg)
+        try:
+            existing = ShardIndex.load(shard_dir)
+        except ShardError:
+            existing = None
+        if existing is not None and existing.fingerprint == fingerprint and not force:
+            if existing.source_files != files:  # touched, not changed: record the new times, keep the shards
+                existing.source_files = files
+                existing.save()
+            progress.stop()
+            print_summary(console, existing, time.perf_counter() - started, "up to date", notes)
+            return shard_dir
+        if existing is not None and (changes := changed_files(existing.source_files, files)):
+            notes.insert(0, f"rebuilt because data.source changed: {changes}")
+        val_split = settings["val_split"]
+        if val_split == "books" and len(books) < 2:
+            raise PrepareError(f"data.val_split=books holds out whole documents, but data.source={cfg.source!r} "
+                               f"gives {len(books)}: use --data.val_split tail (the last val_frac of every document)")
         encoding = get_tokenizer()
         task = progress.add_task("tokenize", total=sum(book.bytes for book in books))
         val_ids = choose_val_books([book.id for book in books], cfg.val_frac, cfg.split_seed)
+        read_notes = ReadNotes()
         index = write_shards(
             shard_dir,
-            tokenized_books(stripped_books(books), val_ids, cfg.encode_threads, progress, task),
+            tokenized_books(book_texts(books, cfg, read_notes), val_split, val_ids, cfg.val_frac,
+                            cfg.encode_threads, progress, task),
             tokenizer=TOKENIZER_NAME,
             vocab_size=encoding.n_vocab,
             shard_tokens=cfg.shard_tokens,
             fingerprint=fingerprint,
             settings=settings,
+            content_fingerprint=content_fingerprint(books),
+            source_files=files,
         )
-    print_summary(console, index, time.perf_counter() - started, "built")
+        check_splits(index, cfg)
+    print_summary(console, index, time.perf_counter() - started, "built", [*notes, *read_notes.lines()])
     return shard_dir
 
 

@@ -42,7 +42,9 @@ class ShardInfo:
 
 @dataclass(frozen=True)
 class DocumentSpan:
-    """Where one book's tokens (and its trailing <|endoftext|>) start in a split, and how many there are."""
+    """Where one book's tokens (and its trailing <|endoftext|>) start in a split, and how many there are. With
+    data.val_split "tail" a book appears in both splits: its head in train, its tail in val, each ending in
+    <|endoftext|>."""
 
     id: int
     title: str
@@ -72,11 +74,19 @@ class ShardIndex:
     splits: dict[str, SplitIndex]
     dtype: str = SHARD_DTYPE.name
     format_version: int = FORMAT_VERSION
+    # hash of the books' ids and bytes alone: checkpoints keep it, so a resume notices that the text changed
+    content_fingerprint: str = ""
+    # a local source's files ({path, bytes, mtime_ns, sha256}): data_is_ready sees an edit without reading them
+    source_files: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         values = asdict(self)
         values.pop("shard_dir")
         return values
+
+    def save(self) -> None:
+        """Write index.json atomically: readers see the previous index or this one."""
+        write_atomic(self.shard_dir / INDEX_FILE, json.dumps(self.to_json(), indent=1).encode())
 
     @classmethod
     def from_json(cls, shard_dir: Path, values: dict[str, Any]) -> ShardIndex:
@@ -284,6 +294,8 @@ def write_shards(
     shard_tokens: int,
     fingerprint: str,
     settings: dict[str, Any],
+    content_fingerprint: str = "",
+    source_files: Sequence[dict[str, Any]] = (),
 ) -> ShardIndex:
     """Stream (split, id, title, tokens) documents into shards and write the index last.
 
@@ -308,11 +320,12 @@ def write_shards(
         raise
     index = ShardIndex(
         shard_dir=shard_dir, tokenizer=tokenizer, vocab_size=vocab_size, shard_tokens=shard_tokens,
-        fingerprint=fingerprint, settings=settings, splits=splits,
+        fingerprint=fingerprint, settings=settings, splits=splits, content_fingerprint=content_fingerprint,
+        source_files=list(source_files),
     )
     kept = {shard.file for split in splits.values() for shard in split.shards}
     for stale in shard_dir.glob("*.bin"):
         if stale.name not in kept and stale.name.split("_")[0] in SPLITS:
             stale.unlink()
-    write_atomic(shard_dir / INDEX_FILE, json.dumps(index.to_json(), indent=1).encode())
+    index.save()
     return index

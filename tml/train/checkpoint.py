@@ -8,7 +8,7 @@ Layout of a run's `checkpoints/` directory:
       deepspeed/             Fabric/DeepSpeed checkpoint directory instead of the two above (every rank writes)
       trainer.pt             scheduler, grad-scaler, step and loop counters (rank 0)
       rank-00000.pt ...      per rank: Python/NumPy/torch/CUDA RNG states and the batch stream's position
-      meta.json              step, resolved config, wandb run id, world size
+      meta.json              step, resolved config, wandb run id, world size, the shards' content fingerprint
       MANIFEST.json          size and sha256 of every file above, written last
     last -> step-0000500     relative symlinks, replaced atomically
     best -> step-0000400
@@ -22,7 +22,7 @@ loader; the manifest still guards them.) Older step checkpoints beyond `keep` ar
 
 Resuming compares the run's config with the checkpoint's before anything is written (check_resume_config): a
 changed model or data stream is refused, and so is a DeepSpeed checkpoint under another strategy or rank count
-(check_resume_layout); other changes are reported. The checkpoint supplies the schedule's step count, not its
+(check_resume_layout), and so is a corpus whose files changed since (check_resume_data); other changes are reported. The checkpoint supplies the schedule's step count, not its
 shape, so a new max_steps or lr takes effect; and a fresh run (`resume: none`) is refused over an out_dir that
 already holds checkpoints.
 """
@@ -43,6 +43,9 @@ import torch
 from lightning import Fabric
 
 from tml.config import Config
+from tml.data.config import DataConfig
+from tml.data.prepare import resolved_val_split, source_content_fingerprint, source_listing
+from tml.data.shards import ShardError, ShardIndex
 from tml.files import file_sha256, replaced_on_success, write_atomic
 from tml.train.optim import restore_schedule_step
 from tml.train.zero_export import ZeroCheckpointError, fp32_state_dict, verify_deepspeed_checkpoint
@@ -50,6 +53,7 @@ from tml.train.zero_export import ZeroCheckpointError, fp32_state_dict, verify_d
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
 META = "meta.json"
+DATA_CONTENT = "data_content_fingerprint"  # meta.json key: which source text the run's shards were built from
 STEP_DIR = re.compile(r"step-(\d+)")  # the names step_name() gives
 
 
@@ -208,7 +212,8 @@ SILENT_ON_RESUME = frozenset({
 # shard_tokens are only a notice: train_main rebuilds shards that do not match these settings, so a moved
 # shard_dir holds the same tokens, and windows are stitched across shard files whatever their size.
 DATA_POSITION_KEYS = frozenset({
-    "data.source", "data.book_ids", "data.max_books", "data.val_frac", "data.split_seed", "data.stride", "train.seed",
+    "data.source", "data.book_ids", "data.max_books", "data.val_frac", "data.val_split", "data.split_seed",
+    "data.stride", "train.seed",
 })
 # The only model setting that leaves the weights' names, shapes and meaning alone: dropout acts in training only.
 MODEL_NOTICE_KEYS = frozenset({"model.dropout"})
@@ -312,11 +317,47 @@ def check_resume_layout(directory: Path, meta: dict[str, Any], deepspeed: bool, 
         )
 
 
+def shards_content_fingerprint(shard_dir: str | Path) -> str | None:
+    """The content fingerprint of the shards a run trains on (None without a readable index, e.g. in tests)."""
+    try:
+        return ShardIndex.load(shard_dir, scan_tokens=False).content_fingerprint or None
+    except ShardError:
+        return None
+
+
+def check_resume_data(directory: Path, meta: dict[str, Any], data: DataConfig) -> None:
+    """Refuse a checkpoint whose shards were built from other source text than data.source holds now.
+
+    The settings are equal (check_resume_config), yet a file added, removed or edited moves every window, so the
+    saved data position would point into other text. A `touch` changes nothing, and a checkpoint that predates
+    the fingerprint resumes as before, unless val_split "auto" would now cut its corpus another way.
+    """
+    saved_data = meta.get("config", {}).get("data", {})
+    if saved_data and "val_split" not in saved_data:  # saved before val_split existed, when whole books were held out
+        mode = resolved_val_split(data, len(source_listing(data)))
+        if mode != "books":
+            raise CheckpointError(
+                f"cannot resume {directory}: it held out whole books for validation (it predates data.val_split), "
+                f"and data.val_split {data.val_split} now means {mode} for data.source {data.source}, which moves "
+                "every training window: continue it with --data.val_split books, or start a new run with another "
+                "--train.out_dir"
+            )
+    saved = meta.get(DATA_CONTENT)
+    current = source_content_fingerprint(data) if saved else None
+    if current is not None and current != saved:
+        raise CheckpointError(
+            f"cannot resume {directory}: its shards in {data.shard_dir} were built from other text than "
+            f"data.source {data.source} holds now (files added, removed or edited since), so its data position "
+            "would point into other text: restore those files as they were, or start a new run on the changed "
+            "corpus with another --train.out_dir"
+        )
+
+
 def resume_checkpoint(config: Config) -> tuple[Path | None, dict[str, Any], list[str]]:
     """The checkpoint this run resumes from (None for a fresh run), its meta.json, and the settings changed since.
 
-    Raises CheckpointError for what cannot resume (resolve_resume, check_resume_config, check_resume_layout)
-    without writing anything, so a launcher can call it before building data for the run.
+    Raises CheckpointError for what cannot resume (resolve_resume, check_resume_config, check_resume_layout,
+    check_resume_data) without writing anything, so a launcher can call it before building data for the run.
     """
     train = config.train
     resume_dir = resolve_resume(train.resume, train.out_dir)
@@ -325,6 +366,7 @@ def resume_checkpoint(config: Config) -> tuple[Path | None, dict[str, Any], list
     meta = read_meta(resume_dir)
     changed = check_resume_config(resume_dir, meta["config"], config, train.resume)
     check_resume_layout(resume_dir, meta, train.strategy == "deepspeed", train.devices * train.num_nodes)
+    check_resume_data(resume_dir, meta, config.data)
     return resume_dir, meta, changed
 
 
@@ -410,6 +452,8 @@ class Checkpointer:
                         "format": FORMAT_VERSION, "step": step, "world_size": fabric.world_size,
                         "deepspeed": self.deepspeed, "wandb_run_id": wandb_run_id, "config": config.to_dict(),
                     }
+                    if data_content := shards_content_fingerprint(config.data.shard_dir):
+                        meta[DATA_CONTENT] = data_content
                     write_atomic(tmp / META, json.dumps(meta, indent=1).encode())
                 fabric.barrier()
                 if fabric.global_rank == 0:

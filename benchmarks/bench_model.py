@@ -1,6 +1,9 @@
 """Model benchmark: KV-cache size, CPU decode speed (MLA absorbed / MLA naive / MHA), tiny train-step speed.
 
 Prints one JSON object. Run: python benchmarks/bench_model.py [--dtype float32|bfloat16] [--decode-steps N] [--threads N]
+Your own model shape: add `--config FILE [--model.key value ...]`; the KV-cache and decode figures are then those
+of that shape (MLA and MHA at its width, contexts up to its block_size) and the train-step part is left to
+benchmarks/bench_train.py, which times a config's training. Without --config: the issue's reference shape.
 On a machine shared with other jobs use --threads 1: OpenMP threads that wait on a busy core slow torch down
 many times over.
 Figures from a shared machine vary run to run; compare the ratios within one run.
@@ -13,15 +16,15 @@ import json
 import platform
 import statistics
 import time
-from dataclasses import replace
+from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
 import torch
 
-from tml.config import load_yaml_config
-from tml.model import ModelConfig, Transformer
-from tml.model.kv_cache import cache_numbers_per_token, kv_cache_bytes_per_token
+from tml.config import ConfigError, load_yaml_config
+from tml.model import ModelConfig, ModelConfigError, Transformer
+from tml.model.kv_cache import KVCache, LatentCache
 
 # The reference model of the issue: GPT-2 small's shape, MLA with a 256-wide latent and a 32-dim RoPE key.
 REFERENCE_SHAPE = dict(n_layer=12, n_head=12, n_embd=768, kv_lora_rank=256, qk_rope_head_dim=32,
@@ -39,10 +42,29 @@ TRAIN_WARMUP_STEPS, TRAIN_TIMED_STEPS = 1, 4
 CACHE_GOAL_FRACTION = 1 / 5  # the issue's goal: MLA's cache at most a fifth of MHA's
 
 
-def reference_model(attention: str, dtype: torch.dtype) -> Transformer:
-    torch.manual_seed(0)
+def reference_shape() -> ModelConfig:
     # One position past the longest context: each timed step decodes the token after `context` cached ones.
-    config = ModelConfig(**REFERENCE_SHAPE, attention=attention, block_size=max(CONTEXTS) + 1)
+    return ModelConfig(**REFERENCE_SHAPE, block_size=max(CONTEXTS) + 1)
+
+
+def contexts_for(shape: ModelConfig) -> list[int]:
+    """The CONTEXTS that fit the block, plus the longest one that does (block_size - 1 cached, one decoded)."""
+    return sorted({c for c in CONTEXTS if c < shape.block_size} | {shape.block_size - 1})
+
+
+def attention_variants(shape: ModelConfig) -> dict[str, ModelConfig]:
+    """The shape as MLA and as MHA of the same width; MHA is left out where its head dim is odd (RoPE needs pairs)."""
+    variants = {}
+    for attention in ("mla", "mha"):
+        try:
+            variants[attention] = replace(shape, attention=attention)
+        except ModelConfigError:
+            pass
+    return variants
+
+
+def build_model(config: ModelConfig, dtype: torch.dtype) -> Transformer:
+    torch.manual_seed(0)
     return Transformer(config).to(dtype).eval()
 
 
@@ -62,26 +84,28 @@ def timed_decode_step(model: Transformer, cache: list, context: int, absorb: boo
 
 
 @torch.no_grad()
-def bench_decode(dtype: torch.dtype, steps: int) -> dict:
+def bench_decode(shape: ModelConfig, dtype: torch.dtype, steps: int) -> dict:
     """Decode tokens/s per mode and context. The modes take turns step by step, so a burst of load from other
     processes slows all of them alike instead of skewing one."""
     results: dict = {}
-    prompt = torch.randint(0, ModelConfig().vocab_size, (1, max(CONTEXTS)))
+    contexts = contexts_for(shape)
+    prompt = torch.randint(0, shape.vocab_size, (1, max(contexts)))
     models, caches = {}, {}
-    for attention in ("mla", "mha"):
-        models[attention] = reference_model(attention, dtype)
+    for attention, config in attention_variants(shape).items():
+        models[attention] = build_model(config, dtype)
         caches[attention] = models[attention].new_cache(batch_size=1)
         start = time.perf_counter()
         models[attention](prompt, cache=caches[attention])
         results[f"{attention}_prefill_tokens_per_s"] = round(prompt.shape[1] / (time.perf_counter() - start), 1)
-    results["max_abs_logit_diff_absorbed_vs_naive"] = absorbed_vs_naive_gap(models["mla"], caches["mla"])
+    results["max_abs_logit_diff_absorbed_vs_naive"] = absorbed_vs_naive_gap(models["mla"], caches["mla"], max(contexts))
 
     modes = {"mla_absorbed": ("mla", True), "mla_naive": ("mla", False), "mha": ("mha", True)}
+    modes = {name: mode for name, mode in modes.items() if mode[0] in models}
     for name in modes:
         results[name] = {}
     # Longest context first: a decode step overwrites only the position just past its context, so every
     # shorter context still sees exactly the prefilled prefix.
-    for context in sorted(CONTEXTS, reverse=True):
+    for context in sorted(contexts, reverse=True):
         times: dict[str, list[float]] = {name: [] for name in modes}
         for step in range(WARMUP_STEPS + steps):
             for name, (attention, absorb) in modes.items():
@@ -95,13 +119,13 @@ def bench_decode(dtype: torch.dtype, steps: int) -> dict:
 
 
 @torch.no_grad()
-def absorbed_vs_naive_gap(model: Transformer, cache: list) -> float:
+def absorbed_vs_naive_gap(model: Transformer, cache: list, context: int) -> float:
     """Both decode paths on the same long cache must agree (a benchmark of a wrong path would be meaningless)."""
     token = torch.ones(1, 1, dtype=torch.long)
     logits = []
     for absorb in (True, False):
         for layer_cache in cache:
-            layer_cache.truncate(max(CONTEXTS))
+            layer_cache.truncate(context)
         logits.append(model(token, cache=cache, absorb=absorb)[0].float())
     return float((logits[0] - logits[1]).abs().max())
 
@@ -155,17 +179,32 @@ def bench_train_step() -> dict:
     return results
 
 
-def cache_sizes() -> dict:
+def cache_sizes(shape: ModelConfig) -> dict:
+    """Cache per token of the shape as MLA and as MHA. From the config alone: MHA's 2 * n_embd numbers hold even
+    where an MHA model of this width could not be built."""
     sizes = {}
-    for attention in ("mla", "mha"):
-        config = ModelConfig(**REFERENCE_SHAPE, attention=attention)
+    for attention, cache in (("mla", LatentCache), ("mha", KVCache)):
+        numbers = cache.numbers_per_token(shape)
         sizes[attention] = {
-            "numbers_per_token_per_layer": cache_numbers_per_token(config),
-            "bytes_per_token_bf16": kv_cache_bytes_per_token(config, torch.bfloat16),
-            "bytes_per_token_fp32": kv_cache_bytes_per_token(config, torch.float32),
+            "numbers_per_token_per_layer": numbers,
+            "bytes_per_token_bf16": shape.n_layer * numbers * torch.bfloat16.itemsize,
+            "bytes_per_token_fp32": shape.n_layer * numbers * torch.float32.itemsize,
         }
     sizes["mla_over_mha"] = round(sizes["mla"]["bytes_per_token_bf16"] / sizes["mha"]["bytes_per_token_bf16"], 4)
     return sizes
+
+
+def model_shape(config_file: str | None, overrides: list[str]) -> tuple[str, ModelConfig]:
+    """(where the shape comes from, the shape): the config file's model section with its overrides applied, or
+    the reference shape when no file is named."""
+    if config_file is None:
+        if overrides:
+            raise SystemExit(f"bench_model.py: {overrides[0]} needs --config FILE (overrides apply to a config)")
+        return "reference", reference_shape()
+    try:
+        return config_file, load_yaml_config(config_file, overrides).model
+    except ConfigError as error:
+        raise SystemExit(f"bench_model.py: {error}") from None
 
 
 def main() -> None:
@@ -174,19 +213,23 @@ def main() -> None:
                         help="decode weights and cache dtype (CPU matmuls are fastest in float32)")
     parser.add_argument("--decode-steps", type=int, default=DEFAULT_DECODE_STEPS)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    args = parser.parse_args()
+    parser.add_argument("--config", help="measure this config's model shape (any --model.key value after it "
+                                         "overrides it) instead of the reference shape")
+    args, overrides = parser.parse_known_args()
+    source, shape = model_shape(args.config, overrides)
     torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
 
     start, cpu_start = time.perf_counter(), time.process_time()
-    cache = cache_sizes()
-    decode = bench_decode(dtype, args.decode_steps)
-    train = bench_train_step()
-    longest = str(max(CONTEXTS))
+    cache = cache_sizes(shape)
+    decode = bench_decode(shape, dtype, args.decode_steps)
+    train = bench_train_step() if args.config is None else "not run with --config: see benchmarks/bench_train.py"
+    longest = str(max(contexts_for(shape)))
     report = {
         "machine": {"torch": torch.__version__, "threads": args.threads, "cpu": platform.processor() or platform.machine(),
                     "note": "shared CPU machine; compare ratios"},
-        "kv_cache_reference": cache,
+        "shape": {"source": source, **asdict(shape)},
+        "kv_cache_reference" if args.config is None else "kv_cache": cache,
         "decode_tokens_per_s": {"dtype": args.dtype, "batch": 1, "timed_steps": args.decode_steps, **decode},
         "absorbed_speedup_over_naive": {c: round(decode["mla_absorbed"][c] / decode["mla_naive"][c], 2)
                                         for c in decode["mla_naive"]},

@@ -17,13 +17,15 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from tml.config import ConfigError
+from tml.config import Config, ConfigError
 
 if TYPE_CHECKING:
     import torch
 
 CTRL_C_EXIT_STATUS = 130  # 128 + SIGINT: what shells report for a run ended by Ctrl-C, so `tml train && ...` stops
 EVAL_BATCH_SIZE = 8  # windows per forward pass in `tml eval`: small enough for CPU memory at block size 512
+# The share of the block new tokens may claim from a long prompt: enough to generate, while keeping most context.
+GENERATE_ROOM_FRACTION = 0.5
 
 
 def train_main(argv: Sequence[str], prog: str | None = None) -> int:
@@ -141,8 +143,17 @@ def sampling_options(args: argparse.Namespace) -> dict:
             "top_p": args.top_p if args.top_p < 1.0 else None}
 
 
+def prompt_tokens_kept(prompt_tokens: int, max_new_tokens: int, block_size: int) -> int:
+    """How many of the prompt's last tokens fit: new tokens are guaranteed min(max_new_tokens, half the block)
+    positions (at least one), and the prompt keeps the rest of the block. Prompt plus new tokens must fit in the
+    block: RoPE positions past it were never trained."""
+    reserved = max(1, min(max_new_tokens, int(block_size * GENERATE_ROOM_FRACTION)))
+    return min(prompt_tokens, block_size - reserved)
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
-    """Sample from a checkpoint; when prompt + --max-new-tokens overflows the block, generate what fits and say so."""
+    """Sample from a checkpoint; a prompt too long for the block keeps its last tokens (prompt_tokens_kept), and
+    when prompt + --max-new-tokens still overflows the block, generate what fits. Both are said on stderr."""
     import torch
 
     from tml.data.tokenizer import get_tokenizer
@@ -153,10 +164,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     tokenizer = get_tokenizer()
     prompt = tokenizer.encode(args.prompt, allowed_special="all") or [tokenizer.eot_token]
     block = model.config.block_size
-    room = block - len(prompt)  # RoPE positions past the block were never trained: generate stops there
-    if room < min(args.max_new_tokens, 1):  # the prompt alone fills (or overflows) the block
-        raise ValueError(f"the prompt is {n_tokens(len(prompt))} and the model's block_size is {block}: "
-                         "no room to generate; shorten --prompt")
+    kept = prompt_tokens_kept(len(prompt), args.max_new_tokens, block)
+    if kept < len(prompt):
+        print(f"tml generate: dropped the first {n_tokens(len(prompt) - kept)} of the prompt's {len(prompt):,}, keeping "
+              f"its last {kept:,} so that {block - kept} new fit in the model's block_size {block}", file=sys.stderr)
+        prompt = prompt[-kept:]
+    room = block - len(prompt)
     new_tokens = min(args.max_new_tokens, room)
     if new_tokens < args.max_new_tokens:
         print(f"tml generate: generating {n_tokens(new_tokens)}, not {args.max_new_tokens}: a prompt of "
@@ -250,13 +263,37 @@ def cmd_export(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.is_dir():  # before the checkpoint loads: refused at once
         raise ValueError(f"--output {output} is a directory; name the file to write, e.g. {output / 'model.pt'}")
-    state, _ = load_model_weights(chosen_checkpoint("export", args.checkpoint))
+    directory = Path(chosen_checkpoint("export", args.checkpoint))
+    state, config = load_model_weights(directory)
     try:
         save_fp32_state_dict(state, output)
     except (OSError, RuntimeError) as error:  # torch.save reports an unopenable file as a RuntimeError
         raise ValueError(f"cannot write {output}: {one_line_reason(error)}") from error
     print(f"wrote {output} ({len(state)} tensors)")
+    print(rebuild_instructions(directory, config, output))
     return 0
+
+
+def rebuild_instructions(checkpoint: Path, config: Config, output: Path) -> str:
+    """One line of Python (runnable as it is) that rebuilds the exported model: the file is a bare state dict, so
+    the model's shape comes from the run directory's config.yaml, or from the checkpoint's own meta.json when the
+    checkpoint was moved out of its run (or the run's config.yaml no longer describes this model)."""
+    from tml.config import load_yaml_config
+    from tml.train.checkpoint import META
+
+    run_config = checkpoint.parent.parent / "config.yaml"  # {out_dir}/checkpoints/step-N -> {out_dir}/config.yaml
+    try:
+        matches = run_config.is_file() and load_yaml_config(run_config).model == config.model
+    except ConfigError:
+        matches = False
+    if matches:
+        model_config = f"load_yaml_config({str(run_config)!r}).model"
+        imports = "import torch; from tml.config import load_yaml_config; from tml.model import Transformer"
+    else:
+        model_config = f"Config.from_dict(json.loads(open({str(checkpoint / META)!r}).read())['config']).model"
+        imports = "import json, torch; from tml.config import Config; from tml.model import Transformer"
+    return (f"rebuild the model in Python: {imports}; model = Transformer({model_config}); "
+            f"model.load_state_dict(torch.load({str(output)!r}, weights_only=True))")
 
 
 def one_line_reason(error: BaseException) -> str:
@@ -274,10 +311,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", help="sample text from a checkpoint (latent KV cache)")
     generate.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
-    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--prompt", required=True, help="text to continue; when too long for the model's "
+                          "block_size only its end is kept (see --max-new-tokens)")
     generate.add_argument("--max-new-tokens", type=int, default=100,
-                          help="at most this many; fewer when the prompt leaves less of the model's block_size "
-                               "(default: %(default)s)")
+                          help="at most this many; fewer when the prompt leaves less of the model's block_size. "
+                               "A prompt that leaves less than min(N, block_size/2) positions keeps only its last "
+                               "tokens, and a notice says how many were dropped (default: %(default)s)")
     generate.add_argument("--temperature", type=float, default=0.8, help="0 = greedy (default: %(default)s)")
     generate.add_argument("--top-k", type=int, default=0, help="sample from the K most likely tokens; 0 = off "
                           "(default)")

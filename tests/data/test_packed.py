@@ -62,7 +62,9 @@ def test_index_errors_and_negative_indexes(stream):
 
 def test_split_shorter_than_one_window_is_refused_with_sizes(stream):
     shard_dir, _ = stream
-    with pytest.raises(ValueError, match="split 'val' .* 3 tokens, fewer than one window of block_size \\+ 1 = 9"):
+    with pytest.raises(ShardError, match=r"^model.block_size=8 needs block_size \+ 1 = 9 tokens for one window, "
+                                         r"but split 'val' in .* has 3; use --model.block_size 2 or less, or a "
+                                         r"larger data.val_frac or more books$"):
         PackedDataset(shard_dir, "val", block_size=8, stride=8)
     with pytest.raises(ValueError, match="no split 'test'"):
         PackedDataset(shard_dir, "test", block_size=2, stride=1)

@@ -4,6 +4,7 @@ import errno
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,14 +17,15 @@ from rich.progress import Progress
 
 from tests.conftest import debug_model_config
 from tests.train.conftest import tiny_run_config
-from tml.cli import CTRL_C_EXIT_STATUS, EVAL_BATCH_SIZE, main, text_loss
+from tml.cli import CTRL_C_EXIT_STATUS, EVAL_BATCH_SIZE, main, prompt_tokens_kept, text_loss
 from tml.config import dump_yaml
 from tml.data.tokenizer import get_tokenizer
 from tml.model import Transformer
 from tml.model.config import GPT2_PADDED_VOCAB
 from tml.train import zero_export
-from tml.train.checkpoint import checkpoints_dir, load_model_weights, read_meta
+from tml.train.checkpoint import META, checkpoints_dir, load_model_weights, read_meta
 from tml.train.loop import train
+from tml.train.parent_death import RANK0_PID_VARIABLE
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,10 +50,30 @@ def test_generate_continues_the_prompt(trained_run, capsys):
     assert out.startswith("Once upon a time") and len(get_tokenizer().encode(out)) >= 5 + 4
 
 
-def test_generate_refuses_a_prompt_longer_than_the_block(trained_run, capsys):
-    code = main(["generate", "--checkpoint", str(trained_run), "--prompt", TEXT, "--max-new-tokens", "5"])
-    err = capsys.readouterr().err
-    assert code == 1 and "block_size" in err and "shorten --prompt" in err
+def test_a_prompt_longer_than_the_block_keeps_its_last_tokens_and_says_how_many_were_dropped(trained_run, capsys):
+    prompt = get_tokenizer().encode(TEXT)
+    block = debug_model_config().block_size
+    code = main(["generate", "--checkpoint", str(trained_run), "--prompt", TEXT, "--max-new-tokens", "5",
+                 "--temperature", "0"])
+    captured = capsys.readouterr()
+    assert code == 0
+    kept = block - 5  # the new tokens' 5 positions, the prompt the rest
+    assert captured.err.splitlines()[-1] == (
+        f"tml generate: dropped the first {len(prompt) - kept} tokens of the prompt's {len(prompt)}, keeping its "
+        f"last {kept} so that 5 new fit in the model's block_size {block}")
+    assert captured.out.startswith(get_tokenizer().decode(prompt[-kept:]))
+    assert not captured.out.startswith(get_tokenizer().decode(prompt[-kept - 1:]))
+
+
+@pytest.mark.parametrize(("prompt", "max_new", "kept"), [
+    (10, 100, 10),  # fits with room: untouched (fewer new tokens are generated instead)
+    (50, 5, 27),  # too long: the 5 new tokens get their room, the prompt the rest of the 32
+    (50, 100, 16),  # both want more than the block: new tokens are guaranteed half of it
+    (20, 20, 16),
+    (50, 0, 31),  # at most block_size - 1 prompt tokens
+])
+def test_prompt_keeps_the_rest_of_the_block_after_min_of_new_tokens_and_half_the_block(prompt, max_new, kept):
+    assert prompt_tokens_kept(prompt, max_new, block_size=32) == kept
 
 
 def test_generate_with_defaults_fills_the_block_and_says_it_stopped_short(trained_run, capsys):
@@ -140,6 +162,33 @@ def test_export_writes_a_plain_fp32_state_dict(trained_run, tmp_path):
     assert all(torch.equal(exported[k], state[k]) for k in state)
 
 
+def rebuilt_from_printed_line(stdout: str) -> torch.nn.Module:
+    """Run the Python the export's last line prints, as a user would paste it."""
+    code = stdout.splitlines()[-1].removeprefix("rebuild the model in Python: ")
+    namespace: dict = {}
+    exec(code, namespace)
+    return namespace["model"]
+
+
+def test_export_prints_how_to_rebuild_the_model_from_the_runs_config_yaml(trained_run, tmp_path, capsys):
+    output = tmp_path / "weights.pt"
+    assert main(["export", "--checkpoint", str(trained_run), "--output", str(output)]) == 0
+    out = capsys.readouterr().out
+    assert f"load_yaml_config({str(trained_run / 'config.yaml')!r}).model" in out.splitlines()[-1]
+    model = rebuilt_from_printed_line(out)
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in torch.load(output).items())
+
+
+def test_export_of_a_checkpoint_moved_out_of_its_run_points_at_its_meta_json(trained_run, tmp_path, capsys):
+    moved = tmp_path / "moved" / "a" / "checkpoint"
+    shutil.copytree((checkpoints_dir(trained_run) / "last").resolve(), moved)
+    output = tmp_path / "weights.pt"
+    assert main(["export", "--checkpoint", str(moved), "--output", str(output)]) == 0
+    out = capsys.readouterr().out
+    assert str(moved / META) in out.splitlines()[-1]
+    assert type(rebuilt_from_printed_line(out)).__name__ == "Transformer"
+
+
 def test_export_refuses_a_directory_output_at_once(trained_run, tmp_path, capsys):
     output = tmp_path / "emptydir"
     output.mkdir()
@@ -174,6 +223,35 @@ def test_a_corrupted_checkpoint_is_refused_naming_the_file(trained_run, tmp_path
 
 
 # --- Ctrl-C in `tml train`: a real process, a real SIGINT --------------------------------------------------------
+
+@pytest.mark.parametrize(("override", "status", "message"), [
+    (["--model.vocab_size", "128"], 2,
+     "tml: model.vocab_size=128 is smaller than the vocabulary of the shards in {shards} (256): token ids would "
+     "fall outside the embedding; set --model.vocab_size 256 or more"),
+    (["--model.block_size", "8000"], 1,
+     "tml: model.block_size=8000 needs block_size + 1 = 8001 tokens for one window, but split 'val' in {shards} "
+     "has 6,000; use --model.block_size 5999 or less, or a larger data.val_frac or more books"),
+])
+def test_a_model_that_does_not_fit_the_data_is_refused_in_one_line(tmp_path, tiny_shards, capsys, monkeypatch,
+                                                                    override, status, message):
+    monkeypatch.setenv(RANK0_PID_VARIABLE, "")  # train_main records its pid here; restored afterwards
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(dump_yaml(tiny_run_config(tiny_shards, tmp_path / "run")))
+    code = main(["train", "--config", str(config_file), *override])
+    assert code == status
+    assert capsys.readouterr().err == message.format(shards=tiny_shards) + "\n"
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+@pytest.mark.slow
+def test_a_data_error_from_the_command_line_prints_no_traceback(tmp_path, tiny_shards):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(dump_yaml(tiny_run_config(tiny_shards, tmp_path / "run")))
+    done = subprocess.run([sys.executable, "-m", "tml.cli", "train", "--config", str(config_file),
+                           "--model.block_size", "8000"], cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.splitlines()[-1].startswith("tml: model.block_size=8000 needs block_size + 1")
+
 
 STEP_LINE = re.compile(r"^step\s+(\d+) \| loss")
 

@@ -1,3 +1,4 @@
+import json
 import math
 import os
 import re
@@ -15,14 +16,18 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import tml.train.loop as loop_module
 from tests.conftest import REPO_ROOT, debug_model_config
 from tests.train.conftest import tiny_run_config
-from tml.config import dump_yaml
+from tml.config import ConfigError, dump_yaml, load_yaml_config
 from tml.model import Transformer
 from tml.train.checkpoint import CheckpointError, checkpoints_dir, load_model_weights, read_meta, safe_load
-from tml.train.loop import MAX_NONFINITE_STEPS, TrainingDiverged, train
+from tml.train.loop import MAX_NONFINITE_STEPS, SUMMARY_FILE, TrainingDiverged, train
 from tml.train.optim import CosineWithWarmup
 from tml.train.preemption import PreemptionFlag
 
 SUBPROCESS_TIMEOUT_S = 240  # a 2-process CPU run on a busy 2-core machine; far above its usual ~30 s
+
+
+def summary(run_dir) -> dict:
+    return json.loads((run_dir / SUMMARY_FILE).read_text())
 
 
 def scalars(run_dir, tag):
@@ -48,6 +53,42 @@ def test_tiny_run_lowers_the_loss_and_writes_tensorboard_scalars(tmp_path, tiny_
     assert (tmp_path / "config.yaml").is_file()
 
 
+def test_a_finished_run_writes_summary_json_with_numbers(tmp_path, tiny_shards):
+    config = tiny_run_config(tiny_shards, tmp_path, max_steps=4, val_interval=2)
+    result = train(config)
+    written = summary(tmp_path)
+    assert written == {**written, "final_step": 4, "max_steps": 4, "stopped_early": False, "preempted": False,
+                       "tokens_seen": 4 * config.train.batch_size * config.model.block_size,
+                       "params": Transformer(config.model).num_params(non_embedding=False),
+                       "checkpoints": str(checkpoints_dir(tmp_path))}
+    assert written["val_loss"] == pytest.approx(result.val_loss) and written["best_val_loss"] == result.best_val_loss
+    assert written["val_perplexity"] == pytest.approx(result.val_perplexity)
+    assert isinstance(written["wall_s"], float) and written["wall_s"] > 0
+    assert not (tmp_path / f"{SUMMARY_FILE}.tmp").exists()
+
+
+def test_training_starts_by_printing_the_models_size_cache_and_flops_and_notes_them_in_config_yaml(
+        tmp_path, tiny_shards, capsys):
+    config = tiny_run_config(tiny_shards, tmp_path, max_steps=1, val_interval=1)
+    train(config)
+    model = Transformer(config.model)
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("model: ")]
+    assert line.startswith(f"model: {model.num_params(non_embedding=False):,} parameters "
+                           f"({model.num_params():,} non-embedding) | KV cache 40 numbers/token/layer, "
+                           f"{model.kv_cache_bytes_per_token(torch.float32)} B/token in float32 (MHA of this width")
+    assert line.endswith(f"{model.flops_per_token() / 1e9:.3g} GFLOPs/token (train)")
+    assert (tmp_path / "config.yaml").read_text().startswith(f"# {line}\n")
+    assert load_yaml_config(tmp_path / "config.yaml").model == config.model  # the comment keeps it loadable
+
+
+def test_a_model_vocabulary_smaller_than_the_shards_is_refused_naming_the_key_and_the_way_out(tmp_path, tiny_shards):
+    config = tiny_run_config(tiny_shards, tmp_path)
+    config.model = debug_model_config(vocab_size=128)
+    with pytest.raises(ConfigError, match=r"model.vocab_size=128 is smaller .* \(256\).*--model.vocab_size 256"):
+        train(config)
+    assert not tmp_path.joinpath("config.yaml").exists()
+
+
 def test_early_stopping_fires_on_a_plateau(tmp_path, tiny_shards):
     # lr 0: the weights never change, so every validation after the first is "no improvement"
     config = tiny_run_config(tiny_shards, tmp_path, max_steps=50, lr=0.0, min_lr=0.0, val_interval=2,
@@ -56,6 +97,8 @@ def test_early_stopping_fires_on_a_plateau(tmp_path, tiny_shards):
     assert result.stopped_early and result.final_step == 6
     assert read_meta(tmp_path / "checkpoints" / "last")["step"] == 6
     assert read_meta(tmp_path / "checkpoints" / "best")["step"] == 2
+    written = summary(tmp_path)
+    assert written["stopped_early"] is True and written["final_step"] == 6 and written["max_steps"] == 50
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])  # CPU runs 16-mixed as bf16-mixed
@@ -218,6 +261,9 @@ def test_a_run_stopped_before_its_first_validation_shows_no_best_val_loss(tmp_pa
     assert train(config, preemption=PreemptAtStep(1)).preempted
     [row] = [line for line in capsys.readouterr().out.splitlines() if "best val loss" in line]
     assert re.fullmatch(r".*best val loss\W*-\W*", row), row
+    written = summary(tmp_path)  # what is known: no validation yet, so null rather than a made-up number
+    assert written["preempted"] is True and written["final_step"] == 1 and written["tokens_seen"] > 0
+    assert written["best_val_loss"] is written["val_loss"] is written["val_perplexity"] is None
 
 
 @pytest.mark.slow

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from tml.data.shards import SHARD_DTYPE, ShardIndex, shard_starts
+from tml.data.shards import SHARD_DTYPE, ShardError, ShardIndex, shard_starts
 
 
 class PackedDataset(Dataset):
@@ -34,10 +34,7 @@ class PackedDataset(Dataset):
         self.total_tokens = shards.tokens
         self.window = block_size + 1
         if self.total_tokens < self.window:
-            raise ValueError(
-                f"split {split!r} in {index.shard_dir} has {self.total_tokens} tokens, fewer than one window of "
-                f"block_size + 1 = {self.window}; use more books or a smaller block_size"
-            )
+            raise ShardError(too_short_message(split, index.shard_dir, self.total_tokens, block_size))
         self.num_windows = (self.total_tokens - self.window) // stride + 1
         self._tokens: list[np.ndarray] | None = None  # opened lazily, once per process
 
@@ -79,3 +76,11 @@ class PackedDataset(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         window = torch.from_numpy(self.window_tokens(i))
         return window[:-1], window[1:]
+
+
+def too_short_message(split: str, shard_dir: Path, tokens: int, block_size: int) -> str:
+    """One line naming the key, its value and both ways out. A ShardError: the CLI prints it without a traceback."""
+    smaller = f"--model.block_size {tokens - 1} or less, or " if tokens >= 2 else ""
+    more = "a larger data.val_frac or more books" if split == "val" else "more books or a smaller data.val_frac"
+    return (f"model.block_size={block_size} needs block_size + 1 = {block_size + 1} tokens for one window, but split "
+            f"{split!r} in {shard_dir} has {tokens:,}; use {smaller}{more}")

@@ -3,6 +3,11 @@
 Fabric hands every `fabric.log_dict` to each logger; the loggers themselves only write on rank 0. wandb runs
 offline (files under `{out_dir}/wandb`, `wandb sync` later) when no WANDB_API_KEY is set, and a restarted run
 passes the id saved in its checkpoint so wandb continues the same run instead of starting a new one.
+
+TensorBoard's HParams view shows, per run, the latest value of each scalar its hparams summary names as a metric.
+Lightning writes that summary only together with metric values, a `hp_metric` of -1 when given none, which ranks
+nothing; so the placeholder is off and TensorBoard gets the hyper-parameters at the first validation, with the real
+`val/perplexity` and `val/best_perplexity` (`log_validation`). Other loggers (wandb) get them at the start.
 """
 
 from __future__ import annotations
@@ -10,17 +15,23 @@ from __future__ import annotations
 import os
 import secrets
 import sys
+from collections.abc import Sequence
 from typing import Any
 
+import torch
 from lightning.fabric.loggers import Logger, TensorBoardLogger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from tml.config import Config
+from tml.model import Transformer
+from tml.model.kv_cache import KVCache, cache_numbers_per_token, kv_cache_bytes_per_token
 
 WANDB_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"  # wandb's own id alphabet
 WANDB_ID_LENGTH = 8
+# The dtype an inference cache holds at each train.precision: mixed precision computes (and would cache) in 16 bits.
+CACHE_DTYPE = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, "32-true": torch.float32}
 
 
 def new_wandb_run_id() -> str:
@@ -33,7 +44,7 @@ def build_loggers(config: Config, wandb_run_id: str | None) -> list[Logger]:
     out_dir = config.train.out_dir
     if config.log.tensorboard:
         # version="" puts event files directly in {out_dir}/tensorboard, the same directory after a restart.
-        loggers.append(TensorBoardLogger(root_dir=out_dir, name="tensorboard", version=""))
+        loggers.append(TensorBoardLogger(root_dir=out_dir, name="tensorboard", version="", default_hp_metric=False))
     if config.log.wandb:
         from lightning.pytorch.loggers import WandbLogger
 
@@ -61,6 +72,59 @@ def flat_hyperparameters(config: Config) -> dict[str, Any]:
     return flat
 
 
+def model_hyperparameters(model: Transformer, precision: str) -> dict[str, int | float | str]:
+    """What the model's shape costs, as `model/...` hyper-parameters: parameters, KV cache per token, FLOPs per token.
+
+    Call before the strategy wraps the model (ZeRO-3 partitions the parameters, so counting afterwards would miss
+    them). For MLA the cache of MHA at the same width (K and V of every head) is given beside it: that ratio is
+    what MLA buys.
+    """
+    config = model.config
+    dtype = CACHE_DTYPE[precision]
+    figures: dict[str, int | float | str] = {
+        "model/params": model.num_params(non_embedding=False),
+        "model/params_non_embedding": model.num_params(non_embedding=True),
+        "model/kv_cache_numbers_per_token_per_layer": cache_numbers_per_token(config),
+        "model/kv_cache_bytes_per_token": kv_cache_bytes_per_token(config, dtype),
+        "model/kv_cache_dtype": str(dtype).removeprefix("torch."),
+        "model/flops_per_token": model.flops_per_token(),
+    }
+    if config.attention == "mla":
+        mha_bytes = config.n_layer * KVCache.numbers_per_token(config) * dtype.itemsize
+        figures["model/mha_kv_cache_bytes_per_token"] = mha_bytes
+        figures["model/kv_cache_fraction_of_mha"] = figures["model/kv_cache_bytes_per_token"] / mha_bytes
+    return figures
+
+
+def describe_model(figures: dict[str, int | float | str]) -> str:
+    """`model_hyperparameters` as the one line rank 0 prints when training starts."""
+    cache = (f"KV cache {figures['model/kv_cache_numbers_per_token_per_layer']:,} numbers/token/layer, "
+             f"{figures['model/kv_cache_bytes_per_token']:,} B/token in {figures['model/kv_cache_dtype']}")
+    if "model/mha_kv_cache_bytes_per_token" in figures:
+        cache += (f" (MHA of this width: {figures['model/mha_kv_cache_bytes_per_token']:,} B/token; MLA caches "
+                  f"{figures['model/kv_cache_fraction_of_mha']:.1%} of it)")
+    return (f"model: {figures['model/params']:,} parameters ({figures['model/params_non_embedding']:,} "
+            f"non-embedding) | {cache} | {figures['model/flops_per_token'] / 1e9:.3g} GFLOPs/token (train)")
+
+
+def log_hyperparameters(loggers: Sequence[Logger], hparams: dict[str, Any]) -> None:
+    """At the start, for every logger but TensorBoard, which waits for real metric values (`log_validation`)."""
+    for logger in loggers:
+        if not isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(hparams)
+
+
+def log_validation(loggers: Sequence[Logger], metrics: dict[str, float], step: int,
+                   hparams: dict[str, Any] | None) -> None:
+    """Log one validation's metrics; with `hparams` (the first validation of this process) TensorBoard writes its
+    hparams summary, naming these metrics as the HParams view's columns and writing their values (once, not twice)."""
+    for logger in loggers:
+        if hparams is not None and isinstance(logger, TensorBoardLogger):
+            logger.log_hyperparams(hparams, metrics=metrics, step=step)
+        else:
+            logger.log_metrics(metrics, step=step)
+
+
 class ConsoleReport:
     """Rank 0's console: a progress bar, a line every log interval and a summary table at the end."""
 
@@ -75,11 +139,13 @@ class ConsoleReport:
         self.task = self.progress.add_task("train", total=max_steps, completed=start_step, status="")
 
     def __enter__(self) -> ConsoleReport:
-        self.progress.start()
+        if self.enabled:  # other ranks never start it: older rich prints a newline when a disabled bar stops
+            self.progress.start()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        self.progress.stop()
+        if self.enabled:
+            self.progress.stop()
 
     def print(self, text: str) -> None:
         if self.enabled:

@@ -5,12 +5,17 @@ micro-batch (`no_backward_sync`); under DeepSpeed the engine owns accumulation, 
 (see tml/train/fabric.py), so the loop does not divide the loss, steps the engine on every micro-batch and
 reads the engine's grad norm. Everything that must agree across ranks (loss, preemption flag, early stopping)
 is reduced or broadcast, so every rank takes the same branch and saves together.
+
+Rank 0 ends every run that stops normally (finished, early stopping, preemption) by writing
+`{out_dir}/summary.json`: the final numbers in a form scripts can read instead of scraping the console.
 """
 
 from __future__ import annotations
 
 import gc
+import json
 import math
+import time
 import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -21,7 +26,7 @@ import torch.distributed as dist
 from lightning import Fabric
 from lightning.fabric.utilities.seed import seed_everything
 
-from tml.config import Config, dump_yaml
+from tml.config import Config, ConfigError, dump_yaml
 from tml.data.packed import PackedDataset
 from tml.data.sampler import BatchStream
 from tml.data.shards import ShardIndex
@@ -29,14 +34,24 @@ from tml.files import write_atomic
 from tml.model import Transformer
 from tml.train.checkpoint import Checkpointer, checkpoints_dir, resume_checkpoint
 from tml.train.early_stopping import EarlyStopping
-from tml.train.evaluate import EvalResult, evaluate
+from tml.train.evaluate import EvalResult, evaluate, perplexity
 from tml.train.fabric import build_fabric, is_deepspeed
-from tml.train.loggers import ConsoleReport, build_loggers, flat_hyperparameters, new_wandb_run_id
+from tml.train.loggers import (
+    ConsoleReport,
+    build_loggers,
+    describe_model,
+    flat_hyperparameters,
+    log_hyperparameters,
+    log_validation,
+    model_hyperparameters,
+    new_wandb_run_id,
+)
 from tml.train.optim import build_optimizer, build_scheduler
 from tml.train.preemption import PreemptionFlag, install_preemption_handler
 from tml.train.throughput import ThroughputMeter, peak_flops
 
 GIB = 2**30
+SUMMARY_FILE = "summary.json"
 MAX_NONFINITE_STEPS = 5  # consecutive non-finite losses before the run is declared diverged (fp16 skips are fine)
 
 
@@ -56,9 +71,15 @@ class TrainResult:
 
 
 def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResult:
+    started = time.perf_counter()
     tc = config.train
     out_dir = Path(tc.out_dir)
     resume_dir, meta, changed = resume_checkpoint(config)  # refuses a resume this config cannot continue
+    # The data checks come before the Fabric starts: a mismatch is one line from the CLI, not a traceback per rank.
+    check_vocabulary(config)
+    block = config.model.block_size
+    train_set = PackedDataset(config.data.shard_dir, "train", block, config.data.stride)
+    val_set = PackedDataset(config.data.shard_dir, "val", block, block)  # non-overlapping: every token counts once
     wandb_run_id = meta.get("wandb_run_id") or new_wandb_run_id()
 
     fabric = build_fabric(tc, build_loggers(config, wandb_run_id))
@@ -73,7 +94,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
     # parameters as soon as it is built, so the model's own init afterwards would miss them. setup partitions.
     with nullcontext() if deepspeed else fabric.init_module():
         model = Transformer(config.model)
-    flops_per_token = model.flops_per_token()  # before setup: ZeRO-3 then partitions the parameters
+    model_figures = model_hyperparameters(model, tc.precision)  # before setup: ZeRO-3 then partitions the parameters
+    flops_per_token = int(model_figures["model/flops_per_token"])
     seed_everything(tc.seed + fabric.global_rank, verbose=False)
 
     if tc.compile:
@@ -86,13 +108,6 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         model = fabric.setup(model)
         optimizer = fabric.setup_optimizers(optimizer)
 
-    block = config.model.block_size
-    data_vocab = ShardIndex.load(config.data.shard_dir, scan_tokens=False).vocab_size
-    if data_vocab > config.model.vocab_size:
-        raise ValueError(f"model.vocab_size={config.model.vocab_size} is smaller than the vocabulary of the shards in "
-                         f"{config.data.shard_dir} ({data_vocab}); token ids would fall outside the embedding")
-    train_set = PackedDataset(config.data.shard_dir, "train", block, config.data.stride)
-    val_set = PackedDataset(config.data.shard_dir, "val", block, block)  # non-overlapping: every token counts once
     batches = BatchStream(train_set, tc.batch_size, fabric.global_rank, fabric.world_size, tc.seed,
                           num_workers=config.data.num_workers, pin_memory=fabric.device.type == "cuda")
 
@@ -110,10 +125,13 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
             fabric.print(f"resuming with changed settings: {', '.join(changed)}")
     if rank0:  # only now: a refused resume leaves the run's config.yaml describing its checkpoints
         out_dir.mkdir(parents=True, exist_ok=True)
-        write_atomic(out_dir / "config.yaml", dump_yaml(config).encode())
+        # The model's cost as a comment: the file stays a config that `--config` loads.
+        write_atomic(out_dir / "config.yaml", f"# {describe_model(model_figures)}\n{dump_yaml(config)}".encode())
+    fabric.print(describe_model(model_figures))
 
-    for logger in fabric.loggers:
-        logger.log_hyperparams(flat_hyperparameters(config))
+    hparams = {**flat_hyperparameters(config), **model_figures}
+    log_hyperparameters(fabric.loggers, hparams)
+    tensorboard_hparams: dict | None = hparams  # written with the first validation's metrics (see loggers.py)
     tokens_per_step = tc.batch_size * block * tc.grad_accum * fabric.world_size
     meter = ThroughputMeter(flops_per_token, peak_flops(fabric.device, tc.precision), fabric.world_size)
     scaler = getattr(fabric.strategy.precision, "scaler", None)  # fp16 on GPU: skips overflowed steps itself
@@ -127,10 +145,14 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
 
     def validate() -> tuple[EvalResult, bool]:
         """Validate, log, save `best` on improvement; True when early stopping says stop (rank 0 decides)."""
+        nonlocal tensorboard_hparams
         result = evaluate(fabric, model, val_set, tc.batch_size, tc.val_batches)
         # Rank 0 decides both, so a last-bit difference in a reduction can never leave one rank out of a save.
         stop, improved = fabric.broadcast((early_stopping.update(result.loss), early_stopping.improved), src=0)
-        fabric.log_dict({"val/loss": result.loss, "val/perplexity": result.perplexity}, step=step)
+        metrics = {"val/loss": result.loss, "val/perplexity": result.perplexity,
+                   "val/best_perplexity": perplexity(early_stopping.best)}
+        log_validation(fabric.loggers, metrics, step, tensorboard_hparams)
+        tensorboard_hparams = None
         report.print(f"step {step:>7d} | val loss {result.loss:.4f} | val ppl {result.perplexity:.2f}")
         if improved:
             save(best=True)
@@ -223,6 +245,22 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                 **({"peak GPU memory": f"{torch.cuda.max_memory_allocated(fabric.device) / GIB:.2f} GiB"}
                    if fabric.device.type == "cuda" else {}),
             })
+        if rank0:
+            write_summary(out_dir, {
+                "final_step": step,
+                "max_steps": tc.max_steps,
+                "best_val_loss": early_stopping.best,
+                "best_val_perplexity": perplexity(early_stopping.best),
+                "val_loss": val.loss if val else None,
+                "val_perplexity": val.perplexity if val else None,
+                "stopped_early": stopped_early,
+                "preempted": preempted,
+                "tokens_seen": step * tokens_per_step,
+                "wall_s": round(time.perf_counter() - started, 3),
+                "params": model_figures["model/params"],
+                "params_non_embedding": model_figures["model/params_non_embedding"],
+                "checkpoints": str(checkpoints_dir(out_dir)),
+            })
         for logger in fabric.loggers:
             logger.finalize("success")
         finish_wandb(fabric)
@@ -241,6 +279,23 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         preempted=preempted,
         out_dir=out_dir,
     )
+
+
+def check_vocabulary(config: Config) -> None:
+    """The shards' token ids must all have a row in the embedding; cheap (the index only), so checked first."""
+    data_vocab = ShardIndex.load(config.data.shard_dir, scan_tokens=False).vocab_size
+    if data_vocab > config.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the vocabulary of the shards "
+                          f"in {config.data.shard_dir} ({data_vocab}): token ids would fall outside the embedding; "
+                          f"set --model.vocab_size {data_vocab} or more")
+
+
+def write_summary(out_dir: Path, summary: dict[str, float | int | bool | str | None]) -> None:
+    """`{out_dir}/summary.json`, replaced atomically. Non-finite numbers (no validation yet) become null:
+    JSON has no NaN or Infinity, and `json.loads` elsewhere would choke on Python's spelling of them."""
+    values = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+              for key, value in summary.items()}
+    write_atomic(out_dir / SUMMARY_FILE, (json.dumps(values, indent=2) + "\n").encode())
 
 
 def advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler, step: int) -> None:

@@ -71,8 +71,9 @@ SLURM_CONSTRAINT = re.compile(r"[A-Za-z0-9_.\-,+&|*\[\]()!:]+")
 SLURM_MEMORY = re.compile(r"[0-9]+[KMGT]?", re.IGNORECASE)
 # SLURM's time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S.
 SLURM_TIME = re.compile(r"(?:(?P<days>\d+)-)?(?P<a>\d+)(?::(?P<b>\d+))?(?::(?P<c>\d+))?")
-# Names Submitit gives a submission's files until sbatch returns a job id (then they become <job id>_*).
-SUBMITIT_TEMPORARY_FILE = re.compile(r"[0-9a-f]{32}\.pkl|\.submission_file_[0-9a-f]{32}\.sh")
+# Names Submitit gives a submission's files until sbatch returns a job id (then they become <job id>_*); the
+# script's name has a leading dot since Submitit 1.5.2.
+SUBMITIT_TEMPORARY_FILE = re.compile(r"[0-9a-f]{32}\.pkl|\.?submission_file_[0-9a-f]{32}\.sh")
 
 
 class SlurmRequestError(ValueError):

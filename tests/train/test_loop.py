@@ -273,8 +273,11 @@ def test_compiled_run_matches_eager_and_saves_weights_a_plain_model_loads(tmp_pa
     compiled = train(tiny_run_config(tiny_shards, tmp_path / "compiled", compile=True, **settings))
     eager_losses = [value for _, value in scalars(tmp_path / "eager", "train/loss")]
     compiled_losses = [value for _, value in scalars(tmp_path / "compiled", "train/loss")]
-    assert compiled_losses == pytest.approx(eager_losses, rel=1e-3)  # same math, fused kernels
-    assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-3)
+    assert compiled_losses[0] == pytest.approx(eager_losses[0], rel=1e-5)  # same weights, same math, fused kernels
+    # After updates: Adam normalises each gradient, so fused kernels' last-bit differences grow (torch 2.5 drifts
+    # 0.3% by step 4; 2.13 stays under 0.1%).
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-2)
+    assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-2)
     state, config = load_model_weights(checkpoints_dir(tmp_path / "compiled") / "last")
     assert not any(name.startswith("_orig_mod.") for name in state)  # no torch.compile wrapper in the keys
     Transformer(config.model).load_state_dict(state)  # strict: what `tml generate` and `tml eval` do

@@ -65,7 +65,8 @@ def verify_deepspeed_checkpoint(checkpoint_dir: str | Path) -> None:
     what keeps a checkpoint data, not code. Raises ZeroCheckpointError naming the file that fails.
     """
     tag_dir = checkpoint_tag_dir(checkpoint_dir)
-    with torch.serialization.safe_globals(_deepspeed_data_classes()):
+    # `set` is a plain container that torch allows by default only from 2.6 on; DeepSpeed's shards hold one.
+    with torch.serialization.safe_globals([*_deepspeed_data_classes(), set]):
         for shard in sorted(tag_dir.glob("*.pt")):
             try:
                 torch.load(shard, map_location="cpu", weights_only=True, mmap=True)

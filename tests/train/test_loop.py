@@ -58,6 +58,7 @@ def test_a_finished_run_writes_summary_json_with_numbers(tmp_path, tiny_shards):
     result = train(config)
     written = summary(tmp_path)
     assert written == {**written, "final_step": 4, "max_steps": 4, "stopped_early": False, "preempted": False,
+                       "diverged": False,
                        "tokens_seen": 4 * config.train.batch_size * config.model.block_size,
                        "params": Transformer(config.model).num_params(non_embedding=False),
                        "checkpoints": str(checkpoints_dir(tmp_path))}
@@ -207,6 +208,9 @@ def test_persistent_nan_stops_with_a_clear_message_and_keeps_the_last_good_check
     assert read_meta(tmp_path / "checkpoints" / "last")["step"] == 4
     state, _ = load_model_weights(tmp_path / "checkpoints" / "last")
     assert all(torch.isfinite(t).all() for t in state.values())
+    written = summary(tmp_path)  # a sweep's script learns why the run ended
+    assert written["diverged"] is True and written["final_step"] == 4 + MAX_NONFINITE_STEPS
+    assert written["val_loss"] is None and written["best_val_loss"] is None  # never validated: null, not NaN
 
 
 def test_preemption_signal_saves_last_and_resume_continues(tmp_path, tiny_shards):

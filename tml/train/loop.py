@@ -6,8 +6,8 @@ micro-batch (`no_backward_sync`); under DeepSpeed the engine owns accumulation, 
 reads the engine's grad norm. Everything that must agree across ranks (loss, preemption flag, early stopping)
 is reduced or broadcast, so every rank takes the same branch and saves together.
 
-Rank 0 ends every run that stops normally (finished, early stopping, preemption) by writing
-`{out_dir}/summary.json`: the final numbers in a form scripts can read instead of scraping the console.
+Rank 0 ends every run (finished, early stopping, preemption, divergence) by writing `{out_dir}/summary.json`:
+the final numbers in a form scripts can read instead of scraping the console.
 """
 
 from __future__ import annotations
@@ -161,6 +161,26 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
     val: EvalResult | None = None
     stopped_early = preempted = False
     nonfinite_streak = 0
+
+    def run_summary(diverged: bool) -> dict[str, float | int | bool | str | None]:
+        """What summary.json holds: the run's final numbers, for scripts that compare runs."""
+        return {
+            "final_step": step,
+            "max_steps": tc.max_steps,
+            "best_val_loss": early_stopping.best,
+            "best_val_perplexity": perplexity(early_stopping.best),
+            "val_loss": val.loss if val else None,
+            "val_perplexity": val.perplexity if val else None,
+            "stopped_early": stopped_early,
+            "preempted": preempted,
+            "diverged": diverged,
+            "tokens_seen": step * tokens_per_step,
+            "wall_s": round(time.perf_counter() - started, 3),
+            "params": model_figures["model/params"],
+            "params_non_embedding": model_figures["model/params_non_embedding"],
+            "checkpoints": str(checkpoints_dir(out_dir)),
+        }
+
     model.train()
     meter.start()
     try:
@@ -246,24 +266,14 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                    if fabric.device.type == "cuda" else {}),
             })
         if rank0:
-            write_summary(out_dir, {
-                "final_step": step,
-                "max_steps": tc.max_steps,
-                "best_val_loss": early_stopping.best,
-                "best_val_perplexity": perplexity(early_stopping.best),
-                "val_loss": val.loss if val else None,
-                "val_perplexity": val.perplexity if val else None,
-                "stopped_early": stopped_early,
-                "preempted": preempted,
-                "tokens_seen": step * tokens_per_step,
-                "wall_s": round(time.perf_counter() - started, 3),
-                "params": model_figures["model/params"],
-                "params_non_embedding": model_figures["model/params_non_embedding"],
-                "checkpoints": str(checkpoints_dir(out_dir)),
-            })
+            write_summary(out_dir, run_summary(diverged=False))
         for logger in fabric.loggers:
             logger.finalize("success")
         finish_wandb(fabric)
+    except TrainingDiverged:
+        if rank0:  # a sweep's script reads why this run ended like any other's
+            write_summary(out_dir, run_summary(diverged=True))
+        raise
     finally:
         preemption.uninstall()
         batches.close()

@@ -22,9 +22,9 @@ loader; the manifest still guards them.) Older step checkpoints beyond `keep` ar
 
 Resuming compares the run's config with the checkpoint's before anything is written (check_resume_config): a
 changed model or data stream is refused, and so is a DeepSpeed checkpoint under another strategy or rank count
-(check_resume_layout), and so is a corpus whose files changed since (check_resume_data); other changes are reported. The checkpoint supplies the schedule's step count, not its
-shape, so a new max_steps or lr takes effect; and a fresh run (`resume: none`) is refused over an out_dir that
-already holds checkpoints.
+(check_resume_layout), and so is a corpus whose files changed since (check_resume_data); other changes are
+reported. The checkpoint supplies the schedule's step count, not its shape, so a new max_steps or lr takes
+effect; and a fresh run (`resume: none`) is refused over an out_dir that already holds checkpoints.
 """
 
 from __future__ import annotations

@@ -275,7 +275,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def rebuild_instructions(checkpoint: Path, config: Config, output: Path) -> str:
-    """One line of Python (runnable as it is) that rebuilds the exported model: the file is a bare state dict, so
+    """One line of Python (runnable as it is, from any directory: absolute paths) that rebuilds the exported model: the file is a bare state dict, so
     the model's shape comes from the run directory's config.yaml, or from the checkpoint's own meta.json when the
     checkpoint was moved out of its run (or the run's config.yaml no longer describes this model)."""
     from tml.config import load_yaml_config
@@ -287,13 +287,14 @@ def rebuild_instructions(checkpoint: Path, config: Config, output: Path) -> str:
     except ConfigError:
         matches = False
     if matches:
-        model_config = f"load_yaml_config({str(run_config)!r}).model"
+        model_config = f"load_yaml_config({str(run_config.resolve())!r}).model"
         imports = "import torch; from tml.config import load_yaml_config; from tml.model import Transformer"
     else:
-        model_config = f"Config.from_dict(json.loads(open({str(checkpoint / META)!r}).read())['config']).model"
+        meta = (checkpoint / META).resolve()  # the step directory itself: `last` moves on
+        model_config = f"Config.from_dict(json.loads(open({str(meta)!r}).read())['config']).model"
         imports = "import json, torch; from tml.config import Config; from tml.model import Transformer"
     return (f"rebuild the model in Python: {imports}; model = Transformer({model_config}); "
-            f"model.load_state_dict(torch.load({str(output)!r}, weights_only=True))")
+            f"model.load_state_dict(torch.load({str(output.resolve())!r}, weights_only=True))")
 
 
 def one_line_reason(error: BaseException) -> str:

@@ -170,11 +170,15 @@ def rebuilt_from_printed_line(stdout: str) -> torch.nn.Module:
     return namespace["model"]
 
 
-def test_export_prints_how_to_rebuild_the_model_from_the_runs_config_yaml(trained_run, tmp_path, capsys):
+def test_export_prints_how_to_rebuild_the_model_from_the_runs_config_yaml(trained_run, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["export", "--checkpoint", str(trained_run), "--output", "weights.pt"]) == 0  # a relative output
     output = tmp_path / "weights.pt"
-    assert main(["export", "--checkpoint", str(trained_run), "--output", str(output)]) == 0
     out = capsys.readouterr().out
-    assert f"load_yaml_config({str(trained_run / 'config.yaml')!r}).model" in out.splitlines()[-1]
+    assert f"load_yaml_config({str(trained_run.resolve() / 'config.yaml')!r}).model" in out.splitlines()[-1]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the printed line holds absolute paths: it works from any directory
     model = rebuilt_from_printed_line(out)
     assert all(torch.equal(value, model.state_dict()[key]) for key, value in torch.load(output).items())
 
@@ -185,7 +189,7 @@ def test_export_of_a_checkpoint_moved_out_of_its_run_points_at_its_meta_json(tra
     output = tmp_path / "weights.pt"
     assert main(["export", "--checkpoint", str(moved), "--output", str(output)]) == 0
     out = capsys.readouterr().out
-    assert str(moved / META) in out.splitlines()[-1]
+    assert str(moved.resolve() / META) in out.splitlines()[-1]
     assert type(rebuilt_from_printed_line(out)).__name__ == "Transformer"
 
 

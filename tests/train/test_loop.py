@@ -61,7 +61,7 @@ def test_a_finished_run_writes_summary_json_with_numbers(tmp_path, tiny_shards):
                        "diverged": False,
                        "tokens_seen": 4 * config.train.batch_size * config.model.block_size,
                        "params": Transformer(config.model).num_params(non_embedding=False),
-                       "checkpoints": str(checkpoints_dir(tmp_path))}
+                       "checkpoints": str(checkpoints_dir(tmp_path).resolve())}
     assert written["val_loss"] == pytest.approx(result.val_loss) and written["best_val_loss"] == result.best_val_loss
     assert written["val_perplexity"] == pytest.approx(result.val_perplexity)
     assert isinstance(written["wall_s"], float) and written["wall_s"] > 0

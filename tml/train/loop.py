@@ -178,7 +178,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
             "wall_s": round(time.perf_counter() - started, 3),
             "params": model_figures["model/params"],
             "params_non_embedding": model_figures["model/params_non_embedding"],
-            "checkpoints": str(checkpoints_dir(out_dir)),
+            "checkpoints": str(checkpoints_dir(out_dir).resolve()),  # absolute: read from anywhere
         }
 
     model.train()

@@ -214,20 +214,22 @@ def text_loss(model, tokens: list[int], device: torch.device, progress: Progress
 
 
 def read_text_file(path: Path) -> str:
-    """The file's text, refusing what is not UTF-8 text: decoding a binary file "with replacement" would
-    evaluate the model on noise for minutes and report a meaningless perplexity."""
+    """The file's text, read as tml-prepare reads a corpus file (byte-order marks, UTF-8, else cp1252 or Latin-1,
+    said on stderr), so held-out text evaluates as it would train. A binary file is refused: decoding it "with
+    replacement" would evaluate the model on noise for minutes and report a meaningless perplexity."""
+    from tml.data.prepare import NotText, decode_text
+
     if not path.exists():
         raise FileNotFoundError(f"--data {path}: no such file")
     if not path.is_file():
-        raise ValueError(f"--data {path} is not a file (a UTF-8 text file is needed)")
-    data = path.read_bytes()
-    if (nul := data.find(b"\0")) >= 0:
-        raise ValueError(f"--data {path} is not a text file (a NUL byte at offset {nul:,})")
+        raise ValueError(f"--data {path} is not a file (a text file is needed)")
     try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as error:
-        raise ValueError(f"--data {path} is not UTF-8 text (byte {data[error.start]:#04x} at offset "
-                         f"{error.start:,})") from None
+        text, encoding = decode_text(path.read_bytes())
+    except NotText as error:
+        raise ValueError(f"--data {path} is not a text file: {error}") from None
+    if encoding not in ("utf-8", "utf-8-sig"):
+        print(f"tml eval: --data {path} is not UTF-8: read as {encoding}", file=sys.stderr)
+    return text
 
 
 def eval_progress() -> Progress:

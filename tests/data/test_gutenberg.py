@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import os
 import socket
 import time
 from pathlib import Path
@@ -19,11 +20,14 @@ from tml.data import gutenberg
 from tml.data.config import DEFAULT_BOOK_IDS, DataConfig
 from tml.data.gutenberg import (
     LOCAL_ID_BASE,
+    LOCAL_ID_BITS,
     MANIFEST_NAME,
     MIRROR_ENV,
     GutenbergError,
     MissingBookWarning,
+    dangling_links,
     gather_books,
+    local_book_paths,
     parse_title_author,
     retry_after_seconds,
     skipped_files,
@@ -307,6 +311,97 @@ def test_a_bad_local_source_is_refused_by_name(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(GutenbergError, match="holds no .txt files"):
         gather_books(DataConfig(source=str(tmp_path / "empty")))
+
+
+def corpus(root: Path, names: list[str | bytes]) -> Path:
+    """A directory of small .txt files, each holding its own name (bytes names for names that are not UTF-8)."""
+    for name in names:
+        path = Path(os.fsdecode(os.path.join(os.fsencode(root), os.fsencode(name))))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"The text of {os.fsdecode(name)!r}.\n", encoding="utf-8")
+    return root
+
+
+def local_titles(source: Path) -> list[str]:
+    return sorted(book.title for book in gather_books(DataConfig(source=str(source))))
+
+
+def test_chapter_files_sharing_a_number_all_become_documents(tmp_path):
+    source = corpus(tmp_path / "own", ["book_a/1.txt", "book_b/1.txt", "01.txt", "pg7.txt"])
+    books = gather_books(DataConfig(source=str(source)))
+    assert sorted(book.title for book in books) == ["01.txt", "book_a/1.txt", "book_b/1.txt", "pg7.txt"]
+    ids = {book.title: book.id for book in books}
+    assert ids["pg7.txt"] == 7  # a number no other file carries is still the ebook id
+    assert len(set(ids.values())) == 4 and all(ids[name] >= LOCAL_ID_BASE for name in ids if name != "pg7.txt")
+
+
+def test_names_whose_old_28_bit_ids_collide_are_both_kept(tmp_path):
+    def old_id(name: str) -> int:
+        return LOCAL_ID_BASE + int(hashlib.sha256(name.encode()).hexdigest()[:7], 16)
+
+    assert old_id("doc_6483.txt") == old_id("doc_15880.txt")  # the pair the old ids merged into one document
+    source = corpus(tmp_path / "own", ["doc_6483.txt", "doc_15880.txt"])
+    books = gather_books(DataConfig(source=str(source)))
+    assert sorted(book.title for book in books) == ["doc_15880.txt", "doc_6483.txt"]
+    assert len({book.id for book in books}) == 2
+    assert all(LOCAL_ID_BASE <= book.id < LOCAL_ID_BASE + 2**LOCAL_ID_BITS < 2**63 for book in books)  # fits int64
+
+
+def test_distinct_pg_files_keep_their_ebook_ids(tmp_path):
+    source = corpus(tmp_path / "mirror", ["pg5.txt", "pg12.txt", "31-0.txt", "nested/pg1080.txt", "1000000005.txt"])
+    ids = sorted(local_book_paths(DataConfig(source=str(source))))
+    assert ids[:4] == [5, 12, 31, 1080]
+    assert ids[4] >= LOCAL_ID_BASE and ids[4] != 1_000_000_005  # a number in the path-id range is not an ebook id
+
+
+@pytest.mark.shared
+def test_the_shared_mirror_as_a_source_keeps_every_ebook_id(shared_gutenberg):
+    """Shards built from ../shared/data/gutenberg keep their ids, so their index and val choice do not change."""
+    ids = {book_id: path.name for book_id, path in local_book_paths(DataConfig(source=str(shared_gutenberg))).items()}
+    assert ids == {book_id: row["file"] for book_id, row in shared_manifest(shared_gutenberg).items()}
+
+
+def test_two_files_given_one_id_raise_naming_both(tmp_path, monkeypatch):
+    monkeypatch.setattr(gutenberg, "LOCAL_ID_BITS", 1)  # two possible path ids: three files must share one
+    source = corpus(tmp_path / "own", ["a.txt", "b.txt", "c.txt"])
+    with pytest.raises(GutenbergError, match=r"^\S+\.txt and \S+\.txt in data.source=.* get the same id \d+: rename"):
+        gather_books(DataConfig(source=str(source)))
+
+
+def test_a_file_name_that_is_not_utf8_is_read_and_shown_escaped(tmp_path):
+    source = corpus(tmp_path / "own", [b"caf\xe9.txt", b"menu/cr\xe8me.txt", "plain.txt"])
+    books = gather_books(DataConfig(source=str(source)))
+    assert sorted(book.title for book in books) == ["caf\\xe9.txt", "menu/cr\\xe8me.txt", "plain.txt"]
+    assert all(book.path.is_file() for book in books)
+    json.dumps([book.title for book in books]).encode("utf-8")  # printable and storable: no lone surrogates
+
+
+def test_hidden_folders_and_files_are_not_read(tmp_path):
+    source = corpus(tmp_path / "own", ["notes.txt", ".ipynb_checkpoints/notes-checkpoint.txt", ".draft.txt",
+                                       "ch/.cache/old.txt", "ch/1.txt"])
+    assert local_titles(source) == ["ch/1.txt", "notes.txt"]
+
+
+def test_symlinked_folders_are_followed_once_and_a_loop_ends(tmp_path):
+    source = corpus(tmp_path / "own", ["mine.txt", "sub/part.txt"])
+    corpus(tmp_path / "elsewhere", ["theirs.txt"])
+    (source / "linked").symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    (source / "sub" / "up").symlink_to(source, target_is_directory=True)  # a loop back to the root
+    (source / "sub" / "again").symlink_to(source / "sub", target_is_directory=True)  # a folder reached twice
+    (source / "gone.txt").symlink_to(tmp_path / "moved.txt")
+    (source / "sub" / "self.txt").symlink_to(source / "sub" / "self.txt")  # a link loop points nowhere too
+    assert local_titles(source) == ["linked/theirs.txt", "mine.txt", "sub/part.txt"]
+    cfg = DataConfig(source=str(source))
+    assert dangling_links(cfg) == [source / "gone.txt", source / "sub" / "self.txt"]
+    assert skipped_files(cfg) == []
+
+
+def test_skipped_files_are_sorted_by_name(tmp_path):
+    source = corpus(tmp_path / "own", ["a.txt"])
+    for name in ("z/apple.png", "b.pdf", "a/zebra.jpg"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_bytes(b"\0")
+    assert [path.name for path in skipped_files(DataConfig(source=str(source)))] == ["apple.png", "b.pdf", "zebra.jpg"]
 
 
 @pytest.mark.parametrize("key, value", [("download_concurrency", 0), ("max_retries", -1),

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import io
+import json
 import os
+import socket
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +19,7 @@ from rich.console import Console
 from tml.data import prepare
 from tml.data.clean import strip_gutenberg
 from tml.data.config import DataConfig
+from tml.data.gutenberg import local_book_paths
 from tml.data.packed import PackedDataset
 from tml.data.prepare import (
     PrepareError,
@@ -82,16 +89,21 @@ def test_shards_hold_each_stripped_book_followed_by_endoftext(tmp_path, books, m
     assert len(PackedDataset(shard_dir, "train", block_size=16, stride=8)) > 0
 
 
+def written_files(shard_dir) -> dict[str, int]:
+    """Each data file's mtime: the lock file, rewritten by every preparation to name its holder, is not data."""
+    return {path.name: path.stat().st_mtime_ns for path in shard_dir.iterdir() if path.name != prepare.PREPARE_LOCK}
+
+
 def test_second_run_with_same_inputs_rebuilds_nothing(tmp_path, books):
     cfg = config(tmp_path, books)
     assert not data_is_ready(cfg)
     prepare_data(cfg, console=quiet())
     assert data_is_ready(cfg)
-    written = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards").iterdir()}
+    written = written_files(tmp_path / "shards")
     output = quiet()
     prepare_data(cfg, console=output)
     assert "up to date" in output.file.getvalue()
-    assert {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards").iterdir()} == written
+    assert written_files(tmp_path / "shards") == written
 
 
 def test_changed_book_or_setting_rebuilds(tmp_path, books):
@@ -302,8 +314,8 @@ def test_utf16_and_utf8_byte_order_marks_are_decoded(tmp_path):
 def test_a_file_with_nul_bytes_is_refused_by_name(tmp_path):
     source = own_corpus(tmp_path, {"fine.txt": OWN_TEXT})
     (source / "wide.txt").write_bytes("no byte-order mark".encode("utf-16-le"))
-    with pytest.raises(PrepareError, match=r"wide\.txt holds NUL bytes: .*UTF-16/UTF-32 without a byte-order mark; "
-                                           r"convert it to UTF-8"):
+    with pytest.raises(PrepareError, match=r"wide\.txt is not text tml can read: it holds NUL bytes \(the first at "
+                                           r"offset 1\): .*UTF-16/UTF-32 without a byte-order mark; convert it to UTF-8"):
         prepare_data(config(tmp_path, source), console=quiet())
     assert not (tmp_path / "shards" / INDEX_FILE).exists()
 
@@ -323,3 +335,141 @@ def test_a_corpus_too_small_to_split_is_refused_instead_of_an_empty_split(tmp_pa
     assert not (tmp_path / "shards" / INDEX_FILE).exists()
     with pytest.raises(PrepareError, match="val_split=books holds out whole documents.*gives 1: use --data.val_split tail"):
         prepare_data(config(tmp_path, source, val_split="books"), console=quiet())
+
+
+PREPARE_IN_A_CHILD = """
+import dataclasses, json, sys
+from rich.console import Console
+from tml.data.config import DataConfig
+from tml.data.prepare import prepare_data
+prepare_data(DataConfig(**json.loads(sys.argv[1])), console=Console(width=200))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_two_preparations_of_one_shard_dir_take_turns_and_the_second_finds_it_up_to_date(tmp_path):
+    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT * 10, "b.txt": OWN_TEXT})
+    cfg = config(tmp_path, source, shard_tokens=300)  # several shards a split: unlocked writers would interleave
+    shard_dir = Path(cfg.shard_dir)
+    shard_dir.mkdir()
+    leftover = shard_dir / "train_00000.bin.999999.tmp"  # from a crashed build: cleared under the lock
+    leftover.write_bytes(b"\x00" * 10)
+    with prepare.hold_prepare_lock(shard_dir, quiet()):  # held here until both children wait for it
+        children = [subprocess.Popen([sys.executable, "-c", PREPARE_IN_A_CHILD, json.dumps(dataclasses.asdict(cfg))],
+                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for _ in range(2)]
+        first_lines = [child.stdout.readline() for child in children]
+    outputs = [line + child.communicate(timeout=100)[0] for line, child in zip(first_lines, children, strict=True)]
+    assert [child.returncode for child in children] == [0, 0], outputs
+    holder = f"pid {os.getpid()} on host {socket.gethostname()}, since "
+    assert all(line.startswith(f"tml-prepare: waiting for the other preparation of {shard_dir} ({holder}")
+               for line in first_lines), first_lines
+    assert sorted("tml-prepare: built in" in output for output in outputs) == [False, True]
+    assert sorted("tml-prepare: up to date in" in output for output in outputs) == [False, True]
+    ShardIndex.load(shard_dir, verify=True)
+    assert data_is_ready(cfg) and not list(shard_dir.glob("*.tmp"))
+    assert (shard_dir / prepare.PREPARE_LOCK).is_file()
+
+
+def test_a_same_size_edit_that_keeps_the_mtime_is_noticed_by_its_ctime(tmp_path):
+    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
+    cfg = config(tmp_path, source)
+    prepare_data(cfg, console=quiet())
+    before = (source / "b.txt").stat()
+    (source / "b.txt").write_text(OWN_TEXT[:1999] + "!", encoding="utf-8")  # sed, then touch -r
+    os.utime(source / "b.txt", ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = (source / "b.txt").stat()
+    assert (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    assert not data_is_ready(cfg)
+    assert "rebuilt because data.source changed: 1 changed (b.txt)" in output_of(cfg)
+    assert data_is_ready(cfg)
+
+
+def test_an_index_listed_without_ctimes_is_rehashed_once_and_keeps_its_shards(tmp_path):
+    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
+    cfg = config(tmp_path, source)
+    prepare_data(cfg, console=quiet())
+    index_path = tmp_path / "shards" / INDEX_FILE
+    values = json.loads(index_path.read_text())
+    for entry in values["source_files"]:
+        del entry["ctime_ns"]  # as written before the listing had ctimes
+    index_path.write_text(json.dumps(values))
+    shards = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards").glob("*.bin")}
+    assert not data_is_ready(cfg)
+    assert source_content_fingerprint(cfg) == values["content_fingerprint"]
+    assert "up to date" in output_of(cfg)
+    assert {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards").glob("*.bin")} == shards
+    assert data_is_ready(cfg)
+
+
+def test_windows_text_is_read_as_cp1252_unless_it_leaves_a_byte_undefined(tmp_path):
+    windows = tmp_path / "windows.txt"
+    windows.write_bytes(b"\x93Quoted\x94 \x96 it\x92s \x80 5, caf\xe9\n")
+    assert read_book(windows) == ("\u201cQuoted\u201d \u2013 it\u2019s \u20ac 5, caf\u00e9\n", "cp1252")
+    undefined = tmp_path / "undefined.txt"  # 0x81 has no cp1252 character
+    undefined.write_bytes(b"\x93Quoted\x94 \x81\n")
+    assert read_book(undefined) == ("\x93Quoted\x94 \x81\n", "latin-1")
+    plain = tmp_path / "plain.txt"
+    plain.write_bytes("Café crème\n".encode("latin-1"))
+    assert read_book(plain) == ("Café crème\n", "latin-1")
+
+
+def strict_utf8_console() -> Console:
+    """A console that, like a UTF-8 terminal, refuses text that is not valid Unicode (StringIO accepts anything)."""
+    return Console(file=io.TextIOWrapper(io.BytesIO(), encoding="utf-8", errors="strict"), width=200)
+
+
+def console_text(console: Console) -> str:
+    console.file.flush()
+    return console.file.buffer.getvalue().decode("utf-8")
+
+
+def test_a_file_name_that_is_not_utf8_is_prepared_and_shown_escaped(tmp_path):
+    source = own_corpus(tmp_path, {"plain.txt": OWN_TEXT})
+    (source / os.fsdecode(b"caf\xe9.txt")).write_text(OWN_TEXT[:3000], encoding="utf-8")
+    (source / os.fsdecode(b"men\xfa.png")).write_bytes(b"\x89PNG")
+    console = strict_utf8_console()
+    cfg = config(tmp_path, source)
+    prepare_data(cfg, console=console)
+    output = console_text(console)
+    assert "kept whole (caf\\xe9.txt, plain.txt)" in output
+    assert "not .txt, so skipped: 1 file (men\\xfa.png)" in output
+    index = ShardIndex.load(cfg.shard_dir, verify=True)
+    assert sorted(document.title for document in index.splits["train"].documents) == ["caf\\xe9.txt", "plain.txt"]
+
+
+def test_byte_identical_files_are_named_in_one_notice_and_both_kept(tmp_path):
+    source = own_corpus(tmp_path, {"b.txt": OWN_TEXT, "copy/a.txt": OWN_TEXT, "other.txt": OWN_TEXT[:3000]})
+    cfg = config(tmp_path, source)
+    output = output_of(cfg)
+    assert "byte-identical files, each kept as a document: 1 group (b.txt = copy/a.txt); with val_split books" in output
+    index = ShardIndex.load(cfg.shard_dir)
+    assert len(index.splits["train"].documents) == 3
+
+
+def test_empty_files_are_named_in_one_notice(tmp_path):
+    source = own_corpus(tmp_path, {"text.txt": OWN_TEXT, "z.txt": "", "blank/lines.txt": "\n \n"})
+    output = output_of(config(tmp_path, source))
+    assert "no text, so only a document separator: 2 files (blank/lines.txt, z.txt)" in output
+
+
+def test_a_dangling_symlink_is_named_in_a_skipped_notice(tmp_path):
+    source = own_corpus(tmp_path, {"text.txt": OWN_TEXT})
+    (source / "gone.txt").symlink_to(tmp_path / "moved-away.txt")
+    output = output_of(config(tmp_path, source))
+    assert "symbolic links to nothing, so skipped: 1 link (gone.txt)" in output
+
+
+def test_notices_list_file_names_sorted_not_in_id_order(tmp_path):
+    source = own_corpus(tmp_path, {"pg9.txt": OWN_TEXT, "b.txt": OWN_TEXT[:3000], "a.txt": OWN_TEXT[:2000]})
+    assert list(local_book_paths(config(tmp_path, source)).values())[0].name == "pg9.txt"  # id 9 comes first
+    output = output_of(config(tmp_path, source))
+    assert "3 of 3 files had no Project Gutenberg header: kept whole (a.txt, b.txt, pg9.txt)" in output
+
+
+def test_files_read_as_latin1_and_cp1252_share_one_notice(tmp_path):
+    source = own_corpus(tmp_path, {"new.txt": OWN_TEXT})
+    (source / "windows.txt").write_bytes(b"\x93Quoted\x94 it\x92s fine.\n" * 20)
+    (source / "old.txt").write_bytes("Caf\u00e9 cr\u00e8me.\n".encode("latin-1") * 20)
+    output = output_of(config(tmp_path, source))
+    assert ("not UTF-8, so read as cp1252: 1 file (windows.txt); as Latin-1: 1 file (old.txt); convert them to UTF-8"
+            in output)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -12,6 +13,7 @@ from tml.data.shards import (
     ShardError,
     ShardIndex,
     choose_val_books,
+    remove_temporaries,
     shard_starts,
     write_shards,
 )
@@ -190,3 +192,20 @@ def test_document_that_exactly_fills_a_shard_starts_the_next_one_cleanly(tmp_pat
     assert [(span.shard, span.offset, span.length) for span in train.documents] == [(0, 0, 4), (1, 0, 5)]
     assert index.splits["val"].shards == [] and index.splits["val"].documents == []
     ShardIndex.load(tmp_path, verify=True)
+
+
+def test_shards_in_progress_carry_the_writer_pid_and_another_writers_are_left_alone(tmp_path):
+    others = tmp_path / f"train_00000.bin.{os.getpid() + 1}.tmp"  # another process's shard, half written
+    others.write_bytes(b"\x01\x00")
+    seen_while_writing = []
+
+    def documents():
+        yield from make_documents(count=2)
+        seen_while_writing.extend(path.name for path in tmp_path.glob("*.tmp"))
+
+    build(tmp_path, documents())
+    assert any(name.endswith(f".bin.{os.getpid()}.tmp") for name in seen_while_writing), seen_while_writing
+    assert others.read_bytes() == b"\x01\x00"
+    ShardIndex.load(tmp_path, verify=True)
+    remove_temporaries(tmp_path)  # what a holder of the build lock does with leftovers
+    assert not list(tmp_path.glob("*.tmp"))

@@ -374,3 +374,27 @@ def test_a_run_from_before_val_split_resumes_only_with_whole_books_held_out(tmp_
         resume_checkpoint(config)
     config.data.val_split = "books"
     assert resume_checkpoint(config)[0] == directory
+
+
+def test_a_refused_resume_names_the_files_added_removed_or_changed(tmp_path, tiny_shards):
+    source, config = run_on_own_corpus(tmp_path, tiny_shards)
+    (source / "a.txt").write_text("The text of a.txt, edited.\n", encoding="utf-8")
+    (source / "b.txt").unlink()
+    (source / "c.txt").write_text("A file added since.\n", encoding="utf-8")
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"than data.source {source} holds now (1 added (c.txt), 1 removed (b.txt), 1 changed (a.txt) since), so "
+            "its data position would point into other text")):
+        resume_checkpoint(config)
+    prepare_data(config.data, console=Console(file=io.StringIO()))  # the index now lists the new files only
+    with pytest.raises(CheckpointError, match=re.escape("holds now (files added, removed or edited since)")):
+        resume_checkpoint(config)
+
+
+def test_naming_the_val_split_that_auto_chose_resumes_and_another_split_is_refused(tmp_path, tiny_shards):
+    source, config = run_on_own_corpus(tmp_path, tiny_shards)  # 2 files: auto means tail
+    config.data.val_split = "tail"  # what auto chose: the same windows
+    directory, _, changed = resume_checkpoint(config)
+    assert directory is not None and changed == ["data.val_split auto -> tail"]
+    config.data.val_split = "books"  # whole files instead: every window moves
+    with pytest.raises(CheckpointError, match=r"changed data\.val_split auto -> books"):
+        resume_checkpoint(config)

@@ -143,14 +143,29 @@ def test_eval_progress_advances_once_per_batch_of_windows(trained_run):
     assert task.total == task.completed == math.ceil(windows / EVAL_BATCH_SIZE) > 1
 
 
-@pytest.mark.parametrize(("content", "reason"), [(b"PK\x03\x04\x00\x00weights", "not a text file"),
-                                                 ("café".encode("latin-1"), "not UTF-8 text")])
-def test_eval_refuses_a_file_that_is_not_utf8_text(trained_run, tmp_path, capsys, content, reason):
+def test_eval_refuses_a_binary_file_in_one_line(trained_run, tmp_path, capsys):
     data = tmp_path / "model.pt"
-    data.write_bytes(content)
+    data.write_bytes(b"PK\x03\x04\x00\x00weights")
     assert main(["eval", "--checkpoint", str(trained_run), "--data", str(data)]) == 1
     err = capsys.readouterr().err
-    assert err.startswith(f"tml eval: --data {data} is {reason}") and err.count("\n") == 1
+    assert err.startswith(f"tml eval: --data {data} is not a text file: it holds NUL bytes (the first at offset 4)")
+    assert err.count("\n") == 1
+
+
+@pytest.mark.parametrize(("encoding", "said"), [("utf-16", "read as utf-16"), ("cp1252", "read as cp1252"),
+                                                ("latin-1", "read as latin-1"), ("utf-8", None)])
+def test_eval_reads_text_as_tml_prepare_does_and_says_when_it_is_not_utf8(trained_run, tmp_path, capsys, encoding,
+                                                                           said):
+    text = "\u201cCaf\u00e9,\u201d she said. " * 20 if encoding != "latin-1" else "Caf\u00e9 cr\u00e8me. " * 20
+    data = tmp_path / "held-out.txt"
+    data.write_bytes(text.encode(encoding))  # utf-16 writes a byte-order mark
+    assert main(["eval", "--checkpoint", str(trained_run), "--data", str(data)]) == 0
+    out, err = capsys.readouterr()
+    utf8 = tmp_path / "utf8.txt"
+    utf8.write_text(text, encoding="utf-8")
+    assert main(["eval", "--checkpoint", str(trained_run), "--data", str(utf8)]) == 0
+    assert out.split(":", 1)[1] == capsys.readouterr().out.split(":", 1)[1]  # the same tokens, the same perplexity
+    assert (said in err) if said else "read as" not in err
 
 
 def test_export_writes_a_plain_fp32_state_dict(trained_run, tmp_path):

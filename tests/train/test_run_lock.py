@@ -6,7 +6,6 @@ import socket
 import subprocess
 import sys
 import time
-from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -19,7 +18,6 @@ from tml.train.run_lock import (
     LOCK_FILE,
     REQUEUE_LOCK_WAIT_S,
     RunLockError,
-    describe_holder,
     hold_run_lock,
     is_lock_holder,
     lock_wait_s,
@@ -111,14 +109,6 @@ def test_an_out_dir_that_cannot_be_created_is_refused_by_name(tmp_path):
     with pytest.raises(RunLockError, match=f"cannot lock {re.escape(str(tmp_path / 'file' / 'run'))} for training"), \
             hold_run_lock(tmp_path / "file" / "run"):
         pass
-
-
-def test_the_holder_is_described_with_the_date_only_when_not_today():
-    since = datetime(2026, 11, 27, 18, 2, 30, tzinfo=timezone.utc)
-    record = f'{{"pid": 1234, "host": "gpu7", "since": "{since.isoformat()}"}}\n'
-    assert describe_holder(record, today=since + timedelta(hours=2)) == "pid 1234 on host gpu7, since 18:02"
-    assert describe_holder(record, today=since + timedelta(days=1)) == "pid 1234 on host gpu7, since 2026-11-27 18:02"
-    assert describe_holder("") == describe_holder('{"pid": 12') == "holder not recorded yet"
 
 
 @pytest.mark.parametrize(("environ", "holds"), [

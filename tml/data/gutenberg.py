@@ -4,7 +4,8 @@ Three sources, one result (`list[Book]`, raw unstripped files on disk):
 - gutenberg.org or a mirror URL (`data.mirror` / env TML_GUTENBERG_MIRROR): HTTP with a rate limit, a few
   threads, retries with exponential backoff that honour Retry-After, and a Content-Length check;
 - a mirror directory, in gutenberg.org layout or flat `pg{id}.txt` files: copied the same way;
-- `data.source` = a directory of .txt files (your own text or Gutenberg books): used in place.
+- `data.source` = a directory of .txt files (your own text or Gutenberg books): used in place, every .txt file
+  a document; hidden paths are skipped, symlinked folders followed.
 Downloads land in `{raw_dir}/pg{id}.txt.part` and are renamed only when complete; `{raw_dir}/manifest.json`
 (written atomically after every book) records what finished, so an interrupted run resumes where it stopped.
 """
@@ -26,6 +27,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import warnings
+from collections import Counter
 from collections.abc import Callable, Iterable
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
@@ -54,8 +56,12 @@ CHUNK_BYTES = 1 << 20
 # Statuses worth another try: rate limiting and server-side trouble.
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 MISSING_STATUSES = {404, 410}
-# A .txt file whose name carries no ebook id gets one from its name's hash, above every real id (~75k today).
+# A .txt file whose name carries no ebook id, or one another file carries too, gets one from its path's hash,
+# above every real id (~75k today).
 LOCAL_ID_BASE = 1_000_000_000
+# Bits of that hash: a million files collide with odds ~4e-7 (n^2 / 2^61), and LOCAL_ID_BASE + 2^60 stays under
+# 2^63, so every id fits a signed 64-bit integer (numpy int64, JSON readers with 64-bit ints).
+LOCAL_ID_BITS = 60
 HEADER_SCAN_CHARS = 20_000  # Title:/Author: lines sit in the first few KB of a file
 # Where a book lives on gutenberg.org (and mirrors), newest form first.
 URL_FORMS = ("cache/epub/{id}/pg{id}.txt", "files/{id}/{id}-0.txt", "files/{id}/{id}.txt")
@@ -344,33 +350,103 @@ def copy_from_directory(directory: Path, book_id: int, raw_dir: Path, manifest: 
     return book
 
 
-def local_book_id(path: Path, root: Path) -> int:
-    """The ebook id in a file name (pg11.txt, 11-0.txt, 11.txt), else a stable id from the relative path."""
-    match = LOCAL_NAME.match(path.name)
-    if match:
-        return int(match.group(1))
-    relative = path.relative_to(root).as_posix().encode("utf-8")
-    return LOCAL_ID_BASE + int(hashlib.sha256(relative).hexdigest()[:7], 16)
+def display_name(path: Path, root: Path) -> str:
+    """`path` under `root` as text that prints and goes into JSON: bytes of a name that is not UTF-8 are shown
+    as \\xNN escapes (a surrogate-escaped str crashes a UTF-8 console and is not valid Unicode in JSON)."""
+    return os.fsencode(path.relative_to(root).as_posix()).decode("utf-8", "backslashreplace")
+
+
+@dataclass(frozen=True)
+class SourceScan:
+    """What a walk of data.source finds, hidden paths (.git, .ipynb_checkpoints) left out: the .txt files that
+    make the corpus, the other files (skipped), and symbolic links that point nowhere (skipped)."""
+
+    texts: list[Path]
+    others: list[Path]
+    dangling: list[Path]
+
+
+def _unlistable(error: OSError) -> None:
+    raise GutenbergError(f"cannot list {error.filename} under data.source: {error.strerror}") from error
+
+
+def scan_source(root: Path) -> SourceScan:
+    """Every file under `root`, following symlinked folders; a folder reached twice (a link back up the tree,
+    or two links to one folder) is walked once, so a loop ends and no file is read twice through links."""
+    texts: list[Path] = []
+    others: list[Path] = []
+    dangling: list[Path] = []
+    walked: set[str] = set()
+    for folder, subfolders, names in os.walk(root, onerror=_unlistable, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in walked:
+            subfolders.clear()
+            continue
+        walked.add(real)
+        subfolders[:] = sorted(name for name in subfolders if not name.startswith("."))
+        for name in sorted(name for name in names if not name.startswith(".")):
+            path = Path(folder, name)
+            if path.is_file():
+                (texts if path.suffix == ".txt" else others).append(path)
+            elif path.is_symlink() and not path.exists():
+                dangling.append(path)
+    return SourceScan(texts, others, dangling)
+
+
+def source_root(cfg: DataConfig) -> Path:
+    root = Path(cfg.source).expanduser()
+    if not root.is_dir():
+        raise GutenbergError(f"data.source={cfg.source!r} is neither 'gutenberg' nor an existing directory of .txt files")
+    return root
+
+
+def ebook_number(name: str) -> int | None:
+    """The Gutenberg ebook id a file name carries (pg11.txt, 11-0.txt, 11.txt); None when it carries none or a
+    number in the path-based id range (it could collide with one)."""
+    match = LOCAL_NAME.match(name)
+    return int(match.group(1)) if match and int(match.group(1)) < LOCAL_ID_BASE else None
+
+
+def path_id(path: Path, root: Path) -> int:
+    """A stable id from the file's path under root (its bytes, so any name works), above every ebook id."""
+    digest = hashlib.sha256(os.fsencode(path.relative_to(root).as_posix())).digest()
+    return LOCAL_ID_BASE + (int.from_bytes(digest[:8], "big") >> (64 - LOCAL_ID_BITS))
+
+
+def local_book_ids(paths: Iterable[Path], root: Path) -> dict[int, Path]:
+    """Each file's id: the ebook number in its name when no other file carries that number (so a mirror's
+    pg{id}.txt files keep their ids, which index.json and the val choice use), otherwise a path_id. Every file
+    gets its own id: two that still share one raise, naming both, rather than one being dropped."""
+    paths = sorted(paths)
+    numbers = {path: ebook_number(path.name) for path in paths}
+    carriers = Counter(numbers.values())
+    by_id: dict[int, Path] = {}
+    for path in paths:
+        number = numbers[path]
+        book_id = number if number is not None and carriers[number] == 1 else path_id(path, root)
+        if (first := by_id.setdefault(book_id, path)) != path:
+            raise GutenbergError(f"{display_name(first, root)} and {display_name(path, root)} in data.source={str(root)!r} "
+                                 f"get the same id {book_id}: rename one of them")
+    return by_id
 
 
 def local_book_paths(cfg: DataConfig) -> dict[int, Path]:
     """The .txt files under data.source (recursively) that make the corpus, by id, lowest ids first and at most
-    data.max_books of them; the first name form wins when an id repeats. Only names and paths are read."""
-    root = Path(cfg.source).expanduser()
-    if not root.is_dir():
-        raise GutenbergError(f"data.source={cfg.source!r} is neither 'gutenberg' nor an existing directory of .txt files")
-    by_id: dict[int, Path] = {}
-    for path in sorted(root.rglob("*.txt"), key=lambda p: (len(p.relative_to(root).parts), p.name)):
-        if path.is_file():
-            by_id.setdefault(local_book_id(path, root), path)
+    data.max_books of them. Only names and paths are read."""
+    root = source_root(cfg)
+    by_id = local_book_ids(scan_source(root).texts, root)
     return {book_id: by_id[book_id] for book_id in sorted(by_id)[: cfg.max_books]}
 
 
 def skipped_files(cfg: DataConfig) -> list[Path]:
-    """Files under data.source that are not .txt and so are not read (hidden ones, like .git, not counted)."""
-    root = Path(cfg.source).expanduser()
-    return sorted(path for path in root.rglob("*") if path.suffix != ".txt" and path.is_file()
-                  and not any(part.startswith(".") for part in path.relative_to(root).parts))
+    """Files under data.source that are not .txt and so are not read (hidden ones, like .git, not counted),
+    sorted by name as the notice lists them."""
+    return sorted(scan_source(source_root(cfg)).others, key=lambda path: (path.name, path))
+
+
+def dangling_links(cfg: DataConfig) -> list[Path]:
+    """Symbolic links under data.source that point nowhere: skipped, and worth naming (a moved corpus?)."""
+    return scan_source(source_root(cfg)).dangling
 
 
 def books_from_directory(cfg: DataConfig) -> list[Book]:
@@ -382,7 +458,7 @@ def books_from_directory(cfg: DataConfig) -> list[Book]:
     books = []
     for book_id, path in paths.items():
         book = describe_file(book_id, path)
-        books.append(book if book.title else replace(book, title=path.relative_to(root).as_posix()))
+        books.append(book if book.title else replace(book, title=display_name(path, root)))
     return books
 
 

@@ -7,14 +7,21 @@ the corpus.
 
 A local directory may hold your own text as well as Gutenberg books: only files that open like a Gutenberg file
 are stripped, and validation holds out whole books or, for a corpus of a few files, the tail of each
-(data.val_split). The index also lists the directory's files (path, size, mtime), so data_is_ready notices an
+(data.val_split). The index also lists the directory's files (path, size, mtime, ctime), so data_is_ready notices an
 edited corpus without reading it, and a file that was only touched keeps its shards.
+
+Preparations of one shard_dir (two launches started together on a fresh corpus) take turns on the exclusive lock
+`<shard_dir>/prepare.lock`: the second waits, then finds the shards the first built up to date.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
+import os
+import re
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -45,6 +52,8 @@ from tml.data.gutenberg import (
     Book,
     GutenbergError,
     books_from_directory,
+    dangling_links,
+    display_name,
     gather_books,
     local_book_paths,
     skipped_files,
@@ -56,10 +65,12 @@ from tml.data.shards import (
     ShardError,
     ShardIndex,
     choose_val_books,
+    remove_temporaries,
     write_shards,
 )
 from tml.data.tokenizer import GPT2_FILES, TOKENIZER_NAME, TokenizerError, encode_documents, get_tokenizer
 from tml.files import file_sha256
+from tml.locks import NO_FLOCK_ERRNOS, open_lock_file, read_holder, write_holder
 
 PREPARE_VERSION = 1  # bump when the way documents become tokens changes (e.g. the separator), to force rebuilds
 # Text encoded per tiktoken batch: large enough that every thread stays busy (the batch's longest book is
@@ -70,10 +81,17 @@ SHOWN_NAMES = 5
 # A val split under this share of val_frac (one small book held out of a few) is worth a warning.
 LOW_VAL_SHARE = 1 / 3
 LATIN_1 = "latin-1"
+ENCODING_LABELS = {LATIN_1: "Latin-1"}  # how the not-UTF-8 notice names an encoding, where not by its codec name
+# Windows text: Latin-1 plus curly quotes, dashes and the euro sign where Latin-1 has C1 control characters.
+CP1252 = "cp1252"
+C1_CONTROLS = re.compile(rb"[\x80-\x9f]")  # bytes Latin-1 turns into U+0080-U+009F, which real text never holds
 # Byte-order marks, longest first: UTF-32's little-endian mark begins with UTF-16's.
 BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xef\xbb\xbf", "utf-8-sig"),
         (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
-LISTED_STAT = ("path", "bytes", "mtime_ns")  # what data_is_ready compares of each source file: a stat, no read
+# What data_is_ready compares of each source file: a stat, no read. ctime because an edit that keeps size and
+# mtime (sed, then touch -r) still moves it; a changed stat only leads to a re-hash, never by itself to a rebuild.
+LISTED_STAT = ("path", "bytes", "mtime_ns", "ctime_ns")
+PREPARE_LOCK = "prepare.lock"  # in shard_dir; not an input: index.json and the shards do not depend on it
 
 
 class PrepareError(RuntimeError):
@@ -85,8 +103,8 @@ def is_local(cfg: DataConfig) -> bool:
 
 
 def source_listing(cfg: DataConfig) -> list[dict[str, Any]]:
-    """Path under data.source, size and mtime of each .txt file a local source contributes ([] for downloads):
-    a stat per file, so launchers notice an edited corpus without reading it."""
+    """Path under data.source, size, mtime and ctime of each .txt file a local source contributes ([] for
+    downloads): a stat per file, so launchers notice an edited corpus without reading it."""
     if not is_local(cfg):
         return []
     root = Path(cfg.source).expanduser()
@@ -97,7 +115,8 @@ def source_listing(cfg: DataConfig) -> list[dict[str, Any]]:
     listing = []
     for path in paths.values():
         stat = path.stat()
-        listing.append({"path": path.relative_to(root).as_posix(), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns})
+        listing.append({"path": display_name(path, root), "bytes": stat.st_size, "mtime_ns": stat.st_mtime_ns,
+                        "ctime_ns": stat.st_ctime_ns})
     return sorted(listing, key=lambda entry: entry["path"])
 
 
@@ -143,7 +162,8 @@ def content_fingerprint(books: Sequence[Book]) -> str:
 
 
 def listed_stats(source_files: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{key: entry[key] for key in LISTED_STAT} for entry in source_files]
+    """The LISTED_STAT of each entry; a key an older index lacks reads as None, so its files are re-hashed once."""
+    return [{key: entry.get(key) for key in LISTED_STAT} for entry in source_files]
 
 
 def data_is_ready(cfg: DataConfig) -> bool:
@@ -181,27 +201,44 @@ def source_content_fingerprint(cfg: DataConfig) -> str | None:
         return None
 
 
-def read_book(path: Path) -> tuple[str, str]:
-    """The file's text and the encoding it was read with: a byte-order mark's, else UTF-8, else Latin-1.
+class NotText(ValueError):
+    """Bytes that no encoding tml reads turns into text; the message says why, without naming a file."""
 
-    Gutenberg files are UTF-8 since the 2000s and the older ones Latin-1, which decodes any bytes; so a file
-    with NUL bytes (binary, or UTF-16/32 without a BOM) is refused rather than turned into garbage tokens.
+
+def decode_text(data: bytes) -> tuple[str, str]:
+    """The text and the encoding it was read with: a byte-order mark's, else UTF-8, else cp1252 or Latin-1.
+
+    Gutenberg files are UTF-8 since the 2000s and the older ones Latin-1, which decodes any bytes; so bytes with
+    NUL in them (binary, or UTF-16/32 without a BOM) are refused rather than turned into garbage tokens. Bytes
+    0x80-0x9F are control characters in Latin-1 but curly quotes and dashes in Windows text, so text holding
+    them is read as cp1252 (Latin-1 still when cp1252 leaves one of them undefined).
     """
-    data = Path(path).read_bytes()
     for bom, encoding in BOMS:
         if data.startswith(bom):
             try:
                 return data.decode(encoding), encoding
             except UnicodeDecodeError as error:
-                raise PrepareError(f"{path} starts with a {encoding} byte-order mark but is not {encoding} "
-                                   f"({error}); convert it to UTF-8 or move it out of data.source") from error
-    if b"\x00" in data:
-        raise PrepareError(f"{path} holds NUL bytes: it is binary, or UTF-16/UTF-32 without a byte-order mark; "
-                           "convert it to UTF-8 (e.g. `iconv -f UTF-16LE -t UTF-8`) or move it out of data.source")
+                raise NotText(f"it starts with a {encoding} byte-order mark but is not {encoding} ({error})") from error
+    if (nul := data.find(b"\x00")) >= 0:
+        raise NotText(f"it holds NUL bytes (the first at offset {nul:,}): it is binary, or UTF-16/UTF-32 without a "
+                      "byte-order mark")
     try:
         return data.decode("utf-8"), "utf-8"
     except UnicodeDecodeError:
-        return data.decode(LATIN_1), LATIN_1
+        pass
+    if C1_CONTROLS.search(data):
+        with contextlib.suppress(UnicodeDecodeError):
+            return data.decode(CP1252), CP1252
+    return data.decode(LATIN_1), LATIN_1
+
+
+def read_book(path: Path) -> tuple[str, str]:
+    """decode_text of a corpus file; a file it refuses stops preparation, naming the file and the way out."""
+    try:
+        return decode_text(Path(path).read_bytes())
+    except NotText as error:
+        raise PrepareError(f"{path} is not text tml can read: {error}; convert it to UTF-8 (e.g. `iconv -f "
+                           "UTF-16LE -t UTF-8`) or move it out of data.source") from error
 
 
 def plural(count: int, noun: str) -> str:
@@ -216,20 +253,39 @@ def shown(names: Sequence[str]) -> str:
 
 @dataclass
 class ReadNotes:
-    """What reading a local source found, for one summary line each instead of a warning per file."""
+    """What reading a local source found, for one summary line each instead of a warning per file; each line
+    lists its names sorted, so a file is easy to find in it."""
 
-    latin_1: list[str] = field(default_factory=list)
-    kept_whole: list[str] = field(default_factory=list)
     read: int = 0
+    kept_whole: list[str] = field(default_factory=list)
+    # Files that were not UTF-8, by the encoding read_book fell back to (Latin-1, cp1252).
+    not_utf8: dict[str, list[str]] = field(default_factory=dict)
+    # Documents without a word: each adds only an <|endoftext|> separator.
+    empty: list[str] = field(default_factory=list)
+    # Names by content: two names under one sha256 are copies, and with val_split books one may land in val.
+    by_sha256: dict[str, list[str]] = field(default_factory=dict)
+    dangling: list[str] = field(default_factory=list)
 
     def lines(self) -> list[str]:
         lines = []
         if self.kept_whole:
             lines.append(f"{len(self.kept_whole)} of {self.read} files had no Project Gutenberg header: kept whole "
-                         f"({shown(self.kept_whole)})")
-        if self.latin_1:
-            lines.append(f"not UTF-8, so read as Latin-1: {plural(len(self.latin_1), 'file')} "
-                         f"({shown(self.latin_1)}); convert them to UTF-8 if their text looks wrong")
+                         f"({shown(sorted(self.kept_whole))})")
+        if self.not_utf8:
+            read_as = [f"{ENCODING_LABELS.get(encoding, encoding)}: {plural(len(names), 'file')} ({shown(sorted(names))})"
+                       for encoding, names in sorted(self.not_utf8.items())]
+            lines.append(f"not UTF-8, so read as {'; as '.join(read_as)}; convert them to UTF-8 if their text looks wrong")
+        if self.empty:
+            lines.append(f"no text, so only a document separator: {plural(len(self.empty), 'file')} "
+                         f"({shown(sorted(self.empty))})")
+        copies = sorted(sorted(names) for names in self.by_sha256.values() if len(names) > 1)
+        if copies:
+            lines.append(f"byte-identical files, each kept as a document: {plural(len(copies), 'group')} "
+                         f"({shown([' = '.join(names) for names in copies])}); with val_split books a copy of a "
+                         "training document may be held out for validation")
+        if self.dangling:
+            lines.append(f"symbolic links to nothing, so skipped: {plural(len(self.dangling), 'link')} "
+                         f"({shown(sorted(self.dangling))})")
         return lines
 
 
@@ -237,20 +293,25 @@ def book_texts(books: Sequence[Book], cfg: DataConfig, notes: ReadNotes) -> Iter
     """Each book's text to train on. Downloads are always stripped of Gutenberg's header and footer; a local
     file only when it opens like a Gutenberg file, else it is kept exactly as read."""
     root = Path(cfg.source).expanduser()
+    if is_local(cfg):
+        notes.dangling = [display_name(path, root) for path in dangling_links(cfg)]
     for book in books:
         text, encoding = read_book(book.path)
         if not is_local(cfg):
             yield book, strip_gutenberg(text, name=str(book.path))
             continue
-        name = book.path.relative_to(root).as_posix()
+        name = display_name(book.path, root)
         notes.read += 1
-        if encoding == LATIN_1:
-            notes.latin_1.append(name)
+        notes.by_sha256.setdefault(book.sha256, []).append(name)
+        if not encoding.startswith("utf"):
+            notes.not_utf8.setdefault(encoding, []).append(name)
         if has_gutenberg_header(text):
-            yield book, strip_gutenberg(text, name=str(book.path))
+            text = strip_gutenberg(text, name=str(book.path))
         else:
             notes.kept_whole.append(name)
-            yield book, text
+        if not text.strip():
+            notes.empty.append(name)
+        yield book, text
 
 
 def split_tail(tokens: np.ndarray, val_frac: float) -> tuple[np.ndarray, np.ndarray | None]:
@@ -306,7 +367,7 @@ def split_lines(index: ShardIndex, val_frac: float) -> list[str]:
     if index.settings.get("val_split") == "tail":
         held = f"the last {val_frac * 100:g}% of every document's tokens ({plural(len(train.documents), 'document')})"
     else:
-        names = [document.title or str(document.id) for document in val.documents]
+        names = sorted(document.title or str(document.id) for document in val.documents)
         held = f"{len(names)} of {len(train.documents) + len(names)} documents: {shown(names)}"
     lines = [f"val split {index.settings.get('val_split')}: {held}; val holds {share:.1%} of the tokens "
              f"(data.val_frac {val_frac:g})"]
@@ -326,11 +387,18 @@ def print_summary(console: Console, index: ShardIndex, seconds: float, status: s
     for name, books, tokens, shards in rows:
         megabytes = tokens * SHARD_DTYPE.itemsize / 1e6
         table.add_row(name, f"{books:,}", f"{tokens:,}", f"{shards:,}", f"{megabytes:,.1f}", end_section=name == "val")
-    console.print(f"[bold]tml-prepare[/]: {status} in {seconds:.1f} s: {escape(str(index.shard_dir))}", soft_wrap=True)
+    shard_dir = printable(str(index.shard_dir))
+    console.print(f"[bold]tml-prepare[/]: {status} in {seconds:.1f} s: {escape(shard_dir)}", soft_wrap=True)
     console.print(table)
     console.print(f"{index.tokenizer} tokens stored as {index.dtype} (vocab {index.vocab_size:,})")
-    for line in [*split_lines(index, index.settings.get("val_frac", 0.0)), *notes]:
+    for line in map(printable, [*split_lines(index, index.settings.get("val_frac", 0.0)), *notes]):
         console.print(line if line.startswith("[yellow]") else escape(line), soft_wrap=True, highlight=False)
+
+
+def printable(text: str) -> str:
+    """`text` with the bytes of a file name that is not UTF-8 (surrogate-escaped by Python) shown as \\xNN: a
+    UTF-8 console refuses to print such a name, and the summary must not fail over one."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def source_files(listing: list[dict[str, Any]], books: Sequence[Book], cfg: DataConfig) -> list[dict[str, Any]]:
@@ -338,7 +406,7 @@ def source_files(listing: list[dict[str, Any]], books: Sequence[Book], cfg: Data
     if not is_local(cfg):
         return []
     root = Path(cfg.source).expanduser()
-    hashes = {book.path.relative_to(root).as_posix(): book.sha256 for book in books}
+    hashes = {display_name(book.path, root): book.sha256 for book in books}  # the key source_listing uses
     return [{**entry, "sha256": hashes.get(entry["path"])} for entry in listing]
 
 
@@ -364,10 +432,48 @@ def check_splits(index: ShardIndex, cfg: DataConfig) -> None:
                                f"to hold out data.val_frac={cfg.val_frac:g} of its tokens; add text or raise val_frac")
 
 
+def take_prepare_lock(fd: int, shard_dir: Path, console: Console) -> bool:
+    """flock(LOCK_EX) on the open lock file, waiting while another preparation holds it (one line names the holder).
+    False where the file system cannot lock files: the preparation goes on unprotected, with a warning."""
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = read_holder(fd)
+            console.print(f"tml-prepare: waiting for the other preparation of {escape(str(shard_dir))} ({holder})",
+                          soft_wrap=True, highlight=False)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+    except OSError as error:
+        if error.errno not in NO_FLOCK_ERRNOS:
+            raise PrepareError(f"cannot lock {shard_dir} to prepare data: {error.strerror or error}") from error
+        console.print(f"[yellow]warning:[/] the file system of {escape(str(shard_dir))} cannot lock files "
+                      f"({error.strerror}); nothing stops a second preparation into it", soft_wrap=True)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def hold_prepare_lock(shard_dir: Path, console: Console) -> Iterator[None]:
+    """Hold `<shard_dir>/prepare.lock` for the block (take_prepare_lock). flock, as tml/locks.py explains:
+    the kernel releases it however the holder ends, so there is never a stale lock to delete."""
+    try:
+        fd = open_lock_file(shard_dir / PREPARE_LOCK)
+    except OSError as error:
+        raise PrepareError(f"cannot lock {shard_dir} to prepare data: {error.strerror or error}") from error
+    try:
+        if take_prepare_lock(fd, shard_dir, console):
+            write_holder(fd)  # for the waiting line of the next preparation
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = False) -> Path:
     """Build cfg.shard_dir from cfg.source unless shards from the same inputs are already there.
 
     A local source whose files were only touched (same bytes) keeps its shards: the index's listing is updated.
+    The check and the build happen under the shard directory's lock, so a second preparation started meanwhile
+    waits and then finds these shards up to date instead of writing over them.
     """
     console = console or Console()
     started = time.perf_counter()
@@ -375,7 +481,7 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
     notes: list[str] = []
     if is_local(cfg) and Path(cfg.source).expanduser().is_dir() and (skipped := skipped_files(cfg)):
         notes.append(f"not .txt, so skipped: {plural(len(skipped), 'file')} ({shown([path.name for path in skipped])})")
-    with progress_bars(console) as progress:
+    with hold_prepare_lock(shard_dir, console), progress_bars(console) as progress:
         listing = source_listing(cfg)  # stat before hashing: a file edited in between is seen as changed next time
         books = gather_books(cfg, progress)
         if not books:
@@ -401,6 +507,7 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
             raise PrepareError(f"data.val_split=books holds out whole documents, but data.source={cfg.source!r} "
                                f"gives {len(books)}: use --data.val_split tail (the last val_frac of every document)")
         encoding = get_tokenizer()
+        remove_temporaries(shard_dir)  # safe: no other preparation writes here while we hold the lock
         task = progress.add_task("tokenize", total=sum(book.bytes for book in books))
         val_ids = choose_val_books([book.id for book in books], cfg.val_frac, cfg.split_seed)
         read_notes = ReadNotes()

@@ -4,6 +4,9 @@ Layout: `{shard_dir}/index.json` and `{shard_dir}/{split}_{k:05d}.bin`. The writ
 appended to the open shard and only the current shard's hash lives in memory, so corpora far larger than RAM
 can be written. Every file lands under a temporary name and is renamed when complete, the index last, so a
 crash leaves either the previous complete data set or no index at all, never a half-written one that loads.
+Temporary shard names carry the writer's pid, so one writer never renames another's half-written file as its own;
+callers serialise whole builds (tml-prepare holds a lock on the directory) and clear leftovers only while they
+hold it (remove_temporaries).
 """
 
 from __future__ import annotations
@@ -187,6 +190,18 @@ def shard_name(split: str, number: int) -> str:
     return f"{split}_{number:05d}.bin"
 
 
+def temporary_name(name: str) -> str:
+    """`train_00000.bin.<pid>.tmp`: this process's own name for a shard it is still writing."""
+    return f"{name}.{os.getpid()}.tmp"
+
+
+def remove_temporaries(shard_dir: str | Path) -> None:
+    """Delete the *.tmp files interrupted builds left behind. Only safe while holding the directory's build lock:
+    without it, another writer's shard in progress would be deleted under it."""
+    for leftover in Path(shard_dir).glob("*.tmp"):
+        leftover.unlink(missing_ok=True)
+
+
 def shard_starts(split: SplitIndex) -> list[int]:
     """Offset of each shard's first token in the split's concatenated token stream."""
     starts, total = [], 0
@@ -260,7 +275,7 @@ class SplitWriter:
 
     def _open_next(self) -> None:
         self._finish_current()
-        self._file = open(self.shard_dir / f"{shard_name(self.split, len(self.index.shards))}.tmp", "wb")
+        self._file = open(self.shard_dir / temporary_name(shard_name(self.split, len(self.index.shards))), "wb")
         self._hash, self._count, self._max_token = hashlib.sha256(), 0, 0
 
     def _finish_current(self) -> None:
@@ -271,7 +286,7 @@ class SplitWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
-        os.replace(self.shard_dir / f"{name}.tmp", self.shard_dir / name)
+        os.replace(self.shard_dir / temporary_name(name), self.shard_dir / name)
         self.index.shards.append(ShardInfo(name, self._count, self._hash.hexdigest(), self._max_token))
 
     def close(self) -> SplitIndex:
@@ -300,13 +315,12 @@ def write_shards(
     """Stream (split, id, title, tokens) documents into shards and write the index last.
 
     The old index is removed first, so an interrupted rewrite is never mistaken for a complete data set, and
-    shards of a previous, larger build are deleted at the end.
+    shards of a previous, larger build are deleted at the end. Other files' *.tmp are left alone: they may be
+    another writer's (see remove_temporaries).
     """
     shard_dir = Path(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
     (shard_dir / INDEX_FILE).unlink(missing_ok=True)
-    for leftover in shard_dir.glob("*.tmp"):  # from an interrupted earlier build
-        leftover.unlink()
     writers = {split: SplitWriter(shard_dir, split, shard_tokens, vocab_size) for split in SPLITS}
     try:
         for split, document_id, title, tokens in documents:

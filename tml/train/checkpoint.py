@@ -35,6 +35,7 @@ import random
 import re
 import shlex
 import shutil
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -43,8 +44,16 @@ import torch
 from lightning import Fabric
 
 from tml.config import Config
-from tml.data.config import DataConfig
-from tml.data.prepare import resolved_val_split, source_content_fingerprint, source_listing
+from tml.data.config import VAL_SPLITS, DataConfig
+from tml.data.gutenberg import GutenbergError, books_from_directory
+from tml.data.prepare import (
+    changed_files,
+    is_local,
+    resolved_val_split,
+    source_content_fingerprint,
+    source_files,
+    source_listing,
+)
 from tml.data.shards import ShardError, ShardIndex
 from tml.files import file_sha256, replaced_on_success, write_atomic
 from tml.train.optim import restore_schedule_step
@@ -264,7 +273,8 @@ def check_resume_config(resume_dir: Path, saved: dict[str, Any], current: Config
     for a notice. Called before anything is written, so a refused resume leaves the run directory as it was.
     """
     changes = [c for c in changed_settings(saved, current) if c[0] not in SILENT_ON_RESUME]
-    refused = [c for c in changes if _changes_weights(c[0]) or c[0] in DATA_POSITION_KEYS]
+    refused = [c for c in changes if _changes_weights(c[0]) or (c[0] in DATA_POSITION_KEYS
+                                                                and not _same_val_split(c, current.data))]
     if refused:
         reasons = []
         if any(_changes_weights(key) for key, _, _ in refused):
@@ -283,6 +293,15 @@ def check_resume_config(resume_dir: Path, saved: dict[str, Any], current: Config
             f"{fresh}, or continue this one with {old_values}"
         )
     return [f"{key} {_shown(old)} -> {_shown(new)}" for key, old, new in changes]
+
+
+def _same_val_split(change: tuple[str, Any, Any], data: DataConfig) -> bool:
+    """True for a data.val_split change that cuts this corpus the same way (auto that meant books -> books)."""
+    key, old, _ = change
+    if key != "data.val_split" or old not in VAL_SPLITS:
+        return False
+    documents = len(source_listing(data))
+    return resolved_val_split(replace(data, val_split=old), documents) == resolved_val_split(data, documents)
 
 
 def _changes_weights(key: str) -> bool:
@@ -325,6 +344,21 @@ def shards_content_fingerprint(shard_dir: str | Path) -> str | None:
         return None
 
 
+def source_changes_since(data: DataConfig, saved_content: str) -> str | None:
+    """`1 added (c.txt), 1 changed (a.txt)`: how data.source differs from the files the checkpoint's shards were
+    built from. None when the index no longer lists those files (rebuilt since) or the source is not local."""
+    if not is_local(data):
+        return None
+    try:
+        index = ShardIndex.load(data.shard_dir, scan_tokens=False)
+        books = books_from_directory(data)
+    except (ShardError, GutenbergError):
+        return None
+    if index.content_fingerprint != saved_content:
+        return None
+    return changed_files(index.source_files, source_files(source_listing(data), books, data))
+
+
 def check_resume_data(directory: Path, meta: dict[str, Any], data: DataConfig) -> None:
     """Refuse a checkpoint whose shards were built from other source text than data.source holds now.
 
@@ -345,9 +379,10 @@ def check_resume_data(directory: Path, meta: dict[str, Any], data: DataConfig) -
     saved = meta.get(DATA_CONTENT)
     current = source_content_fingerprint(data) if saved else None
     if current is not None and current != saved:
+        changes = source_changes_since(data, saved) or "files added, removed or edited"
         raise CheckpointError(
             f"cannot resume {directory}: its shards in {data.shard_dir} were built from other text than "
-            f"data.source {data.source} holds now (files added, removed or edited since), so its data position "
+            f"data.source {data.source} holds now ({changes} since), so its data position "
             "would point into other text: restore those files as they were, or start a new run on the changed "
             "corpus with another --train.out_dir"
         )

@@ -2,37 +2,27 @@
 
 Two trainings into one out_dir would resume from each other's checkpoints and overwrite `last`, `best` and the
 TensorBoard logs. One process per run (rank 0) takes the lock before anything in out_dir is read or written; a
-second training is refused at once, naming the holder.
-
-The lock is `fcntl.flock` on an open file, so the kernel releases it when the holder exits in any way (a crash,
-OOM, SIGKILL): there is never a stale lock to delete by hand. The pid, host and start time written into the file
-are only for the refusal message. The file itself stays after the run: deleting it on release would let a third
-training lock a new file while a second still holds the old, deleted one. On NFS, Linux maps flock onto NFS
-locks, so trainings on different machines are kept apart too.
+second training is refused at once, naming the holder. How the lock works (flock, never stale, the holder record)
+is in tml/locks.py. On NFS, Linux maps flock onto NFS locks, so trainings on different machines are kept apart too.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
-import json
 import os
-import socket
 import sys
 import time
 from collections.abc import Iterator, Mapping
-from datetime import datetime
 from pathlib import Path
+
+from tml.locks import NO_FLOCK_ERRNOS, open_lock_file, read_holder, write_holder
 
 LOCK_FILE = "train.lock"
 # Every variable a launcher tml runs under sets to say which process this is: Fabric's own launcher (LOCAL_RANK,
 # NODE_RANK), torchrun (RANK, LOCAL_RANK, GROUP_RANK) and srun (SLURM_PROCID, as in slurm/train.sbatch, where
 # every task starts with LOCAL_RANK unset). The process where all that are set are 0 is the run's rank 0.
 RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID")
-# File systems that cannot flock (Lustre mounted without `-o flock`) answer with one of these; the run goes on
-# unprotected, with a warning, rather than not at all.
-NO_FLOCK_ERRNOS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
 # A requeued SLURM job (SLURM_RESTART_COUNT > 0) after a node failure can find its dead predecessor's lock still
 # held on NFS until the server's lease runs out (90 s by default on NFSv4): it waits up to this long, not refusing
 # at once and ending the job for good.
@@ -47,24 +37,6 @@ class RunLockError(RuntimeError):
 def is_lock_holder(environ: Mapping[str, str] = os.environ) -> bool:
     """True in the one process of a local, torchrun or srun launch that holds the run's lock (its rank 0)."""
     return all(environ.get(name, "0") in ("", "0") for name in RANK_VARIABLES)
-
-
-def describe_holder(text: str, today: datetime | None = None) -> str:
-    """`pid 1234 on host gpu7, since 18:02` from the lock file's contents (the date too when not today)."""
-    try:
-        holder = json.loads(text.splitlines()[0])
-        since = datetime.fromisoformat(holder["since"])
-        pid, host = int(holder["pid"]), str(holder["host"])
-    except (IndexError, ValueError, KeyError, TypeError):  # written by a holder that has not finished writing
-        return "holder not recorded yet"
-    today = today or datetime.now(since.tzinfo)
-    when = since.strftime("%H:%M" if since.date() == today.date() else "%Y-%m-%d %H:%M")
-    return f"pid {pid} on host {host}, since {when}"
-
-
-def holder_record() -> bytes:
-    since = datetime.now().astimezone().isoformat(timespec="seconds")
-    return (json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": since}) + "\n").encode()
 
 
 def lock_wait_s(environ: Mapping[str, str] = os.environ) -> float:
@@ -93,16 +65,14 @@ def hold_run_lock(out_dir: str | Path, wait_s: float | None = None) -> Iterator[
     wait_s = lock_wait_s() if wait_s is None else wait_s
     directory = Path(out_dir)
     try:
-        directory.mkdir(parents=True, exist_ok=True)
-        # Not inheritable (Python's default): a process Fabric starts must not keep the lock after rank 0 dies.
-        fd = os.open(directory / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_lock_file(directory / LOCK_FILE)  # a process Fabric starts never holds it after rank 0 dies
     except OSError as error:
         raise RunLockError(f"cannot lock {out_dir} for training: {error.strerror or error}") from error
     try:
         try:
             flock_within(fd, wait_s)
         except BlockingIOError:
-            holder = describe_holder(os.pread(fd, 4096, 0).decode(errors="replace"))
+            holder = read_holder(fd)
             raise RunLockError(f"{out_dir} is in use by another training ({holder}); wait for it to end or use "
                                "another --train.out_dir") from None
         except OSError as error:
@@ -111,9 +81,7 @@ def hold_run_lock(out_dir: str | Path, wait_s: float | None = None) -> Iterator[
             print(f"tml: warning: the file system of {out_dir} cannot lock files ({error.strerror}); nothing stops "
                   "a second training into it", file=sys.stderr)
         else:
-            record = holder_record()
-            os.pwrite(fd, record, 0)  # then cut: a reader never sees an empty file, at worst an old tail
-            os.ftruncate(fd, len(record))
+            write_holder(fd)
         yield
     finally:
         os.close(fd)  # releases the lock

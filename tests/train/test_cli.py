@@ -195,7 +195,7 @@ def test_export_prints_how_to_rebuild_the_model_from_the_runs_config_yaml(traine
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)  # the printed line holds absolute paths: it works from any directory
     model = rebuilt_from_printed_line(out)
-    assert all(torch.equal(value, model.state_dict()[key]) for key, value in torch.load(output).items())
+    assert all(torch.equal(value, model.state_dict()[key]) for key, value in torch.load(output, weights_only=True).items())
 
 
 def test_export_of_a_checkpoint_moved_out_of_its_run_points_at_its_meta_json(trained_run, tmp_path, capsys):

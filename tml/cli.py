@@ -151,6 +151,14 @@ def prompt_tokens_kept(prompt_tokens: int, max_new_tokens: int, block_size: int)
     return min(prompt_tokens, block_size - reserved)
 
 
+def check_token_ids(tokens: Sequence[int], vocab_size: int, what: str) -> None:
+    """Every GPT-2 token id must have a row in the model's embedding (a model trained with a smaller vocabulary
+    than GPT-2's cannot read this text); refused in one line, not an IndexError from inside the embedding."""
+    if tokens and (highest := max(tokens)) >= vocab_size:
+        raise ValueError(f"{what} holds GPT-2 token id {highest:,}, beyond this model's vocab_size {vocab_size:,}: "
+                         "the model cannot read it")
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Sample from a checkpoint; a prompt too long for the block keeps its last tokens (prompt_tokens_kept), and
     when prompt + --max-new-tokens still overflows the block, generate what fits. Both are said on stderr."""
@@ -163,6 +171,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     model = load_model(chosen_checkpoint("generate", args.checkpoint), device)
     tokenizer = get_tokenizer()
     prompt = tokenizer.encode(args.prompt, allowed_special="all") or [tokenizer.eot_token]
+    check_token_ids(prompt, model.config.vocab_size, "--prompt")
     block = model.config.block_size
     kept = prompt_tokens_kept(len(prompt), args.max_new_tokens, block)
     if kept < len(prompt):
@@ -249,6 +258,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = default_device()
     model = load_model(chosen_checkpoint("eval", args.checkpoint), device)
     tokens = get_tokenizer().encode_ordinary(text)
+    check_token_ids(tokens, model.config.vocab_size, f"--data {path}")
     if len(tokens) < 2:
         raise ValueError(f"--data {path}: needs at least two tokens of text")
     with eval_progress() as progress:

@@ -243,7 +243,8 @@ def task_log(folder: str | Path, job_id: str, task: int = 0) -> Path:
 
 
 def _absolute(path: str) -> str:
-    return str(Path(path).expanduser().absolute())
+    """`../corpus` as /home/me/corpus: `..` removed, symlinks kept (os.path.abspath; Path.absolute keeps `..`)."""
+    return os.path.abspath(Path(path).expanduser())
 
 
 def config_for_job(config: Config, resources: SlurmResources) -> tuple[Config, list[str]]:

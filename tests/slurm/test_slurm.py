@@ -77,6 +77,16 @@ def test_fabric_layout_comes_from_the_slurm_request(tmp_path, monkeypatch):
     assert config.train.devices == 2  # the caller's config is left alone
 
 
+def test_relative_paths_become_absolute_without_dot_dot(tmp_path, monkeypatch):
+    (tmp_path / "repo").mkdir()
+    monkeypatch.chdir(tmp_path / "repo")
+    config = Config()
+    config.data.source, config.train.out_dir = "../corpus", "../runs/./x"
+    job_config, _ = config_for_job(config, SlurmResources(nodes=1, gpus_per_node=0, tasks_per_node=1))
+    assert (job_config.data.source, job_config.train.out_dir) == (str(tmp_path / "corpus"), str(tmp_path / "runs" / "x"))
+    assert job_config.data.source.count("..") == 0
+
+
 @pytest.mark.parametrize(
     ("limit", "minutes"),
     [("90", 90), ("1:30", 2), ("2:00:00", 120), ("1-2", 26 * 60), ("1-0:30", 24 * 60 + 30), ("0-0:0:59", 1)],

@@ -398,3 +398,17 @@ def test_naming_the_val_split_that_auto_chose_resumes_and_another_split_is_refus
     config.data.val_split = "books"  # whole files instead: every window moves
     with pytest.raises(CheckpointError, match=r"changed data\.val_split auto -> books"):
         resume_checkpoint(config)
+
+
+def test_a_run_reading_its_unchanged_shards_resumes_after_the_source_is_edited_but_not_after_a_rebuild(
+        tmp_path, tiny_shards):
+    """What a SLURM restart meets: it prepares nothing, so a corpus edited during the job leaves its shards as
+    they were, and the requeue must go on; shards rebuilt from the edited text are refused."""
+    source, config = run_on_own_corpus(tmp_path, tiny_shards)
+    (source / "a.txt").write_text((source / "a.txt").read_text() + "A line appended during the job.\n")
+    with pytest.raises(CheckpointError, match=r"1 changed \(a\.txt\) since"):
+        resume_checkpoint(config)  # a launcher, before it would rebuild the shards
+    assert resume_checkpoint(config, shards_built=True)[0] is not None
+    prepare_data(config.data, console=Console(file=io.StringIO()))  # someone rebuilds them from the edited text
+    with pytest.raises(CheckpointError, match=r"were rebuilt since from other text .*run tml-prepare"):
+        resume_checkpoint(config, shards_built=True)

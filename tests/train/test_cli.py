@@ -338,3 +338,23 @@ def test_a_second_ctrl_c_aborts_at_once_in_one_line(tmp_path, tiny_shards):
     assert "Traceback" not in output and output.count("tml: aborted;") == 1
     assert time.monotonic() - started < 30  # not after finishing the step and saving
     assert not (checkpoints_dir(tmp_path / "run") / "last").exists()
+
+
+@pytest.fixture(scope="module")
+def small_vocab_run(tmp_path_factory, tiny_shards):
+    """A model whose vocab_size (256) is below GPT-2's: it can read only some of GPT-2's token ids."""
+    out_dir = tmp_path_factory.mktemp("small_vocab_run")
+    train(tiny_run_config(tiny_shards, out_dir, max_steps=2, val_interval=2, ckpt_interval=2))
+    return out_dir
+
+
+def test_text_with_token_ids_beyond_the_models_vocabulary_is_refused_in_one_line(small_vocab_run, tmp_path, capsys):
+    text = tmp_path / "book.txt"
+    text.write_text("Once upon a time")  # "Once" is GPT-2 id 7454
+    assert main(["eval", "--checkpoint", str(small_vocab_run), "--data", str(text)]) == 1
+    assert capsys.readouterr().err.splitlines()[-1] == (f"tml eval: --data {text} holds GPT-2 token id 7,454, "
+                                                        "beyond this model's vocab_size 256: the model cannot read it")
+    assert main(["generate", "--checkpoint", str(small_vocab_run), "--prompt", "Once upon a time"]) == 1
+    assert "--prompt holds GPT-2 token id 7,454, beyond this model's vocab_size 256" in capsys.readouterr().err
+    text.write_text("x!y!z!" * 20)  # ids under 256: readable
+    assert main(["eval", "--checkpoint", str(small_vocab_run), "--data", str(text)]) == 0

@@ -331,3 +331,17 @@ def test_wandb_runs_offline_without_a_key_and_a_restart_continues_the_same_run(t
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(run.name.endswith(f"-{run_id}") for run in runs)
     assert read_meta(tmp_path / "checkpoints" / "last")["wandb_run_id"] == run_id
+
+
+def test_tokens_seen_and_wall_time_add_up_across_a_resume_with_another_batch_size(tmp_path, tiny_shards):
+    first = tiny_run_config(tiny_shards, tmp_path, max_steps=4, val_interval=100, ckpt_interval=100)
+    train(first)
+    first_wall = summary(tmp_path)["wall_s"]
+    resumed = tiny_run_config(tiny_shards, tmp_path, max_steps=6, val_interval=100, ckpt_interval=100,
+                              batch_size=2, resume="auto")
+    train(resumed)
+    block = first.model.block_size
+    written = summary(tmp_path)
+    assert written["tokens_seen"] == 4 * 4 * block + 2 * 2 * block  # counted, not 6 steps x the new batch
+    assert [value for step, value in scalars(tmp_path, "train/tokens") if step in (4, 6)] == [16 * block, 20 * block]
+    assert written["wall_s"] > first_wall  # the first segment's time is carried over

@@ -140,6 +140,18 @@ def test_exported_weights_load_into_a_fresh_transformer_and_reproduce_the_engine
     assert result.loss == pytest.approx(engine_val_loss, rel=VAL_LOSS_RTOL)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(2 * RUN_TIMEOUT_S + 60)
+def test_eval_of_a_zero_run_prints_only_its_result_on_stdout(zero_runs, tmp_path):
+    """DeepSpeed's notices while the shards are consolidated go to stderr: `tml eval ... > result.txt` holds one line."""
+    text = tmp_path / "held-out.txt"
+    text.write_text("x!y!z!" * 40)  # GPT-2 ids under the debug model's vocab_size of 256
+    done = subprocess.run([sys.executable, "-m", "tml.cli", "eval", "--checkpoint", str(zero_runs.full), "--data",
+                           str(text)], capture_output=True, text=True, timeout=RUN_TIMEOUT_S, cwd=REPO_ROOT)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"{text}: ") and done.stdout.count("\n") == 1, done.stdout
+
+
 # ------------------------------------------------------------------------- export errors (fast, no processes)
 
 

@@ -359,17 +359,21 @@ def source_changes_since(data: DataConfig, saved_content: str) -> str | None:
     return changed_files(index.source_files, source_files(source_listing(data), books, data))
 
 
-def check_resume_data(directory: Path, meta: dict[str, Any], data: DataConfig) -> None:
-    """Refuse a checkpoint whose shards were built from other source text than data.source holds now.
+def check_resume_data(directory: Path, meta: dict[str, Any], data: DataConfig, shards_built: bool = False) -> None:
+    """Refuse a checkpoint whose shards were built from other text than the run will read.
 
     The settings are equal (check_resume_config), yet a file added, removed or edited moves every window, so the
-    saved data position would point into other text. A `touch` changes nothing, and a checkpoint that predates
-    the fingerprint resumes as before, unless val_split "auto" would now cut its corpus another way.
+    saved data position would point into other text. Before the launcher prepares data (shards_built False) that
+    text is data.source's, which the launcher would rebuild the shards from; once the shards stand as the run
+    reads them (train(), or a SLURM restart, which prepares nothing) it is the shards' own, so an edit to
+    data.source during a long job does not stop its requeues. A `touch` changes nothing, and a checkpoint that
+    predates the fingerprint resumes as before, unless val_split "auto" would now cut its corpus another way.
     """
+    index = _shard_index(data) if shards_built else None
     saved_data = meta.get("config", {}).get("data", {})
     if saved_data and "val_split" not in saved_data:  # saved before val_split existed, when whole books were held out
-        mode = resolved_val_split(data, len(source_listing(data)))
-        if mode != "books":
+        mode = index.settings.get("val_split") if index else resolved_val_split(data, len(source_listing(data)))
+        if mode not in (None, "books"):
             raise CheckpointError(
                 f"cannot resume {directory}: it held out whole books for validation (it predates data.val_split), "
                 f"and data.val_split {data.val_split} now means {mode} for data.source {data.source}, which moves "
@@ -377,7 +381,17 @@ def check_resume_data(directory: Path, meta: dict[str, Any], data: DataConfig) -
                 "--train.out_dir"
             )
     saved = meta.get(DATA_CONTENT)
-    current = source_content_fingerprint(data) if saved else None
+    if not saved:
+        return
+    if shards_built:
+        if index is not None and index.content_fingerprint and index.content_fingerprint != saved:
+            raise CheckpointError(
+                f"cannot resume {directory}: its shards in {data.shard_dir} were rebuilt since from other text "
+                f"(data.source {data.source} changed), so its data position would point into other text: restore "
+                "those files as they were and run tml-prepare, or start a new run with another --train.out_dir"
+            )
+        return
+    current = source_content_fingerprint(data)
     if current is not None and current != saved:
         changes = source_changes_since(data, saved) or "files added, removed or edited"
         raise CheckpointError(
@@ -388,11 +402,19 @@ def check_resume_data(directory: Path, meta: dict[str, Any], data: DataConfig) -
         )
 
 
-def resume_checkpoint(config: Config) -> tuple[Path | None, dict[str, Any], list[str]]:
+def _shard_index(data: DataConfig) -> ShardIndex | None:
+    try:
+        return ShardIndex.load(data.shard_dir, scan_tokens=False)
+    except ShardError:
+        return None
+
+
+def resume_checkpoint(config: Config, shards_built: bool = False) -> tuple[Path | None, dict[str, Any], list[str]]:
     """The checkpoint this run resumes from (None for a fresh run), its meta.json, and the settings changed since.
 
     Raises CheckpointError for what cannot resume (resolve_resume, check_resume_config, check_resume_layout,
-    check_resume_data) without writing anything, so a launcher can call it before building data for the run.
+    check_resume_data) without writing anything, so a launcher can call it before building data for the run;
+    train() calls it again with shards_built, once the shards stand as the run will read them.
     """
     train = config.train
     resume_dir = resolve_resume(train.resume, train.out_dir)
@@ -401,7 +423,7 @@ def resume_checkpoint(config: Config) -> tuple[Path | None, dict[str, Any], list
     meta = read_meta(resume_dir)
     changed = check_resume_config(resume_dir, meta["config"], config, train.resume)
     check_resume_layout(resume_dir, meta, train.strategy == "deepspeed", train.devices * train.num_nodes)
-    check_resume_data(resume_dir, meta, config.data)
+    check_resume_data(resume_dir, meta, config.data, shards_built)
     return resume_dir, meta, changed
 
 

@@ -74,7 +74,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
     started = time.perf_counter()
     tc = config.train
     out_dir = Path(tc.out_dir)
-    resume_dir, meta, changed = resume_checkpoint(config)  # refuses a resume this config cannot continue
+    # Refuses a resume this config cannot continue. The launcher has prepared the shards: they are what it reads.
+    resume_dir, meta, changed = resume_checkpoint(config, shards_built=True)
     # The data checks come before the Fabric starts: a mismatch is one line from the CLI, not a traceback per rank.
     check_vocabulary(config)
     block = config.model.block_size
@@ -113,11 +114,16 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
 
     checkpointer = Checkpointer(fabric, out_dir, tc.keep_checkpoints, deepspeed)
     early_stopping = EarlyStopping(tc.early_stop_patience, tc.early_stop_min_delta)
-    step = 0
+    tokens_per_step = tc.batch_size * block * tc.grad_accum * fabric.world_size
+    step = tokens_seen = 0
+    seconds_before = 0.0  # training time of the run's earlier segments (before a resume)
     if resume_dir is not None:
         restored = checkpointer.load(resume_dir, model, optimizer, scheduler, batches)
         step = restored["loop"]["step"]
         early_stopping.load_state_dict(restored["loop"]["early_stopping"])
+        # Counted, not step * tokens_per_step: the batch size or rank count may have changed on an earlier resume.
+        tokens_seen = restored["loop"].get("tokens_seen", step * tokens_per_step)  # older checkpoints: estimated
+        seconds_before = restored["loop"].get("train_seconds", 0.0)
         fabric.print(f"resumed from {resume_dir} at step {step}")
         for notice in restored["notices"]:
             fabric.print(notice)
@@ -132,15 +138,19 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
     hparams = {**flat_hyperparameters(config), **model_figures}
     log_hyperparameters(fabric.loggers, hparams)
     tensorboard_hparams: dict | None = hparams  # written with the first validation's metrics (see loggers.py)
-    tokens_per_step = tc.batch_size * block * tc.grad_accum * fabric.world_size
     meter = ThroughputMeter(flops_per_token, peak_flops(fabric.device, tc.precision), fabric.world_size)
     scaler = getattr(fabric.strategy.precision, "scaler", None)  # fp16 on GPU: skips overflowed steps itself
     skip_sync = fabric.world_size > 1 and not deepspeed
     engine = fabric.strategy.model if deepspeed else None  # the DeepSpeedEngine (Fabric's optimizer.step bypasses it)
     loss_divisor = 1 if deepspeed else tc.grad_accum  # the DeepSpeed engine divides by grad_accum itself
 
+    def train_seconds() -> float:
+        """Wall seconds of the whole run: this process's and those of the segments it resumed."""
+        return seconds_before + time.perf_counter() - started
+
     def save(best: bool = False) -> None:
-        loop_state = {"step": step, "early_stopping": early_stopping.state_dict()}
+        loop_state = {"step": step, "early_stopping": early_stopping.state_dict(), "tokens_seen": tokens_seen,
+                      "train_seconds": train_seconds()}
         checkpointer.save(step, model, optimizer, scheduler, batches, loop_state, config, wandb_run_id, best=best)
 
     def validate() -> tuple[EvalResult, bool]:
@@ -174,8 +184,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
             "stopped_early": stopped_early,
             "preempted": preempted,
             "diverged": diverged,
-            "tokens_seen": step * tokens_per_step,
-            "wall_s": round(time.perf_counter() - started, 3),
+            "tokens_seen": tokens_seen,
+            "wall_s": round(train_seconds(), 3),
             "params": model_figures["model/params"],
             "params_non_embedding": model_figures["model/params_non_embedding"],
             "checkpoints": str(checkpoints_dir(out_dir).resolve()),  # absolute: read from anywhere
@@ -214,6 +224,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                 advance_schedule(scheduler, step)
                 step += 1
                 meter.add(tokens_per_step)
+                tokens_seen += tokens_per_step
 
                 nonfinite_streak = 0 if finite else nonfinite_streak + 1
                 if nonfinite_streak >= MAX_NONFINITE_STEPS:
@@ -226,7 +237,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                     tokens_per_s, mfu = meter.measure()
                     metrics = {"train/loss": step_loss, "train/lr": lr,
                                "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
-                               "train/tokens_per_s": tokens_per_s, "train/tokens": step * tokens_per_step}
+                               "train/tokens_per_s": tokens_per_s, "train/tokens": tokens_seen}
                     if mfu is not None:
                         metrics["train/mfu"] = mfu
                     if fabric.device.type == "cuda":

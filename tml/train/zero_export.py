@@ -8,7 +8,9 @@ result is written atomically under the names `Transformer.state_dict()` uses.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -89,10 +91,13 @@ def fp32_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
 
     Runs in one process on any machine (no GPU, no process group).
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    # DeepSpeed prints its progress (and, at import, its accelerator notice) on stdout, where `tml generate` and
+    # `tml eval` put only their result: to stderr with it. Its logger's handler takes the stream it sees at import.
+    with contextlib.redirect_stdout(sys.stderr):
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    verify_deepspeed_checkpoint(checkpoint_dir)
-    state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
+        verify_deepspeed_checkpoint(checkpoint_dir)
+        state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
     return {_strip_wrapper_prefixes(name): tensor.detach().float().contiguous() for name, tensor in state.items()}
 
 

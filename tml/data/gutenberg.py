@@ -350,10 +350,15 @@ def copy_from_directory(directory: Path, book_id: int, raw_dir: Path, manifest: 
     return book
 
 
+def printable(text: str) -> str:
+    """`text` with the bytes of a file name that is not UTF-8 (surrogate-escaped by Python) shown as \\xNN
+    escapes: a surrogate-escaped str crashes a UTF-8 console and is not valid Unicode in JSON."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def display_name(path: Path, root: Path) -> str:
-    """`path` under `root` as text that prints and goes into JSON: bytes of a name that is not UTF-8 are shown
-    as \\xNN escapes (a surrogate-escaped str crashes a UTF-8 console and is not valid Unicode in JSON)."""
-    return os.fsencode(path.relative_to(root).as_posix()).decode("utf-8", "backslashreplace")
+    """`path` under `root` as text that prints and goes into JSON (printable)."""
+    return printable(path.relative_to(root).as_posix())
 
 
 @dataclass(frozen=True)

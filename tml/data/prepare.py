@@ -56,6 +56,7 @@ from tml.data.gutenberg import (
     display_name,
     gather_books,
     local_book_paths,
+    printable,
     skipped_files,
 )
 from tml.data.shards import (
@@ -169,9 +170,8 @@ def listed_stats(source_files: Iterable[dict[str, Any]]) -> list[dict[str, Any]]
 def data_is_ready(cfg: DataConfig) -> bool:
     """Cheap check for launchers: a valid index built from these settings, and (local source) from files with
     the same names, sizes and mtimes, exists (no book is read)."""
-    try:
-        index = ShardIndex.load(cfg.shard_dir, scan_tokens=False)
-    except ShardError:
+    index = ShardIndex.load_or_none(cfg.shard_dir)
+    if index is None:
         return False
     listing = source_listing(cfg)
     return index.settings == data_settings(cfg, listing) and listed_stats(index.source_files) == listing
@@ -183,10 +183,7 @@ def source_content_fingerprint(cfg: DataConfig) -> str | None:
     The index's own when it is current; for a local source whose files changed since, hashed from the files
     (a `touch` keeps it). None when neither tells (no index, or no source directory to read).
     """
-    try:
-        index = ShardIndex.load(cfg.shard_dir, scan_tokens=False)
-    except ShardError:
-        index = None
+    index = ShardIndex.load_or_none(cfg.shard_dir)
     listing = source_listing(cfg)
     if index is not None and index.content_fingerprint and (
         not is_local(cfg) or (index.settings.get("source") == data_settings(cfg, listing)["source"]
@@ -393,12 +390,6 @@ def print_summary(console: Console, index: ShardIndex, seconds: float, status: s
     console.print(f"{index.tokenizer} tokens stored as {index.dtype} (vocab {index.vocab_size:,})")
     for line in map(printable, [*split_lines(index, index.settings.get("val_frac", 0.0)), *notes]):
         console.print(line if line.startswith("[yellow]") else escape(line), soft_wrap=True, highlight=False)
-
-
-def printable(text: str) -> str:
-    """`text` with the bytes of a file name that is not UTF-8 (surrogate-escaped by Python) shown as \\xNN: a
-    UTF-8 console refuses to print such a name, and the summary must not fail over one."""
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
 
 
 def source_files(listing: list[dict[str, Any]], books: Sequence[Book], cfg: DataConfig) -> list[dict[str, Any]]:

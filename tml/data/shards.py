@@ -103,6 +103,15 @@ class ShardIndex:
         return cls(shard_dir=shard_dir, splits=splits, **values)
 
     @classmethod
+    def load_or_none(cls, shard_dir: str | Path) -> ShardIndex | None:
+        """The index (its files checked, tokens not scanned), or None where there is no valid one: for the cheap
+        questions launchers and resume checks ask (are the shards there, built from what?)."""
+        try:
+            return cls.load(shard_dir, scan_tokens=False)
+        except ShardError:
+            return None
+
+    @classmethod
     def load(cls, shard_dir: str | Path, verify: bool = False, scan_tokens: bool = True) -> ShardIndex:
         """Read index.json and check it against the shard files; ShardError names the first file at fault.
 

@@ -54,7 +54,7 @@ from tml.data.prepare import (
     source_files,
     source_listing,
 )
-from tml.data.shards import ShardError, ShardIndex
+from tml.data.shards import ShardIndex
 from tml.files import file_sha256, replaced_on_success, write_atomic
 from tml.train.optim import restore_schedule_step
 from tml.train.zero_export import ZeroCheckpointError, fp32_state_dict, verify_deepspeed_checkpoint
@@ -338,10 +338,8 @@ def check_resume_layout(directory: Path, meta: dict[str, Any], deepspeed: bool, 
 
 def shards_content_fingerprint(shard_dir: str | Path) -> str | None:
     """The content fingerprint of the shards a run trains on (None without a readable index, e.g. in tests)."""
-    try:
-        return ShardIndex.load(shard_dir, scan_tokens=False).content_fingerprint or None
-    except ShardError:
-        return None
+    index = ShardIndex.load_or_none(shard_dir)
+    return (index.content_fingerprint or None) if index else None
 
 
 def source_changes_since(data: DataConfig, saved_content: str) -> str | None:
@@ -349,12 +347,12 @@ def source_changes_since(data: DataConfig, saved_content: str) -> str | None:
     built from. None when the index no longer lists those files (rebuilt since) or the source is not local."""
     if not is_local(data):
         return None
-    try:
-        index = ShardIndex.load(data.shard_dir, scan_tokens=False)
-        books = books_from_directory(data)
-    except (ShardError, GutenbergError):
+    index = ShardIndex.load_or_none(data.shard_dir)
+    if index is None or index.content_fingerprint != saved_content:
         return None
-    if index.content_fingerprint != saved_content:
+    try:
+        books = books_from_directory(data)
+    except GutenbergError:
         return None
     return changed_files(index.source_files, source_files(source_listing(data), books, data))
 
@@ -369,7 +367,7 @@ def check_resume_data(directory: Path, meta: dict[str, Any], data: DataConfig, s
     data.source during a long job does not stop its requeues. A `touch` changes nothing, and a checkpoint that
     predates the fingerprint resumes as before, unless val_split "auto" would now cut its corpus another way.
     """
-    index = _shard_index(data) if shards_built else None
+    index = ShardIndex.load_or_none(data.shard_dir) if shards_built else None
     saved_data = meta.get("config", {}).get("data", {})
     if saved_data and "val_split" not in saved_data:  # saved before val_split existed, when whole books were held out
         mode = index.settings.get("val_split") if index else resolved_val_split(data, len(source_listing(data)))
@@ -400,13 +398,6 @@ def check_resume_data(directory: Path, meta: dict[str, Any], data: DataConfig, s
             "would point into other text: restore those files as they were, or start a new run on the changed "
             "corpus with another --train.out_dir"
         )
-
-
-def _shard_index(data: DataConfig) -> ShardIndex | None:
-    try:
-        return ShardIndex.load(data.shard_dir, scan_tokens=False)
-    except ShardError:
-        return None
 
 
 def resume_checkpoint(config: Config, shards_built: bool = False) -> tuple[Path | None, dict[str, Any], list[str]]:

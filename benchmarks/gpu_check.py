@@ -154,7 +154,10 @@ def decode_speed(run_dir: Path, device: torch.device) -> dict:
         figures["absorbed_tokens_per_s" if absorb else "naive_tokens_per_s"] = round(
             new_tokens / (time.perf_counter() - start), 1)
     new = {absorb: tokens[:, DECODE_PROMPT_TOKENS:] for absorb, tokens in outputs.items()}  # not the prompt
-    figures["greedy_tokens_agree"] = float((new[True] == new[False]).float().mean())
+    same = (new[True] == new[False])[0]
+    figures["greedy_tokens_agree"] = float(same.float().mean())
+    # One near-tie argmax flip in low precision changes every later token, so where they part says more.
+    figures["greedy_first_difference"] = int(same.logical_not().nonzero()[0]) if not same.all() else None
     return figures
 
 

@@ -51,6 +51,8 @@ def test_gpu_check_trains_the_reference_config_decodes_and_writes_json_on_cpu(tm
     assert decode["new_tokens"] == 32 - 16
     assert decode["absorbed_tokens_per_s"] > 0 and decode["naive_tokens_per_s"] > 0
     assert decode["greedy_tokens_agree"] > 0.9  # same model, two exact attention forms (fp32 on CPU)
+    first = decode["greedy_first_difference"]
+    assert (first is None) == (decode["greedy_tokens_agree"] == 1.0) and (first is None or 0 <= first < 16)
     assert report["mha_run"]["attention"] == "mha" and report["mha_run"]["steps"] == 2
     assert report["bf16_run"]["precision"] == "bf16-mixed" and report["bf16_run"]["attention"] == "mla"
     assert "compiled_run" not in report  # only the variants asked for

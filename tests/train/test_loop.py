@@ -103,9 +103,11 @@ def test_early_stopping_fires_on_a_plateau(tmp_path, tiny_shards):
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed"])  # CPU runs 16-mixed as bf16-mixed
-def test_mixed_precision_runs_on_cpu(tmp_path, tiny_shards, precision):
+def test_mixed_precision_runs_on_cpu(tmp_path, tiny_shards, precision, capsys):
     result = train(tiny_run_config(tiny_shards, tmp_path, max_steps=3, precision=precision, val_interval=3))
     assert math.isfinite(result.val_loss)
+    [line] = [line for line in capsys.readouterr().out.splitlines() if line.startswith("model: ")]
+    assert "B/token in bfloat16" in line  # the cache's dtype as the run computes, not fp16's on CPU
 
 
 def test_fp16_scaler_skips_an_overflowed_step_and_lowers_the_scale():
@@ -240,7 +242,7 @@ def test_resume_with_a_longer_run_follows_the_new_schedule_from_the_saved_step(t
     expected = [2e-3 * curve(step) for step in range(6, 16)]
     assert used == pytest.approx(expected)  # from the first resumed step on, whatever the optimizer state said
     assert [lr for step, lr in scalars(tmp_path, "train/lr") if step > 6] == pytest.approx(expected)
-    assert used[0] == pytest.approx(2e-3 * 7 / 8) and used[1] == pytest.approx(2e-3)  # the new warm-up and peak
+    assert used[0] == pytest.approx(2e-3 * 7 / 9) and used[2] == pytest.approx(2e-3)  # the new warm-up and peak
     assert used[-1] == pytest.approx(1e-4)  # the new min_lr at the new last step
     assert ("resuming with changed settings: train.max_steps 6 -> 16, train.lr 0.003 -> 0.002, "
             "train.min_lr 0.0003 -> 0.0001, train.warmup_frac 0.1 -> 0.5") in capsys.readouterr().out

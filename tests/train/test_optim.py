@@ -75,9 +75,10 @@ def lrs_over_run(train: TrainConfig) -> list[float]:
 def test_schedule_warms_up_linearly_then_decays_to_min_lr_at_the_last_step():
     train = TrainConfig(max_steps=100, lr=3e-4, min_lr=3e-5, warmup_frac=0.1)
     lrs = lrs_over_run(train)
-    assert lrs[0] == pytest.approx(3e-4 / 10)  # step 0: first of 10 warm-up steps
-    assert lrs[9] == pytest.approx(3e-4)  # end of warm-up reaches the peak
-    assert lrs[10] == pytest.approx(3e-4)  # cosine starts at the peak
+    assert lrs[0] == pytest.approx(3e-4 / 11)  # step 0: first of 10 warm-up steps, not 0
+    assert lrs[9] == pytest.approx(3e-4 * 10 / 11)  # last warm-up step, just below the peak
+    assert lrs[10] == pytest.approx(3e-4)  # cosine starts at the peak: the peak is used once
+    assert lrs.count(max(lrs)) == 1
     assert lrs[-1] == pytest.approx(3e-5)  # last step lands on min_lr
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:], strict=False))  # monotone decay
     midpoint = 10 + (99 - 10) / 2
@@ -89,7 +90,8 @@ def test_reference_schedule_values():
     optimizer = torch.optim.AdamW([nn.Parameter(torch.zeros(1))], lr=train.lr)
     lam = build_scheduler(optimizer, train).lr_lambdas[0]
     assert lam.warmup_steps == 1837
-    assert train.lr * lam(1836) == pytest.approx(3e-4)
+    assert train.lr * lam(1836) == pytest.approx(3e-4 * 1837 / 1838)  # the last warm-up step
+    assert train.lr * lam(1837) == pytest.approx(3e-4)  # the peak, once
     assert train.lr * lam(18_369) == pytest.approx(3e-5)
 
 
@@ -141,8 +143,8 @@ def test_restored_schedule_follows_the_current_config_from_the_saved_step():
     lrs = resumed_lrs(scheduler.state_dict(), new, optimizer.param_groups[0]["lr"])
     curve = CosineWithWarmup(max_steps=40, warmup_steps=20, min_ratio=1e-5 / 1e-3)
     assert lrs == pytest.approx([1e-3 * curve(step) for step in range(10, 40)])
-    assert lrs[0] == pytest.approx(1e-3 * 11 / 20)  # step 10: the new warm-up, not the old min_lr
-    assert lrs[9] == pytest.approx(1e-3)  # the new peak at the end of warm-up
+    assert lrs[0] == pytest.approx(1e-3 * 11 / 21)  # step 10: the new warm-up, not the old min_lr
+    assert lrs[10] == pytest.approx(1e-3)  # the new peak right after warm-up
     assert lrs[-1] == pytest.approx(1e-5)  # the new min_lr at the new last step
     assert lrs == pytest.approx(lrs_over_run(new)[10:])  # as if the run had had the new config all along
 

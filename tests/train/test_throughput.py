@@ -52,3 +52,26 @@ def test_meter_counts_tokens_over_the_window():
     meter.add(500)
     tokens_per_s, utilisation = meter.measure()
     assert tokens_per_s > 0 and utilisation == pytest.approx(tokens_per_s * 100 / 1e6)
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_time_paused_for_validation_and_saving_is_not_counted(monkeypatch):
+    clock = FakeClock()
+    monkeypatch.setattr("tml.train.throughput.time.perf_counter", clock)
+    meter = ThroughputMeter(flops_per_token=1, peak_flops_per_device=None)
+    meter.start()
+    meter.add(1000)
+    clock.now += 2.0  # two seconds of training
+    with meter.paused():
+        clock.now += 30.0  # a validation and a checkpoint save
+    assert meter.measure() == (pytest.approx(500.0), None)
+    meter.add(300)
+    clock.now += 3.0  # the next window starts afresh: no pause carried over
+    assert meter.measure()[0] == pytest.approx(100.0)

@@ -16,7 +16,8 @@ INIT_STD = 0.02  # GPT-2's weight init
 MLP_EXPANSION = 4  # GPT-2's hidden width multiple
 IGNORE_INDEX = -1  # targets equal to this do not count in the loss
 # Output projections that write into the residual stream: GPT-2 scales their init by 1/sqrt(2 * n_layer) so
-# the stream's variance does not grow with depth (each block adds two of them).
+# the stream's variance does not grow with depth (each block adds two of them). That is a pre-LN argument; post-LN
+# renormalises the stream after every add, and keeps the scaling because the reference setup does.
 RESIDUAL_PROJECTIONS = ("attn.out_proj.weight", "mlp.fc_out.weight")
 
 

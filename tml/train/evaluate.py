@@ -57,10 +57,10 @@ def evaluate(fabric: Fabric, model: torch.nn.Module, dataset, batch_size: int, v
         y = torch.stack([pair[1] for pair in batch])
         keep = torch.tensor(real[start : start + batch_size])
         y[~keep] = IGNORE_INDEX
+        tokens = int((y != IGNORE_INDEX).sum())  # counted before the copy: no wait for the device per batch
         x, y = fabric.to_device((x, y))
         _, loss = model(x, y, return_logits=False)
-        tokens = (y != IGNORE_INDEX).sum()
-        if tokens > 0:
+        if tokens > 0:  # a batch of padding only has a NaN mean loss
             loss_sum += loss.double() * tokens
             token_count += tokens
     model.train(was_training)

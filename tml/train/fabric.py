@@ -25,7 +25,8 @@ from tml.config import ConfigError
 from tml.train.config import TrainConfig
 from tml.train.ranks import is_first_local_process
 
-# fp16 dynamic loss scaling, as in torch's GradScaler: start at 2**16, halve on overflow (after `hysteresis`
+# fp16 dynamic loss scaling under DeepSpeed (DeepSpeed's usual values; the DDP path uses torch's GradScaler, which
+# doubles after 2000 clean steps and has no hysteresis): start at 2**16, halve on overflow (after `hysteresis`
 # overflows in a row), double after `window` clean steps, never below 1.
 FP16_INITIAL_SCALE_POWER = 16
 FP16_LOSS_SCALE_WINDOW = 1000

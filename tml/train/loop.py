@@ -35,7 +35,7 @@ from tml.model import Transformer
 from tml.train.checkpoint import Checkpointer, checkpoints_dir, resume_checkpoint
 from tml.train.early_stopping import EarlyStopping
 from tml.train.evaluate import EvalResult, evaluate, perplexity
-from tml.train.fabric import build_fabric, is_deepspeed
+from tml.train.fabric import build_fabric, is_deepspeed, resolve_precision
 from tml.train.loggers import (
     ConsoleReport,
     build_loggers,
@@ -95,7 +95,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
     # parameters as soon as it is built, so the model's own init afterwards would miss them. setup partitions.
     with nullcontext() if deepspeed else fabric.init_module():
         model = Transformer(config.model)
-    model_figures = model_hyperparameters(model, tc.precision)  # before setup: ZeRO-3 then partitions the parameters
+    precision = resolve_precision(tc, fabric.device.type)  # as it runs: 16-mixed is bf16 on CPU
+    model_figures = model_hyperparameters(model, precision)  # before setup: ZeRO-3 then partitions the parameters
     flops_per_token = int(model_figures["model/flops_per_token"])
     seed_everything(tc.seed + fabric.global_rank, verbose=False)
 
@@ -138,7 +139,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
     hparams = {**flat_hyperparameters(config), **model_figures}
     log_hyperparameters(fabric.loggers, hparams)
     tensorboard_hparams: dict | None = hparams  # written with the first validation's metrics (see loggers.py)
-    meter = ThroughputMeter(flops_per_token, peak_flops(fabric.device, tc.precision), fabric.world_size)
+    meter = ThroughputMeter(flops_per_token, peak_flops(fabric.device, precision), fabric.world_size)
     scaler = getattr(fabric.strategy.precision, "scaler", None)  # fp16 on GPU: skips overflowed steps itself
     skip_sync = fabric.world_size > 1 and not deepspeed
     engine = fabric.strategy.model if deepspeed else None  # the DeepSpeedEngine (Fabric's optimizer.step bypasses it)
@@ -206,9 +207,11 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                     if deepspeed:
                         engine.step()  # every micro-batch: the engine counts them and updates on the last
                     loss_sum += loss.detach()
-                signalled = torch.tensor(float(preemption.requested), device=fabric.device)
+                # torch.full, not torch.tensor: filling on the device needs no blocking copy from the host.
+                signalled = torch.full((), float(preemption.requested), device=fabric.device)
+                # The loop's one wait for the device per step (fp16's GradScaler adds one inside optimizer.step).
                 loss_total, signalled_ranks = fabric.all_reduce(
-                    torch.stack([loss_sum / tc.grad_accum, signalled]), reduce_op="sum").tolist()  # one host sync
+                    torch.stack([loss_sum / tc.grad_accum, signalled]), reduce_op="sum").tolist()
                 step_loss = loss_total / fabric.world_size
                 finite = math.isfinite(step_loss)
 
@@ -248,16 +251,18 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                     report.advance(step, status)
 
                 saved = False
-                if finite and (step % tc.val_interval == 0 or step == tc.max_steps):
-                    val, stopped_early = validate()
-                    saved = checkpointer.has_saved(step)
                 if signalled_ranks > 0:
                     preempted = True
-                    report.print(f"step {step:>7d} | stop requested ({preemption.describe()}): "
-                                 "saving `last` and stopping")
-                if finite and not saved and (step % tc.ckpt_interval == 0 or step == tc.max_steps
-                                             or stopped_early or preempted):
-                    save()
+                with meter.paused():  # validation and saving are not training speed
+                    if finite and (step % tc.val_interval == 0 or step == tc.max_steps):
+                        val, stopped_early = validate()
+                        saved = checkpointer.has_saved(step)
+                    if preempted:
+                        report.print(f"step {step:>7d} | stop requested ({preemption.describe()}): "
+                                     "saving `last` and stopping")
+                    if finite and not saved and (step % tc.ckpt_interval == 0 or step == tc.max_steps
+                                                 or stopped_early or preempted):
+                        save()
                 if stopped_early:
                     report.print(f"step {step:>7d} | early stopping: no val improvement for "
                                  f"{tc.early_stop_patience} validations")

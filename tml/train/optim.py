@@ -1,6 +1,7 @@
 """AdamW with GPT-style grouped weight decay, and a cosine learning-rate schedule with linear warm-up.
 
-Decay rule (the one GPT-2/nanoGPT use, decided by module type so it never depends on parameter names):
+Decay rule (minGPT's and early nanoGPT's, decided by module type so it never depends on parameter names; today's
+nanoGPT decays every tensor of 2+ dims, embeddings included):
 - a weight of dimension >= 2 owned by an `nn.Linear` decays: these are the matrices that can grow without bound;
 - everything else does not: biases, norm weights (LayerNorm/RMSNorm gains pull towards 1, not 0) and embeddings
   (decaying rare tokens' rows towards zero hurts them most). A tied LM head *is* the embedding, so it follows the
@@ -63,13 +64,17 @@ def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
         {"params": [params[name] for name in decay], "weight_decay": train.weight_decay},
         {"params": [params[name] for name in no_decay], "weight_decay": 0.0},
     ]
-    # fused/foreach kernels are picked by torch per device; betas from the config (0.95: GPT-3's choice for stability)
+    # torch's default foreach kernels, not fused: Fabric's fp16 clipping refuses an optimizer that unscales its own
+    # gradients, which fused AdamW does. betas from the config (0.95: GPT-3's choice for stability)
     return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2))
 
 
 @dataclass
 class CosineWithWarmup:
     """Multiplier on the base lr at optimizer step `step`: linear warm-up, then cosine down to min_lr at the last step.
+
+    Warm-up steps 0 .. W-1 use (step+1)/(W+1) of the peak (never 0, as nanoGPT), so the peak itself is used once, at
+    step W, where the cosine starts.
 
     A callable object rather than a lambda so LambdaLR.state_dict() saves its fields with the checkpoint; a resume
     takes only the step count from there (restore_schedule_step), so the current config governs the curve.
@@ -81,14 +86,14 @@ class CosineWithWarmup:
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
+            return (step + 1) / (self.warmup_steps + 1)
         decay_steps = max(1, self.max_steps - 1 - self.warmup_steps)
         progress = min(1.0, (step - self.warmup_steps) / decay_steps)
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> LambdaLR:
-    """warmup = warmup_frac * max_steps; lr reaches train.lr at the end of warm-up and train.min_lr at the last step."""
+    """warmup = warmup_frac * max_steps; lr reaches train.lr right after warm-up and train.min_lr at the last step."""
     warmup_steps = int(train.warmup_frac * train.max_steps)
     min_ratio = train.min_lr / train.lr if train.lr > 0 else 0.0
     return LambdaLR(optimizer, CosineWithWarmup(train.max_steps, warmup_steps, min_ratio))

@@ -9,6 +9,8 @@ can do, not to a marketing figure.
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -82,27 +84,42 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
 
 @dataclass
 class ThroughputMeter:
-    """Tokens/s and MFU over the steps since the last `measure()`; counts all ranks' tokens."""
+    """Tokens/s and MFU over the steps since the last `measure()`; counts all ranks' tokens.
+
+    Time spent `paused()` (validation, checkpoint saves) is left out, so the figures after a validation are the
+    training step's speed, not a dip that depends on val_interval and the disk.
+    """
 
     flops_per_token: int
     peak_flops_per_device: float | None
     world_size: int = 1
     _tokens: int = 0
     _start: float | None = None
+    _paused_seconds: float = 0.0
 
     def start(self) -> None:
         self._tokens = 0
+        self._paused_seconds = 0.0
         self._start = time.perf_counter()
 
     def add(self, tokens: int) -> None:
         self._tokens += tokens
+
+    @contextmanager
+    def paused(self) -> Iterator[None]:
+        """Work inside that is not training: its wall time does not count towards the window."""
+        began = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._paused_seconds += time.perf_counter() - began
 
     def measure(self) -> tuple[float, float | None]:
         """(tokens/s, MFU or None) since the last call, then restart the window."""
         if self._start is None:
             self.start()
             return 0.0, None
-        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        elapsed = max(time.perf_counter() - self._start - self._paused_seconds, 1e-9)
         tokens_per_s = self._tokens / elapsed
         self.start()
         return tokens_per_s, mfu(tokens_per_s, self.flops_per_token, self.peak_flops_per_device, self.world_size)

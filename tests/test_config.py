@@ -1,4 +1,5 @@
 import dataclasses
+import re
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,19 @@ def test_from_dict_refuses_unknown_keys():
 def test_missing_config_file_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         load_yaml_config(tmp_path / "nope.yaml")
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("train: [1, 2\n", r"is not valid YAML at line 2, column 1: expected ',' or ']'"),
+    ("- a\n- b\n", r"holds a list; a config file maps sections \(model, data, train, log\)"),
+    ("", r"holds nothing; a config file maps sections"),
+])
+def test_a_config_file_that_is_not_a_yaml_mapping_is_refused_naming_the_file(tmp_path, text, message):
+    path = tmp_path / "experiment.yaml"
+    path.write_text(text)
+    for args in (["--config", str(path)], [f"--config={path}"]):
+        with pytest.raises(ConfigError, match=re.escape(str(path)) + " " + message):
+            load_config(args)
 
 
 def test_abbreviated_key_is_not_taken_for_a_longer_one():

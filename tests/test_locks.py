@@ -4,6 +4,8 @@ import os
 import socket
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
 from tml.locks import describe_holder, open_lock_file, read_holder, write_holder
 
 
@@ -25,3 +27,10 @@ def test_a_holder_record_written_over_a_longer_one_reads_back_whole(tmp_path):
         assert path.read_bytes().count(b"\n") == 1
     finally:
         os.close(fd)
+
+
+def test_a_file_where_the_lock_directory_should_be_is_named_as_such(tmp_path):
+    in_the_way = tmp_path / "runs"
+    in_the_way.write_text("not a directory")
+    with pytest.raises(NotADirectoryError, match=f"{in_the_way} is a file, not a directory"):
+        open_lock_file(in_the_way / "tiny" / "train.lock")

@@ -63,10 +63,13 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
     from tml.train.preemption import INTERACTIVE_SIGNALS, PreemptionFlag
 
     stop = PreemptionFlag()
+    preparing = False
     try:
         resume_checkpoint(config)  # a refused resume must not first rebuild the shards the run was trained on
         if not data_is_ready(config.data):
+            preparing = True
             prepare_data(config.data)
+            preparing = False
         result = train(config, stop.install(INTERACTIVE_SIGNALS))
     except ConfigError as error:  # a setting this machine cannot run (train.accelerator=cuda without CUDA)
         print(f"tml: {error}", file=sys.stderr)
@@ -76,7 +79,11 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
         return 1
     except KeyboardInterrupt:  # before the handler was installed, or the second Ctrl-C
         if is_first_local_process():
-            print(f"tml: aborted; checkpoints in {config.train.out_dir} are as last saved", file=sys.stderr)
+            if preparing:
+                print(f"tml: interrupted while preparing {config.data.shard_dir}; the next run starts the unfinished "
+                      "preparation again", file=sys.stderr)
+            else:
+                print(f"tml: aborted; checkpoints in {config.train.out_dir} are as last saved", file=sys.stderr)
         return CTRL_C_EXIT_STATUS
     finally:
         stop.uninstall()  # the loop does it too, but not when it fails before its first step

@@ -7,6 +7,7 @@ The dataclasses are the single source of truth; jsonargparse turns them into the
 from __future__ import annotations
 
 import dataclasses
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,11 +75,44 @@ def config_from_namespace(parser: ArgumentParser, namespace: Namespace) -> Confi
 def load_config(args: Sequence[str] | None = None, parser: ArgumentParser | None = None) -> Config:
     """Parse `--config FILE --section.key value ...` into a validated Config."""
     parser = parser or build_parser()
+    args = list(args) if args is not None else sys.argv[1:]
+    for path in config_file_arguments(args):
+        check_config_file(path)
     try:
-        namespace = parser.parse_args(list(args) if args is not None else None)
+        namespace = parser.parse_args(args)
     except Exception as error:  # jsonargparse raises ArgumentError with the key named, over several lines
         raise ConfigError(" ".join(line.strip() for line in str(error).splitlines() if line.strip())) from error
     return config_from_namespace(parser, namespace)
+
+
+def config_file_arguments(args: Sequence[str]) -> list[str]:
+    """The FILE of every `--config FILE` / `--config=FILE` in args."""
+    paths = []
+    for position, arg in enumerate(args):
+        if arg == "--config" and position + 1 < len(args):
+            paths.append(args[position + 1])
+        elif arg.startswith("--config="):
+            paths.append(arg.removeprefix("--config="))
+    return paths
+
+
+def check_config_file(path: str) -> None:
+    """A config file must be YAML holding a mapping of sections; said with the file's name, which jsonargparse
+    leaves out ("<unicode string>"). A missing file is left to the parser, whose message already names it."""
+    try:
+        text = Path(path).read_text()
+    except (OSError, UnicodeDecodeError):
+        return
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        where = getattr(error, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{line}: {problem}") from error
+    if not isinstance(values, dict):
+        found = "nothing" if values is None else f"a {type(values).__name__}"
+        raise ConfigError(f"{path} holds {found}; a config file maps sections ({', '.join(SECTIONS)}) to their keys")
 
 
 def load_yaml_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -44,3 +45,11 @@ def write_atomic(path: Path, data: bytes) -> None:
         file.write(data)
         file.flush()
         os.fsync(file.fileno())
+
+
+def free_space(directory: Path) -> str:
+    """`412.0 MB free`: what a message about a failed write says, so a full disk is recognised at once."""
+    try:
+        return f"{shutil.disk_usage(directory).free / 1e6:,.1f} MB free"
+    except OSError:
+        return "free space unknown"

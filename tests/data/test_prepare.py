@@ -384,6 +384,17 @@ def test_a_same_size_edit_that_keeps_the_mtime_is_noticed_by_its_ctime(tmp_path)
     assert data_is_ready(cfg)
 
 
+def test_shards_that_no_longer_match_their_index_are_rebuilt_saying_why(tmp_path):
+    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
+    cfg = config(tmp_path, source)
+    prepare_data(cfg, console=quiet())
+    shard = tmp_path / "shards" / "train_00000.bin"
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated by a full disk or a bad copy
+    output = " ".join(output_of(cfg).split())
+    assert f"rebuilt because the shards there were unusable: {shard} is 100 bytes but index.json says" in output
+    ShardIndex.load(tmp_path / "shards", verify=True)
+
+
 def test_an_index_listed_without_ctimes_is_rehashed_once_and_keeps_its_shards(tmp_path):
     source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
     cfg = config(tmp_path, source)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 
@@ -12,6 +13,7 @@ from tml.data.shards import (
     INDEX_FILE,
     ShardError,
     ShardIndex,
+    SplitWriter,
     choose_val_books,
     remove_temporaries,
     shard_starts,
@@ -70,18 +72,52 @@ def test_rebuild_removes_shards_of_the_previous_larger_build(tmp_path):
     assert {path.name for path in tmp_path.glob("*.bin")} == kept < first
 
 
-def test_interrupted_build_leaves_no_index(tmp_path):
+def files_and_bytes(directory):
+    return {path.relative_to(directory): path.read_bytes() for path in directory.rglob("*") if path.is_file()}
+
+
+def test_an_interrupted_rebuild_leaves_the_previous_shards_complete_and_usable(tmp_path):
     build(tmp_path, make_documents())
+    before = files_and_bytes(tmp_path)
 
     def failing_documents():
-        yield from make_documents()[:3]
-        raise RuntimeError("disk full")
+        yield from make_documents(count=12, seed=1)  # more than before: every shard name would be rewritten
+        raise KeyboardInterrupt
 
-    with pytest.raises(RuntimeError, match="disk full"):
+    with pytest.raises(KeyboardInterrupt):
         build(tmp_path, failing_documents())
-    assert not (tmp_path / INDEX_FILE).exists() and not list(tmp_path.glob("*.tmp"))
-    with pytest.raises(ShardError, match="tml-prepare"):
-        ShardIndex.load(tmp_path)
+    assert files_and_bytes(tmp_path) == before  # nothing left behind, nothing replaced
+    ShardIndex.load(tmp_path, verify=True)
+
+
+def test_a_full_disk_during_a_rebuild_is_one_clear_error_and_the_previous_shards_survive(tmp_path, monkeypatch):
+    build(tmp_path, make_documents())
+    before = files_and_bytes(tmp_path)
+    real_write = SplitWriter._write
+    written = {"n": 0}
+
+    def write_until_the_disk_fills(self, piece):
+        written["n"] += 1
+        if written["n"] > 3:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_write(self, piece)
+
+    monkeypatch.setattr(SplitWriter, "_write", write_until_the_disk_fills)
+    with pytest.raises(ShardError, match=rf"cannot write shards to {tmp_path}: No space left on device "
+                                         r"\([\d,.]+ MB free\); the shards there are left as they were"):
+        build(tmp_path, make_documents(seed=1))
+    assert files_and_bytes(tmp_path) == before
+    ShardIndex.load(tmp_path, verify=True)
+
+
+def test_leftover_build_directories_are_removed_by_the_lock_holder(tmp_path):
+    build(tmp_path, make_documents())
+    crashed = tmp_path / ".build-999999"  # a build killed with SIGKILL
+    crashed.mkdir()
+    (crashed / "train_00000.bin").write_bytes(b"\x00\x00")
+    remove_temporaries(tmp_path)
+    assert not crashed.exists()
+    ShardIndex.load(tmp_path, verify=True)
 
 
 def test_token_outside_vocab_is_refused_at_write(tmp_path):
@@ -201,7 +237,7 @@ def test_shards_in_progress_carry_the_writer_pid_and_another_writers_are_left_al
 
     def documents():
         yield from make_documents(count=2)
-        seen_while_writing.extend(path.name for path in tmp_path.glob("*.tmp"))
+        seen_while_writing.extend(path.name for path in tmp_path.rglob("*.tmp"))
 
     build(tmp_path, documents())
     assert any(name.endswith(f".bin.{os.getpid()}.tmp") for name in seen_while_writing), seen_while_writing

@@ -25,6 +25,7 @@ from tml.train.checkpoint import (
     check_resume_config,
     check_resume_layout,
     checkpoints_dir,
+    disk_space_warning,
     load_model_weights,
     read_meta,
     resolve_resume,
@@ -126,6 +127,79 @@ def test_altered_bytes_are_refused_naming_the_file(tmp_path, tiny_shards):
     target.write_bytes(bytes(data))
     with pytest.raises(CheckpointError, match="optimizer.pt.*corrupted"):
         verify_checkpoint(target.parent)
+
+
+def test_a_corrupted_last_is_refused_naming_the_newest_older_checkpoint_to_resume_from(tmp_path, tiny_shards):
+    saved_run(tmp_path, tiny_shards, steps=(2, 4, 6), keep=3, best_at=())
+    root = tmp_path / "checkpoints"
+    target = root / "step-0000006" / "model.pt"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    fabric, model, optimizer, scheduler, stream = training_objects(tiny_shards)
+    with pytest.raises(CheckpointError, match=re.escape(f"{target} is corrupted: its sha256 does not match "
+                                                        f"MANIFEST.json; an older checkpoint is there: "
+                                                        f"--train.resume {root / 'step-0000004'}")):
+        Checkpointer(fabric, tmp_path, keep=3).load(resolve_resume("auto", tmp_path), model, optimizer, scheduler,
+                                                   stream)
+    shutil.rmtree(root / "step-0000002"), shutil.rmtree(root / "step-0000004")
+    with pytest.raises(CheckpointError, match="no older checkpoint is left in this run"):
+        Checkpointer(fabric, tmp_path, keep=3).load(resolve_resume("auto", tmp_path), model, optimizer, scheduler,
+                                                   stream)
+
+
+def test_a_full_disk_while_saving_is_one_clear_error_and_the_previous_checkpoint_stays_last(
+        tmp_path, tiny_shards, monkeypatch):
+    fabric, model, optimizer, scheduler, stream = saved_run(tmp_path, tiny_shards, steps=(2,), best_at=())
+    root = tmp_path / "checkpoints"
+    before = {path: path.read_bytes() for path in root.rglob("*") if path.is_file()}
+    real_save = torch.save
+
+    def save_until_the_disk_fills(obj, path, *args, **kwargs):
+        if str(path).endswith("optimizer.pt"):  # what torch's zip writer raises when the disk fills mid-file
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 3187968 vs 3187860")
+        return real_save(obj, path, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", save_until_the_disk_fills)
+    with pytest.raises(CheckpointError, match=re.escape(f"cannot write checkpoint {root / 'step-0000004'}: "
+                                                        "RuntimeError: [enforce fail") + r".* \([\d,.]+ MB free\); the "
+                                              r"checkpoints already in .* are left as they were"):
+        Checkpointer(fabric, tmp_path, keep=1).save(4, model, optimizer, scheduler, stream, {"step": 4},
+                                                    Config(model=debug_model_config()), "run123")
+    assert {path: path.read_bytes() for path in root.rglob("*") if path.is_file()} == before
+    assert os.readlink(root / "last") == "step-0000002" and not list(root.glob(".tmp-*"))
+
+
+def test_a_disk_too_small_for_two_checkpoints_is_warned_about_at_start_up(tmp_path, monkeypatch):
+    usage = shutil.disk_usage(tmp_path)
+    params = 100_000_000  # 1.2 GB a checkpoint
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=2_000_000_000))
+    assert disk_space_warning(tmp_path / "runs" / "new", params) == (
+        f"warning: {tmp_path} has 2.00 GB free, and two checkpoints of this model take about 2.40 GB: saving may "
+        "fail (free space, or another --train.out_dir)")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage._replace(free=3_000_000_000))
+    assert disk_space_warning(tmp_path, params) is None
+
+
+def test_directories_of_killed_saves_are_removed_when_the_next_training_starts(tmp_path, tiny_shards):
+    saved_run(tmp_path, tiny_shards, steps=(2,), best_at=())
+    root = tmp_path / "checkpoints"
+    for leftover in (".tmp-step-0000005", ".stale-step-0000002"):  # SIGKILL mid-save, mid-replace
+        (root / leftover).mkdir()
+        (root / leftover / "model.pt").write_bytes(b"partial")
+    fabric, *_ = training_objects(tiny_shards)
+    Checkpointer(fabric, tmp_path, keep=1)
+    assert sorted(path.name for path in root.iterdir()) == ["last", "step-0000002"]
+
+
+def test_a_run_directory_whose_links_dangle_names_them_and_the_newest_complete_checkpoint(tmp_path, tiny_shards):
+    saved_run(tmp_path, tiny_shards, steps=(2, 4), keep=2, best_at=(4,))
+    root = tmp_path / "checkpoints"
+    shutil.rmtree(root / "step-0000004")
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"{tmp_path}: {root / 'best'} -> step-0000004 and {root / 'last'} -> step-0000004 point to missing "
+            f"checkpoints; the newest complete one is {root / 'step-0000002'}")):
+        load_model_weights(tmp_path)
 
 
 def test_directory_without_manifest_is_not_a_checkpoint(tmp_path, tiny_shards):

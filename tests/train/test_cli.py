@@ -262,6 +262,22 @@ def test_a_model_that_does_not_fit_the_data_is_refused_in_one_line(tmp_path, tin
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
+def test_ctrl_c_while_the_data_is_prepared_says_so(tmp_path, tiny_shards, capsys, monkeypatch):
+    monkeypatch.setenv(RANK0_PID_VARIABLE, "")
+    config = tiny_run_config(tiny_shards, tmp_path / "run")
+    config.data.shard_dir = str(tmp_path / "not-built-yet")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(dump_yaml(config))
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tml.data.prepare.prepare_data", interrupted)
+    assert main(["train", "--config", str(config_file)]) == CTRL_C_EXIT_STATUS
+    assert capsys.readouterr().err == (f"tml: interrupted while preparing {tmp_path / 'not-built-yet'}; the next run "
+                                       "starts the unfinished preparation again\n")
+
+
 @pytest.mark.slow
 def test_a_data_error_from_the_command_line_prints_no_traceback(tmp_path, tiny_shards):
     config_file = tmp_path / "run.yaml"

@@ -205,7 +205,8 @@ def test_persistent_nan_stops_with_a_clear_message_and_keeps_the_last_good_check
 
     monkeypatch.setattr(Transformer, "forward", forward_turning_nan)
     config = tiny_run_config(tiny_shards, tmp_path, max_steps=30, ckpt_interval=2, val_interval=100)
-    with pytest.raises(TrainingDiverged, match=f"non-finite for {MAX_NONFINITE_STEPS} consecutive steps"):
+    with pytest.raises(TrainingDiverged, match=f"non-finite for {MAX_NONFINITE_STEPS} consecutive steps .*"
+                                               r"Lower train.lr or raise train.warmup_frac\.$"):
         train(config)
     assert read_meta(tmp_path / "checkpoints" / "last")["step"] == 4
     state, _ = load_model_weights(tmp_path / "checkpoints" / "last")
@@ -213,6 +214,52 @@ def test_persistent_nan_stops_with_a_clear_message_and_keeps_the_last_good_check
     written = summary(tmp_path)  # a sweep's script learns why the run ended
     assert written["diverged"] is True and written["final_step"] == 4 + MAX_NONFINITE_STEPS
     assert written["val_loss"] is None and written["best_val_loss"] is None  # never validated: null, not NaN
+
+
+class NaNGradient(torch.autograd.Function):
+    """Passes a finite loss through and sends NaN gradients back: the blow-up of a too-high lr, one step early."""
+
+    @staticmethod
+    def forward(ctx, loss):
+        return loss.view_as(loss)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * math.nan
+
+
+def nan_gradients_from_step(monkeypatch, first_bad: int, last_bad: int = 10**9) -> None:
+    original = Transformer.forward
+    calls = {"n": 0}
+
+    def forward(self, idx, targets=None, **kwargs):
+        logits, loss = original(self, idx, targets, **kwargs)
+        calls["n"] += self.training  # one training forward per step (grad_accum 1)
+        return logits, NaNGradient.apply(loss) if self.training and first_bad <= calls["n"] <= last_bad else loss
+
+    monkeypatch.setattr(Transformer, "forward", forward)
+
+
+def test_nan_gradients_with_a_finite_loss_are_neither_applied_nor_saved(tmp_path, tiny_shards, monkeypatch):
+    nan_gradients_from_step(monkeypatch, first_bad=3)
+    config = tiny_run_config(tiny_shards, tmp_path, max_steps=30, ckpt_interval=1, val_interval=100)
+    with pytest.raises(TrainingDiverged, match=r"non-finite for 5 consecutive steps \(steps 3 to 7\)"):
+        train(config)
+    assert read_meta(tmp_path / "checkpoints" / "last")["step"] == 2  # not step 3, whose update was NaN
+    state, _ = load_model_weights(tmp_path / "checkpoints" / "last")
+    assert all(torch.isfinite(t).all() for t in state.values())
+    losses = [value for _, value in scalars(tmp_path, "train/loss")]
+    assert all(map(math.isfinite, losses))  # the weights were never touched by a NaN update
+
+
+def test_a_few_nan_gradient_steps_are_skipped_and_the_run_carries_on(tmp_path, tiny_shards, monkeypatch):
+    nan_gradients_from_step(monkeypatch, first_bad=3, last_bad=4)
+    result = train(tiny_run_config(tiny_shards, tmp_path, max_steps=8, val_interval=8, ckpt_interval=8))
+    assert result.final_step == 8 and math.isfinite(result.val_loss)
+    norms = [value for _, value in scalars(tmp_path, "train/grad_norm")]
+    assert [math.isfinite(norm) for norm in norms] == [True, True, False, False, True, True, True, True]
+    state, _ = load_model_weights(tmp_path / "checkpoints" / "last")
+    assert all(torch.isfinite(t).all() for t in state.values())
 
 
 def test_preemption_signal_saves_last_and_resume_continues(tmp_path, tiny_shards):

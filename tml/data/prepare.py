@@ -480,10 +480,13 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
         settings = data_settings(cfg, listing)
         fingerprint = inputs_fingerprint(settings, books)
         files = source_files(listing, books, cfg)
+        unusable = None  # why the shards there cannot be used, when an index says there should be some
         try:
             existing = ShardIndex.load(shard_dir)
-        except ShardError:
+        except ShardError as error:
             existing = None
+            if (shard_dir / INDEX_FILE).exists():
+                unusable = str(error)
         if existing is not None and existing.fingerprint == fingerprint and not force:
             if existing.source_files != files:  # touched, not changed: record the new times, keep the shards
                 existing.source_files = files
@@ -493,6 +496,8 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
             return shard_dir
         if existing is not None and (changes := changed_files(existing.source_files, files)):
             notes.insert(0, f"rebuilt because data.source changed: {changes}")
+        elif unusable:
+            notes.insert(0, f"rebuilt because the shards there were unusable: {unusable}")
         val_split = settings["val_split"]
         if val_split == "books" and len(books) < 2:
             raise PrepareError(f"data.val_split=books holds out whole documents, but data.source={cfg.source!r} "

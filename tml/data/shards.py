@@ -2,11 +2,12 @@
 
 Layout: `{shard_dir}/index.json` and `{shard_dir}/{split}_{k:05d}.bin`. The writer streams: a document's tokens are
 appended to the open shard and only the current shard's hash lives in memory, so corpora far larger than RAM
-can be written. Every file lands under a temporary name and is renamed when complete, the index last, so a
-crash leaves either the previous complete data set or no index at all, never a half-written one that loads.
-Temporary shard names carry the writer's pid, so one writer never renames another's half-written file as its own;
-callers serialise whole builds (tml-prepare holds a lock on the directory) and clear leftovers only while they
-hold it (remove_temporaries).
+can be written. A rebuild writes its shards into a build directory beside them (`.build-<pid>/`) and moves
+them in only once all are written, the index last: until then the previous data set stays complete and usable, and
+a build that fails (a full disk, Ctrl-C) leaves it exactly as it was. A crash during the final moves leaves no
+index, never a half-written set that loads. Temporary names carry the writer's pid, so one writer never takes
+another's half-written file as its own; callers serialise whole builds (tml-prepare holds a lock on the directory)
+and clear leftovers only while they hold it (remove_temporaries).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import hashlib
 import json
 import os
 import random
+import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from tml.files import file_sha256, write_atomic
+from tml.files import file_sha256, free_space, write_atomic
 
 INDEX_FILE = "index.json"
 FORMAT_VERSION = 1  # bump when the index layout changes; older indexes are then refused and rebuilt
@@ -204,11 +206,18 @@ def temporary_name(name: str) -> str:
     return f"{name}.{os.getpid()}.tmp"
 
 
+def build_dir_name() -> str:
+    """`.build-<pid>`: this process's directory for a data set it is still writing."""
+    return f".build-{os.getpid()}"
+
+
 def remove_temporaries(shard_dir: str | Path) -> None:
-    """Delete the *.tmp files interrupted builds left behind. Only safe while holding the directory's build lock:
-    without it, another writer's shard in progress would be deleted under it."""
+    """Delete the *.tmp files and build directories interrupted builds left behind. Only safe while holding the
+    directory's build lock: without it, another writer's shards in progress would be deleted under it."""
     for leftover in Path(shard_dir).glob("*.tmp"):
         leftover.unlink(missing_ok=True)
+    for leftover in Path(shard_dir).glob(".build-*"):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def shard_starts(split: SplitIndex) -> list[int]:
@@ -323,23 +332,30 @@ def write_shards(
 ) -> ShardIndex:
     """Stream (split, id, title, tokens) documents into shards and write the index last.
 
-    The old index is removed first, so an interrupted rewrite is never mistaken for a complete data set, and
-    shards of a previous, larger build are deleted at the end. Other files' *.tmp are left alone: they may be
-    another writer's (see remove_temporaries).
+    The shards are written into a build directory and moved into shard_dir only when every one is complete (see
+    the module docstring), so the previous data set survives a failed build. A write error (a full disk) becomes a
+    ShardError naming shard_dir and its free space. Shards of a previous, larger build are deleted at the end.
     """
     shard_dir = Path(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
-    (shard_dir / INDEX_FILE).unlink(missing_ok=True)
-    writers = {split: SplitWriter(shard_dir, split, shard_tokens, vocab_size) for split in SPLITS}
+    build_dir = shard_dir / build_dir_name()
+    shutil.rmtree(build_dir, ignore_errors=True)  # this pid's own leftover: a pid is reused after a crash
+    writers: dict[str, SplitWriter] = {}
     try:
+        build_dir.mkdir()
+        writers = {split: SplitWriter(build_dir, split, shard_tokens, vocab_size) for split in SPLITS}
         for split, document_id, title, tokens in documents:
             if split not in writers:
                 raise ValueError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
             writers[split].add(document_id, title, tokens)
         splits = {split: writer.close() for split, writer in writers.items()}
-    except BaseException:
+    except BaseException as error:
         for writer in writers.values():
             writer.abort()
+        shutil.rmtree(build_dir, ignore_errors=True)
+        if isinstance(error, OSError):
+            raise ShardError(f"cannot write shards to {shard_dir}: {error.strerror or error} "
+                             f"({free_space(shard_dir)}); the shards there are left as they were") from error
         raise
     index = ShardIndex(
         shard_dir=shard_dir, tokenizer=tokenizer, vocab_size=vocab_size, shard_tokens=shard_tokens,
@@ -347,8 +363,13 @@ def write_shards(
         source_files=list(source_files),
     )
     kept = {shard.file for split in splits.values() for shard in split.shards}
+    (shard_dir / INDEX_FILE).unlink(missing_ok=True)  # from here until save() the directory holds no data set
+    for name in kept:
+        os.replace(build_dir / name, shard_dir / name)
     for stale in shard_dir.glob("*.bin"):
         if stale.name not in kept and stale.name.split("_")[0] in SPLITS:
             stale.unlink()
     index.save()
+    build_dir.rmdir()
     return index
+

@@ -55,7 +55,7 @@ from tml.data.prepare import (
     source_listing,
 )
 from tml.data.shards import ShardIndex
-from tml.files import file_sha256, replaced_on_success, write_atomic
+from tml.files import file_sha256, free_space, replaced_on_success, write_atomic
 from tml.train.optim import restore_schedule_step
 from tml.train.zero_export import ZeroCheckpointError, fp32_state_dict, verify_deepspeed_checkpoint
 
@@ -68,6 +68,10 @@ STEP_DIR = re.compile(r"step-(\d+)")  # the names step_name() gives
 
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file."""
+
+
+# fp32 weights and AdamW's two fp32 moments: the least a checkpoint holds per parameter (DeepSpeed's add more).
+CHECKPOINT_BYTES_PER_PARAM = 12
 
 
 def checkpoints_dir(out_dir: str | Path) -> Path:
@@ -120,6 +124,45 @@ def _dangling_last_advice(dangling_last: Path) -> str:
     return f"no complete checkpoint is left: remove the {dangling_last.name} link to start the run afresh"
 
 
+def older_checkpoint_advice(refused: Path) -> str:
+    """How to go on from a refused checkpoint: the newest complete step directory before it, if any."""
+    match = STEP_DIR.fullmatch(refused.name)
+    out_dir = refused.parent.parent
+    older = [step for step in saved_steps(out_dir) if match is None or step < int(match[1])]
+    if not older:
+        return "no older checkpoint is left in this run"
+    return f"an older checkpoint is there: --train.resume {checkpoints_dir(out_dir) / step_name(max(older))}"
+
+
+def remove_unfinished_saves(root: Path) -> None:
+    """Delete the `.tmp-step-*` and `.stale-*` directories of saves that were killed (SIGKILL, a node lost): no
+    later save of the same step may come to replace them. Only one training uses an out_dir (its run lock)."""
+    for leftover in [*root.glob(".tmp-step-*"), *root.glob(".stale-step-*")]:
+        shutil.rmtree(leftover, ignore_errors=True)
+
+
+def disk_space_warning(out_dir: str | Path, params: int) -> str | None:
+    """A warning when out_dir's disk cannot hold two checkpoints of a model this size (the new one is written
+    before the old one is pruned), said at start-up instead of by a failed save hours later; else None."""
+    needed = 2 * params * CHECKPOINT_BYTES_PER_PARAM
+    directory = next((part for part in (Path(out_dir), *Path(out_dir).parents) if part.is_dir()), Path("."))
+    try:
+        free = shutil.disk_usage(directory).free
+    except OSError:
+        return None
+    if free >= needed:
+        return None
+    return (f"warning: {directory} has {free / 1e9:,.2f} GB free, and two checkpoints of this model take about "
+            f"{needed / 1e9:,.2f} GB: saving may fail (free space, or another --train.out_dir)")
+
+
+def describe_write_error(error: BaseException) -> str:
+    """The reason a write failed, in words: errno's text, or torch's zip-writer message after a full disk."""
+    if isinstance(error, OSError) and error.strerror:
+        return error.strerror
+    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else 'write failed'}"
+
+
 def saved_steps(out_dir: str | Path) -> list[int]:
     """Steps of the complete checkpoints in out_dir (a step directory only appears once its manifest is written)."""
     root = checkpoints_dir(out_dir)
@@ -147,6 +190,12 @@ def find_checkpoint(path: str | Path) -> Path:
         candidate = checkpoints_dir(path) / name
         if candidate.exists():
             return candidate.resolve()
+    dangling = [link for name in ("best", "last") if (link := checkpoints_dir(path) / name).is_symlink()]
+    if dangling:
+        steps = saved_steps(path)
+        newest = f"; the newest complete one is {checkpoints_dir(path) / step_name(max(steps))}" if steps else ""
+        links = " and ".join(f"{link} -> {os.readlink(link)}" for link in dangling)
+        raise CheckpointError(f"{path}: {links} point to missing checkpoints{newest}")
     raise CheckpointError(f"{path} is neither a checkpoint directory (no {MANIFEST}) nor a run directory with one")
 
 
@@ -457,6 +506,8 @@ class Checkpointer:
         self.keep = keep
         self.deepspeed = deepspeed
         self._saved_steps: set[int] = set()
+        if fabric.global_rank == 0:
+            remove_unfinished_saves(self.root)
 
     def save(
         self,
@@ -511,9 +562,15 @@ class Checkpointer:
                         os.replace(final, stale)
                         shutil.rmtree(stale)
                     os.replace(tmp, final)
-            except BaseException:  # a failed or interrupted save leaves no half-written step behind
+            except BaseException as error:  # a failed or interrupted save leaves no half-written step behind
                 if fabric.global_rank == 0:
                     shutil.rmtree(tmp, ignore_errors=True)
+                # torch.save reports a full disk as a RuntimeError from its zip writer, without the path.
+                if isinstance(error, (OSError, RuntimeError)) and not isinstance(error, CheckpointError):
+                    raise CheckpointError(
+                        f"cannot write checkpoint {final}: {describe_write_error(error)} ({free_space(self.root)}); "
+                        f"the checkpoints already in {self.root} are left as they were"
+                    ) from error
                 raise
             self._saved_steps.add(step)
         if fabric.global_rank == 0:
@@ -537,13 +594,14 @@ class Checkpointer:
 
     def _verify(self, directory: Path) -> dict[str, Any]:
         """The manifest and (DeepSpeed) the shards' safety; returns meta.json. (The strategy and rank count were
-        checked by resume_checkpoint, before the Fabric existed: check_resume_layout.)"""
-        meta = verify_checkpoint(directory)
-        if self.deepspeed:
-            try:
+        checked by resume_checkpoint, before the Fabric existed: check_resume_layout.) A refusal names the newest
+        older checkpoint, which the user can resume from instead."""
+        try:
+            meta = verify_checkpoint(directory)
+            if self.deepspeed:
                 verify_deepspeed_checkpoint(directory / "deepspeed")  # DeepSpeed itself unpickles without limits
-            except ZeroCheckpointError as error:
-                raise CheckpointError(str(error)) from error
+        except (CheckpointError, ZeroCheckpointError) as error:
+            raise CheckpointError(f"{error}; {older_checkpoint_advice(directory)}") from error
         return meta
 
     def load(

@@ -32,7 +32,7 @@ from tml.data.sampler import BatchStream
 from tml.data.shards import ShardIndex
 from tml.files import write_atomic
 from tml.model import Transformer
-from tml.train.checkpoint import Checkpointer, checkpoints_dir, resume_checkpoint
+from tml.train.checkpoint import Checkpointer, checkpoints_dir, disk_space_warning, resume_checkpoint
 from tml.train.early_stopping import EarlyStopping
 from tml.train.evaluate import EvalResult, evaluate, perplexity
 from tml.train.fabric import build_fabric, is_deepspeed, resolve_precision
@@ -135,12 +135,15 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         # The model's cost as a comment: the file stays a config that `--config` loads.
         write_atomic(out_dir / "config.yaml", f"# {describe_model(model_figures)}\n{dump_yaml(config)}".encode())
     fabric.print(describe_model(model_figures))
+    if rank0 and (warning := disk_space_warning(out_dir, int(model_figures["model/params"]))):
+        fabric.print(warning)
 
     hparams = {**flat_hyperparameters(config), **model_figures}
     log_hyperparameters(fabric.loggers, hparams)
     tensorboard_hparams: dict | None = hparams  # written with the first validation's metrics (see loggers.py)
     meter = ThroughputMeter(flops_per_token, peak_flops(fabric.device, precision), fabric.world_size)
     scaler = getattr(fabric.strategy.precision, "scaler", None)  # fp16 on GPU: skips overflowed steps itself
+    fp16_scaling = scaler is not None or (deepspeed and precision == "16-mixed")  # DeepSpeed scales on its own
     skip_sync = fabric.world_size > 1 and not deepspeed
     engine = fabric.strategy.model if deepspeed else None  # the DeepSpeedEngine (Fabric's optimizer.step bypasses it)
     loss_divisor = 1 if deepspeed else tc.grad_accum  # the DeepSpeed engine divides by grad_accum itself
@@ -207,21 +210,28 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                     if deepspeed:
                         engine.step()  # every micro-batch: the engine counts them and updates on the last
                     loss_sum += loss.detach()
+                norm_known = True
+                if deepspeed:  # the engine stepped on the last micro-batch; None when ZeRO skips the norm
+                    reported = engine.get_global_grad_norm()
+                    norm_known = reported is not None
+                    grad_norm = torch.full((), float(reported) if norm_known else math.nan, device=fabric.device)
+                else:  # the pre-clip norm of gradients DDP has already averaged: the same on every rank
+                    max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
+                    grad_norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
                 # torch.full, not torch.tensor: filling on the device needs no blocking copy from the host.
                 signalled = torch.full((), float(preemption.requested), device=fabric.device)
                 # The loop's one wait for the device per step (fp16's GradScaler adds one inside optimizer.step).
-                loss_total, signalled_ranks = fabric.all_reduce(
-                    torch.stack([loss_sum / tc.grad_accum, signalled]), reduce_op="sum").tolist()
+                loss_total, signalled_ranks, norm_total = fabric.all_reduce(
+                    torch.stack([loss_sum / tc.grad_accum, signalled, grad_norm.float()]), reduce_op="sum").tolist()
                 step_loss = loss_total / fabric.world_size
-                finite = math.isfinite(step_loss)
-
-                if deepspeed:
-                    grad_norm = engine.get_global_grad_norm()  # pre-clip, identical on every rank
-                else:
-                    max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
-                    grad_norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
+                step_grad_norm = norm_total / fabric.world_size
+                # A good step has a finite loss and finite gradients. A bad one is never saved, so `last` never holds
+                # NaN weights, and is not applied either (except by DeepSpeed, whose engine has already stepped). Under fp16 loss scaling an overflowed gradient is the scaler's
+                # to skip (it lowers the scale), not a sign of divergence. An unknown ZeRO norm is no evidence.
+                finite = math.isfinite(step_loss) and (fp16_scaling or not norm_known or math.isfinite(step_grad_norm))
+                if not deepspeed:
                     if finite or scaler is not None:
-                        optimizer.step()  # a NaN step with a scaler is skipped by the scaler (scale lowered)
+                        optimizer.step()  # with a scaler, an overflowed step is skipped by the scaler itself
                     optimizer.zero_grad(set_to_none=True)
                 lr = scheduler.get_last_lr()[0]  # the rate this step used
                 advance_schedule(scheduler, step)
@@ -232,14 +242,15 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                 nonfinite_streak = 0 if finite else nonfinite_streak + 1
                 if nonfinite_streak >= MAX_NONFINITE_STEPS:
                     raise TrainingDiverged(
-                        f"loss was non-finite for {nonfinite_streak} consecutive steps (last at step {step}); "
-                        f"stopping with the last good checkpoint kept in {checkpoints_dir(out_dir)}. "
-                        "Lower train.lr, raise train.warmup_frac or use bf16-mixed."
+                        f"the loss or the gradients were non-finite for {nonfinite_streak} consecutive steps "
+                        f"(steps {step - nonfinite_streak + 1} to {step}); stopping with the last good checkpoint "
+                        f"kept in {checkpoints_dir(out_dir)}. Lower train.lr or raise train.warmup_frac"
+                        + (", or use bf16-mixed (fp16's range is narrow)." if precision == "16-mixed" else ".")
                     )
                 if step % tc.log_interval == 0 or step == tc.max_steps:
                     tokens_per_s, mfu = meter.measure()
                     metrics = {"train/loss": step_loss, "train/lr": lr,
-                               "train/grad_norm": float(grad_norm) if grad_norm is not None else math.nan,
+                               "train/grad_norm": step_grad_norm,
                                "train/tokens_per_s": tokens_per_s, "train/tokens": tokens_seen}
                     if mfu is not None:
                         metrics["train/mfu"] = mfu

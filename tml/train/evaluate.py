@@ -1,9 +1,10 @@
 """Validation loss over a fixed set of windows, the same at every call and for every world size.
 
 The windows are `val_batches * batch_size` windows spread evenly over the validation split (all of them when the
-split is smaller), dealt round-robin to the ranks. Every rank runs the same number of forward passes (ZeRO-3
-gathers parameters inside forward, so a rank that stopped early would hang the others); the padding windows have
-their targets masked with the loss's ignore index so they weigh nothing. Sums are all-reduced, so the mean is
+split is smaller), dealt round-robin to the ranks. Every rank runs the same number of full batches (ZeRO-3
+gathers parameters inside forward, so a rank that stopped early would hang the others, and a compiled model would
+recompile for a smaller last batch); the padding windows have their targets masked with the loss's ignore index
+so they weigh nothing. Sums are all-reduced, so the mean is
 over tokens of the whole set and identical on every rank. Perplexity = exp(mean loss).
 """
 
@@ -43,7 +44,8 @@ def evaluate(fabric: Fabric, model: torch.nn.Module, dataset, batch_size: int, v
     indices = val_window_indices(len(dataset), val_batches * batch_size)
     rank, world = fabric.global_rank, fabric.world_size
     mine = indices[rank::world]
-    per_rank = math.ceil(len(indices) / world)
+    # Whole batches only: a smaller last batch is a new input shape, which a compiled model recompiles for.
+    per_rank = math.ceil(math.ceil(len(indices) / world) / batch_size) * batch_size
     real = [True] * len(mine) + [False] * (per_rank - len(mine))
     mine = mine + [indices[0]] * (per_rank - len(mine))
 

@@ -372,4 +372,3 @@ def write_shards(
     index.save()
     build_dir.rmdir()
     return index
-

@@ -27,7 +27,22 @@ from tml.train.optim import build_optimizer  # noqa: E402
 from tml.train.throughput import mfu, peak_flops, precision_dtype  # noqa: E402
 
 
-def bench(config_path: str, steps: int, warmup: int, batch_size: int, precision: str | None) -> dict:
+def saved_for_backward_bytes(fabric, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor) -> int:
+    """Bytes autograd keeps from one forward until backward (distinct storages, the weights included)."""
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        _, loss = model(x, y, return_logits=False)
+    fabric.backward(loss)
+    return sum(saved.values())
+
+
+def bench(config_path: str, steps: int, warmup: int, batch_size: int, precision: str | None,
+          activation_checkpointing: bool = False) -> dict:
     overrides = [f"--train.batch_size={batch_size}", "--train.grad_accum=1", "--train.devices=1"]
     if precision:
         overrides.append(f"--train.precision={precision}")
@@ -36,6 +51,7 @@ def bench(config_path: str, steps: int, warmup: int, batch_size: int, precision:
     torch.manual_seed(0)
     with fabric.init_module():
         model = Transformer(config.model)
+    model.activation_checkpointing = activation_checkpointing
     optimizer = build_optimizer(model, config.train)
     model, optimizer = fabric.setup(model), fabric.setup_optimizers(optimizer)
     shape = (config.train.batch_size, config.model.block_size)
@@ -51,6 +67,8 @@ def bench(config_path: str, steps: int, warmup: int, batch_size: int, precision:
 
     for _ in range(warmup):
         step()
+    saved_bytes = saved_for_backward_bytes(fabric, model, x, y)
+    optimizer.zero_grad(set_to_none=True)
     if fabric.device.type == "cuda":
         torch.cuda.synchronize()
     start = time.perf_counter()
@@ -72,6 +90,8 @@ def bench(config_path: str, steps: int, warmup: int, batch_size: int, precision:
         "params": model.num_params(non_embedding=False),
         "batch_size": shape[0],
         "block_size": shape[1],
+        "activation_checkpointing": activation_checkpointing,
+        "saved_for_backward_mb": round(saved_bytes / 1e6, 1),
         "seconds_per_step": round(seconds, 4),
         "tokens_per_s": round(tokens_per_s, 1),
         "flops_per_token": flops_per_token,
@@ -87,8 +107,11 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--precision", default=None, help="override train.precision (e.g. 32-true)")
+    parser.add_argument("--activation-checkpointing", action="store_true",
+                        help="recompute each block's activations in backward (train.activation_checkpointing)")
     args = parser.parse_args()
-    results = [bench(path, args.steps, args.warmup, args.batch_size, args.precision) for path in args.configs]
+    results = [bench(path, args.steps, args.warmup, args.batch_size, args.precision, args.activation_checkpointing)
+               for path in args.configs]
     print(json.dumps(results, indent=1))
 
 

@@ -1,7 +1,8 @@
-"""`tml train|prepare|generate|eval|export`: the user-facing commands over a trained run.
+"""`tml train|prepare|generate|eval|export|compare`: the user-facing commands over a trained run.
 
-`train` and `prepare` take the experiment options (`--config FILE --section.key value`); the others work from a
-checkpoint directory (or a run directory, meaning its `best`, else `last`), whose saved config rebuilds the model.
+`train` and `prepare` take the experiment options (`--config FILE --section.key value`); generate, eval and export
+work from a checkpoint directory (or a run directory, meaning its `best`, else `last`), whose saved config rebuilds
+the model; `compare` tabulates the final numbers of run directories (tml/compare.py).
 torch and Lightning are imported inside the commands that use them, so `tml prepare` and a config error in
 `tml train` answer without paying the seconds their import takes.
 """
@@ -17,7 +18,9 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from tml.compare import DEFAULT_SORT, FIELDS, compare_runs, print_table
 from tml.config import Config, ConfigError
+from tml.run_dir import CONFIG_FILE
 
 if TYPE_CHECKING:
     import torch
@@ -300,7 +303,7 @@ def rebuild_instructions(checkpoint: Path, config: Config, output: Path) -> str:
     from tml.config import load_yaml_config
     from tml.train.checkpoint import META
 
-    run_config = checkpoint.parent.parent / "config.yaml"  # {out_dir}/checkpoints/step-N -> {out_dir}/config.yaml
+    run_config = checkpoint.parent.parent / CONFIG_FILE  # {out_dir}/checkpoints/step-N -> {out_dir}/config.yaml
     try:
         matches = run_config.is_file() and load_yaml_config(run_config).model == config.model
     except ConfigError:
@@ -351,7 +354,32 @@ def build_parser() -> argparse.ArgumentParser:
     export = commands.add_parser("export", help="write one fp32 state dict (consolidates DeepSpeed ZeRO shards)")
     export.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
     export.add_argument("--output", required=True, help="output .pt file (not a directory)")
+
+    compare = commands.add_parser("compare", help="one table of runs: their shapes, costs and final perplexities")
+    compare.add_argument("runs", nargs="+", metavar="RUN_OR_PARENT",
+                         help="a run directory (train.out_dir), or a directory whose subdirectories are runs")
+    compare.add_argument("--json", action="store_true", help="print a JSON list of every run's fields instead")
+    compare.add_argument("--sort", default=DEFAULT_SORT, choices=FIELDS, metavar="KEY",
+                         help=f"ascending by this field, runs without it last (default: %(default)s; one of "
+                              f"{', '.join(FIELDS)})")
     return parser
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    """Reads files only (tml/compare.py), so main dispatches it before anything imports torch."""
+    import json
+    import os
+
+    rows = compare_runs(args.runs, args.sort)
+    try:
+        if args.json:
+            print(json.dumps(rows, indent=2), flush=True)
+        else:
+            print_table(rows, Console(highlight=False))
+    except BrokenPipeError:  # `tml compare runs/ --json | head`: the reader has all it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush does not fail again
+        return 1
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -363,6 +391,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return prepare_main(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "compare":  # before the checkpoint import below, which costs torch and Lightning
+        try:
+            return cmd_compare(args)
+        except ValueError as error:  # CompareError, or ModelConfigError in a run rebuilt to count its parameters
+            print(f"tml compare: {error}", file=sys.stderr)
+            return 1
     from tml.train.checkpoint import CheckpointError
 
     handlers = {"generate": cmd_generate, "eval": cmd_eval, "export": cmd_export}

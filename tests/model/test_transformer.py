@@ -131,6 +131,50 @@ def test_training_forward_can_skip_returning_logits_with_the_same_loss():
     assert torch.equal(same_loss, loss)
 
 
+def loss_grads_and_saved_bytes(model: Transformer, idx: torch.Tensor) -> tuple[torch.Tensor, list, int]:
+    """Loss, parameter gradients and the bytes autograd keeps for backward (tensors saved outside checkpoints)."""
+    saved = {}
+
+    def pack(tensor):
+        saved[tensor.untyped_storage().data_ptr()] = tensor.untyped_storage().nbytes()
+        return tensor
+
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(1)  # dropout masks: the same draws in both runs
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        _, loss = model(idx, idx, return_logits=False)
+    loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()], sum(saved.values())
+
+
+@pytest.mark.parametrize("variant", [dict(dropout=0.1), dict(attention="mha", norm="pre", dropout=0.1)],
+                         ids=["mla-post", "mha-pre"])
+def test_activation_checkpointing_changes_no_number_and_keeps_far_fewer_activations(variant):
+    model = build(**variant, n_layer=4).train()
+    idx = torch.randint(0, 256, (2, 32))
+    loss, grads, kept = loss_grads_and_saved_bytes(model, idx)
+    model.activation_checkpointing = True
+    loss_ckpt, grads_ckpt, kept_ckpt = loss_grads_and_saved_bytes(model, idx)
+    assert torch.equal(loss_ckpt, loss)  # dropout replays the same masks in the recomputation
+    for grad, grad_ckpt in zip(grads, grads_ckpt, strict=True):
+        torch.testing.assert_close(grad_ckpt, grad, rtol=1e-6, atol=1e-7)
+    assert kept_ckpt < kept / 3  # only each block's input (and the head's inputs) stay alive
+
+
+def test_activation_checkpointing_is_off_for_evaluation_and_decoding():
+    model = build()
+    model.activation_checkpointing = True
+    idx = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        logits, _ = model(idx, idx)
+    model.activation_checkpointing = False
+    with torch.no_grad():
+        assert torch.equal(model(idx, idx)[0], logits)
+    model.activation_checkpointing = True
+    torch.testing.assert_close(model.generate(idx[:, :4], 4, temperature=0.0), build().generate(idx[:, :4], 4,
+                                                                                              temperature=0.0))
+
+
 def test_without_targets_only_the_last_position_is_returned():
     model = build()
     idx = torch.randint(0, 256, (2, 7))

@@ -319,6 +319,28 @@ def test_a_run_stopped_before_its_first_validation_shows_no_best_val_loss(tmp_pa
     assert written["best_val_loss"] is written["val_loss"] is written["val_perplexity"] is None
 
 
+def test_activation_checkpointing_trains_exactly_as_without(tmp_path, tiny_shards):
+    settings = dict(max_steps=4, val_interval=4, ckpt_interval=4)
+    plain = train(tiny_run_config(tiny_shards, tmp_path / "plain", **settings))
+    recomputed = train(tiny_run_config(tiny_shards, tmp_path / "recomputed", activation_checkpointing=True,
+                                       **settings))
+    assert scalars(tmp_path / "recomputed", "train/loss") == scalars(tmp_path / "plain", "train/loss")
+    assert recomputed.val_loss == plain.val_loss
+
+
+@pytest.mark.slow
+def test_compiled_run_with_activation_checkpointing_matches_eager(tmp_path, tiny_shards):
+    settings = dict(max_steps=3, val_interval=3, ckpt_interval=3)
+    eager = train(tiny_run_config(tiny_shards, tmp_path / "eager", **settings))
+    compiled = train(tiny_run_config(tiny_shards, tmp_path / "compiled", compile=True, activation_checkpointing=True,
+                                     **settings))
+    eager_losses = [value for _, value in scalars(tmp_path / "eager", "train/loss")]
+    compiled_losses = [value for _, value in scalars(tmp_path / "compiled", "train/loss")]
+    assert compiled_losses[0] == pytest.approx(eager_losses[0], rel=1e-5)
+    assert compiled_losses == pytest.approx(eager_losses, rel=1e-2)  # see the compiled test below for why 1e-2
+    assert compiled.val_loss == pytest.approx(eager.val_loss, rel=1e-2)
+
+
 @pytest.mark.slow
 def test_compiled_run_matches_eager_and_saves_weights_a_plain_model_loads(tmp_path, tiny_shards):
     settings = dict(max_steps=4, val_interval=4, ckpt_interval=4)

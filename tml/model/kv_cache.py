@@ -82,6 +82,9 @@ class KVCache(_PreallocatedCache):
 
 
 LayerCache = LatentCache | KVCache
+# The dtype an inference cache holds for a run trained at each train.precision: mixed precision computes, and
+# would cache, in 16 bits.
+PRECISION_CACHE_DTYPE = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, "32-true": torch.float32}
 
 
 def cache_numbers_per_token(config: ModelConfig) -> int:

@@ -7,6 +7,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from tml.model.attention import build_attention
 from tml.model.config import ModelConfig
@@ -66,6 +67,9 @@ class Transformer(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight
+        # Recompute each block's activations in backward (train.activation_checkpointing): trades compute for
+        # memory without changing a single number, so it is a training setting, not part of the model's shape.
+        self.activation_checkpointing = False
         self.apply(self._init_weights)
         residual_std = INIT_STD / math.sqrt(2 * config.n_layer)
         for name, param in self.named_parameters():
@@ -101,8 +105,12 @@ class Transformer(nn.Module):
             )
 
         x = self.dropout(self.tok_emb(idx))
+        recompute = self.activation_checkpointing and cache is None and self.training and torch.is_grad_enabled()
         for layer, block in enumerate(self.blocks):
-            x = block(x, cache[layer] if cache is not None else None, absorb)
+            if recompute:  # non-reentrant: works under DDP, ZeRO and torch.compile; dropout replays its RNG
+                x = checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x, cache[layer] if cache is not None else None, absorb)
         x = self.norm_final(x)
 
         if targets is None:

@@ -32,7 +32,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shlex
 import shutil
 from dataclasses import replace
@@ -56,6 +55,7 @@ from tml.data.prepare import (
 )
 from tml.data.shards import ShardIndex
 from tml.files import file_sha256, free_space, replaced_on_success, write_atomic
+from tml.run_dir import STEP_DIR, checkpoints_dir, saved_steps, step_name
 from tml.train.optim import restore_schedule_step
 from tml.train.zero_export import ZeroCheckpointError, fp32_state_dict, verify_deepspeed_checkpoint
 
@@ -63,7 +63,6 @@ FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
 META = "meta.json"
 DATA_CONTENT = "data_content_fingerprint"  # meta.json key: which source text the run's shards were built from
-STEP_DIR = re.compile(r"step-(\d+)")  # the names step_name() gives
 
 
 class CheckpointError(RuntimeError):
@@ -72,14 +71,6 @@ class CheckpointError(RuntimeError):
 
 # fp32 weights and AdamW's two fp32 moments: the least a checkpoint holds per parameter (DeepSpeed's add more).
 CHECKPOINT_BYTES_PER_PARAM = 12
-
-
-def checkpoints_dir(out_dir: str | Path) -> Path:
-    return Path(out_dir) / "checkpoints"
-
-
-def step_name(step: int) -> str:
-    return f"step-{step:07d}"
 
 
 # ---------------------------------------------------------------------------------------------------- locating
@@ -161,12 +152,6 @@ def describe_write_error(error: BaseException) -> str:
     if isinstance(error, OSError) and error.strerror:
         return error.strerror
     return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else 'write failed'}"
-
-
-def saved_steps(out_dir: str | Path) -> list[int]:
-    """Steps of the complete checkpoints in out_dir (a step directory only appears once its manifest is written)."""
-    root = checkpoints_dir(out_dir)
-    return sorted(int(match[1]) for p in root.glob("step-*") if (match := STEP_DIR.fullmatch(p.name)) and p.is_dir())
 
 
 def describe_saved_run(out_dir: str | Path) -> str | None:

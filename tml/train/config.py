@@ -55,6 +55,8 @@ class TrainConfig:
         resume: "none", "auto" (latest checkpoint in out_dir) or a checkpoint path
         seed: seed of the initial weights and of the data order
         compile: run the model through torch.compile
+        activation_checkpointing: keep only each block's input in the forward pass and recompute the rest during
+            backward: activation memory of one block instead of all, for about a third more compute per step
         log_interval: optimizer steps between console and logger lines
     """
 
@@ -85,6 +87,7 @@ class TrainConfig:
     resume: str = "none"
     seed: int = 1337
     compile: bool = False
+    activation_checkpointing: bool = False
     log_interval: int = 10
 
     def __post_init__(self) -> None:

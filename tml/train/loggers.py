@@ -18,7 +18,6 @@ import sys
 from collections.abc import Sequence
 from typing import Any
 
-import torch
 from lightning.fabric.loggers import Logger, TensorBoardLogger
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -26,12 +25,10 @@ from rich.table import Table
 
 from tml.config import Config
 from tml.model import Transformer
-from tml.model.kv_cache import KVCache, cache_numbers_per_token, kv_cache_bytes_per_token
+from tml.model.kv_cache import PRECISION_CACHE_DTYPE, KVCache, cache_numbers_per_token, kv_cache_bytes_per_token
 
 WANDB_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"  # wandb's own id alphabet
 WANDB_ID_LENGTH = 8
-# The dtype an inference cache holds at each train.precision: mixed precision computes (and would cache) in 16 bits.
-CACHE_DTYPE = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, "32-true": torch.float32}
 
 
 def new_wandb_run_id() -> str:
@@ -80,7 +77,7 @@ def model_hyperparameters(model: Transformer, precision: str) -> dict[str, int |
     what MLA buys.
     """
     config = model.config
-    dtype = CACHE_DTYPE[precision]
+    dtype = PRECISION_CACHE_DTYPE[precision]
     figures: dict[str, int | float | str] = {
         "model/params": model.num_params(non_embedding=False),
         "model/params_non_embedding": model.num_params(non_embedding=True),

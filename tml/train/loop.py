@@ -32,6 +32,7 @@ from tml.data.sampler import BatchStream
 from tml.data.shards import ShardIndex
 from tml.files import write_atomic
 from tml.model import Transformer
+from tml.run_dir import CONFIG_FILE, SUMMARY_FILE
 from tml.train.checkpoint import Checkpointer, checkpoints_dir, disk_space_warning, resume_checkpoint
 from tml.train.early_stopping import EarlyStopping
 from tml.train.evaluate import EvalResult, evaluate, perplexity
@@ -51,7 +52,6 @@ from tml.train.preemption import PreemptionFlag, install_preemption_handler
 from tml.train.throughput import ThroughputMeter, peak_flops
 
 GIB = 2**30
-SUMMARY_FILE = "summary.json"
 MAX_NONFINITE_STEPS = 5  # consecutive non-finite losses before the run is declared diverged (fp16 skips are fine)
 
 
@@ -95,6 +95,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
     # parameters as soon as it is built, so the model's own init afterwards would miss them. setup partitions.
     with nullcontext() if deepspeed else fabric.init_module():
         model = Transformer(config.model)
+    model.activation_checkpointing = tc.activation_checkpointing
     precision = resolve_precision(tc, fabric.device.type)  # as it runs: 16-mixed is bf16 on CPU
     model_figures = model_hyperparameters(model, precision)  # before setup: ZeRO-3 then partitions the parameters
     flops_per_token = int(model_figures["model/flops_per_token"])
@@ -133,7 +134,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
     if rank0:  # only now: a refused resume leaves the run's config.yaml describing its checkpoints
         out_dir.mkdir(parents=True, exist_ok=True)
         # The model's cost as a comment: the file stays a config that `--config` loads.
-        write_atomic(out_dir / "config.yaml", f"# {describe_model(model_figures)}\n{dump_yaml(config)}".encode())
+        write_atomic(out_dir / CONFIG_FILE, f"# {describe_model(model_figures)}\n{dump_yaml(config)}".encode())
     fabric.print(describe_model(model_figures))
     if rank0 and (warning := disk_space_warning(out_dir, int(model_figures["model/params"]))):
         fabric.print(warning)

@@ -1,0 +1,185 @@
+import json
+from dataclasses import replace
+
+import pytest
+import torch
+
+from tests.conftest import debug_model_config
+from tests.train.conftest import tiny_run_config, write_synthetic_shards
+from tml.cli import main
+from tml.compare import FIELDS, CompareError, compare_runs
+from tml.model.kv_cache import kv_cache_bytes_per_token
+from tml.run_dir import CHECKPOINTS, CONFIG_FILE, SUMMARY_FILE, checkpoints_dir, step_name
+from tml.train.loop import train
+
+MAX_STEPS = 4
+
+
+@pytest.fixture(scope="module")
+def sweep(tmp_path_factory):
+    """Two real, finished runs of the debug model in one parent directory: MLA and MHA, same everything else."""
+    shards = write_synthetic_shards(tmp_path_factory.mktemp("shards"))
+    parent = tmp_path_factory.mktemp("sweep")
+    mla = tiny_run_config(shards, parent / "mla", max_steps=MAX_STEPS, val_interval=2, ckpt_interval=2)
+    mha = replace(tiny_run_config(shards, parent / "mha", max_steps=MAX_STEPS, val_interval=2, ckpt_interval=2),
+                  model=debug_model_config(attention="mha"))
+    for config in (mla, mha):
+        train(config)
+    return parent
+
+
+def compare_json(capsys, *args: str) -> list[dict]:
+    assert main(["compare", *map(str, args), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def compare_table(capsys, monkeypatch, *args: str) -> str:
+    monkeypatch.setenv("COLUMNS", "300")  # rich wraps to 80 columns off a terminal
+    assert main(["compare", *map(str, args)]) == 0
+    out, err = capsys.readouterr()
+    assert err == ""
+    return out
+
+
+def copy_run(source, target, summary: dict | str | None = None, steps=(), config_text: str | None = None):
+    """A hand-made run directory: the source run's config.yaml (or `config_text`), an optional summary.json (a dict,
+    or raw text) and empty step directories."""
+    target.mkdir(parents=True)
+    (target / CONFIG_FILE).write_text(config_text if config_text is not None else (source / CONFIG_FILE).read_text())
+    if summary is not None:
+        (target / SUMMARY_FILE).write_text(summary if isinstance(summary, str) else json.dumps(summary))
+    for step in steps:
+        (checkpoints_dir(target) / step_name(step)).mkdir(parents=True)
+    return target
+
+
+def test_json_rows_carry_summary_json_numbers_and_the_shape_of_each_real_run(sweep, capsys):
+    rows = {row["run"]: row for row in compare_json(capsys, sweep)}
+    assert set(rows) == {str(sweep / "mla"), str(sweep / "mha")}
+    for name, attention in (("mla", "mla"), ("mha", "mha")):
+        row, summary = rows[str(sweep / name)], json.loads((sweep / name / SUMMARY_FILE).read_text())
+        assert list(row) == list(FIELDS)
+        for key in ("final_step", "max_steps", "best_val_perplexity", "val_perplexity", "tokens_seen", "wall_s",
+                    "params"):
+            assert row[key] == summary[key], key
+        assert row["status"] == "finished" and row["final_step"] == MAX_STEPS
+        assert row["tokens_per_s"] == pytest.approx(summary["tokens_seen"] / summary["wall_s"])
+        model = debug_model_config(attention=attention)
+        assert row["attention"] == attention and row["n_layer"] == model.n_layer
+        assert row["kv_cache_dtype"] == "float32"  # the tiny runs train in 32-true
+        assert row["kv_cache_bytes_per_token"] == kv_cache_bytes_per_token(model, torch.float32)
+    assert rows[str(sweep / "mla")]["kv_lora_rank"] == debug_model_config().kv_lora_rank
+    assert rows[str(sweep / "mha")]["kv_lora_rank"] is None  # MHA never reads it: no default pretending otherwise
+
+
+def test_settings_equal_in_every_run_are_said_once_above_a_table_of_what_differs(sweep, capsys, monkeypatch):
+    out = compare_table(capsys, monkeypatch, sweep)
+    same_line, *table = out.splitlines()
+    assert same_line.startswith("same in all runs: ")
+    assert "norm post" in same_line and "n_layer 2" in same_line and "KV cache dtype float32" in same_line
+    assert "steps 4/4" in same_line and "status finished" in same_line
+    table_text = "\n".join(table)
+    assert "attention" in table_text and "KV cache B/token" in table_text and "best val ppl" in table_text
+    assert "n_layer" not in table_text and "status" not in table_text
+    assert "mla" in table_text and "mha" in table_text
+
+
+def test_one_run_puts_everything_in_the_table_named_as_given(sweep, capsys, monkeypatch):
+    monkeypatch.chdir(sweep)
+    out = compare_table(capsys, monkeypatch, "mla")
+    assert "same in all runs" not in out
+    assert "n_layer" in out and "finished" in out and "\n mla " in out
+
+
+def test_rows_sort_by_best_perplexity_by_default_and_by_any_field_with_missing_values_last(sweep, tmp_path, capsys):
+    copy_run(sweep / "mla", tmp_path / "killed", steps=[2])  # no summary: no perplexity
+    runs = [sweep, tmp_path / "killed"]
+    rows = compare_json(capsys, *runs)
+    perplexities = [row["best_val_perplexity"] for row in rows]
+    assert perplexities[-1] is None and perplexities[:-1] == sorted(perplexities[:-1])
+    by_cache = compare_json(capsys, *runs, "--sort", "kv_cache_bytes_per_token")
+    caches = [row["kv_cache_bytes_per_token"] for row in by_cache]
+    assert caches == sorted(caches) and by_cache[-1]["attention"] == "mha"  # MHA caches more than MLA
+    by_name = compare_json(capsys, *runs, "--sort", "run")
+    assert [row["run"] for row in by_name] == sorted(row["run"] for row in rows)
+
+
+def test_an_unknown_sort_key_is_refused_naming_the_choices(sweep, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compare", str(sweep), "--sort", "perplexity"])
+    assert exit_info.value.code == 2 and "best_val_perplexity" in capsys.readouterr().err
+    with pytest.raises(CompareError, match="--sort perplexity: not a field"):
+        compare_runs([str(sweep)], "perplexity")
+
+
+def test_a_run_without_summary_takes_its_step_from_the_newest_checkpoint_and_its_size_from_config_yaml(
+        sweep, tmp_path, capsys):
+    real = json.loads((sweep / "mla" / SUMMARY_FILE).read_text())
+    killed = copy_run(sweep / "mla", tmp_path / "killed", steps=[2, 6, 4])
+    (row,) = compare_json(capsys, killed)
+    assert row["status"] == "no summary" and row["final_step"] == 6 and row["max_steps"] == MAX_STEPS
+    assert row["best_val_perplexity"] is None and row["tokens_seen"] is None and row["tokens_per_s"] is None
+    assert row["params"] == real["params"]  # read from config.yaml's header line
+
+
+def test_a_config_without_its_header_line_gets_its_parameters_counted(sweep, tmp_path, capsys):
+    real = json.loads((sweep / "mha" / SUMMARY_FILE).read_text())
+    text = (sweep / "mha" / CONFIG_FILE).read_text()
+    bare = copy_run(sweep / "mha", tmp_path / "bare", config_text=text.split("\n", 1)[1])
+    (row,) = compare_json(capsys, bare)
+    assert row["status"] == "no summary, no checkpoint" and row["final_step"] is None
+    assert row["params"] == real["params"]
+
+
+def test_a_summary_older_than_the_newest_checkpoint_is_from_before_a_resume_and_not_shown(sweep, tmp_path, capsys):
+    summary = json.loads((sweep / "mla" / SUMMARY_FILE).read_text()) | {"preempted": True}
+    resumed = copy_run(sweep / "mla", tmp_path / "resumed", summary=summary, steps=[MAX_STEPS, MAX_STEPS + 2])
+    (row,) = compare_json(capsys, resumed)
+    assert row["status"] == "no summary" and row["final_step"] == MAX_STEPS + 2 and row["val_perplexity"] is None
+
+
+@pytest.mark.parametrize(("flags", "status"), [
+    ({"stopped_early": True}, "early stop"),
+    ({"preempted": True}, "preempted"),
+    ({"diverged": True, "val_perplexity": None}, "diverged"),
+    ({}, "finished"),
+])
+def test_status_says_how_the_run_ended(sweep, tmp_path, capsys, flags, status):
+    summary = json.loads((sweep / "mla" / SUMMARY_FILE).read_text()) | flags
+    (row,) = compare_json(capsys, copy_run(sweep / "mla", tmp_path / "run", summary=summary))
+    assert row["status"] == status
+
+
+def test_unreadable_files_become_rows_that_say_why_and_the_other_runs_still_show(sweep, tmp_path, capsys, monkeypatch):
+    broken = tmp_path / "broken"
+    copy_run(sweep / "mla", broken / "bad-summary", summary="{not json")
+    copy_run(sweep / "mla", broken / "bad-number", summary={"final_step": "four"})
+    old_key = (sweep / "mla" / CONFIG_FILE).read_text().replace("model:\n", "model:\n  old_rank: 8\n")
+    copy_run(sweep / "mla", broken / "old-key", summary=json.loads((sweep / "mla" / SUMMARY_FILE).read_text()),
+             config_text=old_key)
+    (broken / "no-config" / CHECKPOINTS / step_name(2)).mkdir(parents=True)
+    rows = {row["run"].rsplit("/", 1)[1]: row for row in compare_json(capsys, broken, sweep / "mla")}
+    assert rows["bad-summary"]["status"].startswith("unreadable: summary.json: Expecting property name")
+    assert rows["bad-number"]["status"] == "unreadable: summary.json: final_step is 'four', not a number"
+    assert rows["old-key"]["status"].startswith("unreadable: config.yaml: unknown key model.old_rank")
+    assert rows["old-key"]["best_val_perplexity"] is not None  # the summary still tells how it went
+    assert rows["old-key"]["params"] is not None  # from config.yaml's header line
+    assert rows["no-config"]["status"] == "unreadable: no config.yaml" and rows["no-config"]["final_step"] == 2
+    assert rows["mla"]["status"] == "finished"
+    out = compare_table(capsys, monkeypatch, broken)
+    assert "unreadable: no config.yaml" in out and "unreadable: summary.json: Expecting property name" in out
+
+
+def test_paths_that_hold_no_run_are_refused_in_one_line_naming_them(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file.txt").write_text("x")
+    for path, why in ((tmp_path / "empty", "not a run directory"), (tmp_path / "file.txt", "not a directory"),
+                      (tmp_path / "missing", "no such directory")):
+        assert main(["compare", str(path)]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"tml compare: {path}: {why}") and err.count("\n") == 1
+
+
+def test_a_run_named_twice_is_one_row(sweep, capsys):
+    rows = compare_json(capsys, sweep / "mla", sweep)
+    assert sorted(row["run"] for row in rows) == sorted([str(sweep / "mla"), str(sweep / "mha")])

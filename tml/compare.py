@@ -1,0 +1,286 @@
+"""`tml compare`: the final numbers of many runs in one table, showing only the settings that differ.
+
+TensorBoard draws each run's curves; this answers "which shape won, and at what cost" across a sweep. It reads
+each run directory's config.yaml, summary.json (written when a run ends) and checkpoint names. A run that cannot
+be read becomes a row saying why, never a failed command.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.measure import Measurement
+from rich.table import Table
+
+from tml.config import Config
+from tml.model.config import ModelConfig
+from tml.run_dir import CHECKPOINTS, CONFIG_FILE, SUMMARY_FILE, saved_steps
+
+# A directory holding any of these is a run (a killed run whose config.yaml was deleted still gets its row).
+RUN_MARKERS = (CONFIG_FILE, SUMMARY_FILE, CHECKPOINTS)
+# The comment the loop writes on top of config.yaml (tml/train/loggers.py describe_model) starts with the count.
+PARAMS_HEADER = re.compile(r"#\s*model:\s*([\d,]+) parameters")
+
+# Settings only MLA reads: an MHA row shows none rather than defaults that shaped nothing.
+MLA_ONLY = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+SHAPE = ("attention", "norm", "n_layer", "n_embd", "n_head", *MLA_ONLY, "block_size")
+NUMBERS_FROM_SUMMARY = ("final_step", "max_steps", "best_val_perplexity", "val_perplexity", "tokens_seen", "wall_s",
+                        "params")
+# Every row's fields, in table order; `--json` gives all of them and `--sort` takes any.
+FIELDS = ("run", *SHAPE, "params", "kv_cache_bytes_per_token", "kv_cache_dtype", "final_step", "max_steps",
+          "best_val_perplexity", "val_perplexity", "tokens_seen", "wall_s", "tokens_per_s", "status")
+DEFAULT_SORT = "best_val_perplexity"
+UNLIMITED_WIDTH = 100_000  # characters: room to measure how wide the table is when nothing is squeezed
+NO_VALUE = "-"
+
+
+class CompareError(ValueError):
+    """A path that is neither a run directory nor a directory of runs."""
+
+
+# ------------------------------------------------------------------------------------------------ finding runs
+
+
+def is_run(directory: Path) -> bool:
+    return any((directory / marker).exists() for marker in RUN_MARKERS)
+
+
+def find_runs(paths: Sequence[str]) -> list[tuple[str, Path]]:
+    """(name, directory) of every run: each path is a run directory or a directory whose subdirectories are runs.
+    The name is the path as given (joined with the subdirectory's name); a run named twice is listed once."""
+    if not paths:
+        raise CompareError("no runs given: name run directories or a directory of runs")
+    runs: dict[Path, str] = {}
+    for given in paths:
+        path = Path(given)
+        if not path.exists():
+            raise CompareError(f"{given}: no such directory")
+        if not path.is_dir():
+            raise CompareError(f"{given}: not a directory (name a run directory or a directory of runs)")
+        if is_run(path):
+            found = [(given, path)]
+        else:
+            found = [(str(path / child.name), child) for child in sorted(path.iterdir())
+                     if child.is_dir() and is_run(child)]
+            if not found:
+                raise CompareError(f"{given}: not a run directory (no {CONFIG_FILE}) and none of its subdirectories "
+                                   "is one")
+        for name, directory in found:
+            runs.setdefault(directory.resolve(), name)
+    return [(name, directory) for directory, name in runs.items()]
+
+
+# ------------------------------------------------------------------------------------------------ reading a run
+
+
+def one_line(error: BaseException) -> str:
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return lines[0] if lines else type(error).__name__
+
+
+def parse_config(text: str) -> Config:
+    """config.yaml's text as a Config. Parsed as Config.from_dict, which checkpoints are rebuilt with (the same
+    unknown-key and value checks as the CLI, at a tenth of jsonargparse's cost per file: 50 runs in well under
+    a second)."""
+    values = yaml.safe_load(text)
+    if not isinstance(values, dict):
+        raise ValueError("holds no config sections")
+    return Config.from_dict(values)
+
+
+def read_summary(directory: Path) -> dict[str, Any]:
+    """summary.json with every number it should hold checked: None where missing or not finite."""
+    summary = json.loads((directory / SUMMARY_FILE).read_text())
+    if not isinstance(summary, dict):
+        raise ValueError(f"holds a {type(summary).__name__}, not an object")
+    for key in NUMBERS_FROM_SUMMARY:
+        value = summary.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+            raise ValueError(f"{key} is {value!r}, not a number")
+        summary[key] = value if value is None or math.isfinite(value) else None
+    return summary
+
+
+def summary_status(summary: dict[str, Any]) -> str:
+    if summary.get("diverged"):
+        return "diverged"
+    if summary.get("preempted"):
+        return "preempted"
+    if summary.get("stopped_early"):
+        return "early stop"
+    return "finished"
+
+
+def kv_cache_cost(model: ModelConfig, precision: str) -> tuple[int, str]:
+    """KV-cache bytes per token and the cache's dtype, as the run's model line gives them (tml/train/loggers.py).
+    Imported here, not at the top: torch takes a second to import, and `tml --help` should not wait for it."""
+    from tml.model.kv_cache import PRECISION_CACHE_DTYPE, kv_cache_bytes_per_token
+
+    dtype = PRECISION_CACHE_DTYPE[precision]
+    return kv_cache_bytes_per_token(model, dtype), str(dtype).removeprefix("torch.")
+
+
+def counted_params(model: ModelConfig) -> int:
+    """Build the model on the meta device: shapes only, no memory and no initialisation arithmetic."""
+    import torch
+
+    from tml.model import Transformer
+
+    with torch.device("meta"):
+        return Transformer(model).num_params(non_embedding=False)
+
+
+def read_run(name: str, directory: Path) -> dict[str, Any]:
+    """One row: every field of FIELDS, None where unknown. A file that cannot be read is named in the status."""
+    row: dict[str, Any] = dict.fromkeys(FIELDS)
+    row["run"] = name
+    problems = []
+    config = text = None
+    try:
+        text = (directory / CONFIG_FILE).read_text()
+        config = parse_config(text)
+    except FileNotFoundError:
+        problems.append(f"no {CONFIG_FILE}")
+    except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError, TypeError) as error:
+        problems.append(f"{CONFIG_FILE}: {one_line(error)}")  # ConfigError is a ValueError: an old or unknown key
+    summary = None
+    if (directory / SUMMARY_FILE).exists():
+        try:
+            summary = read_summary(directory)
+        except (OSError, UnicodeDecodeError, ValueError) as error:  # JSONDecodeError is a ValueError
+            problems.append(f"{SUMMARY_FILE}: {one_line(error)}")
+    newest = max(saved_steps(directory), default=None)
+    if summary is not None and newest is not None and summary["final_step"] is not None and \
+            newest > summary["final_step"]:
+        summary = None  # resumed since that summary was written: it describes an earlier end, not this run
+
+    if config is not None:
+        model = config.model
+        row.update({key: getattr(model, key) for key in SHAPE})
+        if model.attention != "mla":
+            row.update(dict.fromkeys(MLA_ONLY))
+        row["kv_cache_bytes_per_token"], row["kv_cache_dtype"] = kv_cache_cost(model, config.train.precision)
+        row["max_steps"] = config.train.max_steps
+    if summary is not None:
+        row.update({key: summary[key] for key in NUMBERS_FROM_SUMMARY if summary[key] is not None})
+        if row["tokens_seen"] is not None and row["wall_s"]:
+            row["tokens_per_s"] = row["tokens_seen"] / row["wall_s"]
+        status = summary_status(summary)
+    else:
+        row["final_step"] = newest
+        status = "no summary" if newest is not None else "no summary, no checkpoint"
+    if row["params"] is None and text and (match := PARAMS_HEADER.match(text)):
+        row["params"] = int(match[1].replace(",", ""))
+    if row["params"] is None and config is not None:
+        row["params"] = counted_params(config.model)
+    row["status"] = f"unreadable: {'; '.join(problems)}" if problems else status
+    return row
+
+
+def sort_rows(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
+    """Ascending by `key`, rows without a value last; ties keep the runs' name order."""
+    if key not in FIELDS:
+        raise CompareError(f"--sort {key}: not a field; choose one of {', '.join(FIELDS)}")
+    by_name = sorted(rows, key=lambda row: row["run"])
+    return sorted(by_name, key=lambda row: (row[key] is None, row[key] if row[key] is not None else 0))
+
+
+def compare_runs(paths: Sequence[str], sort_key: str = DEFAULT_SORT) -> list[dict[str, Any]]:
+    """Every run under `paths` as a row of FIELDS, sorted by `sort_key`."""
+    if sort_key not in FIELDS:  # before reading anything: a typo is answered at once
+        raise CompareError(f"--sort {sort_key}: not a field; choose one of {', '.join(FIELDS)}")
+    return sort_rows([read_run(name, directory) for name, directory in find_runs(paths)], sort_key)
+
+
+# ------------------------------------------------------------------------------------------------ the table
+
+
+def compact(count: float) -> str:
+    """1234567 -> 1.235M: counts whose size matters more than their last digits."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(count) >= scale:
+            return f"{count / scale:.4g}{suffix}"
+    return f"{count:g}"
+
+
+def duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f}s"
+    minutes, seconds = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
+
+
+@dataclass(frozen=True)
+class Column:
+    header: str
+    value: Callable[[dict[str, Any]], Any]
+    render: Callable[[Any], str] = str
+
+
+def field(key: str, header: str | None = None, render: Callable[[Any], str] = str) -> Column:
+    return Column(header or key, lambda row: row[key], render)
+
+
+def steps_done(value: tuple[int | None, int | None]) -> str:
+    done, total = value
+    return f"{NO_VALUE if done is None else f'{done:,}'}/{NO_VALUE if total is None else f'{total:,}'}"
+
+
+COLUMNS = (
+    field("run"),
+    *(field(key) for key in SHAPE),
+    field("params", render=compact),
+    field("kv_cache_bytes_per_token", "KV cache B/token", render=lambda n: f"{n:,}"),
+    field("kv_cache_dtype", "KV cache dtype"),
+    Column("steps", lambda row: (row["final_step"], row["max_steps"]), steps_done),
+    field("best_val_perplexity", "best val ppl", render=lambda x: f"{x:.2f}"),
+    field("val_perplexity", "final val ppl", render=lambda x: f"{x:.2f}"),
+    field("tokens_seen", "tokens", render=compact),
+    field("wall_s", "wall", render=duration),
+    field("tokens_per_s", "tokens/s", render=lambda x: f"{x:,.0f}"),
+    field("status"),
+)
+
+
+def cell(column: Column, row: dict[str, Any]) -> str:
+    value = column.value(row)
+    return NO_VALUE if value is None else column.render(value)
+
+
+def common_columns(rows: list[dict[str, Any]]) -> list[Column]:
+    """Columns whose value is the same in every row (none with one row: then the table is the whole story)."""
+    if len(rows) < 2:
+        return []
+    return [column for column in COLUMNS[1:] if all(column.value(row) == column.value(rows[0]) for row in rows)]
+
+
+def print_table(rows: list[dict[str, Any]], console: Console) -> None:
+    """`same in all runs: ...` above a table of the columns that differ, in the rows' order."""
+    same = common_columns(rows)
+    if same:
+        console.print("same in all runs: " + ", ".join(f"{column.header} {cell(column, rows[0])}" for column in same),
+                      soft_wrap=True)
+    table = Table(show_edge=False, header_style="bold")
+    shown = [column for column in COLUMNS if column not in same]
+    for column in shown:
+        table.add_column(column.header, justify="left" if column.render is str else "right", no_wrap=True)
+    for row in rows:
+        table.add_row(*(cell(column, row) for column in shown))
+    # As wide as its cells: a table squeezed into the terminal folds every number over lines and clips run names,
+    # while a long line can still be read (or paged with `less -S`).
+    natural = Measurement.get(console, console.options.update_width(UNLIMITED_WIDTH), table).maximum
+    width = console.width
+    console.width = max(width, natural)
+    try:
+        console.print(table)
+    finally:
+        console.width = width

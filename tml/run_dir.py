@@ -1,0 +1,32 @@
+"""The run directory's layout (train.out_dir): what a training writes where, read by training and by `tml compare`.
+
+    {out_dir}/config.yaml          the resolved config, a comment line with the model's cost on top
+    {out_dir}/summary.json         the final numbers, written when a run ends
+    {out_dir}/checkpoints/step-N/  complete checkpoints; `last` and `best` are symlinks to them
+
+Kept free of torch and Lightning so that commands which only read a run directory start at once.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+CONFIG_FILE = "config.yaml"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS = "checkpoints"
+STEP_DIR = re.compile(r"step-(\d+)")  # the names step_name() gives
+
+
+def checkpoints_dir(out_dir: str | Path) -> Path:
+    return Path(out_dir) / CHECKPOINTS
+
+
+def step_name(step: int) -> str:
+    return f"step-{step:07d}"
+
+
+def saved_steps(out_dir: str | Path) -> list[int]:
+    """Steps of the complete checkpoints in out_dir (a step directory only appears once its manifest is written)."""
+    root = checkpoints_dir(out_dir)
+    return sorted(int(match[1]) for p in root.glob("step-*") if (match := STEP_DIR.fullmatch(p.name)) and p.is_dir())

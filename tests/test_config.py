@@ -70,15 +70,17 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
 
 
 @pytest.mark.parametrize(("text", "message"), [
-    ("train: [1, 2\n", r"is not valid YAML at line 2, column 1: expected ',' or ']'"),
-    ("- a\n- b\n", r"holds a list; a config file maps sections \(model, data, train, log\)"),
-    ("", r"holds nothing; a config file maps sections"),
+    ("train: [1, 2\n", r" is not valid YAML at line 2, column 1: expected ',' or ']'"),
+    ("- a\n- b\n", r" holds a list; a config file maps sections \(model, data, train, log\)"),
+    ("", r" holds nothing; a config file maps sections"),
+    ("model: 5\n", r": section model holds an int; it maps model keys to values \(e.g. model:\n  vocab_size: ...\)"),
+    ("train:\n", r": section train holds nothing; it maps train keys to values"),
 ])
 def test_a_config_file_that_is_not_a_yaml_mapping_is_refused_naming_the_file(tmp_path, text, message):
     path = tmp_path / "experiment.yaml"
     path.write_text(text)
     for args in (["--config", str(path)], [f"--config={path}"]):
-        with pytest.raises(ConfigError, match=re.escape(str(path)) + " " + message):
+        with pytest.raises(ConfigError, match=re.escape(str(path)) + message):
             load_config(args)
 
 

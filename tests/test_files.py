@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from tml.files import HASH_CHUNK_BYTES, file_sha256, replaced_on_success, write_atomic
+from tml.files import HASH_CHUNK_BYTES, file_sha256, make_directory, replaced_on_success, write_atomic
 
 
 def test_sha256_of_a_file_larger_than_one_chunk_matches_hashlib(tmp_path):
@@ -60,3 +60,12 @@ def test_a_successful_writer_is_renamed_into_place(tmp_path):
         temporary.write_bytes(b"all of the weights")
         assert not target.exists()  # readers never see the file before it is complete
     assert target.read_bytes() == b"all of the weights" and list(tmp_path.iterdir()) == [target]
+
+
+def test_make_directory_names_the_file_that_stands_in_the_way(tmp_path):
+    (tmp_path / "data").write_text("a file")
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'data'} is a file, not a directory"):
+        make_directory(tmp_path / "data" / "raw" / "books")
+    make_directory(tmp_path / "runs" / "tiny")
+    make_directory(tmp_path / "runs" / "tiny")  # already there: fine
+    assert (tmp_path / "runs" / "tiny").is_dir()

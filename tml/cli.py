@@ -74,11 +74,14 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
             prepare_data(config.data)
             preparing = False
         result = train(config, stop.install(INTERACTIVE_SIGNALS))
+    # Every rank of the machine raises the same error together (the loop agrees on its decisions): one prints it.
     except ConfigError as error:  # a setting this machine cannot run (train.accelerator=cuda without CUDA)
-        print(f"tml: {error}", file=sys.stderr)
+        if is_first_local_process():
+            print(f"tml: {error}", file=sys.stderr)
         return 2
     except (GutenbergError, PrepareError, ShardError, TrainingDiverged, CheckpointError) as error:
-        print(f"tml: {error}", file=sys.stderr)
+        if is_first_local_process():
+            print(f"tml: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # before the handler was installed, or the second Ctrl-C
         if is_first_local_process():
@@ -261,7 +264,7 @@ def eval_progress() -> Progress:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tml.data.tokenizer import get_tokenizer
-    from tml.train.evaluate import perplexity
+    from tml.train.evaluate import format_perplexity, perplexity
 
     path = Path(args.data)
     text = read_text_file(path)  # before the model loads: a wrong file is refused at once
@@ -273,7 +276,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--data {path}: needs at least two tokens of text")
     with eval_progress() as progress:
         loss, count = text_loss(model, tokens, device, progress)
-    print(f"{path}: {count:,} tokens | loss {loss:.4f} | perplexity {perplexity(loss):.2f}")
+    print(f"{path}: {count:,} tokens | loss {loss:.4f} | perplexity {format_perplexity(perplexity(loss))}")
     return 0
 
 

@@ -111,8 +111,20 @@ def check_config_file(path: str) -> None:
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"{path} is not valid YAML{line}: {problem}") from error
     if not isinstance(values, dict):
-        found = "nothing" if values is None else f"a {type(values).__name__}"
-        raise ConfigError(f"{path} holds {found}; a config file maps sections ({', '.join(SECTIONS)}) to their keys")
+        raise ConfigError(f"{path} holds {described(values)}; a config file maps sections ({', '.join(SECTIONS)}) "
+                          "to their keys")
+    for section, keys in values.items():
+        if section in SECTIONS and not isinstance(keys, dict):
+            raise ConfigError(f"{path}: section {section} holds {described(keys)}; it maps {section} keys to values "
+                              f"(e.g. {section}:\n  {next(iter(dataclasses.fields(SECTIONS[section]))).name}: ...)")
+
+
+def described(value: object) -> str:
+    """`nothing`, `a list`, `a str`: what a YAML value turned out to be, for a message."""
+    if value is None:
+        return "nothing"
+    name = type(value).__name__
+    return f"{'an' if name[0] in 'aeiou' else 'a'} {name}"
 
 
 def load_yaml_config(path: str | Path, overrides: Sequence[str] = ()) -> Config:

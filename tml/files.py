@@ -8,6 +8,7 @@ a directory in the way, Ctrl-C) takes its temporary file with it instead of leav
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import shutil
@@ -53,3 +54,11 @@ def free_space(directory: Path) -> str:
         return f"{shutil.disk_usage(directory).free / 1e6:,.1f} MB free"
     except OSError:
         return "free space unknown"
+
+
+def make_directory(path: Path) -> None:
+    """mkdir -p, saying which path is a file when one stands in the way (mkdir itself only says "File exists")."""
+    blocking = next((part for part in (path, *path.parents) if part.exists()), None)
+    if blocking is not None and not blocking.is_dir():
+        raise NotADirectoryError(errno.ENOTDIR, f"{blocking} is a file, not a directory")
+    path.mkdir(parents=True, exist_ok=True)

@@ -16,6 +16,8 @@ import socket
 from datetime import datetime
 from pathlib import Path
 
+from tml.files import make_directory
+
 # File systems that cannot flock (Lustre mounted without `-o flock`) answer with one of these; the caller goes on
 # unprotected, with a warning, rather than not at all.
 NO_FLOCK_ERRNOS = (errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP)
@@ -25,10 +27,7 @@ HOLDER_READ_BYTES = 4096  # far more than one holder record
 def open_lock_file(path: Path) -> int:
     """The lock file's descriptor, creating the file and its directory. Not inheritable (Python's default): a
     process the holder starts never keeps the lock after the holder dies."""
-    blocking = next((part for part in (path.parent, *path.parent.parents) if part.exists()), None)
-    if blocking is not None and not blocking.is_dir():  # mkdir would only say "File exists"
-        raise NotADirectoryError(errno.ENOTDIR, f"{blocking} is a file, not a directory")
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_directory(path.parent)
     return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
 
 

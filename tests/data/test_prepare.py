@@ -384,6 +384,17 @@ def test_a_same_size_edit_that_keeps_the_mtime_is_noticed_by_its_ctime(tmp_path)
     assert data_is_ready(cfg)
 
 
+def test_a_build_directory_left_by_a_killed_rebuild_goes_even_when_the_shards_are_up_to_date(tmp_path):
+    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
+    cfg = config(tmp_path, source)
+    prepare_data(cfg, console=quiet())
+    leftover = tmp_path / "shards" / ".build-999999"  # a rebuild killed with SIGKILL
+    leftover.mkdir()
+    (leftover / "train_00000.bin.999999.tmp").write_bytes(b"\x00" * 100)
+    assert "up to date" in output_of(cfg)
+    assert not leftover.exists()
+
+
 def test_shards_that_no_longer_match_their_index_are_rebuilt_saying_why(tmp_path):
     source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
     cfg = config(tmp_path, source)

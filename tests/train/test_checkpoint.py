@@ -1,13 +1,16 @@
+import errno
 import io
 import json
 import os
 import random
 import re
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from lightning import Fabric
 from rich.console import Console
 
 from tests.conftest import debug_model_config
@@ -146,6 +149,16 @@ def test_a_corrupted_last_is_refused_naming_the_newest_older_checkpoint_to_resum
     with pytest.raises(CheckpointError, match="no older checkpoint is left in this run"):
         Checkpointer(fabric, tmp_path, keep=3).load(resolve_resume("auto", tmp_path), model, optimizer, scheduler,
                                                    stream)
+
+
+def test_an_unreadable_meta_json_in_last_names_the_older_checkpoint_too(tmp_path, tiny_shards):
+    config = Config(model=debug_model_config(), train=TrainConfig(out_dir=str(tmp_path), resume="auto"))
+    saved_run(tmp_path, tiny_shards, steps=(2, 4), keep=2, best_at=(), config=config)
+    root = checkpoints_dir(tmp_path)
+    (root / "step-0000004" / "meta.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=re.escape(f"cannot read {root / 'step-0000004' / 'meta.json'}: ")
+                       + ".*" + re.escape(f"; an older checkpoint is there: --train.resume {root / 'step-0000002'}")):
+        resume_checkpoint(config)
 
 
 def test_a_full_disk_while_saving_is_one_clear_error_and_the_previous_checkpoint_stays_last(
@@ -486,3 +499,40 @@ def test_a_run_reading_its_unchanged_shards_resumes_after_the_source_is_edited_b
     prepare_data(config.data, console=Console(file=io.StringIO()))  # someone rebuilds them from the edited text
     with pytest.raises(CheckpointError, match=r"were rebuilt since from other text .*run tml-prepare"):
         resume_checkpoint(config, shards_built=True)
+
+
+def save_with_rank_1_out_of_space(fabric, tiny_shards, out_dir):
+    """Runs in each of two spawned ranks: rank 1's own file hits a full disk mid-save."""
+    torch.manual_seed(0)
+    model = Transformer(debug_model_config())
+    optimizer = build_optimizer(model, TrainConfig(max_steps=10))
+    model, optimizer = fabric.setup(model), fabric.setup_optimizers(optimizer)
+    scheduler = build_scheduler(optimizer.optimizer, TrainConfig(max_steps=10))
+    stream = BatchStream(PackedDataset(tiny_shards, "train", 32, 16), 4, fabric.global_rank, 2, seed=3)
+    real_save = torch.save
+
+    def save(obj, path, *args, **kwargs):
+        if fabric.global_rank == 1 and Path(path).name.startswith("rank-"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_save(obj, path, *args, **kwargs)
+
+    torch.save = save
+    try:
+        Checkpointer(fabric, out_dir, keep=1).save(2, model, optimizer, scheduler, stream, {"step": 2},
+                                                   Config(model=debug_model_config()), "run123")
+    except CheckpointError as error:
+        return str(error)
+    finally:
+        torch.save = real_save
+    return "saved"
+
+
+@pytest.mark.timeout(120)
+def test_a_rank_that_cannot_write_makes_every_rank_refuse_the_save_instead_of_hanging(tmp_path, tiny_shards):
+    fabric = Fabric(accelerator="cpu", devices=2, strategy="ddp_spawn")
+    messages = fabric.launch(save_with_rank_1_out_of_space, tiny_shards, tmp_path)
+    final = checkpoints_dir(tmp_path) / "step-0000002"
+    assert re.fullmatch(re.escape(f"cannot write checkpoint {final}: No space left on device (") + r"[\d,.]+ MB free"
+                        + re.escape(f") on rank 1; the checkpoints already in {checkpoints_dir(tmp_path)} are left as "
+                                    "they were"), messages)
+    assert not final.exists() and not list(checkpoints_dir(tmp_path).glob(".tmp-*"))

@@ -18,8 +18,9 @@ from tests.conftest import REPO_ROOT, debug_model_config
 from tests.train.conftest import tiny_run_config
 from tml.config import ConfigError, dump_yaml, load_yaml_config
 from tml.model import Transformer
+from tml.run_dir import SUMMARY_FILE
 from tml.train.checkpoint import CheckpointError, checkpoints_dir, load_model_weights, read_meta, safe_load
-from tml.train.loop import MAX_NONFINITE_STEPS, SUMMARY_FILE, TrainingDiverged, train
+from tml.train.loop import MAX_NONFINITE_STEPS, MAX_OVERFLOWED_STEPS, TrainingDiverged, train
 from tml.train.optim import CosineWithWarmup
 from tml.train.preemption import PreemptionFlag
 
@@ -208,7 +209,9 @@ def test_persistent_nan_stops_with_a_clear_message_and_keeps_the_last_good_check
     with pytest.raises(TrainingDiverged, match=f"non-finite for {MAX_NONFINITE_STEPS} consecutive steps .*"
                                                r"Lower train.lr or raise train.warmup_frac\.$"):
         train(config)
-    assert read_meta(tmp_path / "checkpoints" / "last")["step"] == 4
+    # Step 4's weights gave the first NaN (step 5): set aside, and `last` is the checkpoint before them.
+    assert read_meta(tmp_path / "checkpoints" / "last")["step"] == 2
+    assert read_meta(tmp_path / "checkpoints" / "diverged-step-0000004")["step"] == 4
     state, _ = load_model_weights(tmp_path / "checkpoints" / "last")
     assert all(torch.isfinite(t).all() for t in state.values())
     written = summary(tmp_path)  # a sweep's script learns why the run ended
@@ -243,13 +246,52 @@ def nan_gradients_from_step(monkeypatch, first_bad: int, last_bad: int = 10**9) 
 def test_nan_gradients_with_a_finite_loss_are_neither_applied_nor_saved(tmp_path, tiny_shards, monkeypatch):
     nan_gradients_from_step(monkeypatch, first_bad=3)
     config = tiny_run_config(tiny_shards, tmp_path, max_steps=30, ckpt_interval=1, val_interval=100)
-    with pytest.raises(TrainingDiverged, match=r"non-finite for 5 consecutive steps \(steps 3 to 7\)"):
+    root = checkpoints_dir(tmp_path)
+    with pytest.raises(TrainingDiverged, match=re.escape(
+            "non-finite for 5 consecutive steps (steps 3 to 7); stopping. The checkpoint whose weights led into it "
+            f"is kept as diverged-step-0000002. `last` is step-0000001 in {root}, saved before the divergence: "
+            "--train.resume auto continues from it.")):
         train(config)
-    assert read_meta(tmp_path / "checkpoints" / "last")["step"] == 2  # not step 3, whose update was NaN
+    assert read_meta(root / "last")["step"] == 1  # not step 3, whose update was NaN, nor step 2, which led into it
+    assert sorted(path.name for path in root.glob("*step-*")) == ["diverged-step-0000002", "step-0000001"]
     state, _ = load_model_weights(tmp_path / "checkpoints" / "last")
     assert all(torch.isfinite(t).all() for t in state.values())
     losses = [value for _, value in scalars(tmp_path, "train/loss")]
     assert all(map(math.isfinite, losses))  # the weights were never touched by a NaN update
+
+
+def test_a_run_that_blew_up_from_its_first_steps_leaves_nothing_to_resume_and_restarts_cleanly(tmp_path, tiny_shards):
+    config = tiny_run_config(tiny_shards, tmp_path, max_steps=12, lr=1e4, min_lr=0.0, warmup_frac=0.0,
+                             ckpt_interval=1, val_interval=100)
+    with pytest.raises(TrainingDiverged, match="No checkpoint from before the divergence is left: a new run starts "
+                                               "afresh"):
+        train(config)
+    root = checkpoints_dir(tmp_path)
+    assert not (root / "last").exists() and not list(root.glob("step-*")) and list(root.glob("diverged-step-*"))
+    config.train.lr, config.train.min_lr, config.train.resume = 3e-3, 3e-4, "auto"
+    result = train(config)  # what the message promises: the same command with a sane lr trains
+    assert result.final_step == 12 and math.isfinite(result.val_loss)
+
+
+def test_fp16_gradients_that_overflow_at_every_scale_end_the_run_as_diverged(tmp_path, tiny_shards, monkeypatch):
+    use_real_fp16_on_cpu(monkeypatch, init_scale=2.0**8)  # a scale at which the debug model does not overflow
+    nan_gradients_from_step(monkeypatch, first_bad=2)
+    config = tiny_run_config(tiny_shards, tmp_path, max_steps=100, precision="16-mixed", val_interval=1000,
+                             ckpt_interval=1000)
+    with pytest.raises(TrainingDiverged, match=f"the fp16 gradients overflowed at every loss scale tried for "
+                                               f"{MAX_OVERFLOWED_STEPS} consecutive steps \\(steps 2 to {1 + MAX_OVERFLOWED_STEPS}\\).*"
+                                               r"or use bf16-mixed \(fp16's range is narrow\)\.$"):
+        train(config)
+    assert summary(tmp_path)["final_step"] == 1 + MAX_OVERFLOWED_STEPS
+
+
+def test_a_stop_request_on_a_skipped_step_still_saves_the_unchanged_weights(tmp_path, tiny_shards, monkeypatch):
+    nan_gradients_from_step(monkeypatch, first_bad=3, last_bad=3)
+    config = tiny_run_config(tiny_shards, tmp_path, max_steps=8, val_interval=100, ckpt_interval=100)
+    assert train(config, preemption=PreemptAtStep(3)).preempted
+    assert read_meta(checkpoints_dir(tmp_path) / "last")["step"] == 3  # a requeued job continues from here
+    state, _ = load_model_weights(checkpoints_dir(tmp_path) / "last")
+    assert all(torch.isfinite(t).all() for t in state.values())
 
 
 def test_a_few_nan_gradient_steps_are_skipped_and_the_run_carries_on(tmp_path, tiny_shards, monkeypatch):

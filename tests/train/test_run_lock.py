@@ -1,5 +1,7 @@
 """One training per out_dir: a second holder is refused naming the first, and the lock never outlives its holder."""
 
+import errno
+import os
 import re
 import signal
 import socket
@@ -171,3 +173,13 @@ def test_a_second_launch_into_a_running_out_dir_exits_1_in_one_line_touching_not
     finally:
         first.kill()
         first.wait(timeout=SECOND_RUN_S)
+
+
+def test_a_full_disk_at_start_is_one_line_naming_the_run_and_the_free_space(tmp_path, monkeypatch):
+    def disk_full(fd):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("tml.train.run_lock.write_holder", disk_full)
+    with pytest.raises(RunLockError, match=rf"cannot write to {re.escape(str(tmp_path))}: No space left on device "
+                                           r"\([\d,.]+ MB free\)"), hold_run_lock(tmp_path, wait_s=0):
+        pass

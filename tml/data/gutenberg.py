@@ -37,7 +37,7 @@ from rich.progress import Progress
 
 from tml.data.clean import normalize_text
 from tml.data.config import DataConfig
-from tml.files import file_sha256, replaced_on_success, write_atomic
+from tml.files import file_sha256, make_directory, replaced_on_success, write_atomic
 
 log = logging.getLogger(__name__)
 
@@ -540,7 +540,10 @@ def gather_books(cfg: DataConfig, progress: Progress | None = None) -> list[Book
     mirror, origin = mirror_setting(cfg)
     directory = mirror_directory(mirror, origin)
     raw_dir = Path(cfg.raw_dir)
-    raw_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        make_directory(raw_dir)
+    except OSError as error:
+        raise GutenbergError(f"data.raw_dir={cfg.raw_dir}: {error.strerror or error}") from error
     manifest = Manifest(raw_dir)
     if directory is not None:
         results = _run_all(lambda book_id: copy_from_directory(directory, book_id, raw_dir, manifest),

@@ -70,7 +70,7 @@ from tml.data.shards import (
     write_shards,
 )
 from tml.data.tokenizer import GPT2_FILES, TOKENIZER_NAME, TokenizerError, encode_documents, get_tokenizer
-from tml.files import file_sha256
+from tml.files import file_sha256, free_space
 from tml.locks import NO_FLOCK_ERRNOS, open_lock_file, read_holder, write_holder
 
 PREPARE_VERSION = 1  # bump when the way documents become tokens changes (e.g. the separator), to force rebuilds
@@ -453,7 +453,14 @@ def hold_prepare_lock(shard_dir: Path, console: Console) -> Iterator[None]:
         raise PrepareError(f"cannot lock {shard_dir} to prepare data: {error.strerror or error}") from error
     try:
         if take_prepare_lock(fd, shard_dir, console):
-            write_holder(fd)  # for the waiting line of the next preparation
+            try:
+                write_holder(fd)  # for the waiting line of the next preparation
+            except OSError as error:  # a full disk: no shard could be written there either
+                raise PrepareError(f"cannot write to {shard_dir}: {error.strerror or error} "
+                                   f"({free_space(shard_dir)})") from error
+            # Only under the lock (no other preparation is writing), and before the up-to-date check, so what a
+            # killed build left behind goes even when nothing needs building.
+            remove_temporaries(shard_dir)
         yield
     finally:
         os.close(fd)  # releases the lock
@@ -503,7 +510,6 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
             raise PrepareError(f"data.val_split=books holds out whole documents, but data.source={cfg.source!r} "
                                f"gives {len(books)}: use --data.val_split tail (the last val_frac of every document)")
         encoding = get_tokenizer()
-        remove_temporaries(shard_dir)  # safe: no other preparation writes here while we hold the lock
         task = progress.add_task("tokenize", total=sum(book.bytes for book in books))
         val_ids = choose_val_books([book.id for book in books], cfg.val_frac, cfg.split_seed)
         read_notes = ReadNotes()

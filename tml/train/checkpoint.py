@@ -34,6 +34,7 @@ import os
 import random
 import shlex
 import shutil
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -62,6 +63,7 @@ from tml.train.zero_export import ZeroCheckpointError, fp32_state_dict, verify_d
 FORMAT_VERSION = 1
 MANIFEST = "MANIFEST.json"
 META = "meta.json"
+DIVERGED_PREFIX = "diverged-"  # a step directory set aside after a divergence: kept, never resumed from
 DATA_CONTENT = "data_content_fingerprint"  # meta.json key: which source text the run's shards were built from
 
 
@@ -145,6 +147,23 @@ def disk_space_warning(out_dir: str | Path, params: int) -> str | None:
         return None
     return (f"warning: {directory} has {free / 1e9:,.2f} GB free, and two checkpoints of this model take about "
             f"{needed / 1e9:,.2f} GB: saving may fail (free space, or another --train.out_dir)")
+
+
+def attempt(write: Callable[[], object]) -> BaseException | None:
+    """Run one phase of a save; the write error it raised (a full disk, a read-only directory), or None. torch.save
+    reports a full disk as a RuntimeError from its zip writer, so that counts too; anything else propagates."""
+    try:
+        write()
+    except (OSError, RuntimeError) as error:
+        return error
+    return None
+
+
+def fresh_directory(path: Path) -> None:
+    """An empty directory at `path`: one left by a save that was killed is removed first."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)
 
 
 def describe_write_error(error: BaseException) -> str:
@@ -445,7 +464,10 @@ def resume_checkpoint(config: Config, shards_built: bool = False) -> tuple[Path 
     resume_dir = resolve_resume(train.resume, train.out_dir)
     if resume_dir is None:
         return None, {}, []
-    meta = read_meta(resume_dir)
+    try:
+        meta = read_meta(resume_dir)
+    except CheckpointError as error:
+        raise CheckpointError(f"{error}; {older_checkpoint_advice(resume_dir)}") from error
     changed = check_resume_config(resume_dir, meta["config"], config, train.resume)
     check_resume_layout(resume_dir, meta, train.strategy == "deepspeed", train.devices * train.num_nodes)
     check_resume_data(resume_dir, meta, config.data, shards_built)
@@ -506,56 +528,26 @@ class Checkpointer:
         wandb_run_id: str | None,
         best: bool = False,
     ) -> Path:
-        """Write `step-N` (unless this run already wrote it), then point `last` (and `best`) at it."""
+        """Write `step-N` (unless this run already wrote it), then point `last` (and `best`) at it.
+
+        Three phases (make the temporary directory, write every rank's part, publish it), and after each the ranks
+        agree whether all of them succeeded: a rank that cannot write (a full disk) makes every rank raise the same
+        CheckpointError at the same point, instead of the others waiting in a barrier it never reaches.
+        """
         fabric = self.fabric
+        rank0 = fabric.global_rank == 0
         name = step_name(step)
         final = self.root / name
         if step not in self._saved_steps:
             tmp = self.root / f".tmp-{name}"
             try:
-                if fabric.global_rank == 0:
-                    if tmp.exists():
-                        shutil.rmtree(tmp)  # left over from a run killed while saving
-                    tmp.mkdir(parents=True)
-                fabric.barrier()
-                if self.deepspeed:
-                    fabric.save(tmp / "deepspeed", {"model": model, "optimizer": optimizer})
-                elif fabric.global_rank == 0:
-                    torch.save(model.state_dict(), tmp / "model.pt")
-                    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-                rank_state = {"rng": capture_rng_state(), "data": stream.state_dict()}
-                torch.save(rank_state, tmp / f"rank-{fabric.global_rank:05d}.pt")
-                if fabric.global_rank == 0:
-                    trainer = {
-                        "scheduler": scheduler.state_dict(),
-                        "precision": fabric.strategy.precision.state_dict(),
-                        "loop": loop_state,
-                    }
-                    torch.save(trainer, tmp / "trainer.pt")
-                    meta = {
-                        "format": FORMAT_VERSION, "step": step, "world_size": fabric.world_size,
-                        "deepspeed": self.deepspeed, "wandb_run_id": wandb_run_id, "config": config.to_dict(),
-                    }
-                    if data_content := shards_content_fingerprint(config.data.shard_dir):
-                        meta[DATA_CONTENT] = data_content
-                    write_atomic(tmp / META, json.dumps(meta, indent=1).encode())
-                fabric.barrier()
-                if fabric.global_rank == 0:
-                    write_manifest(tmp)
-                    if final.exists():  # from an earlier trajectory of this run (resumed from an older step)
-                        stale = self.root / f".stale-{name}"
-                        os.replace(final, stale)
-                        shutil.rmtree(stale)
-                    os.replace(tmp, final)
-            except BaseException as error:  # a failed or interrupted save leaves no half-written step behind
-                if fabric.global_rank == 0:
+                self._agree(attempt(lambda: fresh_directory(tmp)) if rank0 else None, final)
+                self._agree(attempt(lambda: self._write_parts(tmp, step, model, optimizer, scheduler, stream,
+                                                              loop_state, config, wandb_run_id)), final)
+                self._agree(attempt(lambda: self._publish(tmp, final)) if rank0 else None, final)
+            except BaseException:  # a failed or interrupted save leaves no half-written step behind
+                if rank0:
                     shutil.rmtree(tmp, ignore_errors=True)
-                # torch.save reports a full disk as a RuntimeError from its zip writer, without the path.
-                if isinstance(error, (OSError, RuntimeError)) and not isinstance(error, CheckpointError):
-                    raise CheckpointError(
-                        f"cannot write checkpoint {final}: {describe_write_error(error)} ({free_space(self.root)}); "
-                        f"the checkpoints already in {self.root} are left as they were"
-                    ) from error
                 raise
             self._saved_steps.add(step)
         if fabric.global_rank == 0:
@@ -565,6 +557,80 @@ class Checkpointer:
             self._prune()
         fabric.barrier()
         return final
+
+    def _write_parts(self, tmp: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     scheduler: torch.optim.lr_scheduler.LRScheduler, stream, loop_state: dict[str, Any],
+                     config: Config, wandb_run_id: str | None) -> None:
+        """This rank's files of the checkpoint: DeepSpeed's shards (every rank), or the model and optimizer (rank 0);
+        every rank's RNG state and data position; rank 0's scheduler, scaler, loop state and meta.json."""
+        fabric = self.fabric
+        if self.deepspeed:
+            fabric.save(tmp / "deepspeed", {"model": model, "optimizer": optimizer})
+        elif fabric.global_rank == 0:
+            torch.save(model.state_dict(), tmp / "model.pt")
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rank_state = {"rng": capture_rng_state(), "data": stream.state_dict()}
+        torch.save(rank_state, tmp / f"rank-{fabric.global_rank:05d}.pt")
+        if fabric.global_rank == 0:
+            trainer = {
+                "scheduler": scheduler.state_dict(),
+                "precision": fabric.strategy.precision.state_dict(),
+                "loop": loop_state,
+            }
+            torch.save(trainer, tmp / "trainer.pt")
+            meta = {
+                "format": FORMAT_VERSION, "step": step, "world_size": fabric.world_size,
+                "deepspeed": self.deepspeed, "wandb_run_id": wandb_run_id, "config": config.to_dict(),
+            }
+            if data_content := shards_content_fingerprint(config.data.shard_dir):
+                meta[DATA_CONTENT] = data_content
+            write_atomic(tmp / META, json.dumps(meta, indent=1).encode())
+
+    def _publish(self, tmp: Path, final: Path) -> None:
+        """Hash every file into the manifest, then rename the directory into place (rank 0)."""
+        write_manifest(tmp)
+        if final.exists():  # from an earlier trajectory of this run (resumed from an older step)
+            stale = self.root / f".stale-{final.name}"
+            os.replace(final, stale)
+            shutil.rmtree(stale)
+        os.replace(tmp, final)
+
+    def _agree(self, failure: BaseException | None, final: Path) -> None:
+        """Raise the same CheckpointError on every rank when any rank's phase failed, with the reason of the first
+        rank that failed (only rank 0's message is printed); doubles as the barrier between the phases."""
+        fabric = self.fabric
+        flags = fabric.all_gather(torch.tensor(float(failure is not None), device=fabric.device))
+        failed = [rank for rank, flag in enumerate(flags.reshape(-1).tolist()) if flag]
+        if not failed:
+            return
+        reason = f"{describe_write_error(failure)} ({free_space(self.root)})" if failure is not None else None
+        reason = fabric.broadcast(reason, src=failed[0])
+        on_rank = f" on rank {failed[0]}" if fabric.world_size > 1 else ""
+        raise CheckpointError(f"cannot write checkpoint {final}: {reason}{on_rank}; the checkpoints already in "
+                              f"{self.root} are left as they were") from failure
+
+    def set_aside_from(self, first_suspect: int) -> str:
+        """After a divergence: rename the step directories from `first_suspect` on to `diverged-step-N` (kept, but no
+        longer what `--train.resume auto` or `tml generate` picks), point `last` at the newest step left and drop a
+        `best` that pointed at a renamed one. Every rank calls it; rank 0 moves. Returns a sentence for the message."""
+        suspect = [step for step in saved_steps(self.root.parent) if step >= first_suspect]
+        remaining = [step for step in saved_steps(self.root.parent) if step < first_suspect]
+        moved = ", ".join(f"{DIVERGED_PREFIX}{step_name(step)}" for step in suspect)
+        if self.fabric.global_rank == 0:
+            for step in suspect:
+                os.replace(self.root / step_name(step), self.root / f"{DIVERGED_PREFIX}{step_name(step)}")
+            for link in ("last", "best"):
+                path = self.root / link
+                if path.is_symlink() and not path.exists():  # its step was just renamed
+                    path.unlink()
+                    if link == "last" and remaining:
+                        _point_link(path, step_name(max(remaining)))
+        self.fabric.barrier()
+        set_aside = f"The checkpoint whose weights led into it is kept as {moved}. " if suspect else ""
+        if remaining:
+            return (f"{set_aside}`last` is {step_name(max(remaining))} in {self.root}, saved before the divergence: "
+                    "--train.resume auto continues from it.")
+        return f"{set_aside}No checkpoint from before the divergence is left: a new run starts afresh."
 
     def has_saved(self, step: int) -> bool:
         return step in self._saved_steps

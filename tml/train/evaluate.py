@@ -39,6 +39,11 @@ def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf  # exp overflows float64 past ~709
 
 
+def format_perplexity(value: float) -> str:
+    """`843.27`, or `1.23e+196` for a run far from trained: two decimals of a 197-digit number tell nothing."""
+    return f"{value:.2f}" if value < 1e6 else f"{value:.3g}"
+
+
 @torch.no_grad()
 def evaluate(fabric: Fabric, model: torch.nn.Module, dataset, batch_size: int, val_batches: int) -> EvalResult:
     indices = val_window_indices(len(dataset), val_batches * batch_size)

@@ -35,7 +35,7 @@ from tml.model import Transformer
 from tml.run_dir import CONFIG_FILE, SUMMARY_FILE
 from tml.train.checkpoint import Checkpointer, checkpoints_dir, disk_space_warning, resume_checkpoint
 from tml.train.early_stopping import EarlyStopping
-from tml.train.evaluate import EvalResult, evaluate, perplexity
+from tml.train.evaluate import EvalResult, evaluate, format_perplexity, perplexity
 from tml.train.fabric import build_fabric, is_deepspeed, resolve_precision
 from tml.train.loggers import (
     ConsoleReport,
@@ -53,6 +53,9 @@ from tml.train.throughput import ThroughputMeter, peak_flops
 
 GIB = 2**30
 MAX_NONFINITE_STEPS = 5  # consecutive non-finite losses before the run is declared diverged (fp16 skips are fine)
+# Consecutive fp16 overflows before the run is declared diverged: the loss scale (2**16 at the start, halved at
+# each overflow, DeepSpeed's every second one) is then below 1, so no scale lets fp16 hold these gradients.
+MAX_OVERFLOWED_STEPS = 40
 
 
 class TrainingDiverged(RuntimeError):
@@ -168,14 +171,15 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                    "val/best_perplexity": perplexity(early_stopping.best)}
         log_validation(fabric.loggers, metrics, step, tensorboard_hparams)
         tensorboard_hparams = None
-        report.print(f"step {step:>7d} | val loss {result.loss:.4f} | val ppl {result.perplexity:.2f}")
+        report.print(f"step {step:>7d} | val loss {result.loss:.4f} | "
+                     f"val ppl {format_perplexity(result.perplexity)}")
         if improved:
             save(best=True)
         return result, stop
 
     val: EvalResult | None = None
     stopped_early = preempted = False
-    nonfinite_streak = 0
+    nonfinite_streak = overflow_streak = 0
 
     def run_summary(diverged: bool) -> dict[str, float | int | bool | str | None]:
         """What summary.json holds: the run's final numbers, for scripts that compare runs."""
@@ -227,8 +231,10 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                 step_loss = loss_total / fabric.world_size
                 step_grad_norm = norm_total / fabric.world_size
                 # A good step has a finite loss and finite gradients. A bad one is never saved, so `last` never holds
-                # NaN weights, and is not applied either (except by DeepSpeed, whose engine has already stepped). Under fp16 loss scaling an overflowed gradient is the scaler's
-                # to skip (it lowers the scale), not a sign of divergence. An unknown ZeRO norm is no evidence.
+                # NaN weights, and is not applied either (except by DeepSpeed, whose engine has already stepped).
+                # Under fp16 loss scaling an overflowed gradient is the scaler's to skip (it lowers the scale), not
+                # a sign of divergence, unless it goes on (MAX_OVERFLOWED_STEPS). An unknown ZeRO norm is no evidence.
+                overflowed = fp16_scaling and norm_known and not math.isfinite(step_grad_norm)
                 finite = math.isfinite(step_loss) and (fp16_scaling or not norm_known or math.isfinite(step_grad_norm))
                 if not deepspeed:
                     if finite or scaler is not None:
@@ -241,12 +247,18 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                 tokens_seen += tokens_per_step
 
                 nonfinite_streak = 0 if finite else nonfinite_streak + 1
-                if nonfinite_streak >= MAX_NONFINITE_STEPS:
+                overflow_streak = overflow_streak + 1 if overflowed else 0
+                if nonfinite_streak >= MAX_NONFINITE_STEPS or overflow_streak >= MAX_OVERFLOWED_STEPS:
+                    streak = max(nonfinite_streak, overflow_streak)
+                    what = ("the loss or the gradients were non-finite" if nonfinite_streak >= MAX_NONFINITE_STEPS
+                            else "the fp16 gradients overflowed at every loss scale tried")
+                    first_bad = step - streak + 1
+                    # The weights of step first_bad - 1 gave the first bad step: not a checkpoint to continue from.
+                    kept = checkpointer.set_aside_from(first_bad - 1)
                     raise TrainingDiverged(
-                        f"the loss or the gradients were non-finite for {nonfinite_streak} consecutive steps "
-                        f"(steps {step - nonfinite_streak + 1} to {step}); stopping with the last good checkpoint "
-                        f"kept in {checkpoints_dir(out_dir)}. Lower train.lr or raise train.warmup_frac"
-                        + (", or use bf16-mixed (fp16's range is narrow)." if precision == "16-mixed" else ".")
+                        f"{what} for {streak} consecutive steps (steps {first_bad} to {step}); stopping. {kept} "
+                        "Lower train.lr or raise train.warmup_frac"
+                        + (", or use bf16-mixed (fp16's range is narrow)." if fp16_scaling else ".")
                     )
                 if step % tc.log_interval == 0 or step == tc.max_steps:
                     tokens_per_s, mfu = meter.measure()
@@ -272,8 +284,11 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                     if preempted:
                         report.print(f"step {step:>7d} | stop requested ({preemption.describe()}): "
                                      "saving `last` and stopping")
-                    if finite and not saved and (step % tc.ckpt_interval == 0 or step == tc.max_steps
-                                                 or stopped_early or preempted):
+                    # A stop request saves even after a skipped step (its update was not applied, so the weights
+                    # are the previous step's), unless DeepSpeed applied it: a requeued job then loses nothing.
+                    if not saved and ((finite and (step % tc.ckpt_interval == 0 or step == tc.max_steps
+                                                   or stopped_early))
+                                      or (preempted and (finite or not deepspeed))):
                         save()
                 if stopped_early:
                     report.print(f"step {step:>7d} | early stopping: no val improvement for "
@@ -286,7 +301,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                 "steps": f"{step:,} / {tc.max_steps:,}",
                 "best val loss": f"{early_stopping.best:.4f}" if math.isfinite(early_stopping.best) else "-",
                 "final val loss": f"{val.loss:.4f}" if val else "-",
-                "final val perplexity": f"{val.perplexity:.2f}" if val else "-",
+                "final val perplexity": format_perplexity(val.perplexity) if val else "-",
                 "stopped early": str(stopped_early),
                 "preempted": str(preempted),
                 "checkpoints": str(checkpoints_dir(out_dir)),

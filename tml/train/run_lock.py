@@ -16,6 +16,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from tml.files import free_space
 from tml.locks import NO_FLOCK_ERRNOS, open_lock_file, read_holder, write_holder
 
 LOCK_FILE = "train.lock"
@@ -81,7 +82,11 @@ def hold_run_lock(out_dir: str | Path, wait_s: float | None = None) -> Iterator[
             print(f"tml: warning: the file system of {out_dir} cannot lock files ({error.strerror}); nothing stops "
                   "a second training into it", file=sys.stderr)
         else:
-            write_holder(fd)
+            try:
+                write_holder(fd)
+            except OSError as error:  # a full disk: training could not save a checkpoint there either
+                raise RunLockError(f"cannot write to {out_dir}: {error.strerror or error} "
+                                   f"({free_space(directory)})") from error
         yield
     finally:
         os.close(fd)  # releases the lock

@@ -56,7 +56,7 @@ class TrainConfig:
         seed: seed of the initial weights and of the data order
         compile: run the model through torch.compile
         activation_checkpointing: keep only each block's input in the forward pass and recompute the rest during
-            backward: activation memory of one block instead of all, for about a third more compute per step
+            backward: activation memory of one block instead of all, for at most a third more block compute
         log_interval: optimizer steps between console and logger lines
     """
 

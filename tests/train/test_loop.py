@@ -258,6 +258,7 @@ def test_nan_gradients_with_a_finite_loss_are_neither_applied_nor_saved(tmp_path
     assert all(torch.isfinite(t).all() for t in state.values())
     losses = [value for _, value in scalars(tmp_path, "train/loss")]
     assert all(map(math.isfinite, losses))  # the weights were never touched by a NaN update
+    assert scalars(tmp_path, "train/grad_norm")[-1][0] == 7  # the step the message ends at is on the curves too
 
 
 def test_a_run_that_blew_up_from_its_first_steps_leaves_nothing_to_resume_and_restarts_cleanly(tmp_path, tiny_shards):

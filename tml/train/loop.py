@@ -248,18 +248,6 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
 
                 nonfinite_streak = 0 if finite else nonfinite_streak + 1
                 overflow_streak = overflow_streak + 1 if overflowed else 0
-                if nonfinite_streak >= MAX_NONFINITE_STEPS or overflow_streak >= MAX_OVERFLOWED_STEPS:
-                    streak = max(nonfinite_streak, overflow_streak)
-                    what = ("the loss or the gradients were non-finite" if nonfinite_streak >= MAX_NONFINITE_STEPS
-                            else "the fp16 gradients overflowed at every loss scale tried")
-                    first_bad = step - streak + 1
-                    # The weights of step first_bad - 1 gave the first bad step: not a checkpoint to continue from.
-                    kept = checkpointer.set_aside_from(first_bad - 1)
-                    raise TrainingDiverged(
-                        f"{what} for {streak} consecutive steps (steps {first_bad} to {step}); stopping. {kept} "
-                        "Lower train.lr or raise train.warmup_frac"
-                        + (", or use bf16-mixed (fp16's range is narrow)." if fp16_scaling else ".")
-                    )
                 if step % tc.log_interval == 0 or step == tc.max_steps:
                     tokens_per_s, mfu = meter.measure()
                     metrics = {"train/loss": step_loss, "train/lr": lr,
@@ -273,6 +261,19 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                     status = f"loss {step_loss:.4f} | lr {metrics['train/lr']:.2e} | {tokens_per_s:,.0f} tok/s"
                     report.print(f"step {step:>7d} | {status}" + (f" | MFU {mfu:.1%}" if mfu is not None else ""))
                     report.advance(step, status)
+
+                if nonfinite_streak >= MAX_NONFINITE_STEPS or overflow_streak >= MAX_OVERFLOWED_STEPS:
+                    streak = max(nonfinite_streak, overflow_streak)
+                    what = ("the loss or the gradients were non-finite" if nonfinite_streak >= MAX_NONFINITE_STEPS
+                            else "the fp16 gradients overflowed at every loss scale tried")
+                    first_bad = step - streak + 1
+                    # The weights of step first_bad - 1 gave the first bad step: not a checkpoint to continue from.
+                    kept = checkpointer.set_aside_from(first_bad - 1)
+                    raise TrainingDiverged(
+                        f"{what} for {streak} consecutive steps (steps {first_bad} to {step}); stopping. {kept} "
+                        "Lower train.lr or raise train.warmup_frac"
+                        + (", or use bf16-mixed (fp16's range is narrow)." if fp16_scaling else ".")
+                    )
 
                 saved = False
                 if signalled_ranks > 0:

@@ -11,6 +11,7 @@ from tml.compare import FIELDS, CompareError, compare_runs
 from tml.model.kv_cache import kv_cache_bytes_per_token
 from tml.run_dir import CHECKPOINTS, CONFIG_FILE, SUMMARY_FILE, checkpoints_dir, step_name
 from tml.train.loop import train
+from tml.train.run_lock import hold_run_lock
 
 MAX_STEPS = 4
 
@@ -58,9 +59,10 @@ def test_json_rows_carry_summary_json_numbers_and_the_shape_of_each_real_run(swe
     assert set(rows) == {str(sweep / "mla"), str(sweep / "mha")}
     for name, attention in (("mla", "mla"), ("mha", "mha")):
         row, summary = rows[str(sweep / name)], json.loads((sweep / name / SUMMARY_FILE).read_text())
-        assert list(row) == list(FIELDS)
-        for key in ("final_step", "max_steps", "best_val_perplexity", "val_perplexity", "tokens_seen", "wall_s",
-                    "params"):
+        assert list(row) == [*FIELDS, "settings"]
+        assert row["settings"]["train.lr"] == 3e-3 and "train.out_dir" not in row["settings"]  # placement: not compared
+        for key in ("final_step", "max_steps", "best_val_loss", "best_val_perplexity", "val_loss", "val_perplexity",
+                    "tokens_seen", "wall_s", "params"):
             assert row[key] == summary[key], key
         assert row["status"] == "finished" and row["final_step"] == MAX_STEPS
         assert row["tokens_per_s"] == pytest.approx(summary["tokens_seen"] / summary["wall_s"])
@@ -76,11 +78,12 @@ def test_settings_equal_in_every_run_are_said_once_above_a_table_of_what_differs
     out = compare_table(capsys, monkeypatch, sweep)
     same_line, *table = out.splitlines()
     assert same_line.startswith("same in all runs: ")
-    assert "norm post" in same_line and "n_layer 2" in same_line and "KV cache dtype float32" in same_line
+    assert "norm post" in same_line and "layers 2" in same_line and "KV dtype float32" in same_line
     assert "steps 4/4" in same_line and "status finished" in same_line
+    assert "kv rank 32" in same_line  # MHA has none: "not applicable" agrees with MLA's one value
     table_text = "\n".join(table)
-    assert "attention" in table_text and "KV cache B/token" in table_text and "best val ppl" in table_text
-    assert "n_layer" not in table_text and "status" not in table_text
+    assert "attn" in table_text and "KV B/tok" in table_text and "best ppl" in table_text
+    assert "layers" not in table_text and "status" not in table_text and "kv rank" not in table_text
     assert "mla" in table_text and "mha" in table_text
 
 
@@ -88,7 +91,9 @@ def test_one_run_puts_everything_in_the_table_named_as_given(sweep, capsys, monk
     monkeypatch.chdir(sweep)
     out = compare_table(capsys, monkeypatch, "mla")
     assert "same in all runs" not in out
-    assert "n_layer" in out and "finished" in out and "\n mla " in out
+    lines = out.splitlines()  # one `name value` line each: readable in any terminal width
+    assert lines[0].split() == ["run", "mla"] and ["layers", "2"] == lines[3].split()
+    assert "status         finished" in out and max(map(len, lines)) < 80
 
 
 def test_rows_sort_by_best_perplexity_by_default_and_by_any_field_with_missing_values_last(sweep, tmp_path, capsys):
@@ -105,10 +110,9 @@ def test_rows_sort_by_best_perplexity_by_default_and_by_any_field_with_missing_v
 
 
 def test_an_unknown_sort_key_is_refused_naming_the_choices(sweep, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        main(["compare", str(sweep), "--sort", "perplexity"])
-    assert exit_info.value.code == 2 and "best_val_perplexity" in capsys.readouterr().err
-    with pytest.raises(CompareError, match="--sort perplexity: not a field"):
+    assert main(["compare", str(sweep), "--sort", "perplexity"]) == 1
+    assert "--sort perplexity: not a field or setting; choose one of run, " in capsys.readouterr().err
+    with pytest.raises(CompareError, match="--sort perplexity: not a field or setting"):
         compare_runs([str(sweep)], "perplexity")
 
 
@@ -140,7 +144,9 @@ def test_a_summary_older_than_the_newest_checkpoint_is_from_before_a_resume_and_
 
 @pytest.mark.parametrize(("flags", "status"), [
     ({"stopped_early": True}, "early stop"),
-    ({"preempted": True}, "preempted"),
+    ({"preempted": True}, "preempted"),  # a summary from before stop_reason
+    ({"preempted": True, "stop_reason": "SIGUSR1"}, "preempted (SIGUSR1)"),
+    ({"preempted": True, "stop_reason": "Ctrl-C"}, "stopped (Ctrl-C)"),
     ({"diverged": True, "val_perplexity": None}, "diverged"),
     ({}, "finished"),
 ])
@@ -183,3 +189,38 @@ def test_paths_that_hold_no_run_are_refused_in_one_line_naming_them(tmp_path, ca
 def test_a_run_named_twice_is_one_row(sweep, capsys):
     rows = compare_json(capsys, sweep / "mla", sweep)
     assert sorted(row["run"] for row in rows) == sorted([str(sweep / "mla"), str(sweep / "mha")])
+
+
+def test_settings_that_differ_besides_the_shape_get_columns_and_sort_by_them(sweep, tmp_path, capsys, monkeypatch):
+    text = (sweep / "mla" / CONFIG_FILE).read_text()
+    summary = json.loads((sweep / "mla" / SUMMARY_FILE).read_text())
+    for lr in ("0.001", "0.01"):
+        copy_run(sweep / "mla", tmp_path / f"lr{lr}", summary=summary,
+                 config_text=text.replace("lr: 0.003", f"lr: {lr}").replace(str(sweep / "mla"), str(tmp_path)))
+    out = compare_table(capsys, monkeypatch, tmp_path)
+    header = next(line for line in out.splitlines() if "train.lr" in line)
+    assert "train.out_dir" not in out and "train.min_lr" not in header  # placement, and what did not change
+    assert "0.001" in out and "0.01" in out
+    by_lr = compare_json(capsys, tmp_path, "--sort=-train.lr")  # with =: argparse reads "-x" as an option
+    assert [row["settings"]["train.lr"] for row in by_lr] == [0.01, 0.001]
+
+
+def test_a_run_that_is_training_now_says_so_instead_of_an_earlier_end(sweep, tmp_path, capsys):
+    summary = json.loads((sweep / "mla" / SUMMARY_FILE).read_text()) | {"preempted": True}
+    run = copy_run(sweep / "mla", tmp_path / "resumed", summary=summary, steps=[2])
+    with hold_run_lock(run, wait_s=0):  # what a resumed training holds while it runs
+        (row,) = compare_json(capsys, run)
+    assert row["status"].startswith("running (pid ") and row["best_val_perplexity"] is None
+    (row,) = compare_json(capsys, run)
+    assert row["status"] == "preempted"
+
+
+def test_a_perplexity_past_float_range_shows_as_inf_not_as_missing(sweep, tmp_path, capsys, monkeypatch):
+    summary = json.loads((sweep / "mla" / SUMMARY_FILE).read_text()) | {
+        "best_val_loss": 9502.0, "best_val_perplexity": None, "val_loss": 9502.0, "val_perplexity": None}
+    copy_run(sweep / "mla", tmp_path / "blown", summary=summary)
+    copy_run(sweep / "mla", tmp_path / "fine", summary=json.loads((sweep / "mla" / SUMMARY_FILE).read_text()))
+    out = compare_table(capsys, monkeypatch, tmp_path)
+    blown = next(line for line in out.splitlines() if "blown" in line)
+    assert blown.count(" inf ") == 2
+

@@ -20,7 +20,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tml.compare import DEFAULT_SORT, FIELDS, compare_runs, print_table
 from tml.config import Config, ConfigError
-from tml.run_dir import CONFIG_FILE
+from tml.run_dir import CONFIG_FILE, SUMMARY_FILE
 
 if TYPE_CHECKING:
     import torch
@@ -127,9 +127,20 @@ def chosen_checkpoint(command: str, path: str) -> str:
     if directory != Path(path).resolve():
         best = checkpoints_dir(path) / "best"
         which = "best" if best.exists() and best.resolve() == directory else "last"
-        print(f"tml {command}: using {directory} (the run's {which}; name a checkpoint directory to use another)",
-              file=sys.stderr)
+        diverged = " from before the run diverged" if run_diverged(Path(path)) else ""
+        print(f"tml {command}: using {directory} (the run's {which}{diverged}; name a checkpoint directory to use "
+              "another)", file=sys.stderr)
     return str(directory)
+
+
+def run_diverged(run_dir: Path) -> bool:
+    """What the run's summary.json says; False when there is none or it cannot be read."""
+    import json
+
+    try:
+        return bool(json.loads((run_dir / SUMMARY_FILE).read_text()).get("diverged"))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def n_tokens(count: int) -> str:
@@ -362,9 +373,9 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("runs", nargs="+", metavar="RUN_OR_PARENT",
                          help="a run directory (train.out_dir), or a directory whose subdirectories are runs")
     compare.add_argument("--json", action="store_true", help="print a JSON list of every run's fields instead")
-    compare.add_argument("--sort", default=DEFAULT_SORT, choices=FIELDS, metavar="KEY",
-                         help=f"ascending by this field, runs without it last (default: %(default)s; one of "
-                              f"{', '.join(FIELDS)})")
+    compare.add_argument("--sort", default=DEFAULT_SORT, metavar="KEY",
+                         help=f"ascending by this field or setting (train.lr); --sort=-KEY for descending; runs "
+                              f"without it last (default: %(default)s; fields: {', '.join(FIELDS)})")
     return parser
 
 

@@ -20,9 +20,10 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from tml.config import Config
+from tml.config import PLACEMENT_KEYS, Config
 from tml.model.config import ModelConfig
 from tml.run_dir import CHECKPOINTS, CONFIG_FILE, SUMMARY_FILE, saved_steps
+from tml.train.run_lock import training_in_progress
 
 # A directory holding any of these is a run (a killed run whose config.yaml was deleted still gets its row).
 RUN_MARKERS = (CONFIG_FILE, SUMMARY_FILE, CHECKPOINTS)
@@ -32,14 +33,21 @@ PARAMS_HEADER = re.compile(r"#\s*model:\s*([\d,]+) parameters")
 # Settings only MLA reads: an MHA row shows none rather than defaults that shaped nothing.
 MLA_ONLY = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 SHAPE = ("attention", "norm", "n_layer", "n_embd", "n_head", *MLA_ONLY, "block_size")
-NUMBERS_FROM_SUMMARY = ("final_step", "max_steps", "best_val_perplexity", "val_perplexity", "tokens_seen", "wall_s",
-                        "params")
-# Every row's fields, in table order; `--json` gives all of them and `--sort` takes any.
+NUMBERS_FROM_SUMMARY = ("final_step", "max_steps", "best_val_loss", "best_val_perplexity", "val_loss",
+                        "val_perplexity", "tokens_seen", "wall_s", "params")
+# Every row's fields, in table order; `--json` gives all of them (and `settings`) and `--sort` takes any.
 FIELDS = ("run", *SHAPE, "params", "kv_cache_bytes_per_token", "kv_cache_dtype", "final_step", "max_steps",
-          "best_val_perplexity", "val_perplexity", "tokens_seen", "wall_s", "tokens_per_s", "status")
+          "best_val_loss", "best_val_perplexity", "val_loss", "val_perplexity", "tokens_seen", "wall_s",
+          "tokens_per_s", "status")
 DEFAULT_SORT = "best_val_perplexity"
+# Settings that are not part of what a run computes, besides where its files go (PLACEMENT_KEYS): the data's
+# cache directory, how often it logs and saves, and the loggers. A sweep that differs only in these shows no
+# column for them.
+NOT_COMPARED = frozenset({"data.shard_dir", "train.log_interval", "train.ckpt_interval", "train.keep_checkpoints"})
+NOT_COMPARED_SECTIONS = ("log.",)
 UNLIMITED_WIDTH = 100_000  # characters: room to measure how wide the table is when nothing is squeezed
 NO_VALUE = "-"
+SETTING_WIDTH = 24  # characters of a setting's value in the table: a book list or a path is told apart by its start
 
 
 class CompareError(ValueError):
@@ -112,11 +120,19 @@ def read_summary(directory: Path) -> dict[str, Any]:
 def summary_status(summary: dict[str, Any]) -> str:
     if summary.get("diverged"):
         return "diverged"
-    if summary.get("preempted"):
-        return "preempted"
+    if summary.get("preempted"):  # stop_reason: since summaries name it ("Ctrl-C", "SIGUSR1", ...)
+        reason = summary.get("stop_reason")
+        return "stopped (Ctrl-C)" if reason == "Ctrl-C" else f"preempted ({reason})" if reason else "preempted"
     if summary.get("stopped_early"):
         return "early stop"
     return "finished"
+
+
+def compared_settings(config: Config) -> dict[str, Any]:
+    """`section.key` -> value of every setting that shapes what a run computes (lists as lists)."""
+    flat = {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
+    return {key: value for key, value in flat.items()
+            if key not in PLACEMENT_KEYS and key not in NOT_COMPARED and not key.startswith(NOT_COMPARED_SECTIONS)}
 
 
 def kv_cache_cost(model: ModelConfig, precision: str) -> tuple[int, str]:
@@ -140,7 +156,7 @@ def counted_params(model: ModelConfig) -> int:
 
 def read_run(name: str, directory: Path) -> dict[str, Any]:
     """One row: every field of FIELDS, None where unknown. A file that cannot be read is named in the status."""
-    row: dict[str, Any] = dict.fromkeys(FIELDS)
+    row: dict[str, Any] = {**dict.fromkeys(FIELDS), "settings": {}}
     row["run"] = name
     problems = []
     config = text = None
@@ -162,7 +178,11 @@ def read_run(name: str, directory: Path) -> dict[str, Any]:
             newest > summary["final_step"]:
         summary = None  # resumed since that summary was written: it describes an earlier end, not this run
 
+    running = training_in_progress(directory)
+    if running is not None:
+        summary = None  # whatever an earlier end wrote, the run is going on now
     if config is not None:
+        row["settings"] = compared_settings(config)
         model = config.model
         row.update({key: getattr(model, key) for key in SHAPE})
         if model.attention != "mla":
@@ -174,6 +194,9 @@ def read_run(name: str, directory: Path) -> dict[str, Any]:
         if row["tokens_seen"] is not None and row["wall_s"]:
             row["tokens_per_s"] = row["tokens_seen"] / row["wall_s"]
         status = summary_status(summary)
+    elif running is not None:
+        row["final_step"] = newest
+        status = f"running ({running})"
     else:
         row["final_step"] = newest
         status = "no summary" if newest is not None else "no summary, no checkpoint"
@@ -185,30 +208,30 @@ def read_run(name: str, directory: Path) -> dict[str, Any]:
     return row
 
 
-def sort_rows(rows: list[dict[str, Any]], key: str) -> list[dict[str, Any]]:
-    """Ascending by `key`, rows without a value last; ties keep the runs' name order."""
-    if key not in FIELDS:
-        raise CompareError(f"--sort {key}: not a field; choose one of {', '.join(FIELDS)}")
+def sort_value(row: dict[str, Any], key: str) -> Any:
+    """A row's value for --sort: one of FIELDS, or one of its settings (`train.lr`)."""
+    return row[key] if key in FIELDS else row["settings"].get(key)
+
+
+def sort_rows(rows: list[dict[str, Any]], sort: str) -> list[dict[str, Any]]:
+    """By `sort` (a field or a setting; `-key` for descending), rows without a value last; ties in name order."""
+    key, descending = sort.removeprefix("-"), sort.startswith("-")
+    known = set(FIELDS) | {name for row in rows for name in row["settings"]}
+    if key not in known:
+        raise CompareError(f"--sort {sort}: not a field or setting; choose one of {', '.join(FIELDS)}, or a "
+                           "setting such as train.lr (prefix - for descending)")
     by_name = sorted(rows, key=lambda row: row["run"])
-    return sorted(by_name, key=lambda row: (row[key] is None, row[key] if row[key] is not None else 0))
+    present = [row for row in by_name if sort_value(row, key) is not None]
+    missing = [row for row in by_name if sort_value(row, key) is None]
+    return sorted(present, key=lambda row: sort_value(row, key), reverse=descending) + missing
 
 
-def compare_runs(paths: Sequence[str], sort_key: str = DEFAULT_SORT) -> list[dict[str, Any]]:
-    """Every run under `paths` as a row of FIELDS, sorted by `sort_key`."""
-    if sort_key not in FIELDS:  # before reading anything: a typo is answered at once
-        raise CompareError(f"--sort {sort_key}: not a field; choose one of {', '.join(FIELDS)}")
-    return sort_rows([read_run(name, directory) for name, directory in find_runs(paths)], sort_key)
+def compare_runs(paths: Sequence[str], sort: str = DEFAULT_SORT) -> list[dict[str, Any]]:
+    """Every run under `paths` as a row of FIELDS (and its `settings`), sorted by `sort`."""
+    return sort_rows([read_run(name, directory) for name, directory in find_runs(paths)], sort)
 
 
 # ------------------------------------------------------------------------------------------------ the table
-
-
-def compact(count: float) -> str:
-    """1234567 -> 1.235M: counts whose size matters more than their last digits."""
-    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
-        if abs(count) >= scale:
-            return f"{count / scale:.4g}{suffix}"
-    return f"{count:g}"
 
 
 def duration(seconds: float) -> str:
@@ -219,15 +242,23 @@ def duration(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{seconds:02d}s"
 
 
+def compact(count: float) -> str:
+    """30720 -> 30.7K: counts whose size matters more than their last digits (tokens seen)."""
+    for scale, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "K")):
+        if abs(count) >= scale:
+            return f"{count / scale:.3g}{suffix}"
+    return f"{count:g}"
+
+
 @dataclass(frozen=True)
 class Column:
-    header: str
+    header: str  # short: a sweep's table has many columns, and most values are a few digits wide
     value: Callable[[dict[str, Any]], Any]
     render: Callable[[Any], str] = str
 
 
-def field(key: str, header: str | None = None, render: Callable[[Any], str] = str) -> Column:
-    return Column(header or key, lambda row: row[key], render)
+def field(key: str, header: str, render: Callable[[Any], str] = str) -> Column:
+    return Column(header, lambda row: row[key], render)
 
 
 def steps_done(value: tuple[int | None, int | None]) -> str:
@@ -235,20 +266,52 @@ def steps_done(value: tuple[int | None, int | None]) -> str:
     return f"{NO_VALUE if done is None else f'{done:,}'}/{NO_VALUE if total is None else f'{total:,}'}"
 
 
+def perplexity_of(perplexity_key: str, loss_key: str) -> Callable[[dict[str, Any]], Any]:
+    """The perplexity, or inf where only the loss is known: summary.json writes a perplexity past float range as
+    null, which must not read as "never validated"."""
+    def value(row: dict[str, Any]) -> Any:
+        if row[perplexity_key] is None and row[loss_key] is not None:
+            return math.inf
+        return row[perplexity_key]
+    return value
+
+
+def setting_text(value: Any) -> str:
+    """3e-05, true, [11, 12]: a setting as it would be typed in YAML, cut to SETTING_WIDTH (--json has it whole)."""
+    text = f"{value:g}" if isinstance(value, float) else value if isinstance(value, str) else json.dumps(value)
+    return text if len(text) <= SETTING_WIDTH else text[: SETTING_WIDTH - 1] + "…"
+
+
+def setting(key: str) -> Column:
+    """A column for one setting outside the model's shape (`train.lr`), shown when runs differ in it."""
+    return Column(key, lambda row: row["settings"].get(key), setting_text)
+
+
 COLUMNS = (
-    field("run"),
-    *(field(key) for key in SHAPE),
-    field("params", render=compact),
-    field("kv_cache_bytes_per_token", "KV cache B/token", render=lambda n: f"{n:,}"),
-    field("kv_cache_dtype", "KV cache dtype"),
+    field("run", "run"),
+    field("attention", "attn"),
+    field("norm", "norm"),
+    field("n_layer", "layers"),
+    field("n_embd", "width"),
+    field("n_head", "heads"),
+    field("kv_lora_rank", "kv rank"),
+    field("q_lora_rank", "q rank", render=lambda rank: str(rank) if rank else "off"),
+    field("qk_rope_head_dim", "rope"),
+    field("qk_nope_head_dim", "nope"),
+    field("v_head_dim", "v"),
+    field("block_size", "block"),
+    field("params", "params", render=lambda n: f"{n:,}"),
+    field("kv_cache_bytes_per_token", "KV B/tok", render=lambda n: f"{n:,}"),
+    field("kv_cache_dtype", "KV dtype"),
     Column("steps", lambda row: (row["final_step"], row["max_steps"]), steps_done),
-    field("best_val_perplexity", "best val ppl", render=lambda x: f"{x:.2f}"),
-    field("val_perplexity", "final val ppl", render=lambda x: f"{x:.2f}"),
+    Column("best ppl", perplexity_of("best_val_perplexity", "best_val_loss"), lambda x: f"{x:.2f}"),
+    Column("final ppl", perplexity_of("val_perplexity", "val_loss"), lambda x: f"{x:.2f}"),
     field("tokens_seen", "tokens", render=compact),
     field("wall_s", "wall", render=duration),
-    field("tokens_per_s", "tokens/s", render=lambda x: f"{x:,.0f}"),
-    field("status"),
+    field("tokens_per_s", "tok/s (wall)", render=lambda x: f"{x:,.0f}"),
+    field("status", "status"),
 )
+SHAPE_SETTINGS = {f"model.{key}" for key in SHAPE}  # settings the shape columns already show
 
 
 def cell(column: Column, row: dict[str, Any]) -> str:
@@ -256,21 +319,35 @@ def cell(column: Column, row: dict[str, Any]) -> str:
     return NO_VALUE if value is None else column.render(value)
 
 
-def common_columns(rows: list[dict[str, Any]]) -> list[Column]:
-    """Columns whose value is the same in every row (none with one row: then the table is the whole story)."""
-    if len(rows) < 2:
-        return []
-    return [column for column in COLUMNS[1:] if all(column.value(row) == column.value(rows[0]) for row in rows)]
+def same_in_all(column: Column, rows: list[dict[str, Any]]) -> bool:
+    """One value in every row that has one: an MHA row's "not applicable" (None) for kv rank agrees with any."""
+    values = [column.value(row) for row in rows if column.value(row) is not None]
+    return len(rows) > 1 and all(value == values[0] for value in values)
+
+
+def differing_settings(rows: list[dict[str, Any]]) -> list[Column]:
+    """A column per setting (besides the shape's) whose value is not the same in every run: lr, warm-up, data..."""
+    keys = sorted({key for row in rows for key in row["settings"]} - SHAPE_SETTINGS)
+    columns = [setting(key) for key in keys]
+    return [column for column in columns if not same_in_all(column, rows) and len(rows) > 1]
 
 
 def print_table(rows: list[dict[str, Any]], console: Console) -> None:
-    """`same in all runs: ...` above a table of the columns that differ, in the rows' order."""
-    same = common_columns(rows)
-    if same:
-        console.print("same in all runs: " + ", ".join(f"{column.header} {cell(column, rows[0])}" for column in same),
-                      soft_wrap=True)
-    table = Table(show_edge=False, header_style="bold")
+    """`same in all runs: ...` above a table of the columns that differ, in the rows' order; one run is listed as
+    `name value` lines, which fit any terminal."""
+    if len(rows) == 1:
+        (row,) = rows
+        for column in COLUMNS:
+            console.print(f"{column.header:<14} {cell(column, row)}", soft_wrap=True, highlight=False)
+        return
+    same = [column for column in COLUMNS[1:] if same_in_all(column, rows)]
+    shared = [f"{column.header} {cell(column, having[0])}" for column in same
+              if (having := [row for row in rows if column.value(row) is not None])]
+    if shared:
+        console.print("same in all runs: " + ", ".join(shared), highlight=False)
     shown = [column for column in COLUMNS if column not in same]
+    shown[-1:-1] = differing_settings(rows)  # before status: what the runs were told to do differently
+    table = Table(show_edge=False, header_style="bold")
     for column in shown:
         table.add_column(column.header, justify="left" if column.render is str else "right", no_wrap=True)
     for row in rows:

@@ -21,6 +21,12 @@ from tml.model.config import ModelConfig
 from tml.train.config import LogConfig, TrainConfig
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "log": LogConfig}
+# Settings that only say where a run's files go or how the raw books are fetched: they never change what a run
+# computes, so a resume does not list them as changes and `tml compare` does not compare them.
+PLACEMENT_KEYS = frozenset({
+    "train.resume", "train.out_dir", "data.mirror", "data.raw_dir", "data.encode_threads", "data.num_workers",
+    "data.download_concurrency", "data.requests_per_second", "data.request_timeout", "data.max_retries",
+})
 
 
 class ConfigError(ValueError):

@@ -94,6 +94,23 @@ def test_a_run_directory_says_which_of_its_checkpoints_is_used(trained_run, caps
     assert "using" not in capsys.readouterr().err  # a checkpoint named by the user needs no notice
 
 
+def test_a_diverged_run_says_its_checkpoint_is_from_before_the_divergence_or_that_none_is_left(trained_run, tmp_path,
+                                                                                              capsys):
+    run = tmp_path / "diverged"
+    shutil.copytree(trained_run, run, symlinks=True)
+    (run / "summary.json").write_text('{"diverged": true}')
+    assert main(["eval", "--checkpoint", str(run), "--data", __file__]) == 0
+    assert "(the run's best from before the run diverged;" in capsys.readouterr().err
+    root = checkpoints_dir(run)
+    for link in ("best", "last"):
+        (root / link).unlink()
+    step = next(root.glob("step-*"))
+    step.rename(root / f"diverged-{step.name}")
+    assert main(["eval", "--checkpoint", str(run), "--data", __file__]) == 1
+    assert (f"{run} diverged before it saved a checkpoint worth using; the one set aside then is "
+            f"{root / f'diverged-{step.name}'}: name it to use it anyway") in capsys.readouterr().err
+
+
 def test_generate_top_k_0_means_off(trained_run, capsys):
     """0 samples exactly as a k as large as the vocabulary, which filters nothing."""
     outputs = []

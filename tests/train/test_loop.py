@@ -295,9 +295,31 @@ def test_a_stop_request_on_a_skipped_step_still_saves_the_unchanged_weights(tmp_
     assert all(torch.isfinite(t).all() for t in state.values())
 
 
-def test_a_few_nan_gradient_steps_are_skipped_and_the_run_carries_on(tmp_path, tiny_shards, monkeypatch):
+def test_a_blow_up_with_a_finite_loss_first_says_the_checkpoint_left_is_likely_damaged(tmp_path, tiny_shards,
+                                                                                      monkeypatch):
+    original = Transformer.forward
+    calls = {"n": 0}
+
+    def forward_blowing_up(self, idx, targets=None, **kwargs):  # huge but finite losses at steps 3-4, then NaN
+        logits, loss = original(self, idx, targets, **kwargs)
+        calls["n"] += self.training
+        if self.training and calls["n"] >= 3:
+            loss = loss * (1000.0 if calls["n"] < 5 else math.nan)
+        return logits, loss
+
+    monkeypatch.setattr(Transformer, "forward", forward_blowing_up)
+    config = tiny_run_config(tiny_shards, tmp_path, max_steps=30, ckpt_interval=1, val_interval=100)
+    with pytest.raises(TrainingDiverged, match=r"`last` is step-0000003 .* Its train loss \(5\d{3}\) was "
+                                               r"already above the first step's \(5\.\d+\), so its weights are "
+                                               r"likely damaged too: a new run \(another --train.out_dir than "):
+        train(config)
+
+
+def test_a_few_nan_gradient_steps_are_skipped_and_the_run_carries_on(tmp_path, tiny_shards, monkeypatch, capsys):
     nan_gradients_from_step(monkeypatch, first_bad=3, last_bad=4)
     result = train(tiny_run_config(tiny_shards, tmp_path, max_steps=8, val_interval=8, ckpt_interval=8))
+    skipped = [line for line in capsys.readouterr().out.splitlines() if "skipped: non-finite" in line]
+    assert [line.split("|")[0].split()[1] for line in skipped] == ["3", "4"]
     assert result.final_step == 8 and math.isfinite(result.val_loss)
     norms = [value for _, value in scalars(tmp_path, "train/grad_norm")]
     assert [math.isfinite(norm) for norm in norms] == [True, True, False, False, True, True, True, True]
@@ -312,9 +334,11 @@ def test_preemption_signal_saves_last_and_resume_continues(tmp_path, tiny_shards
     result = train(config, preemption=flag)
     assert result.preempted and result.final_step == 1
     assert read_meta(tmp_path / "checkpoints" / "last")["step"] == 1
+    assert summary(tmp_path)["stop_reason"] == "SIGUSR1"  # a sweep's script tells Ctrl-C from a scheduler
     config.train.resume = "auto"
     resumed = train(config, preemption=PreemptionFlag())
     assert not resumed.preempted and resumed.final_step == 6
+    assert summary(tmp_path)["stop_reason"] is None
 
 
 def test_resume_with_a_longer_run_follows_the_new_schedule_from_the_saved_step(tmp_path, tiny_shards, capsys):

@@ -1,12 +1,14 @@
 """One training per out_dir: a second holder is refused naming the first, and the lock never outlives its holder."""
 
 import errno
+import fcntl
 import os
 import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -23,6 +25,7 @@ from tml.train.run_lock import (
     hold_run_lock,
     is_lock_holder,
     lock_wait_s,
+    training_in_progress,
 )
 
 HOLDER_START_S = 30  # a bare Python importing one module, on a busy 2-core machine
@@ -182,4 +185,16 @@ def test_a_full_disk_at_start_is_one_line_naming_the_run_and_the_free_space(tmp_
     monkeypatch.setattr("tml.train.run_lock.write_holder", disk_full)
     with pytest.raises(RunLockError, match=rf"cannot write to {re.escape(str(tmp_path))}: No space left on device "
                                            r"\([\d,.]+ MB free\)"), hold_run_lock(tmp_path, wait_s=0):
+        pass
+
+
+def test_a_reader_sees_a_training_in_progress_and_a_training_is_not_refused_for_its_look(tmp_path):
+    assert training_in_progress(tmp_path) is None  # never trained here: no lock file
+    with hold_run_lock(tmp_path, wait_s=0):
+        assert training_in_progress(tmp_path).startswith(f"pid {os.getpid()} on host {socket.gethostname()}")
+    assert training_in_progress(tmp_path) is None  # the file stays, the lock does not
+    fd = os.open(tmp_path / LOCK_FILE, os.O_RDONLY)
+    fcntl.flock(fd, fcntl.LOCK_SH)  # a reader caught mid-look
+    threading.Timer(0.01, os.close, [fd]).start()  # ...for far less than READER_GRACE_S
+    with hold_run_lock(tmp_path, wait_s=0):
         pass

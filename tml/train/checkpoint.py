@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from lightning import Fabric
 
-from tml.config import Config
+from tml.config import PLACEMENT_KEYS, Config
 from tml.data.config import VAL_SPLITS, DataConfig
 from tml.data.gutenberg import GutenbergError, books_from_directory
 from tml.data.prepare import (
@@ -200,6 +200,10 @@ def find_checkpoint(path: str | Path) -> Path:
         newest = f"; the newest complete one is {checkpoints_dir(path) / step_name(max(steps))}" if steps else ""
         links = " and ".join(f"{link} -> {os.readlink(link)}" for link in dangling)
         raise CheckpointError(f"{path}: {links} point to missing checkpoints{newest}")
+    set_aside = sorted(checkpoints_dir(path).glob(f"{DIVERGED_PREFIX}step-*"))
+    if set_aside:
+        raise CheckpointError(f"{path} diverged before it saved a checkpoint worth using; the one set aside then is "
+                              f"{set_aside[-1]}: name it to use it anyway")
     raise CheckpointError(f"{path} is neither a checkpoint directory (no {MANIFEST}) nor a run directory with one")
 
 
@@ -263,11 +267,6 @@ def _point_link(link: Path, target_name: str) -> None:
 
 # ------------------------------------------------------------------------------------ resuming under a config
 
-# Settings that only say where the run's files go or how the raw books were fetched: never worth a notice.
-SILENT_ON_RESUME = frozenset({
-    "train.resume", "train.out_dir", "data.mirror", "data.raw_dir", "data.encode_threads", "data.num_workers",
-    "data.download_concurrency", "data.requests_per_second", "data.request_timeout", "data.max_retries",
-})
 # The saved data position counts windows of one token stream, in one seed's shuffle. These decide which tokens
 # form the train split (source, books, split) and how it is cut (stride), so under new values the position
 # points at other text, and BatchStream only notices when the window count happens to differ. shard_dir and
@@ -325,7 +324,7 @@ def check_resume_config(resume_dir: Path, saved: dict[str, Any], current: Config
     with both values. Everything else (max_steps, lr, dropout, devices, ...) may change on resume and is returned
     for a notice. Called before anything is written, so a refused resume leaves the run directory as it was.
     """
-    changes = [c for c in changed_settings(saved, current) if c[0] not in SILENT_ON_RESUME]
+    changes = [c for c in changed_settings(saved, current) if c[0] not in PLACEMENT_KEYS]
     refused = [c for c in changes if _changes_weights(c[0]) or (c[0] in DATA_POSITION_KEYS
                                                                 and not _same_val_split(c, current.data))]
     if refused:
@@ -609,10 +608,11 @@ class Checkpointer:
         raise CheckpointError(f"cannot write checkpoint {final}: {reason}{on_rank}; the checkpoints already in "
                               f"{self.root} are left as they were") from failure
 
-    def set_aside_from(self, first_suspect: int) -> str:
+    def set_aside_from(self, first_suspect: int) -> tuple[str, int | None]:
         """After a divergence: rename the step directories from `first_suspect` on to `diverged-step-N` (kept, but no
         longer what `--train.resume auto` or `tml generate` picks), point `last` at the newest step left and drop a
-        `best` that pointed at a renamed one. Every rank calls it; rank 0 moves. Returns a sentence for the message."""
+        `best` that pointed at a renamed one. Every rank calls it; rank 0 moves. Returns a sentence for the message
+        and the step `last` now points at (None when no checkpoint is left)."""
         suspect = [step for step in saved_steps(self.root.parent) if step >= first_suspect]
         remaining = [step for step in saved_steps(self.root.parent) if step < first_suspect]
         moved = ", ".join(f"{DIVERGED_PREFIX}{step_name(step)}" for step in suspect)
@@ -629,8 +629,8 @@ class Checkpointer:
         set_aside = f"The checkpoint whose weights led into it is kept as {moved}. " if suspect else ""
         if remaining:
             return (f"{set_aside}`last` is {step_name(max(remaining))} in {self.root}, saved before the divergence: "
-                    "--train.resume auto continues from it.")
-        return f"{set_aside}No checkpoint from before the divergence is left: a new run starts afresh."
+                    "--train.resume auto continues from it.", max(remaining))
+        return f"{set_aside}No checkpoint from before the divergence is left: a new run starts afresh.", None
 
     def has_saved(self, step: int) -> bool:
         return step in self._saved_steps

@@ -156,10 +156,15 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         """Wall seconds of the whole run: this process's and those of the segments it resumed."""
         return seconds_before + time.perf_counter() - started
 
+    losses_at_saves: dict[int, float] = {}  # the train loss logged at each step saved: how sound its weights were
+    first_loss: float | None = None  # the first step's train loss in this process: where training started from
+    step_loss = math.nan  # the latest step's train loss (none yet: a run resumed at its end only validates)
+
     def save(best: bool = False) -> None:
         loop_state = {"step": step, "early_stopping": early_stopping.state_dict(), "tokens_seen": tokens_seen,
                       "train_seconds": train_seconds()}
         checkpointer.save(step, model, optimizer, scheduler, batches, loop_state, config, wandb_run_id, best=best)
+        losses_at_saves[step] = step_loss
 
     def validate() -> tuple[EvalResult, bool]:
         """Validate, log, save `best` on improvement; True when early stopping says stop (rank 0 decides)."""
@@ -192,6 +197,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
             "val_perplexity": val.perplexity if val else None,
             "stopped_early": stopped_early,
             "preempted": preempted,
+            "stop_reason": preemption.describe() if preempted else None,  # "Ctrl-C", "SIGUSR1", ...
             "diverged": diverged,
             "tokens_seen": tokens_seen,
             "wall_s": round(train_seconds(), 3),
@@ -230,6 +236,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                     torch.stack([loss_sum / tc.grad_accum, signalled, grad_norm.float()]), reduce_op="sum").tolist()
                 step_loss = loss_total / fabric.world_size
                 step_grad_norm = norm_total / fabric.world_size
+                first_loss = step_loss if first_loss is None else first_loss
                 # A good step has a finite loss and finite gradients. A bad one is never saved, so `last` never holds
                 # NaN weights, and is not applied either (except by DeepSpeed, whose engine has already stepped).
                 # Under fp16 loss scaling an overflowed gradient is the scaler's to skip (it lowers the scale), not
@@ -259,6 +266,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                         metrics["train/peak_memory_gib"] = torch.cuda.max_memory_allocated(fabric.device) / GIB
                     fabric.log_dict(metrics, step=step)
                     status = f"loss {step_loss:.4f} | lr {metrics['train/lr']:.2e} | {tokens_per_s:,.0f} tok/s"
+                    if not finite:
+                        status += " | skipped: non-finite loss or gradients"
                     report.print(f"step {step:>7d} | {status}" + (f" | MFU {mfu:.1%}" if mfu is not None else ""))
                     report.advance(step, status)
 
@@ -268,10 +277,11 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                             else "the fp16 gradients overflowed at every loss scale tried")
                     first_bad = step - streak + 1
                     # The weights of step first_bad - 1 gave the first bad step: not a checkpoint to continue from.
-                    kept = checkpointer.set_aside_from(first_bad - 1)
+                    kept, last_step = checkpointer.set_aside_from(first_bad - 1)
                     raise TrainingDiverged(
                         f"{what} for {streak} consecutive steps (steps {first_bad} to {step}); stopping. {kept} "
-                        "Lower train.lr or raise train.warmup_frac"
+                        + damaged_warning(losses_at_saves.get(last_step), first_loss, out_dir)
+                        + "Lower train.lr or raise train.warmup_frac"
                         + (", or use bf16-mixed (fp16's range is narrow)." if fp16_scaling else ".")
                     )
 
@@ -333,6 +343,16 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         preempted=preempted,
         out_dir=out_dir,
     )
+
+
+def damaged_warning(loss_at_last: float | None, first_loss: float | None, out_dir: Path) -> str:
+    """A sentence when the checkpoint left as `last` was itself saved at a loss above where training started: a blow-up
+    whose loss stayed finite for a while damaged those weights too, and resuming from them would not train."""
+    known = loss_at_last is not None and first_loss is not None
+    if not known or not (math.isfinite(loss_at_last) and math.isfinite(first_loss)) or loss_at_last <= first_loss:
+        return ""
+    return (f"Its train loss ({loss_at_last:.4g}) was already above the first step's ({first_loss:.4g}), so its "
+            f"weights are likely damaged too: a new run (another --train.out_dir than {out_dir}) starts afresh. ")
 
 
 def check_vocabulary(config: Config) -> None:

@@ -29,6 +29,7 @@ RANK_VARIABLES = ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK", "SLURM_PROCID
 # at once and ending the job for good.
 REQUEUE_LOCK_WAIT_S = 180.0
 LOCK_RETRY_S = 1.0
+READER_GRACE_S = 0.05  # training_in_progress holds a shared lock for microseconds; a training retries past that
 
 
 class RunLockError(RuntimeError):
@@ -47,16 +48,40 @@ def lock_wait_s(environ: Mapping[str, str] = os.environ) -> float:
 
 
 def flock_within(fd: int, wait_s: float) -> None:
-    """flock(LOCK_EX) without blocking, retried for up to wait_s seconds; BlockingIOError when still held."""
-    deadline = time.monotonic() + wait_s
+    """flock(LOCK_EX) without blocking, retried for up to wait_s seconds (at least READER_GRACE_S, so a reader's
+    instant of shared lock never refuses a training); BlockingIOError when still held."""
+    deadline = time.monotonic() + max(wait_s, READER_GRACE_S)
     while True:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             return
         except BlockingIOError:
-            if time.monotonic() + LOCK_RETRY_S > deadline:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
                 raise
-            time.sleep(LOCK_RETRY_S)
+            time.sleep(min(LOCK_RETRY_S, remaining))
+
+
+def training_in_progress(out_dir: str | Path) -> str | None:
+    """`pid 1234 on host gpu7, since 18:02` when a training holds out_dir's lock now, else None (for readers such as
+    `tml compare`). A shared lock taken and dropped at once; a training starting in that instant retries
+    (READER_GRACE_S) rather than being refused."""
+    path = Path(out_dir) / LOCK_FILE
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return read_holder(fd)
+    except OSError:  # a file system that cannot lock: nothing to tell
+        return None
+    else:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager

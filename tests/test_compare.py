@@ -119,11 +119,14 @@ def test_an_unknown_sort_key_is_refused_naming_the_choices(sweep, capsys):
 def test_a_run_without_summary_takes_its_step_from_the_newest_checkpoint_and_its_size_from_config_yaml(
         sweep, tmp_path, capsys):
     real = json.loads((sweep / "mla" / SUMMARY_FILE).read_text())
-    killed = copy_run(sweep / "mla", tmp_path / "killed", steps=[2, 6, 4])
+    text = (sweep / "mla" / CONFIG_FILE).read_text()
+    sentinel = text.replace(f"model: {real['params']:,} parameters", "model: 1,234,567 parameters", 1)
+    assert sentinel != text
+    killed = copy_run(sweep / "mla", tmp_path / "killed", steps=[2, 6, 4], config_text=sentinel)
     (row,) = compare_json(capsys, killed)
     assert row["status"] == "no summary" and row["final_step"] == 6 and row["max_steps"] == MAX_STEPS
     assert row["best_val_perplexity"] is None and row["tokens_seen"] is None and row["tokens_per_s"] is None
-    assert row["params"] == real["params"]  # read from config.yaml's header line
+    assert row["params"] == 1_234_567  # read from config.yaml's header line, not counted again
 
 
 def test_a_config_without_its_header_line_gets_its_parameters_counted(sweep, tmp_path, capsys):
@@ -223,4 +226,12 @@ def test_a_perplexity_past_float_range_shows_as_inf_not_as_missing(sweep, tmp_pa
     out = compare_table(capsys, monkeypatch, tmp_path)
     blown = next(line for line in out.splitlines() if "blown" in line)
     assert blown.count(" inf ") == 2
+
+
+def test_a_config_section_that_is_not_a_mapping_is_an_unreadable_row_saying_so(sweep, tmp_path, capsys):
+    text = (sweep / "mla" / CONFIG_FILE).read_text()
+    broken = text.split("\nmodel:\n", 1)[0] + "\nmodel: 5\n"
+    (row,) = compare_json(capsys, copy_run(sweep / "mla", tmp_path / "run", config_text=broken))
+    assert row["status"] == ("unreadable: config.yaml: section model holds an int; it maps model keys to values, "
+                             "one per indented line below `model:` (e.g. `  vocab_size: ...`)")
 

@@ -73,7 +73,8 @@ def test_missing_config_file_is_a_clear_error(tmp_path):
     ("train: [1, 2\n", r" is not valid YAML at line 2, column 1: expected ',' or ']'"),
     ("- a\n- b\n", r" holds a list; a config file maps sections \(model, data, train, log\)"),
     ("", r" holds nothing; a config file maps sections"),
-    ("model: 5\n", r": section model holds an int; it maps model keys to values \(e.g. model:\n  vocab_size: ...\)"),
+    ("model: 5\n", r": section model holds an int; it maps model keys to values, one per indented line below "
+                    r"`model:` \(e.g. `  vocab_size: ...`\)"),
     ("train:\n", r": section train holds nothing; it maps train keys to values"),
 ])
 def test_a_config_file_that_is_not_a_yaml_mapping_is_refused_naming_the_file(tmp_path, text, message):

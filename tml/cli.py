@@ -10,6 +10,8 @@ torch and Lightning are imported inside the commands that use them, so `tml prep
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from tml.compare import DEFAULT_SORT, FIELDS, compare_runs, print_table
+from tml.compare import DEFAULT_SORT, FIELDS, CompareError, compare_runs, print_table
 from tml.config import Config, ConfigError
 from tml.run_dir import CONFIG_FILE, SUMMARY_FILE
 
@@ -66,13 +68,15 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
     from tml.train.preemption import INTERACTIVE_SIGNALS, PreemptionFlag
 
     stop = PreemptionFlag()
-    preparing = False
     try:
         resume_checkpoint(config)  # a refused resume must not first rebuild the shards the run was trained on
         if not data_is_ready(config.data):
-            preparing = True
-            prepare_data(config.data)
-            preparing = False
+            try:
+                prepare_data(config.data)
+            except KeyboardInterrupt:  # before training: one process, and nothing of the run to speak of
+                print(f"tml: interrupted while preparing {config.data.shard_dir}; the next run starts the unfinished "
+                      "preparation again", file=sys.stderr)
+                return CTRL_C_EXIT_STATUS
         result = train(config, stop.install(INTERACTIVE_SIGNALS))
     # Every rank of the machine raises the same error together (the loop agrees on its decisions): one prints it.
     except ConfigError as error:  # a setting this machine cannot run (train.accelerator=cuda without CUDA)
@@ -85,11 +89,7 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
         return 1
     except KeyboardInterrupt:  # before the handler was installed, or the second Ctrl-C
         if is_first_local_process():
-            if preparing:
-                print(f"tml: interrupted while preparing {config.data.shard_dir}; the next run starts the unfinished "
-                      "preparation again", file=sys.stderr)
-            else:
-                print(f"tml: aborted; checkpoints in {config.train.out_dir} are as last saved", file=sys.stderr)
+            print(f"tml: aborted; checkpoints in {config.train.out_dir} are as last saved", file=sys.stderr)
         return CTRL_C_EXIT_STATUS
     finally:
         stop.uninstall()  # the loop does it too, but not when it fails before its first step
@@ -135,8 +135,6 @@ def chosen_checkpoint(command: str, path: str) -> str:
 
 def run_diverged(run_dir: Path) -> bool:
     """What the run's summary.json says; False when there is none or it cannot be read."""
-    import json
-
     try:
         return bool(json.loads((run_dir / SUMMARY_FILE).read_text()).get("diverged"))
     except (OSError, ValueError, AttributeError):
@@ -381,9 +379,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_compare(args: argparse.Namespace) -> int:
     """Reads files only (tml/compare.py), so main dispatches it before anything imports torch."""
-    import json
-    import os
-
     rows = compare_runs(args.runs, args.sort)
     try:
         if args.json:
@@ -408,7 +403,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "compare":  # before the checkpoint import below, which costs torch and Lightning
         try:
             return cmd_compare(args)
-        except ValueError as error:  # CompareError, or ModelConfigError in a run rebuilt to count its parameters
+        except CompareError as error:
             print(f"tml compare: {error}", file=sys.stderr)
             return 1
     from tml.train.checkpoint import CheckpointError

@@ -20,7 +20,7 @@ from rich.console import Console
 from rich.measure import Measurement
 from rich.table import Table
 
-from tml.config import PLACEMENT_KEYS, Config
+from tml.config import PLACEMENT_KEYS, Config, check_config_mapping
 from tml.model.config import ModelConfig
 from tml.run_dir import CHECKPOINTS, CONFIG_FILE, SUMMARY_FILE, saved_steps
 from tml.train.run_lock import training_in_progress
@@ -79,8 +79,8 @@ def find_runs(paths: Sequence[str]) -> list[tuple[str, Path]]:
             found = [(str(path / child.name), child) for child in sorted(path.iterdir())
                      if child.is_dir() and is_run(child)]
             if not found:
-                raise CompareError(f"{given}: not a run directory (no {CONFIG_FILE}) and none of its subdirectories "
-                                   "is one")
+                raise CompareError(f"{given}: not a run directory (none of {', '.join(RUN_MARKERS)}) and none of its "
+                                   "subdirectories is one")
         for name, directory in found:
             runs.setdefault(directory.resolve(), name)
     return [(name, directory) for directory, name in runs.items()]
@@ -99,8 +99,7 @@ def parse_config(text: str) -> Config:
     unknown-key and value checks as the CLI, at a tenth of jsonargparse's cost per file: 50 runs in well under
     a second)."""
     values = yaml.safe_load(text)
-    if not isinstance(values, dict):
-        raise ValueError("holds no config sections")
+    check_config_mapping(values, CONFIG_FILE)
     return Config.from_dict(values)
 
 
@@ -120,7 +119,7 @@ def read_summary(directory: Path) -> dict[str, Any]:
 def summary_status(summary: dict[str, Any]) -> str:
     if summary.get("diverged"):
         return "diverged"
-    if summary.get("preempted"):  # stop_reason: since summaries name it ("Ctrl-C", "SIGUSR1", ...)
+    if summary.get("preempted"):  # summaries written since stop_reason existed say how: "Ctrl-C", "SIGUSR1", ...
         reason = summary.get("stop_reason")
         return "stopped (Ctrl-C)" if reason == "Ctrl-C" else f"preempted ({reason})" if reason else "preempted"
     if summary.get("stopped_early"):
@@ -166,7 +165,8 @@ def read_run(name: str, directory: Path) -> dict[str, Any]:
     except FileNotFoundError:
         problems.append(f"no {CONFIG_FILE}")
     except (OSError, UnicodeDecodeError, yaml.YAMLError, ValueError, TypeError) as error:
-        problems.append(f"{CONFIG_FILE}: {one_line(error)}")  # ConfigError is a ValueError: an old or unknown key
+        reason = one_line(error)  # ConfigError is a ValueError: an old or unknown key, a section that is no mapping
+        problems.append(reason if reason.startswith(CONFIG_FILE) else f"{CONFIG_FILE}: {reason}")
     summary = None
     if (directory / SUMMARY_FILE).exists():
         try:
@@ -174,8 +174,8 @@ def read_run(name: str, directory: Path) -> dict[str, Any]:
         except (OSError, UnicodeDecodeError, ValueError) as error:  # JSONDecodeError is a ValueError
             problems.append(f"{SUMMARY_FILE}: {one_line(error)}")
     newest = max(saved_steps(directory), default=None)
-    if summary is not None and newest is not None and summary["final_step"] is not None and \
-            newest > summary["final_step"]:
+    ended_at = summary["final_step"] if summary is not None else None
+    if ended_at is not None and newest is not None and newest > ended_at:
         summary = None  # resumed since that summary was written: it describes an earlier end, not this run
 
     running = training_in_progress(directory)
@@ -322,14 +322,14 @@ def cell(column: Column, row: dict[str, Any]) -> str:
 def same_in_all(column: Column, rows: list[dict[str, Any]]) -> bool:
     """One value in every row that has one: an MHA row's "not applicable" (None) for kv rank agrees with any."""
     values = [column.value(row) for row in rows if column.value(row) is not None]
-    return len(rows) > 1 and all(value == values[0] for value in values)
+    return all(value == values[0] for value in values)
 
 
 def differing_settings(rows: list[dict[str, Any]]) -> list[Column]:
     """A column per setting (besides the shape's) whose value is not the same in every run: lr, warm-up, data..."""
     keys = sorted({key for row in rows for key in row["settings"]} - SHAPE_SETTINGS)
     columns = [setting(key) for key in keys]
-    return [column for column in columns if not same_in_all(column, rows) and len(rows) > 1]
+    return [column for column in columns if not same_in_all(column, rows)]
 
 
 def print_table(rows: list[dict[str, Any]], console: Console) -> None:

@@ -116,13 +116,19 @@ def check_config_file(path: str) -> None:
         line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
         problem = getattr(error, "problem", None) or str(error).splitlines()[0]
         raise ConfigError(f"{path} is not valid YAML{line}: {problem}") from error
+    check_config_mapping(values, path)
+
+
+def check_config_mapping(values: object, path: str | Path) -> None:
+    """Loaded YAML that is a config: a mapping of sections, each a mapping of keys (ConfigError naming `path`)."""
     if not isinstance(values, dict):
         raise ConfigError(f"{path} holds {described(values)}; a config file maps sections ({', '.join(SECTIONS)}) "
                           "to their keys")
     for section, keys in values.items():
         if section in SECTIONS and not isinstance(keys, dict):
-            raise ConfigError(f"{path}: section {section} holds {described(keys)}; it maps {section} keys to values "
-                              f"(e.g. {section}:\n  {next(iter(dataclasses.fields(SECTIONS[section]))).name}: ...)")
+            first_key = dataclasses.fields(SECTIONS[section])[0].name
+            raise ConfigError(f"{path}: section {section} holds {described(keys)}; it maps {section} keys to values, "
+                              f"one per indented line below `{section}:` (e.g. `  {first_key}: ...`)")
 
 
 def described(value: object) -> str:

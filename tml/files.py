@@ -48,17 +48,41 @@ def write_atomic(path: Path, data: bytes) -> None:
         os.fsync(file.fileno())
 
 
+def existing_ancestor(path: Path) -> Path | None:
+    """`path` itself or its nearest parent that exists: where a directory about to be made would live."""
+    return next((part for part in (path, *path.parents) if part.exists()), None)
+
+
 def free_space(directory: Path) -> str:
-    """`412.0 MB free`: what a message about a failed write says, so a full disk is recognised at once."""
+    """`412.0 MB free` on the disk of `directory` (or of its nearest existing parent)."""
     try:
-        return f"{shutil.disk_usage(directory).free / 1e6:,.1f} MB free"
+        return f"{shutil.disk_usage(existing_ancestor(Path(directory)) or '.').free / 1e6:,.1f} MB free"
     except OSError:
         return "free space unknown"
 
 
+def write_failure(error: BaseException, directory: Path) -> str:
+    """Why a write into `directory` failed, and the disk's free space, so a full disk is recognised at once:
+    `No space left on device (0.3 MB free)`. torch.save reports a full disk as a RuntimeError from its zip writer,
+    whose first line is given instead of errno's text."""
+    if isinstance(error, OSError) and error.strerror:
+        reason = error.strerror
+    else:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else "write failed"
+        reason = f"{type(error).__name__}: {first_line}"
+    return f"{reason} ({free_space(directory)})"
+
+
 def make_directory(path: Path) -> None:
     """mkdir -p, saying which path is a file when one stands in the way (mkdir itself only says "File exists")."""
-    blocking = next((part for part in (path, *path.parents) if part.exists()), None)
+    blocking = existing_ancestor(path)
     if blocking is not None and not blocking.is_dir():
         raise NotADirectoryError(errno.ENOTDIR, f"{blocking} is a file, not a directory")
     path.mkdir(parents=True, exist_ok=True)
+
+
+def fresh_directory(path: Path) -> None:
+    """An empty directory at `path`: one left by a write that was killed is removed first."""
+    if path.exists():
+        shutil.rmtree(path)
+    path.mkdir(parents=True)

@@ -2,7 +2,10 @@
 
     {out_dir}/config.yaml          the resolved config, a comment line with the model's cost on top
     {out_dir}/summary.json         the final numbers, written when a run ends
-    {out_dir}/checkpoints/step-N/  complete checkpoints; `last` and `best` are symlinks to them
+    {out_dir}/train.lock           held by the training using out_dir (tml/train/run_lock.py)
+    {out_dir}/tensorboard/         event files; wandb/ beside it with log.wandb
+    {out_dir}/checkpoints/step-N/  complete checkpoints; `last` and `best` are symlinks to them, and a checkpoint
+                                   set aside after a divergence is diverged-step-N/ (tml/train/checkpoint.py)
 
 Kept free of torch and Lightning so that commands which only read a run directory start at once.
 """

@@ -230,18 +230,20 @@ def test_document_that_exactly_fills_a_shard_starts_the_next_one_cleanly(tmp_pat
     ShardIndex.load(tmp_path, verify=True)
 
 
-def test_shards_in_progress_carry_the_writer_pid_and_another_writers_are_left_alone(tmp_path):
-    others = tmp_path / f"train_00000.bin.{os.getpid() + 1}.tmp"  # another process's shard, half written
-    others.write_bytes(b"\x01\x00")
+def test_shards_in_progress_live_in_the_writers_own_build_directory_and_anothers_is_left_alone(tmp_path):
+    others = tmp_path / f".build-{os.getpid() + 1}"  # another process's build, half written
+    others.mkdir()
+    (others / "train_00000.bin").write_bytes(b"\x01\x00")
     seen_while_writing = []
 
     def documents():
         yield from make_documents(count=2)
-        seen_while_writing.extend(path.name for path in tmp_path.rglob("*.tmp"))
+        seen_while_writing.extend(path.relative_to(tmp_path).parts[0] for path in tmp_path.rglob("*.bin"))
 
     build(tmp_path, documents())
-    assert any(name.endswith(f".bin.{os.getpid()}.tmp") for name in seen_while_writing), seen_while_writing
-    assert others.read_bytes() == b"\x01\x00"
+    assert f".build-{os.getpid()}" in seen_while_writing and "train_00000.bin" not in seen_while_writing
+    assert (others / "train_00000.bin").read_bytes() == b"\x01\x00"
+    assert not (tmp_path / f".build-{os.getpid()}").exists()  # moved in, then removed
     ShardIndex.load(tmp_path, verify=True)
     remove_temporaries(tmp_path)  # what a holder of the build lock does with leftovers
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not others.exists()

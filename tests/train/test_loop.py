@@ -13,6 +13,7 @@ from lightning.fabric.plugins.precision import MixedPrecision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
+import tml.model.transformer as transformer_module
 import tml.train.loop as loop_module
 from tests.conftest import REPO_ROOT, debug_model_config
 from tests.train.conftest import tiny_run_config
@@ -386,11 +387,17 @@ def test_a_run_stopped_before_its_first_validation_shows_no_best_val_loss(tmp_pa
     assert written["best_val_loss"] is written["val_loss"] is written["val_perplexity"] is None
 
 
-def test_activation_checkpointing_trains_exactly_as_without(tmp_path, tiny_shards):
+def test_activation_checkpointing_trains_exactly_as_without(tmp_path, tiny_shards, monkeypatch):
     settings = dict(max_steps=4, val_interval=4, ckpt_interval=4)
     plain = train(tiny_run_config(tiny_shards, tmp_path / "plain", **settings))
+    recomputed_blocks = []
+    real_checkpoint = transformer_module.checkpoint
+    monkeypatch.setattr(transformer_module, "checkpoint",
+                        lambda block, *args, **kwargs: recomputed_blocks.append(block) or real_checkpoint(
+                            block, *args, **kwargs))
     recomputed = train(tiny_run_config(tiny_shards, tmp_path / "recomputed", activation_checkpointing=True,
                                        **settings))
+    assert len(recomputed_blocks) == 4 * debug_model_config().n_layer  # every block of every training step
     assert scalars(tmp_path / "recomputed", "train/loss") == scalars(tmp_path / "plain", "train/loss")
     assert recomputed.val_loss == plain.val_loss
 

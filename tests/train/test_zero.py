@@ -73,7 +73,7 @@ def single_run(tiny_shards, tmp_path_factory) -> Path:
     return out
 
 
-@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3"])
+@pytest.fixture(scope="module", params=[2, 3], ids=["zero2", "zero3-recompute"])
 def zero_runs(request, tiny_shards, tmp_path_factory) -> SimpleNamespace:
     root = tmp_path_factory.mktemp(f"zero{request.param}")
     # ZeRO-3 also recomputes activations: its parameters are gathered again inside the recomputed forward, the

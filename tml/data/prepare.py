@@ -70,7 +70,7 @@ from tml.data.shards import (
     write_shards,
 )
 from tml.data.tokenizer import GPT2_FILES, TOKENIZER_NAME, TokenizerError, encode_documents, get_tokenizer
-from tml.files import file_sha256, free_space
+from tml.files import file_sha256, write_failure
 from tml.locks import NO_FLOCK_ERRNOS, open_lock_file, read_holder, write_holder
 
 PREPARE_VERSION = 1  # bump when the way documents become tokens changes (e.g. the separator), to force rebuilds
@@ -456,8 +456,7 @@ def hold_prepare_lock(shard_dir: Path, console: Console) -> Iterator[None]:
             try:
                 write_holder(fd)  # for the waiting line of the next preparation
             except OSError as error:  # a full disk: no shard could be written there either
-                raise PrepareError(f"cannot write to {shard_dir}: {error.strerror or error} "
-                                   f"({free_space(shard_dir)})") from error
+                raise PrepareError(f"cannot write to {shard_dir}: {write_failure(error, shard_dir)}") from error
             # Only under the lock (no other preparation is writing), and before the up-to-date check, so what a
             # killed build left behind goes even when nothing needs building.
             remove_temporaries(shard_dir)

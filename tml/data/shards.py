@@ -5,9 +5,9 @@ appended to the open shard and only the current shard's hash lives in memory, so
 can be written. A rebuild writes its shards into a build directory beside them (`.build-<pid>/`) and moves
 them in only once all are written, the index last: until then the previous data set stays complete and usable, and
 a build that fails (a full disk, Ctrl-C) leaves it exactly as it was. A crash during the final moves leaves no
-index, never a half-written set that loads. Temporary names carry the writer's pid, so one writer never takes
-another's half-written file as its own; callers serialise whole builds (tml-prepare holds a lock on the directory)
-and clear leftovers only while they hold it (remove_temporaries).
+index, never a half-written set that loads. The build directory carries the writer's pid, so one writer never
+takes another's half-written files as its own; callers serialise whole builds (tml-prepare holds a lock on the
+directory) and clear leftovers only while they hold it (remove_temporaries).
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from tml.files import file_sha256, free_space, write_atomic
+from tml.files import file_sha256, fresh_directory, write_atomic, write_failure
 
 INDEX_FILE = "index.json"
 FORMAT_VERSION = 1  # bump when the index layout changes; older indexes are then refused and rebuilt
@@ -201,11 +201,6 @@ def shard_name(split: str, number: int) -> str:
     return f"{split}_{number:05d}.bin"
 
 
-def temporary_name(name: str) -> str:
-    """`train_00000.bin.<pid>.tmp`: this process's own name for a shard it is still writing."""
-    return f"{name}.{os.getpid()}.tmp"
-
-
 def build_dir_name() -> str:
     """`.build-<pid>`: this process's directory for a data set it is still writing."""
     return f".build-{os.getpid()}"
@@ -293,7 +288,7 @@ class SplitWriter:
 
     def _open_next(self) -> None:
         self._finish_current()
-        self._file = open(self.shard_dir / temporary_name(shard_name(self.split, len(self.index.shards))), "wb")
+        self._file = open(self.shard_dir / shard_name(self.split, len(self.index.shards)), "wb")
         self._hash, self._count, self._max_token = hashlib.sha256(), 0, 0
 
     def _finish_current(self) -> None:
@@ -304,7 +299,6 @@ class SplitWriter:
         os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
-        os.replace(self.shard_dir / temporary_name(name), self.shard_dir / name)
         self.index.shards.append(ShardInfo(name, self._count, self._hash.hexdigest(), self._max_token))
 
     def close(self) -> SplitIndex:
@@ -312,9 +306,9 @@ class SplitWriter:
         return self.index
 
     def abort(self) -> None:
+        """Close the open shard; the build directory holding it is removed by write_shards."""
         if self._file is not None:
             self._file.close()
-            Path(self._file.name).unlink(missing_ok=True)
             self._file = None
 
 
@@ -339,10 +333,9 @@ def write_shards(
     shard_dir = Path(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)
     build_dir = shard_dir / build_dir_name()
-    shutil.rmtree(build_dir, ignore_errors=True)  # this pid's own leftover: a pid is reused after a crash
     writers: dict[str, SplitWriter] = {}
     try:
-        build_dir.mkdir()
+        fresh_directory(build_dir)  # a leftover of this pid's own is possible: pids are reused after a crash
         writers = {split: SplitWriter(build_dir, split, shard_tokens, vocab_size) for split in SPLITS}
         for split, document_id, title, tokens in documents:
             if split not in writers:
@@ -354,8 +347,8 @@ def write_shards(
             writer.abort()
         shutil.rmtree(build_dir, ignore_errors=True)
         if isinstance(error, OSError):
-            raise ShardError(f"cannot write shards to {shard_dir}: {error.strerror or error} "
-                             f"({free_space(shard_dir)}); the shards there are left as they were") from error
+            raise ShardError(f"cannot write shards to {shard_dir}: {write_failure(error, shard_dir)}; the shards there "
+                             "are left as they were") from error
         raise
     index = ShardIndex(
         shard_dir=shard_dir, tokenizer=tokenizer, vocab_size=vocab_size, shard_tokens=shard_tokens,

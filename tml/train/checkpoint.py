@@ -12,6 +12,7 @@ Layout of a run's `checkpoints/` directory:
       MANIFEST.json          size and sha256 of every file above, written last
     last -> step-0000500     relative symlinks, replaced atomically
     best -> step-0000400
+    diverged-step-0000600/   a checkpoint whose weights led into a divergence: kept, never resumed from
 
 A checkpoint is written under a temporary name and renamed into place only when every rank has finished and
 the manifest is written, so a killed run never leaves a half-written `step-*`, `last` or `best`. Loading
@@ -55,7 +56,7 @@ from tml.data.prepare import (
     source_listing,
 )
 from tml.data.shards import ShardIndex
-from tml.files import file_sha256, free_space, replaced_on_success, write_atomic
+from tml.files import existing_ancestor, file_sha256, fresh_directory, replaced_on_success, write_atomic, write_failure
 from tml.run_dir import STEP_DIR, checkpoints_dir, saved_steps, step_name
 from tml.train.optim import restore_schedule_step
 from tml.train.zero_export import ZeroCheckpointError, fp32_state_dict, verify_deepspeed_checkpoint
@@ -138,7 +139,7 @@ def disk_space_warning(out_dir: str | Path, params: int) -> str | None:
     """A warning when out_dir's disk cannot hold two checkpoints of a model this size (the new one is written
     before the old one is pruned), said at start-up instead of by a failed save hours later; else None."""
     needed = 2 * params * CHECKPOINT_BYTES_PER_PARAM
-    directory = next((part for part in (Path(out_dir), *Path(out_dir).parents) if part.is_dir()), Path("."))
+    directory = existing_ancestor(Path(out_dir).absolute()) or Path(".")
     try:
         free = shutil.disk_usage(directory).free
     except OSError:
@@ -157,20 +158,6 @@ def attempt(write: Callable[[], object]) -> BaseException | None:
     except (OSError, RuntimeError) as error:
         return error
     return None
-
-
-def fresh_directory(path: Path) -> None:
-    """An empty directory at `path`: one left by a save that was killed is removed first."""
-    if path.exists():
-        shutil.rmtree(path)
-    path.mkdir(parents=True)
-
-
-def describe_write_error(error: BaseException) -> str:
-    """The reason a write failed, in words: errno's text, or torch's zip-writer message after a full disk."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else 'write failed'}"
 
 
 def describe_saved_run(out_dir: str | Path) -> str | None:
@@ -596,13 +583,13 @@ class Checkpointer:
 
     def _agree(self, failure: BaseException | None, final: Path) -> None:
         """Raise the same CheckpointError on every rank when any rank's phase failed, with the reason of the first
-        rank that failed (only rank 0's message is printed); doubles as the barrier between the phases."""
+        rank that failed (the CLI prints one rank's message per machine); doubles as the barrier between the phases."""
         fabric = self.fabric
         flags = fabric.all_gather(torch.tensor(float(failure is not None), device=fabric.device))
         failed = [rank for rank, flag in enumerate(flags.reshape(-1).tolist()) if flag]
         if not failed:
             return
-        reason = f"{describe_write_error(failure)} ({free_space(self.root)})" if failure is not None else None
+        reason = write_failure(failure, self.root) if failure is not None else None
         reason = fabric.broadcast(reason, src=failed[0])
         on_rank = f" on rank {failed[0]}" if fabric.world_size > 1 else ""
         raise CheckpointError(f"cannot write checkpoint {final}: {reason}{on_rank}; the checkpoints already in "
@@ -613,8 +600,11 @@ class Checkpointer:
         longer what `--train.resume auto` or `tml generate` picks), point `last` at the newest step left and drop a
         `best` that pointed at a renamed one. Every rank calls it; rank 0 moves. Returns a sentence for the message
         and the step `last` now points at (None when no checkpoint is left)."""
-        suspect = [step for step in saved_steps(self.root.parent) if step >= first_suspect]
-        remaining = [step for step in saved_steps(self.root.parent) if step < first_suspect]
+        # This trajectory's checkpoints only: after a resume from an older step, later ones of the run's earlier
+        # trajectory did not lead into this divergence.
+        on_disk = saved_steps(self.root.parent)
+        suspect = [step for step in on_disk if step >= first_suspect and step in self._saved_steps]
+        remaining = [step for step in on_disk if step < first_suspect]
         moved = ", ".join(f"{DIVERGED_PREFIX}{step_name(step)}" for step in suspect)
         if self.fabric.global_rank == 0:
             for step in suspect:
@@ -626,7 +616,8 @@ class Checkpointer:
                     if link == "last" and remaining:
                         _point_link(path, step_name(max(remaining)))
         self.fabric.barrier()
-        set_aside = f"The checkpoint whose weights led into it is kept as {moved}. " if suspect else ""
+        kept_as = "checkpoint whose weights led into it is" if len(suspect) == 1 else "checkpoints from it on are"
+        set_aside = f"The {kept_as} kept as {moved}. " if suspect else ""
         if remaining:
             return (f"{set_aside}`last` is {step_name(max(remaining))} in {self.root}, saved before the divergence: "
                     "--train.resume auto continues from it.", max(remaining))

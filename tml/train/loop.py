@@ -3,8 +3,8 @@
 One optimizer step = `grad_accum` micro-batches per rank. Under DDP the gradient all-reduce runs only on the last
 micro-batch (`no_backward_sync`); under DeepSpeed the engine owns accumulation, loss scaling and clipping
 (see tml/train/fabric.py), so the loop does not divide the loss, steps the engine on every micro-batch and
-reads the engine's grad norm. Everything that must agree across ranks (loss, preemption flag, early stopping)
-is reduced or broadcast, so every rank takes the same branch and saves together.
+reads the engine's grad norm. Everything that must agree across ranks (loss, grad norm, preemption flag, early
+stopping) is reduced or broadcast, so every rank takes the same branch and saves together.
 
 Rank 0 ends every run (finished, early stopping, preemption, divergence) by writing `{out_dir}/summary.json`:
 the final numbers in a form scripts can read instead of scraping the console.
@@ -59,7 +59,8 @@ MAX_OVERFLOWED_STEPS = 40
 
 
 class TrainingDiverged(RuntimeError):
-    """The loss stayed non-finite; the last good checkpoint is kept untouched."""
+    """Non-finite loss or gradients (or fp16 overflow at every loss scale) for too many steps in a row. The checkpoint
+    whose weights led into it was set aside (Checkpointer.set_aside_from), and `last` points at the one before."""
 
 
 @dataclass
@@ -237,8 +238,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                 step_loss = loss_total / fabric.world_size
                 step_grad_norm = norm_total / fabric.world_size
                 first_loss = step_loss if first_loss is None else first_loss
-                # A good step has a finite loss and finite gradients. A bad one is never saved, so `last` never holds
-                # NaN weights, and is not applied either (except by DeepSpeed, whose engine has already stepped).
+                # A good step has a finite loss and finite gradients. A bad step's update is never applied (except by
+                # DeepSpeed, whose engine has already stepped) and never saved, so `last` never holds NaN weights.
                 # Under fp16 loss scaling an overflowed gradient is the scaler's to skip (it lowers the scale), not
                 # a sign of divergence, unless it goes on (MAX_OVERFLOWED_STEPS). An unknown ZeRO norm is no evidence.
                 overflowed = fp16_scaling and norm_known and not math.isfinite(step_grad_norm)
@@ -271,9 +272,10 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                     report.print(f"step {step:>7d} | {status}" + (f" | MFU {mfu:.1%}" if mfu is not None else ""))
                     report.advance(step, status)
 
-                if nonfinite_streak >= MAX_NONFINITE_STEPS or overflow_streak >= MAX_OVERFLOWED_STEPS:
-                    streak = max(nonfinite_streak, overflow_streak)
-                    what = ("the loss or the gradients were non-finite" if nonfinite_streak >= MAX_NONFINITE_STEPS
+                nonfinite_too_long = nonfinite_streak >= MAX_NONFINITE_STEPS
+                if nonfinite_too_long or overflow_streak >= MAX_OVERFLOWED_STEPS:
+                    streak = nonfinite_streak if nonfinite_too_long else overflow_streak
+                    what = ("the loss or the gradients were non-finite" if nonfinite_too_long
                             else "the fp16 gradients overflowed at every loss scale tried")
                     first_bad = step - streak + 1
                     # The weights of step first_bad - 1 gave the first bad step: not a checkpoint to continue from.
@@ -295,11 +297,11 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                     if preempted:
                         report.print(f"step {step:>7d} | stop requested ({preemption.describe()}): "
                                      "saving `last` and stopping")
+                    due = step % tc.ckpt_interval == 0 or step == tc.max_steps or stopped_early
                     # A stop request saves even after a skipped step (its update was not applied, so the weights
                     # are the previous step's), unless DeepSpeed applied it: a requeued job then loses nothing.
-                    if not saved and ((finite and (step % tc.ckpt_interval == 0 or step == tc.max_steps
-                                                   or stopped_early))
-                                      or (preempted and (finite or not deepspeed))):
+                    weights_sound = finite or not deepspeed
+                    if not saved and ((finite and due) or (preempted and weights_sound)):
                         save()
                 if stopped_early:
                     report.print(f"step {step:>7d} | early stopping: no val improvement for "
@@ -348,9 +350,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
 def damaged_warning(loss_at_last: float | None, first_loss: float | None, out_dir: Path) -> str:
     """A sentence when the checkpoint left as `last` was itself saved at a loss above where training started: a blow-up
     whose loss stayed finite for a while damaged those weights too, and resuming from them would not train."""
-    known = loss_at_last is not None and first_loss is not None
-    if not known or not (math.isfinite(loss_at_last) and math.isfinite(first_loss)) or loss_at_last <= first_loss:
-        return ""
+    if loss_at_last is None or first_loss is None or not loss_at_last > first_loss or not math.isfinite(loss_at_last):
+        return ""  # `not >`: a NaN on either side is no evidence
     return (f"Its train loss ({loss_at_last:.4g}) was already above the first step's ({first_loss:.4g}), so its "
             f"weights are likely damaged too: a new run (another --train.out_dir than {out_dir}) starts afresh. ")
 

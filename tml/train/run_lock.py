@@ -16,7 +16,7 @@ import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
-from tml.files import free_space
+from tml.files import write_failure
 from tml.locks import NO_FLOCK_ERRNOS, open_lock_file, read_holder, write_holder
 
 LOCK_FILE = "train.lock"
@@ -110,8 +110,7 @@ def hold_run_lock(out_dir: str | Path, wait_s: float | None = None) -> Iterator[
             try:
                 write_holder(fd)
             except OSError as error:  # a full disk: training could not save a checkpoint there either
-                raise RunLockError(f"cannot write to {out_dir}: {error.strerror or error} "
-                                   f"({free_space(directory)})") from error
+                raise RunLockError(f"cannot write to {out_dir}: {write_failure(error, directory)}") from error
         yield
     finally:
         os.close(fd)  # releases the lock

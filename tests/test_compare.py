@@ -235,3 +235,15 @@ def test_a_config_section_that_is_not_a_mapping_is_an_unreadable_row_saying_so(s
     assert row["status"] == ("unreadable: config.yaml: section model holds an int; it maps model keys to values, "
                              "one per indented line below `model:` (e.g. `  vocab_size: ...`)")
 
+
+def test_the_kv_cache_figures_are_those_the_run_computed_and_a_local_corpus_shows_no_book_list(sweep, tmp_path,
+                                                                                               capsys):
+    text = (sweep / "mla" / CONFIG_FILE).read_text()
+    assert "precision: 32-true" in text and "B/token in float32" in text.splitlines()[0]
+    # A 16-mixed config trained on a CPU, where it ran as bf16: the header line says what the cache really was.
+    on_cpu = text.replace("precision: 32-true", "precision: 16-mixed").replace("B/token in float32",
+                                                                              "B/token in bfloat16")
+    (row,) = compare_json(capsys, copy_run(sweep / "mla", tmp_path / "cpu", config_text=on_cpu))
+    assert row["kv_cache_dtype"] == "bfloat16"
+    assert "data.book_ids" not in row["settings"] and "data.source" in row["settings"]  # the sweep's own text
+

@@ -357,7 +357,8 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default)")
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off "
                           "(default)")
-    generate.add_argument("--seed", type=int, default=1337)
+    generate.add_argument("--seed", type=int, default=1337, help="seed of the sampling: the same seed, prompt and "
+                          "checkpoint give the same text")
 
     evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on a text file")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint or run directory")

@@ -29,6 +29,10 @@ from tml.train.run_lock import training_in_progress
 RUN_MARKERS = (CONFIG_FILE, SUMMARY_FILE, CHECKPOINTS)
 # The comment the loop writes on top of config.yaml (tml/train/loggers.py describe_model) starts with the count.
 PARAMS_HEADER = re.compile(r"#\s*model:\s*([\d,]+) parameters")
+# ... and says what the KV cache costs in the precision the run really used (16-mixed runs as bf16 on a CPU).
+CACHE_HEADER = re.compile(r"KV cache [\d,]+ numbers/token/layer, ([\d,]+) B/token in (\w+)")
+# Settings a local corpus never reads: a run on your own text shows no Gutenberg book list.
+GUTENBERG_ONLY = ("data.book_ids", "data.max_books")
 
 # Settings only MLA reads: an MHA row shows none rather than defaults that shaped nothing.
 MLA_ONLY = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
@@ -130,8 +134,9 @@ def summary_status(summary: dict[str, Any]) -> str:
 def compared_settings(config: Config) -> dict[str, Any]:
     """`section.key` -> value of every setting that shapes what a run computes (lists as lists)."""
     flat = {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
-    return {key: value for key, value in flat.items()
-            if key not in PLACEMENT_KEYS and key not in NOT_COMPARED and not key.startswith(NOT_COMPARED_SECTIONS)}
+    unread = GUTENBERG_ONLY if config.data.source != "gutenberg" else ()
+    return {key: value for key, value in flat.items() if key not in PLACEMENT_KEYS and key not in NOT_COMPARED
+            and key not in unread and not key.startswith(NOT_COMPARED_SECTIONS)}
 
 
 def kv_cache_cost(model: ModelConfig, precision: str) -> tuple[int, str]:
@@ -187,7 +192,10 @@ def read_run(name: str, directory: Path) -> dict[str, Any]:
         row.update({key: getattr(model, key) for key in SHAPE})
         if model.attention != "mla":
             row.update(dict.fromkeys(MLA_ONLY))
-        row["kv_cache_bytes_per_token"], row["kv_cache_dtype"] = kv_cache_cost(model, config.train.precision)
+        if text and (match := CACHE_HEADER.search(text.split("\n", 1)[0])):  # as the run computed it
+            row["kv_cache_bytes_per_token"], row["kv_cache_dtype"] = int(match[1].replace(",", "")), match[2]
+        else:
+            row["kv_cache_bytes_per_token"], row["kv_cache_dtype"] = kv_cache_cost(model, config.train.precision)
         row["max_steps"] = config.train.max_steps
     if summary is not None:
         row.update({key: summary[key] for key in NUMBERS_FROM_SUMMARY if summary[key] is not None})

@@ -284,6 +284,16 @@ def test_a_val_split_far_below_val_frac_is_warned_about_in_one_line(tmp_path):
     assert len(lines) == 2 and "under a third of data.val_frac 0.1: --data.val_split tail" in lines[1]
 
 
+def test_a_val_split_far_above_val_frac_says_why_and_how_to_hold_out_exactly_val_frac(tmp_path):
+    documents = [("train", 1, "short.txt", list(range(700))), ("val", 2, "war-and-peace.txt", list(range(300)))]
+    index = write_shards(tmp_path, documents, tokenizer="t", vocab_size=1000, shard_tokens=1000, fingerprint="f",
+                         settings={"val_split": "books", "val_frac": 0.1})
+    lines = split_lines(index, 0.1)
+    assert len(lines) == 2 and lines[1].startswith("note: val holds 30.0% of the tokens, over twice data.val_frac "
+                                                   "0.1: whole documents are held out by count")
+    assert len(split_lines(index, 0.2)) == 1  # 30% against a val_frac of 20%: not far off, no note
+
+
 def test_a_non_gutenberg_file_ending_like_a_gutenberg_footer_is_kept_whole(tmp_path):
     text = OWN_TEXT + "\nEnd of the Project Gutenberg discussion, now our results.\nResult one.\r\nResult two.\n"
     source = own_corpus(tmp_path, {"minutes.txt": text})

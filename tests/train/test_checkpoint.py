@@ -215,6 +215,11 @@ def test_a_run_directory_whose_links_dangle_names_them_and_the_newest_complete_c
         load_model_weights(tmp_path)
 
 
+def test_a_checkpoint_path_that_does_not_exist_is_said_so(tmp_path):
+    with pytest.raises(CheckpointError, match=re.escape(f"{tmp_path / 'nope'}: no such checkpoint or run directory")):
+        load_model_weights(tmp_path / "nope")
+
+
 def test_directory_without_manifest_is_not_a_checkpoint(tmp_path, tiny_shards):
     saved_run(tmp_path, tiny_shards, steps=(2,))
     directory = tmp_path / "checkpoints" / "step-0000002"

@@ -70,6 +70,17 @@ def test_a_finished_run_writes_summary_json_with_numbers(tmp_path, tiny_shards):
     assert not (tmp_path / f"{SUMMARY_FILE}.tmp").exists()
 
 
+def test_a_run_says_its_global_batch_and_a_finished_one_run_again_says_there_is_nothing_to_train(
+        tmp_path, tiny_shards, capsys):
+    config = tiny_run_config(tiny_shards, tmp_path, max_steps=2, val_interval=2, ckpt_interval=2)
+    train(config)
+    out = capsys.readouterr().out
+    assert "global batch: 4 sequences x 1 accumulation x 1 ranks of 32 tokens = 128 tokens per optimizer step" in out
+    config.train.resume, config.train.max_steps = "auto", 1
+    assert train(config).final_step == 2
+    assert "already at step 2 of train.max_steps 1: nothing to train" in capsys.readouterr().out
+
+
 def test_training_starts_by_printing_the_models_size_cache_and_flops_and_notes_them_in_config_yaml(
         tmp_path, tiny_shards, capsys):
     config = tiny_run_config(tiny_shards, tmp_path, max_steps=1, val_interval=1)
@@ -285,6 +296,13 @@ def test_fp16_gradients_that_overflow_at_every_scale_end_the_run_as_diverged(tmp
                                                r"or use bf16-mixed \(fp16's range is narrow\)\.$"):
         train(config)
     assert summary(tmp_path)["final_step"] == 1 + MAX_OVERFLOWED_STEPS
+
+
+def test_a_run_stopped_between_validations_says_from_which_step_its_final_val_loss_is(tmp_path, tiny_shards, capsys):
+    config = tiny_run_config(tiny_shards, tmp_path, max_steps=8, val_interval=2, ckpt_interval=100)
+    assert train(config, preemption=PreemptAtStep(3)).final_step == 3
+    [row] = [line for line in capsys.readouterr().out.splitlines() if "final val loss" in line]
+    assert re.search(r"final val loss\W+\d+\.\d{4} \(step 2\)", row), row
 
 
 def test_a_stop_request_on_a_skipped_step_still_saves_the_unchanged_weights(tmp_path, tiny_shards, monkeypatch):

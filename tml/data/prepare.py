@@ -81,6 +81,9 @@ ENCODE_BATCH_CHARS = 8_000_000
 SHOWN_NAMES = 5
 # A val split under this share of val_frac (one small book held out of a few) is worth a warning.
 LOW_VAL_SHARE = 1 / 3
+# Whole books are held out by count, so a few long ones can hold far more than val_frac of the tokens (War and
+# Peace among 20 books: 28%); past this multiple of val_frac, prepare says so and how to hold out exactly val_frac.
+HIGH_VAL_SHARE = 2.0
 LATIN_1 = "latin-1"
 ENCODING_LABELS = {LATIN_1: "Latin-1"}  # how the not-UTF-8 notice names an encoding, where not by its codec name
 # Windows text: Latin-1 plus curly quotes, dashes and the euro sign where Latin-1 has C1 control characters.
@@ -358,7 +361,8 @@ def progress_bars(console: Console) -> Progress:
 
 
 def split_lines(index: ShardIndex, val_frac: float) -> list[str]:
-    """How validation was held out, what share of the tokens it got, and a warning when that share is tiny."""
+    """How validation was held out, what share of the tokens it got, and a warning when that share is far from
+    data.val_frac (whole books are held out by count, whatever their length)."""
     train, val = index.splits["train"], index.splits["val"]
     share = val.tokens / max(1, train.tokens + val.tokens)
     if index.settings.get("val_split") == "tail":
@@ -371,6 +375,10 @@ def split_lines(index: ShardIndex, val_frac: float) -> list[str]:
     if share < LOW_VAL_SHARE * val_frac:
         lines.append(f"[yellow]warning:[/] val holds {share:.1%} of the tokens, under a third of data.val_frac "
                      f"{val_frac:g}: --data.val_split tail holds out val_frac of every document")
+    elif share > HIGH_VAL_SHARE * val_frac:
+        lines.append(f"note: val holds {share:.1%} of the tokens, over twice data.val_frac {val_frac:g}: whole "
+                     "documents are held out by count, and these are long (training sees the rest); "
+                     "--data.val_split tail holds out val_frac of every document")
     return lines
 
 

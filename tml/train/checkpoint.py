@@ -175,6 +175,8 @@ def describe_saved_run(out_dir: str | Path) -> str | None:
 def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory (its `best`, else `last`)."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint or run directory")
     if (path / META).exists() or (path / MANIFEST).exists():
         return path.resolve()
     for name in ("best", "last"):

@@ -140,6 +140,11 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         # The model's cost as a comment: the file stays a config that `--config` loads.
         write_atomic(out_dir / CONFIG_FILE, f"# {describe_model(model_figures)}\n{dump_yaml(config)}".encode())
     fabric.print(describe_model(model_figures))
+    fabric.print(f"global batch: {tc.batch_size} sequences x {tc.grad_accum} accumulation x {fabric.world_size} "
+                 f"ranks of {block} tokens = {tokens_per_step:,} tokens per optimizer step")
+    if step >= tc.max_steps:
+        fabric.print(f"already at step {step:,} of train.max_steps {tc.max_steps:,}: nothing to train "
+                     "(a larger --train.max_steps continues the run); validating once")
     if rank0 and (warning := disk_space_warning(out_dir, int(model_figures["model/params"]))):
         fabric.print(warning)
 
@@ -169,7 +174,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
 
     def validate() -> tuple[EvalResult, bool]:
         """Validate, log, save `best` on improvement; True when early stopping says stop (rank 0 decides)."""
-        nonlocal tensorboard_hparams
+        nonlocal tensorboard_hparams, val_step
+        val_step = step
         result = evaluate(fabric, model, val_set, tc.batch_size, tc.val_batches)
         # Rank 0 decides both, so a last-bit difference in a reduction can never leave one rank out of a save.
         stop, improved = fabric.broadcast((early_stopping.update(result.loss), early_stopping.improved), src=0)
@@ -184,6 +190,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         return result, stop
 
     val: EvalResult | None = None
+    val_step = 0  # the step of that validation
     stopped_early = preempted = False
     nonfinite_streak = overflow_streak = 0
 
@@ -313,7 +320,9 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
             report.summary({
                 "steps": f"{step:,} / {tc.max_steps:,}",
                 "best val loss": f"{early_stopping.best:.4f}" if math.isfinite(early_stopping.best) else "-",
-                "final val loss": f"{val.loss:.4f}" if val else "-",
+                # A run stopped between validations reports its last one: say from which step.
+                "final val loss": (f"{val.loss:.4f}" + (f" (step {val_step:,})" if val_step != step else ""))
+                if val else "-",
                 "final val perplexity": format_perplexity(val.perplexity) if val else "-",
                 "stopped early": str(stopped_early),
                 "preempted": str(preempted),

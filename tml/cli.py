@@ -54,6 +54,8 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
         return 2
     run_lock = ExitStack()  # held until training ends; before the imports, so a refusal comes at once
     if is_lock_holder():
+        if not Path(config.train.out_dir).exists():  # a start that fails before training leaves no empty run dir
+            run_lock.callback(remove_if_only_lock, Path(config.train.out_dir))
         try:
             run_lock.enter_context(hold_run_lock(config.train.out_dir))
         except RunLockError as error:
@@ -106,6 +108,19 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
         print(f"tml: preempted by {stop.describe()} at step {result.final_step}; resume with --train.resume auto",
               file=sys.stderr)
     return 0
+
+
+def remove_if_only_lock(out_dir: Path) -> None:
+    """Remove a run directory this start created and left holding nothing but its lock file (called after the lock
+    is released; a directory with anything else in it stays)."""
+    from tml.train.run_lock import LOCK_FILE
+
+    try:
+        if [path.name for path in out_dir.iterdir()] == [LOCK_FILE]:
+            (out_dir / LOCK_FILE).unlink()
+            out_dir.rmdir()
+    except OSError:  # gone already, or not ours to remove: nothing to tidy
+        pass
 
 
 def load_model(checkpoint: str, device: torch.device) -> torch.nn.Module:

@@ -279,6 +279,22 @@ def test_a_model_that_does_not_fit_the_data_is_refused_in_one_line(tmp_path, tin
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
+def test_a_start_that_fails_before_training_leaves_no_empty_run_directory(tmp_path, tiny_shards, capsys,
+                                                                         monkeypatch):
+    monkeypatch.setenv(RANK0_PID_VARIABLE, "")
+    config = tiny_run_config(tiny_shards, tmp_path / "runs" / "mine")
+    config.data.source, config.data.shard_dir = str(tmp_path / "no-such-corpus"), str(tmp_path / "shards")
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(dump_yaml(config))
+    assert main(["train", "--config", str(config_file)]) == 1
+    assert "no-such-corpus" in capsys.readouterr().err
+    assert not (tmp_path / "runs" / "mine").exists()
+    (tmp_path / "runs" / "mine").mkdir()
+    (tmp_path / "runs" / "mine" / "notes.txt").write_text("mine")  # a directory that was there stays, as it was
+    assert main(["train", "--config", str(config_file)]) == 1
+    assert sorted(path.name for path in (tmp_path / "runs" / "mine").iterdir()) == ["notes.txt", "train.lock"]
+
+
 def test_ctrl_c_while_the_data_is_prepared_says_so(tmp_path, tiny_shards, capsys, monkeypatch):
     monkeypatch.setenv(RANK0_PID_VARIABLE, "")
     config = tiny_run_config(tiny_shards, tmp_path / "run")

@@ -20,9 +20,9 @@ from typing import TYPE_CHECKING
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from tml.compare import DEFAULT_SORT, FIELDS, CompareError, compare_runs, print_table
+from tml.compare import DEFAULT_SORT, FIELDS, CompareError, compare_runs, print_table, read_summary
 from tml.config import Config, ConfigError
-from tml.run_dir import CONFIG_FILE, SUMMARY_FILE
+from tml.run_dir import CONFIG_FILE
 
 if TYPE_CHECKING:
     import torch
@@ -151,8 +151,8 @@ def chosen_checkpoint(command: str, path: str) -> str:
 def run_diverged(run_dir: Path) -> bool:
     """What the run's summary.json says; False when there is none or it cannot be read."""
     try:
-        return bool(json.loads((run_dir / SUMMARY_FILE).read_text()).get("diverged"))
-    except (OSError, ValueError, AttributeError):
+        return bool(read_summary(run_dir).get("diverged"))
+    except (OSError, ValueError):  # read_summary refuses what is not a summary with a ValueError
         return False
 
 

@@ -33,3 +33,10 @@ def saved_steps(out_dir: str | Path) -> list[int]:
     """Steps of the complete checkpoints in out_dir (a step directory only appears once its manifest is written)."""
     root = checkpoints_dir(out_dir)
     return sorted(int(match[1]) for p in root.glob("step-*") if (match := STEP_DIR.fullmatch(p.name)) and p.is_dir())
+
+
+def newest_checkpoint(out_dir: str | Path, before: int | None = None) -> Path | None:
+    """The newest complete step directory (of a step below `before`, when given), or None: where a resume falls
+    back to, and what the messages about a missing or refused checkpoint point at."""
+    steps = [step for step in saved_steps(out_dir) if before is None or step < before]
+    return checkpoints_dir(out_dir) / step_name(max(steps)) if steps else None

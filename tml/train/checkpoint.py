@@ -57,7 +57,7 @@ from tml.data.prepare import (
 )
 from tml.data.shards import ShardIndex
 from tml.files import existing_ancestor, file_sha256, fresh_directory, replaced_on_success, write_atomic, write_failure
-from tml.run_dir import STEP_DIR, checkpoints_dir, saved_steps, step_name
+from tml.run_dir import STEP_DIR, checkpoints_dir, newest_checkpoint, saved_steps, step_name
 from tml.train.optim import restore_schedule_step
 from tml.train.zero_export import ZeroCheckpointError, fp32_state_dict, verify_deepspeed_checkpoint
 
@@ -97,8 +97,8 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
         last = checkpoints_dir(out_dir) / "last"
         if not last.is_symlink() and not last.exists():
             # A run killed between renaming its first step directory into place and pointing `last` at it.
-            steps = saved_steps(out_dir)
-            return (checkpoints_dir(out_dir) / step_name(max(steps))).resolve() if steps else None
+            newest = newest_checkpoint(out_dir)
+            return newest.resolve() if newest else None
         if not last.exists():
             raise CheckpointError(
                 f"{last} points to a missing checkpoint ({os.readlink(last)}); {_dangling_last_advice(last)}")
@@ -111,9 +111,9 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
 
 def _dangling_last_advice(dangling_last: Path) -> str:
     """What `--train.resume auto` does once a dangling `last` is removed (it falls back to the newest step)."""
-    steps = saved_steps(dangling_last.parent.parent)
-    if steps:
-        return (f"the newest complete checkpoint is {step_name(max(steps))}: remove the {dangling_last.name} link "
+    newest = newest_checkpoint(dangling_last.parent.parent)
+    if newest:
+        return (f"the newest complete checkpoint is {newest.name}: remove the {dangling_last.name} link "
                 "and --train.resume auto continues from it")
     return f"no complete checkpoint is left: remove the {dangling_last.name} link to start the run afresh"
 
@@ -121,11 +121,10 @@ def _dangling_last_advice(dangling_last: Path) -> str:
 def older_checkpoint_advice(refused: Path) -> str:
     """How to go on from a refused checkpoint: the newest complete step directory before it, if any."""
     match = STEP_DIR.fullmatch(refused.name)
-    out_dir = refused.parent.parent
-    older = [step for step in saved_steps(out_dir) if match is None or step < int(match[1])]
-    if not older:
+    older = newest_checkpoint(refused.parent.parent, before=int(match[1]) if match else None)
+    if older is None:
         return "no older checkpoint is left in this run"
-    return f"an older checkpoint is there: --train.resume {checkpoints_dir(out_dir) / step_name(max(older))}"
+    return f"an older checkpoint is there: --train.resume {older}"
 
 
 def remove_unfinished_saves(root: Path) -> None:
@@ -185,10 +184,10 @@ def find_checkpoint(path: str | Path) -> Path:
             return candidate.resolve()
     dangling = [link for name in ("best", "last") if (link := checkpoints_dir(path) / name).is_symlink()]
     if dangling:
-        steps = saved_steps(path)
-        newest = f"; the newest complete one is {checkpoints_dir(path) / step_name(max(steps))}" if steps else ""
+        newest = newest_checkpoint(path)
         links = " and ".join(f"{link} -> {os.readlink(link)}" for link in dangling)
-        raise CheckpointError(f"{path}: {links} point to missing checkpoints{newest}")
+        raise CheckpointError(f"{path}: {links} point to missing checkpoints"
+                              + (f"; the newest complete one is {newest}" if newest else ""))
     set_aside = sorted(checkpoints_dir(path).glob(f"{DIVERGED_PREFIX}step-*"))
     if set_aside:
         raise CheckpointError(f"{path} diverged before it saved a checkpoint worth using; the one set aside then is "

@@ -1,4 +1,7 @@
-"""Model benchmark: KV-cache size, CPU decode speed (MLA absorbed / MLA naive / MHA), tiny train-step speed.
+"""Model benchmark: KV-cache size, CPU decode speed (MLA absorbed / MLA naive / GQA / MHA), tiny train-step speed.
+
+GQA is grouped-query attention with as many key/value heads as fit in MLA's cache (TransMLA's comparison: the
+two at an equal cache budget).
 
 Prints one JSON object. Run: python benchmarks/bench_model.py [--dtype float32|bfloat16] [--decode-steps N] [--threads N]
 Your own model shape: add `--config FILE [--model.key value ...]`; the KV-cache and decode figures are then those
@@ -52,14 +55,30 @@ def contexts_for(shape: ModelConfig) -> list[int]:
     return sorted({c for c in CONTEXTS if c < shape.block_size} | {shape.block_size - 1})
 
 
+def equal_cache_gqa(shape: ModelConfig) -> ModelConfig | None:
+    """The shape as GQA with the most key/value heads (a divisor of n_head) whose cache fits in MLA's; None when
+    not even one head fits, or MHA's head dim is odd."""
+    mla_numbers = LatentCache.numbers_per_token(shape)
+    head_dim = shape.n_embd // shape.n_head
+    fitting = [k for k in range(1, shape.n_head) if shape.n_head % k == 0 and 2 * k * head_dim <= mla_numbers]
+    if not fitting:
+        return None
+    try:
+        return replace(shape, attention="mha", n_kv_head=max(fitting))
+    except ModelConfigError:
+        return None
+
+
 def attention_variants(shape: ModelConfig) -> dict[str, ModelConfig]:
-    """The shape as MLA and as MHA of the same width; MHA is left out where its head dim is odd (RoPE needs pairs)."""
-    variants = {}
-    for attention in ("mla", "mha"):
-        try:
-            variants[attention] = replace(shape, attention=attention)
-        except ModelConfigError:
-            pass
+    """The shape as MLA, as GQA at MLA's cache budget and as MHA of the same width; GQA and MHA are left out where
+    their head dim is odd (RoPE needs pairs)."""
+    variants = {"mla": replace(shape, attention="mla", n_kv_head=0)}
+    if (gqa := equal_cache_gqa(shape)) is not None:
+        variants["gqa"] = gqa
+    try:
+        variants["mha"] = replace(shape, attention="mha", n_kv_head=0)
+    except ModelConfigError:
+        pass
     return variants
 
 
@@ -99,7 +118,7 @@ def bench_decode(shape: ModelConfig, dtype: torch.dtype, steps: int) -> dict:
         results[f"{attention}_prefill_tokens_per_s"] = round(prompt.shape[1] / (time.perf_counter() - start), 1)
     results["max_abs_logit_diff_absorbed_vs_naive"] = absorbed_vs_naive_gap(models["mla"], caches["mla"], max(contexts))
 
-    modes = {"mla_absorbed": ("mla", True), "mla_naive": ("mla", False), "mha": ("mha", True)}
+    modes = {"mla_absorbed": ("mla", True), "mla_naive": ("mla", False), "gqa": ("gqa", True), "mha": ("mha", True)}
     modes = {name: mode for name, mode in modes.items() if mode[0] in models}
     for name in modes:
         results[name] = {}
@@ -149,13 +168,13 @@ def train_shapes() -> dict[str, tuple[ModelConfig, int]]:
 
 def bench_train_step() -> dict:
     """Forward + backward + AdamW step with bf16 autocast, as a CPU smoke run trains.
-    MLA and MHA of each shape alternate step by step, as in bench_decode."""
+    MLA, GQA and MHA of each shape alternate step by step, as in bench_decode."""
     results = {}
     for shape_name, (model_config, batch) in train_shapes().items():
         runs = {}
-        for attention in ("mla", "mha"):
+        for attention, variant in attention_variants(model_config).items():
             torch.manual_seed(0)
-            model = Transformer(replace(model_config, attention=attention)).train()
+            model = Transformer(variant).train()
             x = torch.randint(0, model.config.vocab_size, (batch, model.config.block_size))
             optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4)
             runs[attention] = (model, partial(train_step, model, optimizer, x, torch.roll(x, -1, 1)))
@@ -180,16 +199,22 @@ def bench_train_step() -> dict:
 
 
 def cache_sizes(shape: ModelConfig) -> dict:
-    """Cache per token of the shape as MLA and as MHA. From the config alone: MHA's 2 * n_embd numbers hold even
-    where an MHA model of this width could not be built."""
+    """Cache per token of the shape as MLA, as GQA at MLA's budget and as MHA. From the config alone: MHA's
+    2 * n_embd numbers hold even where an MHA model of this width could not be built."""
     sizes = {}
-    for attention, cache in (("mla", LatentCache), ("mha", KVCache)):
-        numbers = cache.numbers_per_token(shape)
+    gqa = equal_cache_gqa(shape)
+    for attention, numbers in (("mla", LatentCache.numbers_per_token(shape)),
+                               ("gqa", KVCache.numbers_per_token(gqa) if gqa else None),
+                               ("mha", 2 * shape.n_embd)):
+        if numbers is None:
+            continue
         sizes[attention] = {
             "numbers_per_token_per_layer": numbers,
             "bytes_per_token_bf16": shape.n_layer * numbers * torch.bfloat16.itemsize,
             "bytes_per_token_fp32": shape.n_layer * numbers * torch.float32.itemsize,
         }
+    if gqa is not None:
+        sizes["gqa"]["n_kv_head"] = gqa.n_kv_head
     sizes["mla_over_mha"] = round(sizes["mla"]["bytes_per_token_bf16"] / sizes["mha"]["bytes_per_token_bf16"], 4)
     return sizes
 

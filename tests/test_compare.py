@@ -72,6 +72,8 @@ def test_json_rows_carry_summary_json_numbers_and_the_shape_of_each_real_run(swe
         assert row["kv_cache_bytes_per_token"] == kv_cache_bytes_per_token(model, torch.float32)
     assert rows[str(sweep / "mla")]["kv_lora_rank"] == debug_model_config().kv_lora_rank
     assert rows[str(sweep / "mha")]["kv_lora_rank"] is None  # MHA never reads it: no default pretending otherwise
+    assert rows[str(sweep / "mha")]["n_kv_head"] == 4  # n_kv_head 0 means one per query head: the count is shown
+    assert rows[str(sweep / "mla")]["n_kv_head"] is None
 
 
 def test_settings_equal_in_every_run_are_said_once_above_a_table_of_what_differs(sweep, capsys, monkeypatch):
@@ -81,6 +83,7 @@ def test_settings_equal_in_every_run_are_said_once_above_a_table_of_what_differs
     assert "norm post" in same_line and "layers 2" in same_line and "KV dtype float32" in same_line
     assert "steps 4/4" in same_line and "status finished" in same_line
     assert "kv rank 32" in same_line  # MHA has none: "not applicable" agrees with MLA's one value
+    assert "kv heads 4" in same_line  # ... and MLA has no key/value heads
     table_text = "\n".join(table)
     assert "attn" in table_text and "KV B/tok" in table_text and "best ppl" in table_text
     assert "layers" not in table_text and "status" not in table_text and "kv rank" not in table_text

@@ -36,7 +36,9 @@ GUTENBERG_ONLY = ("data.book_ids", "data.max_books")
 
 # Settings only MLA reads: an MHA row shows none rather than defaults that shaped nothing.
 MLA_ONLY = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
-SHAPE = ("attention", "norm", "n_layer", "n_embd", "n_head", *MLA_ONLY, "block_size")
+# ... and one only MHA reads (its key/value heads: fewer than n_head is GQA or MQA).
+MHA_ONLY = ("n_kv_head",)
+SHAPE = ("attention", "norm", "n_layer", "n_embd", "n_head", *MHA_ONLY, *MLA_ONLY, "block_size")
 NUMBERS_FROM_SUMMARY = ("final_step", "max_steps", "best_val_loss", "best_val_perplexity", "val_loss",
                         "val_perplexity", "tokens_seen", "wall_s", "params")
 # Every row's fields, in table order; `--json` gives all of them (and `settings`) and `--sort` takes any.
@@ -192,6 +194,9 @@ def read_run(name: str, directory: Path) -> dict[str, Any]:
         row.update({key: getattr(model, key) for key in SHAPE})
         if model.attention != "mla":
             row.update(dict.fromkeys(MLA_ONLY))
+            row["n_kv_head"] = model.kv_heads  # 0 in the config means one per query head
+        else:
+            row.update(dict.fromkeys(MHA_ONLY))
         if text and (match := CACHE_HEADER.search(text.split("\n", 1)[0])):  # as the run computed it
             row["kv_cache_bytes_per_token"], row["kv_cache_dtype"] = int(match[1].replace(",", "")), match[2]
         else:
@@ -302,6 +307,7 @@ COLUMNS = (
     field("n_layer", "layers"),
     field("n_embd", "width"),
     field("n_head", "heads"),
+    field("n_kv_head", "kv heads"),
     field("kv_lora_rank", "kv rank"),
     field("q_lora_rank", "q rank", render=lambda rank: str(rank) if rank else "off"),
     field("qk_rope_head_dim", "rope"),

@@ -48,3 +48,15 @@ def test_reference_shape_keeps_its_three_contexts():
 def test_model_overrides_without_a_config_are_refused_in_one_line():
     with pytest.raises(SystemExit, match="--model.n_layer needs --config FILE"):
         load_script().model_shape(None, ["--model.n_layer", "2"])
+
+
+def test_gqa_gets_the_most_key_value_heads_that_fit_in_mlas_cache():
+    script = load_script()
+    reference = script.reference_shape()  # MLA: 256 + 32 = 288 numbers; a 64-dim head's K and V are 128
+    gqa = script.equal_cache_gqa(reference)
+    assert (gqa.attention, gqa.n_kv_head) == ("mha", 2)  # 256 fits, 3 heads' 384 would not
+    sizes = script.cache_sizes(reference)
+    assert sizes["gqa"]["numbers_per_token_per_layer"] == 256 <= sizes["mla"]["numbers_per_token_per_layer"]
+    assert list(script.attention_variants(reference)) == ["mla", "gqa", "mha"]
+    narrow = load_yaml_config(TINY_YAML, ["--model.kv_lora_rank", "16"]).model  # 32 numbers: less than one head
+    assert script.equal_cache_gqa(narrow) is None and "gqa" not in script.cache_sizes(narrow)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from tests.conftest import debug_model_config
-from tml.model.attention import MultiHeadLatentAttention, attend_cached, causal_attention_padded
-from tml.model.kv_cache import LatentCache
+from tml.model.attention import MultiHeadAttention, MultiHeadLatentAttention, attend_cached, causal_attention_padded
+from tml.model.kv_cache import KVCache, LatentCache
 
 DECODE_ATOL = 1e-5  # fp32: absorbed and naive differ only in summation order
 PREFILL, DECODE = 6, 8
@@ -112,3 +112,39 @@ def test_padded_attention_equals_plain_sdpa_values_and_gradients(qk_dim, v_dim):
     plain_grads = torch.autograd.grad(plain, (q, k, v), grad_out)
     for ours, reference in zip(padded_grads, plain_grads, strict=True):
         torch.testing.assert_close(ours, reference)
+
+
+def grouped_and_equivalent_mha(n_kv_head: int) -> tuple[MultiHeadAttention, MultiHeadAttention]:
+    """A GQA module and the MHA module whose key/value heads are its heads repeated for each query group."""
+    torch.manual_seed(0)
+    grouped = MultiHeadAttention(debug_model_config(attention="mha", n_kv_head=n_kv_head, n_embd=64, n_head=4)).eval()
+    full = MultiHeadAttention(debug_model_config(attention="mha", n_embd=64, n_head=4)).eval()
+    head_dim, group = 16, 4 // n_kv_head
+    q_w, k_w, v_w = grouped.qkv_proj.weight.split([64, n_kv_head * head_dim, n_kv_head * head_dim])
+    repeat = lambda w: w.view(n_kv_head, head_dim, 64).repeat_interleave(group, dim=0).reshape(64, 64)  # noqa: E731
+    with torch.no_grad():
+        full.qkv_proj.weight.copy_(torch.cat((q_w, repeat(k_w), repeat(v_w))))
+        full.out_proj.weight.copy_(grouped.out_proj.weight)
+    return grouped, full
+
+
+@pytest.mark.parametrize("n_kv_head", [1, 2])
+def test_grouped_query_attention_equals_mha_with_each_key_value_head_repeated_for_its_group(n_kv_head):
+    """Query head h reads key/value head h // (n_head / n_kv_head), in training and in cached decode alike."""
+    grouped, full = grouped_and_equivalent_mha(n_kv_head)
+    x = torch.randn(2, PREFILL + DECODE, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(grouped(x), full(x), atol=DECODE_ATOL, rtol=0)
+        cache = KVCache(2, x.shape[1], n_kv_head, 16)
+        steps = [(0, PREFILL), (PREFILL, PREFILL + 1), (PREFILL + 1, PREFILL + 4), (PREFILL + 4, x.shape[1])]
+        decoded = torch.cat([grouped(x[:, a:b], cache) for a, b in steps], dim=1)
+    torch.testing.assert_close(decoded, full(x), atol=DECODE_ATOL, rtol=0)
+    assert cache.key.shape[1] == n_kv_head  # the cache holds the key/value heads only
+
+
+def test_mha_with_n_kv_head_equal_to_n_head_keeps_the_fused_gpt2_projection():
+    """Checkpoints of MHA runs from before n_kv_head existed load unchanged: same parameter names and shapes."""
+    explicit = MultiHeadAttention(debug_model_config(attention="mha", n_kv_head=4))
+    default = MultiHeadAttention(debug_model_config(attention="mha"))
+    assert {k: v.shape for k, v in explicit.state_dict().items()} == {k: v.shape for k, v in default.state_dict().items()}
+    assert explicit.qkv_proj.weight.shape == (3 * 64, 64)

@@ -25,6 +25,8 @@ INVALID_FIELDS = [
     ("rope_theta", 0.0),
     ("dropout", 1.0),
     ("dropout", -0.1),
+    ("n_kv_head", -1),
+    ("n_kv_head", 2),  # MLA has no key/value heads to group
 ]
 
 
@@ -41,3 +43,15 @@ def test_mha_with_odd_head_dim_raises_naming_n_embd():
 
 def test_mla_only_fields_are_not_checked_for_mha():
     debug_model_config(attention="mha", kv_lora_rank=0, qk_rope_head_dim=0)
+
+
+def test_grouped_query_heads_must_divide_the_query_heads():
+    with pytest.raises(ModelConfigError, match="model.n_kv_head=3: must divide n_head=4"):
+        debug_model_config(attention="mha", n_kv_head=3)
+
+
+@pytest.mark.parametrize(("n_kv_head", "kind"), [(0, "MHA"), (4, "MHA"), (2, "GQA"), (1, "MQA")])
+def test_attention_kind_names_the_mha_variant_by_its_key_value_heads(n_kv_head, kind):
+    config = debug_model_config(attention="mha", n_kv_head=n_kv_head)
+    assert (config.attention_kind, config.kv_heads) == (kind, n_kv_head or 4)
+    assert debug_model_config().attention_kind == "MLA"

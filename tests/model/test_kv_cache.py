@@ -35,6 +35,15 @@ def test_mha_cache_bytes_match_keys_plus_values_formula(dtype):
     assert allocated_bytes_per_token(model.new_cache(1, MAX_LEN)) == expected
 
 
+@pytest.mark.parametrize("n_kv_head", [1, 2])
+def test_grouped_query_cache_holds_only_the_key_value_heads(n_kv_head):
+    config = debug_model_config(attention="mha", n_kv_head=n_kv_head)
+    model = Transformer(config)
+    expected = config.n_layer * 2 * n_kv_head * (config.n_embd // config.n_head) * 4
+    assert model.kv_cache_bytes_per_token(torch.float32) == expected
+    assert allocated_bytes_per_token(model.new_cache(1, MAX_LEN)) == expected
+
+
 def test_reference_size_mla_cache_is_at_most_a_fifth_of_mha():
     reference = dict(n_layer=12, n_embd=768, n_head=12, kv_lora_rank=256, qk_rope_head_dim=32)
     mla_numbers = cache_numbers_per_token(debug_model_config(**reference))

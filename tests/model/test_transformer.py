@@ -22,6 +22,8 @@ VARIANTS = {
     "mla-lowrank-q-pre": dict(q_lora_rank=16, norm="pre"),
     "mha-post": dict(attention="mha"),
     "mha-pre": dict(attention="mha", norm="pre"),
+    "gqa-post": dict(attention="mha", n_kv_head=2),
+    "mqa-pre": dict(attention="mha", n_kv_head=1, norm="pre"),
 }
 
 

@@ -92,11 +92,15 @@ def test_model_figures_count_parameters_cache_and_flops_at_the_runs_precision():
     assert model_hyperparameters(model, "32-true")["model/kv_cache_bytes_per_token"] == 2 * 40 * 4
     line = describe_model(figures)
     assert f"{figures['model/params']:,} parameters" in line and "40 numbers/token/layer, 160 B/token in bfloat16" in line
-    assert "MHA of this width: 512 B/token" in line and "31.2% of it" in line
+    assert "MHA of this width: 512 B/token" in line and "MLA caches 31.2% of it" in line
 
     mha = model_hyperparameters(Transformer(debug_model_config(attention="mha")), "16-mixed")
     assert mha["model/kv_cache_bytes_per_token"] == 2 * 128 * 2 and "model/mha_kv_cache_bytes_per_token" not in mha
     assert "MHA of this width" not in describe_model(mha)
+
+    gqa = model_hyperparameters(Transformer(debug_model_config(attention="mha", n_kv_head=1)), "bf16-mixed")
+    assert gqa["model/kv_cache_bytes_per_token"] == 2 * (2 * 16) * 2  # one key/value head of 16 dims
+    assert "MHA of this width: 512 B/token; MQA caches 25.0% of it" in describe_model(gqa)
 
 
 def test_loggers_are_built_as_configured(tmp_path, tiny_shards, monkeypatch):

@@ -24,7 +24,8 @@ from tml.model.rope import apply_rotary
 def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int) -> torch.Tensor:
     """Causal attention of T new queries at positions start.. over S = start+T cached keys, in fp32.
 
-    q [B,H,T,dk], k [B,H|1,S,dk], v [B,H|1,S,dv] -> [B,H,T,dv] in q's dtype.
+    q [...,T,dk], k [...,S,dk], v [...,S,dv] -> [...,T,dv] in q's dtype, the leading dims broadcasting
+    (e.g. q [B,H,T,dk] with k [B,H|1,S,dk]).
     """
     scores = (q.float() @ k.float().transpose(-2, -1)) * scale
     scores = _mask_future(scores, start)
@@ -167,16 +168,24 @@ class MultiHeadLatentAttention(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """Standard multi-head attention with RoPE on the full head dim: the like-for-like baseline for MLA."""
+    """Multi-head attention with RoPE on the full head dim: the like-for-like baseline for MLA.
+
+    With model.n_kv_head below n_head it is grouped-query attention (GQA; 1 = multi-query, MQA): each key/value
+    head serves n_head/n_kv_head consecutive query heads, and the cache holds only the key/value heads. That is
+    the baseline TransMLA compares MLA with at an equal KV cache.
+    """
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.n_head = config.n_head
+        self.n_kv_head = config.kv_heads
         self.head_dim = config.n_embd // config.n_head
         self.rope_theta = config.rope_theta
         self.dropout = config.dropout
         self.scale = 1.0 / math.sqrt(self.head_dim)
-        self.qkv_proj = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        # One projection for q, k and v, laid out [q heads | k heads | v heads]: with n_kv_head = n_head this is
+        # the fused 3 * n_embd projection of GPT-2.
+        self.qkv_proj = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
@@ -184,14 +193,22 @@ class MultiHeadAttention(nn.Module):
         """`absorb` is accepted for a uniform block interface; MHA has nothing to absorb."""
         B, T, C = x.shape
         start = cache.length if cache is not None else 0
-        qkv = self.qkv_proj(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)
-        q, k = apply_rotary(qkv[:2], start, self.rope_theta)  # one rotation (and one set of angles) for both
-        v = qkv[2]
+        heads = self.qkv_proj(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k, v = heads.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
+        if self.n_kv_head == self.n_head:  # one rotation (and one set of angles) for both
+            q, k = apply_rotary(torch.stack((q, k)), start, self.rope_theta)
+        else:
+            q, k = apply_rotary(q, start, self.rope_theta), apply_rotary(k, start, self.rope_theta)
         if cache is not None:
             k, v = cache.update(k, v)
+        grouped = self.n_kv_head < self.n_head
         if start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=grouped,
                                                dropout_p=self.dropout if self.training else 0.0)
+        elif grouped:  # each key/value head against its group of query heads: [B, Hkv, group, T, hd]
+            group = self.n_head // self.n_kv_head
+            y = attend_cached(q.reshape(B, self.n_kv_head, group, T, self.head_dim), k.unsqueeze(2), v.unsqueeze(2),
+                              self.scale, start).reshape(B, self.n_head, T, self.head_dim)
         else:
             y = attend_cached(q, k, v, self.scale, start)
         y = y.transpose(1, 2).reshape(B, T, C)

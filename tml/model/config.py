@@ -24,6 +24,8 @@ class ModelConfig:
         block_size: context length in tokens
         n_layer: transformer blocks
         n_head: attention heads
+        n_kv_head: key/value heads of the mha baseline: 0 = n_head (MHA), 1 = multi-query (MQA), a divisor of
+            n_head in between = grouped-query (GQA), whose cache is n_kv_head/n_head of MHA's; MLA leaves it 0
         n_embd: width of the residual stream
         attention: mla (compressed latent KV cache, DeepSeek-V2) or mha (standard multi-head attention)
         norm: post (LayerNorm after each residual add, as in the original Transformer) or pre (before each sublayer)
@@ -42,6 +44,7 @@ class ModelConfig:
     block_size: int = 512
     n_layer: int = 12
     n_head: int = 12
+    n_kv_head: int = 0
     n_embd: int = 768
     attention: Literal["mla", "mha"] = "mla"
     norm: Literal["post", "pre"] = "post"
@@ -71,6 +74,14 @@ class ModelConfig:
             fail("norm", "must be 'post' or 'pre'")
         if self.n_embd % self.n_head != 0:
             fail("n_embd", f"must be divisible by n_head={self.n_head}")
+        if self.n_kv_head < 0:
+            fail("n_kv_head", "must be >= 0 (0 means one key/value head per query head, as in MHA)")
+        if self.attention == "mla" and self.n_kv_head != 0:
+            fail("n_kv_head", "applies to attention=mha only (grouped-query attention); MLA shares its latent "
+                              "across all heads already, so leave it 0")
+        if self.attention == "mha" and self.n_kv_head and self.n_head % self.n_kv_head != 0:
+            fail("n_kv_head", f"must divide n_head={self.n_head}: each key/value head serves a whole group of "
+                              "query heads")
         if self.q_lora_rank < 0:
             fail("q_lora_rank", "must be >= 0 (0 means a full-rank query)")
         if self.rope_theta <= 0:
@@ -87,3 +98,15 @@ class ModelConfig:
             head_dim = self.n_embd // self.n_head
             if head_dim % 2 != 0:
                 fail("n_embd", f"gives an odd MHA head dim {head_dim}; RoPE rotates pairs")
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads the mha baseline really has (n_kv_head, or n_head when it is 0)."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def attention_kind(self) -> str:
+        """What the attention is called in the literature: MLA, MHA, GQA or MQA."""
+        if self.attention == "mla":
+            return "MLA"
+        return "MHA" if self.kv_heads == self.n_head else "MQA" if self.kv_heads == 1 else "GQA"

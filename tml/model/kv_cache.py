@@ -61,7 +61,8 @@ class LatentCache(_PreallocatedCache):
 
 
 class KVCache(_PreallocatedCache):
-    """MHA cache: rotated keys and values of every head, 2 * n_embd numbers per token per layer."""
+    """MHA cache: rotated keys and values of every key/value head, 2 * n_kv_head * head_dim numbers per token per
+    layer (2 * n_embd for plain MHA)."""
 
     def __init__(self, batch_size: int, max_len: int, n_head: int, head_dim: int,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
@@ -71,7 +72,7 @@ class KVCache(_PreallocatedCache):
 
     @staticmethod
     def numbers_per_token(config: ModelConfig) -> int:
-        return 2 * config.n_embd
+        return 2 * config.kv_heads * (config.n_embd // config.n_head)
 
     def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append key and value [B,H,T,hd]; return views of everything cached so far."""
@@ -101,4 +102,4 @@ def new_layer_cache(config: ModelConfig, batch_size: int, max_len: int,
                     device: torch.device | None = None, dtype: torch.dtype | None = None) -> LayerCache:
     if config.attention == "mla":
         return LatentCache(batch_size, max_len, config.kv_lora_rank, config.qk_rope_head_dim, device, dtype)
-    return KVCache(batch_size, max_len, config.n_head, config.n_embd // config.n_head, device, dtype)
+    return KVCache(batch_size, max_len, config.kv_heads, config.n_embd // config.n_head, device, dtype)

@@ -25,7 +25,7 @@ from rich.table import Table
 
 from tml.config import Config
 from tml.model import Transformer
-from tml.model.kv_cache import PRECISION_CACHE_DTYPE, KVCache, cache_numbers_per_token, kv_cache_bytes_per_token
+from tml.model.kv_cache import PRECISION_CACHE_DTYPE, cache_numbers_per_token, kv_cache_bytes_per_token
 
 WANDB_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"  # wandb's own id alphabet
 WANDB_ID_LENGTH = 8
@@ -73,12 +73,13 @@ def model_hyperparameters(model: Transformer, precision: str) -> dict[str, int |
     """What the model's shape costs, as `model/...` hyper-parameters: parameters, KV cache per token, FLOPs per token.
 
     Call before the strategy wraps the model (ZeRO-3 partitions the parameters, so counting afterwards would miss
-    them). For MLA the cache of MHA at the same width (K and V of every head) is given beside it: that ratio is
-    what MLA buys.
+    them). For MLA, GQA and MQA the cache of MHA at the same width (K and V of every head) is given beside it: that
+    ratio is what they buy.
     """
     config = model.config
     dtype = PRECISION_CACHE_DTYPE[precision]
     figures: dict[str, int | float | str] = {
+        "model/attention_kind": config.attention_kind,
         "model/params": model.num_params(non_embedding=False),
         "model/params_non_embedding": model.num_params(non_embedding=True),
         "model/kv_cache_numbers_per_token_per_layer": cache_numbers_per_token(config),
@@ -86,8 +87,8 @@ def model_hyperparameters(model: Transformer, precision: str) -> dict[str, int |
         "model/kv_cache_dtype": str(dtype).removeprefix("torch."),
         "model/flops_per_token": model.flops_per_token(),
     }
-    if config.attention == "mla":
-        mha_bytes = config.n_layer * KVCache.numbers_per_token(config) * dtype.itemsize
+    if config.attention_kind != "MHA":
+        mha_bytes = config.n_layer * 2 * config.n_embd * dtype.itemsize  # K and V of every head
         figures["model/mha_kv_cache_bytes_per_token"] = mha_bytes
         figures["model/kv_cache_fraction_of_mha"] = figures["model/kv_cache_bytes_per_token"] / mha_bytes
     return figures
@@ -98,8 +99,8 @@ def describe_model(figures: dict[str, int | float | str]) -> str:
     cache = (f"KV cache {figures['model/kv_cache_numbers_per_token_per_layer']:,} numbers/token/layer, "
              f"{figures['model/kv_cache_bytes_per_token']:,} B/token in {figures['model/kv_cache_dtype']}")
     if "model/mha_kv_cache_bytes_per_token" in figures:
-        cache += (f" (MHA of this width: {figures['model/mha_kv_cache_bytes_per_token']:,} B/token; MLA caches "
-                  f"{figures['model/kv_cache_fraction_of_mha']:.1%} of it)")
+        cache += (f" (MHA of this width: {figures['model/mha_kv_cache_bytes_per_token']:,} B/token; "
+                  f"{figures['model/attention_kind']} caches {figures['model/kv_cache_fraction_of_mha']:.1%} of it)")
     return (f"model: {figures['model/params']:,} parameters ({figures['model/params_non_embedding']:,} "
             f"non-embedding) | {cache} | {figures['model/flops_per_token'] / 1e9:.3g} GFLOPs/token (train)")
 

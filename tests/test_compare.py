@@ -62,7 +62,7 @@ def test_json_rows_carry_summary_json_numbers_and_the_shape_of_each_real_run(swe
         assert list(row) == [*FIELDS, "settings"]
         assert row["settings"]["train.lr"] == 3e-3 and "train.out_dir" not in row["settings"]  # placement: not compared
         for key in ("final_step", "max_steps", "best_val_loss", "best_val_perplexity", "val_loss", "val_perplexity",
-                    "tokens_seen", "wall_s", "params"):
+                    "tokens_seen", "wall_s", "params", "params_non_embedding"):
             assert row[key] == summary[key], key
         assert row["status"] == "finished" and row["final_step"] == MAX_STEPS
         assert row["tokens_per_s"] == pytest.approx(summary["tokens_seen"] / summary["wall_s"])
@@ -123,13 +123,14 @@ def test_a_run_without_summary_takes_its_step_from_the_newest_checkpoint_and_its
         sweep, tmp_path, capsys):
     real = json.loads((sweep / "mla" / SUMMARY_FILE).read_text())
     text = (sweep / "mla" / CONFIG_FILE).read_text()
-    sentinel = text.replace(f"model: {real['params']:,} parameters", "model: 1,234,567 parameters", 1)
+    sentinel = text.replace(f"model: {real['params']:,} parameters ({real['params_non_embedding']:,} non-embedding)",
+                            "model: 1,234,567 parameters (234,567 non-embedding)", 1)
     assert sentinel != text
     killed = copy_run(sweep / "mla", tmp_path / "killed", steps=[2, 6, 4], config_text=sentinel)
     (row,) = compare_json(capsys, killed)
     assert row["status"] == "no summary" and row["final_step"] == 6 and row["max_steps"] == MAX_STEPS
     assert row["best_val_perplexity"] is None and row["tokens_seen"] is None and row["tokens_per_s"] is None
-    assert row["params"] == 1_234_567  # read from config.yaml's header line, not counted again
+    assert (row["params"], row["params_non_embedding"]) == (1_234_567, 234_567)  # the header line's, not recounted
 
 
 def test_a_config_without_its_header_line_gets_its_parameters_counted(sweep, tmp_path, capsys):
@@ -138,7 +139,7 @@ def test_a_config_without_its_header_line_gets_its_parameters_counted(sweep, tmp
     bare = copy_run(sweep / "mha", tmp_path / "bare", config_text=text.split("\n", 1)[1])
     (row,) = compare_json(capsys, bare)
     assert row["status"] == "no summary, no checkpoint" and row["final_step"] is None
-    assert row["params"] == real["params"]
+    assert (row["params"], row["params_non_embedding"]) == (real["params"], real["params_non_embedding"])
 
 
 def test_a_summary_older_than_the_newest_checkpoint_is_from_before_a_resume_and_not_shown(sweep, tmp_path, capsys):

@@ -28,7 +28,7 @@ from tml.train.run_lock import training_in_progress
 # A directory holding any of these is a run (a killed run whose config.yaml was deleted still gets its row).
 RUN_MARKERS = (CONFIG_FILE, SUMMARY_FILE, CHECKPOINTS)
 # The comment the loop writes on top of config.yaml (tml/train/loggers.py describe_model) starts with the count.
-PARAMS_HEADER = re.compile(r"#\s*model:\s*([\d,]+) parameters")
+PARAMS_HEADER = re.compile(r"#\s*model:\s*([\d,]+) parameters \(([\d,]+) non-embedding\)")
 # ... and says what the KV cache costs in the precision the run really used (16-mixed runs as bf16 on a CPU).
 CACHE_HEADER = re.compile(r"KV cache [\d,]+ numbers/token/layer, ([\d,]+) B/token in (\w+)")
 # Settings a local corpus never reads: a run on your own text shows no Gutenberg book list.
@@ -40,9 +40,9 @@ MLA_ONLY = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim
 MHA_ONLY = ("n_kv_head",)
 SHAPE = ("attention", "norm", "n_layer", "n_embd", "n_head", *MHA_ONLY, *MLA_ONLY, "block_size")
 NUMBERS_FROM_SUMMARY = ("final_step", "max_steps", "best_val_loss", "best_val_perplexity", "val_loss",
-                        "val_perplexity", "tokens_seen", "wall_s", "params")
+                        "val_perplexity", "tokens_seen", "wall_s", "params", "params_non_embedding")
 # Every row's fields, in table order; `--json` gives all of them (and `settings`) and `--sort` takes any.
-FIELDS = ("run", *SHAPE, "params", "kv_cache_bytes_per_token", "kv_cache_dtype", "final_step", "max_steps",
+FIELDS = ("run", *SHAPE, "params", "params_non_embedding", "kv_cache_bytes_per_token", "kv_cache_dtype", "final_step", "max_steps",
           "best_val_loss", "best_val_perplexity", "val_loss", "val_perplexity", "tokens_seen", "wall_s",
           "tokens_per_s", "status")
 DEFAULT_SORT = "best_val_perplexity"
@@ -150,14 +150,15 @@ def kv_cache_cost(model: ModelConfig, precision: str) -> tuple[int, str]:
     return kv_cache_bytes_per_token(model, dtype), str(dtype).removeprefix("torch.")
 
 
-def counted_params(model: ModelConfig) -> int:
-    """Build the model on the meta device: shapes only, no memory and no initialisation arithmetic."""
+def counted_params(model: ModelConfig) -> tuple[int, int]:
+    """(all, non-embedding) parameters. Built on the meta device: shapes only, no memory and no initialisation."""
     import torch
 
     from tml.model import Transformer
 
     with torch.device("meta"):
-        return Transformer(model).num_params(non_embedding=False)
+        built = Transformer(model)
+    return built.num_params(non_embedding=False), built.num_params(non_embedding=True)
 
 
 def read_run(name: str, directory: Path) -> dict[str, Any]:
@@ -203,7 +204,7 @@ def read_run(name: str, directory: Path) -> dict[str, Any]:
             row["kv_cache_bytes_per_token"], row["kv_cache_dtype"] = kv_cache_cost(model, config.train.precision)
         row["max_steps"] = config.train.max_steps
     if summary is not None:
-        row.update({key: summary[key] for key in NUMBERS_FROM_SUMMARY if summary[key] is not None})
+        row.update({key: summary[key] for key in NUMBERS_FROM_SUMMARY if summary[key] is not None})  # checked
         if row["tokens_seen"] is not None and row["wall_s"]:
             row["tokens_per_s"] = row["tokens_seen"] / row["wall_s"]
         status = summary_status(summary)
@@ -213,10 +214,12 @@ def read_run(name: str, directory: Path) -> dict[str, Any]:
     else:
         row["final_step"] = newest
         status = "no summary" if newest is not None else "no summary, no checkpoint"
-    if row["params"] is None and text and (match := PARAMS_HEADER.match(text)):
-        row["params"] = int(match[1].replace(",", ""))
-    if row["params"] is None and config is not None:
-        row["params"] = counted_params(config.model)
+    # What shape alone decides: from config.yaml's header line as the run counted it, else counted again.
+    counts = ("params", "params_non_embedding")
+    if None in (row[key] for key in counts) and text and (match := PARAMS_HEADER.match(text)):
+        row.update({key: int(found.replace(",", "")) for key, found in zip(counts, match.groups(), strict=True)})
+    if None in (row[key] for key in counts) and config is not None:
+        row.update(zip(counts, counted_params(config.model), strict=True))
     row["status"] = f"unreadable: {'; '.join(problems)}" if problems else status
     return row
 
@@ -315,6 +318,8 @@ COLUMNS = (
     field("v_head_dim", "v"),
     field("block_size", "block"),
     field("params", "params", render=lambda n: f"{n:,}"),
+    # Embeddings are a lookup, and at small widths most of the count: this is what the attention kinds differ in.
+    field("params_non_embedding", "non-emb params", render=lambda n: f"{n:,}"),
     field("kv_cache_bytes_per_token", "KV B/tok", render=lambda n: f"{n:,}"),
     field("kv_cache_dtype", "KV dtype"),
     Column("steps", lambda row: (row["final_step"], row["max_steps"]), steps_done),

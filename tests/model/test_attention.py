@@ -6,6 +6,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from tests.conftest import debug_model_config
 from tml.model.attention import MultiHeadAttention, MultiHeadLatentAttention, attend_cached, causal_attention_padded
@@ -71,6 +72,60 @@ def test_full_forward_equals_explicit_attention_with_mla_scale():
         scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
         y = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(1, 10, -1)
         torch.testing.assert_close(attn(x), attn.out_proj(y), atol=DECODE_ATOL, rtol=0)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+
+def interleaved_rope(x: torch.Tensor, theta: float = 10000.0) -> torch.Tensor:
+    """DeepSeek-V3's RoPE: dims (2i, 2i+1) are one complex number, rotated by position * theta^(-2i/d)."""
+    length, dim = x.shape[-2], x.shape[-1]
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), theta ** (-torch.arange(0, dim, 2) / dim))
+    pairs = torch.view_as_complex(x.float().reshape(*x.shape[:-1], dim // 2, 2))
+    return torch.view_as_real(pairs * torch.polar(torch.ones_like(angles), angles)).flatten(-2)
+
+
+def deepseek_attention(attn: MultiHeadLatentAttention, x: torch.Tensor) -> torch.Tensor:
+    """MLA written from the DeepSeek-V2 paper's equations (37)-(47), sharing only the weights with tml.
+
+    DeepSeek interleaves the RoPE dims where tml pairs dim i with i + d/2; permuting the RoPE rows of the weights
+    maps one layout onto the other.
+    """
+    H, nope, rope, v_dim, rank = attn.n_head, attn.nope_dim, attn.rope_dim, attn.v_dim, attn.kv_lora_rank
+    B, T, _ = x.shape
+    to_interleaved = torch.arange(rope).view(2, rope // 2).t().reshape(-1)  # slot 2i <- i, slot 2i+1 <- i + d/2
+    if attn.low_rank_query:
+        c_q = rms_norm(F.linear(x, attn.q_down.weight, attn.q_down.bias), attn.q_norm.weight)  # (37)
+        q = F.linear(c_q, attn.q_up.weight, attn.q_up.bias)  # (38), (39) before RoPE
+    else:
+        q = F.linear(x, attn.q_proj.weight, attn.q_proj.bias)
+    q = q.view(B, T, H, nope + rope).transpose(1, 2)
+    q_nope, q_rope = q[..., :nope], interleaved_rope(q[..., nope:][..., to_interleaved])
+    compressed = F.linear(x, attn.kv_down.weight, attn.kv_down.bias)
+    c_kv = rms_norm(compressed[..., :rank], attn.kv_norm.weight)  # (41)
+    k_rope = interleaved_rope(compressed[..., rank:][..., to_interleaved])  # (43): one key for all heads
+    k_nope, v = F.linear(c_kv, attn.kv_up.weight).view(B, T, H, nope + v_dim).transpose(1, 2).split([nope, v_dim], -1)
+    scores = (q_nope @ k_nope.transpose(-2, -1) + q_rope @ k_rope.unsqueeze(1).transpose(-2, -1)) / math.sqrt(nope + rope)
+    scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))  # (46)
+    heads = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, T, H * v_dim)
+    return F.linear(heads, attn.out_proj.weight, attn.out_proj.bias)  # (47)
+
+
+@pytest.mark.parametrize(("q_lora_rank", "bias"), [(0, False), (16, False), (16, True)])
+def test_mla_matches_the_deepseek_v2_equations(q_lora_rank, bias):
+    """Checked against an independent implementation, so a change that moves every tml path alike (the RoPE key
+    taken from the latent, a normed RoPE key, per-head RoPE keys, a misplaced norm) still fails."""
+    torch.manual_seed(0)
+    config = debug_model_config(q_lora_rank=q_lora_rank, bias=bias, qk_nope_head_dim=12, qk_rope_head_dim=8,
+                                v_head_dim=20)
+    attn = MultiHeadLatentAttention(config).eval()
+    with torch.no_grad():
+        for param in attn.parameters():
+            if param.dim() == 1:  # biases and norm gains away from their 0 / 1 init, so a missing one shows
+                param.add_(0.1 * torch.randn_like(param))
+        x = torch.randn(2, 12, 64)
+        torch.testing.assert_close(attn(x), deepseek_attention(attn, x), atol=DECODE_ATOL, rtol=0)
 
 
 def test_cached_attention_does_not_overflow_in_fp16():

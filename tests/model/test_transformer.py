@@ -20,6 +20,7 @@ VARIANTS = {
     "mla-pre": dict(norm="pre"),
     "mla-lowrank-q-post": dict(q_lora_rank=16),
     "mla-lowrank-q-pre": dict(q_lora_rank=16, norm="pre"),
+    "mla-bias-dropout": dict(bias=True, dropout=0.1),  # dropout is off in eval mode; biases must be cached alike
     "mha-post": dict(attention="mha"),
     "mha-pre": dict(attention="mha", norm="pre"),
     "gqa-post": dict(attention="mha", n_kv_head=2),

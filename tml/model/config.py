@@ -35,8 +35,10 @@ class ModelConfig:
         qk_rope_head_dim: per-head query/key dims with rotary position, key part shared across heads (MLA); even
         v_head_dim: per-head value dims (MLA)
         rope_theta: RoPE base; larger stretches the rotary wavelengths
-        dropout: dropout probability on the attention weights and the attention output
-        bias: biases in the linear layers and LayerNorms
+        dropout: dropout probability on the embeddings, the attention weights (training forward only) and the
+            outputs of attention and of the MLP, as in nanoGPT
+        bias: biases in the linear layers and LayerNorms, except MLA's key/value up-projection, which never has
+            one (see tml/model/attention.py)
         tie_embeddings: share the token embedding with the output projection
     """
 

@@ -1,4 +1,7 @@
-"""Rotary position embedding (RoPE), rotate-half layout as in GPT-NeoX and DeepSeek-V2.
+"""Rotary position embedding (RoPE) in the rotate-half layout of GPT-NeoX and Llama: dim i pairs with i + dim/2.
+
+DeepSeek-V2/V3 store their RoPE dims interleaved (2i pairs with 2i+1). It is the same rotation once the RoPE rows
+of the query and key projections are permuted, which loading DeepSeek weights into tml would have to do.
 
 The angles are computed on the fly in fp32 from the absolute positions instead of being stored as buffers:
 a buffer would be cast to bf16/fp16 with the model (`model.to(dtype)`) and lose the precision that long

@@ -174,7 +174,9 @@ class Transformer(nn.Module):
         per layer and per token over a context of T = block_size keys, 2*H*T*d_qk for q.k and 2*H*T*d_v for
         attn.v forward, times 3 for the backward: 6 * L * H * T * (d_qk + d_v). MHA: d_qk = d_v = n_embd/n_head
         (PaLM's 12 * L * H * d * T); MLA: d_qk = qk_nope_head_dim + qk_rope_head_dim, d_v = v_head_dim.
-        Causal masking is ignored, as in the PaLM and nanoGPT conventions.
+        Causal masking is ignored, as in the PaLM and nanoGPT conventions. MLA's SDPA call pads v to the query/key
+        width for the fused kernels (tml/model/attention.py); that padding is not useful work and is not counted
+        (at the reference shape it would add 1.8% to the total).
         """
         c = self.config
         matmul_params = self.num_params(non_embedding=True)

@@ -32,10 +32,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-from tml.cli import load_model  # noqa: E402
 from tml.config import Config, load_yaml_config  # noqa: E402
 from tml.data.prepare import prepare_data  # noqa: E402
 from tml.files import write_atomic  # noqa: E402
+from tml.pretrained import load  # noqa: E402
 from tml.train.checkpoint import checkpoints_dir  # noqa: E402
 from tml.train.fabric import resolve_accelerator, resolve_precision  # noqa: E402
 from tml.train.loop import train  # noqa: E402
@@ -137,7 +137,7 @@ def synchronize(device: torch.device) -> None:
 
 def decode_speed(run_dir: Path, device: torch.device) -> dict:
     """Tokens/s of greedy decode from the saved `last` checkpoint, absorbed vs naive latent-cache attention."""
-    model = load_model(str(checkpoints_dir(run_dir) / "last"), device)
+    model = load(checkpoints_dir(run_dir) / "last", device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model = model.to(dtype)
     new_tokens = min(DECODE_NEW_TOKENS, model.config.block_size - DECODE_PROMPT_TOKENS)

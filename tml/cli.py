@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from collections.abc import Sequence
@@ -21,8 +22,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tml.compare import DEFAULT_SORT, FIELDS, CompareError, compare_runs, print_table, read_summary
-from tml.config import Config, ConfigError
-from tml.run_dir import CONFIG_FILE
+from tml.config import ConfigError
 
 if TYPE_CHECKING:
     import torch
@@ -31,6 +31,7 @@ CTRL_C_EXIT_STATUS = 130  # 128 + SIGINT: what shells report for a run ended by 
 EVAL_BATCH_SIZE = 8  # windows per forward pass in `tml eval`: small enough for CPU memory at block size 512
 # The share of the block new tokens may claim from a long prompt: enough to generate, while keeping most context.
 GENERATE_ROOM_FRACTION = 0.5
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
 
 def train_main(argv: Sequence[str], prog: str | None = None) -> int:
@@ -123,21 +124,13 @@ def remove_if_only_lock(out_dir: Path) -> None:
         pass
 
 
-def load_model(checkpoint: str, device: torch.device) -> torch.nn.Module:
-    from tml.model import Transformer
-    from tml.train.checkpoint import load_model_weights
-
-    state, config = load_model_weights(checkpoint)
-    model = Transformer(config.model)
-    model.load_state_dict(state)
-    return model.to(device).eval()
-
-
 def chosen_checkpoint(command: str, path: str) -> str:
-    """The checkpoint directory `path` names. For a run directory, say which of its checkpoints is used (its
-    `best`, else `last`), since the user did not name one."""
+    """The checkpoint directory (or exported weights file) `path` names. For a run directory, say which of its
+    checkpoints is used (its `best`, else `last`), since the user did not name one."""
     from tml.train.checkpoint import checkpoints_dir, find_checkpoint
 
+    if Path(path).is_file():  # weights written by tml export
+        return path
     directory = find_checkpoint(path)
     if directory != Path(path).resolve():
         best = checkpoints_dir(path) / "best"
@@ -170,12 +163,14 @@ def sampling_options(args: argparse.Namespace) -> dict:
     """The CLI's sampling flags as `Transformer.generate` takes them: --top-k 0 and --top-p 1 mean "off" (None)."""
     if args.max_new_tokens < 0:
         raise ValueError(f"--max-new-tokens {args.max_new_tokens} must be >= 0")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature {args.temperature} must be >= 0 (0 = greedy)")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature {args.temperature} must be a number >= 0 (0 = greedy)")
     if args.top_k < 0:
         raise ValueError(f"--top-k {args.top_k} must be >= 1, or 0 for off")
     if not 0.0 < args.top_p <= 1.0:
         raise ValueError(f"--top-p {args.top_p} must be in (0, 1]; 1 is off")
+    if not SEED_RANGE[0] <= args.seed < SEED_RANGE[1]:
+        raise ValueError(f"--seed {args.seed} must be in [-2**63, 2**64), the range torch's generator takes")
     return {"temperature": args.temperature, "top_k": args.top_k or None,
             "top_p": args.top_p if args.top_p < 1.0 else None}
 
@@ -202,12 +197,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from tml.data.tokenizer import get_tokenizer
+    from tml.pretrained import load
 
     options = sampling_options(args)
     device = default_device()
-    model = load_model(chosen_checkpoint("generate", args.checkpoint), device)
+    model = load(chosen_checkpoint("generate", args.checkpoint), device)
     tokenizer = get_tokenizer()
-    prompt = tokenizer.encode(args.prompt, allowed_special="all") or [tokenizer.eot_token]
+    prompt = tokenizer.encode(args.prompt, allowed_special="all")
+    if not prompt:  # an empty prompt: continue from a document boundary, as at the start of a book in training
+        print("tml generate: empty prompt: generating from <|endoftext|>, the start of a document", file=sys.stderr)
+    typed = len(prompt)
+    prompt = prompt or [tokenizer.eot_token]
     check_token_ids(prompt, model.config.vocab_size, "--prompt")
     block = model.config.block_size
     kept = prompt_tokens_kept(len(prompt), args.max_new_tokens, block)
@@ -222,8 +222,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
               f"{n_tokens(len(prompt))} leaves {room} of the model's block_size {block}", file=sys.stderr)
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    out = model.generate(idx, new_tokens, generator=generator, **options)
-    print(tokenizer.decode(out[0].tolist()))
+    out = model.generate(idx, new_tokens, generator=generator, vocab_limit=tokenizer.n_vocab, **options)
+    print(tokenizer.decode(out[0, len(prompt) - min(typed, len(prompt)):].tolist()))  # not an eot the user never typed
     return 0
 
 
@@ -261,8 +261,10 @@ def text_loss(model, tokens: list[int], device: torch.device, progress: Progress
 
 def read_text_file(path: Path) -> str:
     """The file's text, read as tml-prepare reads a corpus file (byte-order marks, UTF-8, else cp1252 or Latin-1,
-    said on stderr), so held-out text evaluates as it would train. A binary file is refused: decoding it "with
-    replacement" would evaluate the model on noise for minutes and report a meaningless perplexity."""
+    said on stderr; a Project Gutenberg file without its header and footer, said too), so held-out text evaluates
+    as it would train. A binary file is refused: decoding it "with replacement" would evaluate the model on noise
+    for minutes and report a meaningless perplexity."""
+    from tml.data.clean import has_gutenberg_header, strip_gutenberg
     from tml.data.prepare import NotText, decode_text
 
     if not path.exists():
@@ -275,6 +277,10 @@ def read_text_file(path: Path) -> str:
         raise ValueError(f"--data {path} is not a text file: {error}") from None
     if encoding not in ("utf-8", "utf-8-sig"):
         print(f"tml eval: --data {path} is not UTF-8: read as {encoding}", file=sys.stderr)
+    if has_gutenberg_header(text):  # the licence is not the book: tml-prepare trains without it too
+        text = strip_gutenberg(text, name=str(path))
+        print(f"tml eval: --data {path} is a Project Gutenberg file: its header and footer are left out, as "
+              "tml-prepare leaves them out", file=sys.stderr)
     return text
 
 
@@ -288,69 +294,42 @@ def eval_progress() -> Progress:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tml.data.tokenizer import get_tokenizer
+    from tml.pretrained import load
     from tml.train.evaluate import format_perplexity, perplexity
 
     path = Path(args.data)
     text = read_text_file(path)  # before the model loads: a wrong file is refused at once
     device = default_device()
-    model = load_model(chosen_checkpoint("eval", args.checkpoint), device)
+    model = load(chosen_checkpoint("eval", args.checkpoint), device)
     tokens = get_tokenizer().encode_ordinary(text)
     check_token_ids(tokens, model.config.vocab_size, f"--data {path}")
     if len(tokens) < 2:
         raise ValueError(f"--data {path}: needs at least two tokens of text")
     with eval_progress() as progress:
         loss, count = text_loss(model, tokens, device, progress)
-    print(f"{path}: {count:,} tokens | loss {loss:.4f} | perplexity {format_perplexity(perplexity(loss))}")
+    print(f"{path}: {n_tokens(count)} | loss {loss:.4f} | perplexity {format_perplexity(perplexity(loss))}")
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    """One plain fp32 state dict from any checkpoint (DeepSpeed ZeRO shards are consolidated)."""
-    from tml.train.checkpoint import load_model_weights
-    from tml.train.zero_export import save_fp32_state_dict
+    """One plain fp32 state dict from any checkpoint (DeepSpeed ZeRO shards are consolidated), and beside it the
+    JSON that describes its model (tml/pretrained.py)."""
+    from tml.files import write_failure
+    from tml.pretrained import check_export_path, export
+    from tml.train.checkpoint import CheckpointError
 
     output = Path(args.output)
-    if output.is_dir():  # before the checkpoint loads: refused at once
-        raise ValueError(f"--output {output} is a directory; name the file to write, e.g. {output / 'model.pt'}")
-    directory = Path(chosen_checkpoint("export", args.checkpoint))
-    state, config = load_model_weights(directory)
+    check_export_path(output)  # before the checkpoint loads: refused at once
+    source = chosen_checkpoint("export", args.checkpoint)
     try:
-        save_fp32_state_dict(state, output)
-    except (OSError, RuntimeError) as error:  # torch.save reports an unopenable file as a RuntimeError
-        raise ValueError(f"cannot write {output}: {one_line_reason(error)}") from error
-    print(f"wrote {output} ({len(state)} tensors)")
-    print(rebuild_instructions(directory, config, output))
+        weights, description, tensors = export(source, output)
+    except (OSError, RuntimeError) as error:  # torch.save reports an unopenable file or a full disk as RuntimeError
+        if isinstance(error, CheckpointError):
+            raise
+        raise ValueError(f"cannot write {output}: {write_failure(error, output.parent)}") from error
+    print(f"wrote {weights} ({tensors} tensors) and {description} (its model)")
+    print(f"load it in Python: import tml; model = tml.load({str(weights.resolve())!r})")
     return 0
-
-
-def rebuild_instructions(checkpoint: Path, config: Config, output: Path) -> str:
-    """One line of Python (runnable as it is, from any directory: absolute paths) that rebuilds the exported model: the file is a bare state dict, so
-    the model's shape comes from the run directory's config.yaml, or from the checkpoint's own meta.json when the
-    checkpoint was moved out of its run (or the run's config.yaml no longer describes this model)."""
-    from tml.config import load_yaml_config
-    from tml.train.checkpoint import META
-
-    run_config = checkpoint.parent.parent / CONFIG_FILE  # {out_dir}/checkpoints/step-N -> {out_dir}/config.yaml
-    try:
-        matches = run_config.is_file() and load_yaml_config(run_config).model == config.model
-    except ConfigError:
-        matches = False
-    if matches:
-        model_config = f"load_yaml_config({str(run_config.resolve())!r}).model"
-        imports = "import torch; from tml.config import load_yaml_config; from tml.model import Transformer"
-    else:
-        meta = (checkpoint / META).resolve()  # the step directory itself: `last` moves on
-        model_config = f"Config.from_dict(json.loads(open({str(meta)!r}).read())['config']).model"
-        imports = "import json, torch; from tml.config import Config; from tml.model import Transformer"
-    return (f"rebuild the model in Python: {imports}; model = Transformer({model_config}); "
-            f"model.load_state_dict(torch.load({str(output.resolve())!r}, weights_only=True))")
-
-
-def one_line_reason(error: BaseException) -> str:
-    """`Permission denied` for an OSError; the first line of anything else (torch's messages run to several)."""
-    if isinstance(error, OSError) and error.strerror:
-        return error.strerror
-    return (str(error).strip().splitlines() or [type(error).__name__])[0]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -360,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser("prepare", help="build token shards: --config FILE [--data.key value ...]", add_help=False)
 
     generate = commands.add_parser("generate", help="sample text from a checkpoint (latent KV cache)")
-    generate.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    generate.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or a file tml export wrote")
     generate.add_argument("--prompt", required=True, help="text to continue; when too long for the model's "
                           "block_size only its end is kept (see --max-new-tokens)")
     generate.add_argument("--max-new-tokens", type=int, default=100,
@@ -376,12 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "checkpoint give the same text")
 
     evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on a text file")
-    evaluate.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    evaluate.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or a file tml export wrote")
     evaluate.add_argument("--data", required=True, help="a UTF-8 text file")
 
-    export = commands.add_parser("export", help="write one fp32 state dict (consolidates DeepSpeed ZeRO shards)")
+    export = commands.add_parser("export", help="write one fp32 state dict (consolidates DeepSpeed ZeRO shards) and "
+                                 "the JSON describing its model")
     export.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
-    export.add_argument("--output", required=True, help="output .pt file (not a directory)")
+    export.add_argument("--output", required=True, help="output .pt file (not a directory); its model's description "
+                        "is written beside it as .json")
 
     compare = commands.add_parser("compare", help="one table of runs: their shapes, costs and final perplexities")
     compare.add_argument("runs", nargs="+", metavar="RUN_OR_PARENT",

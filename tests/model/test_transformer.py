@@ -265,3 +265,22 @@ def test_num_params_non_embedding_excludes_the_token_table():
     model = build(tie_embeddings=False)
     assert model.num_params(non_embedding=False) - model.num_params() == 256 * 64
     assert model.num_params(non_embedding=False) == sum(p.numel() for p in model.parameters())
+
+
+def test_ids_past_the_vocab_limit_are_never_sampled_even_at_a_huge_temperature():
+    """The embedding's padding rows (GPT-2's 50,257 tokens padded to 50,304) have ids a tokenizer cannot decode."""
+    model = build()
+    logits = torch.zeros(64, 256)
+    logits[:, 200:] = 5.0  # the padding rows are the most likely ones
+    generator = torch.Generator().manual_seed(0)
+    assert int(sample_next_token(logits, 1000.0, generator=generator, vocab_limit=200).max()) < 200
+    assert int(sample_next_token(logits, 0.0, vocab_limit=200).max()) < 200  # greedy too
+    out = model.generate(torch.zeros(4, 1, dtype=torch.long), 20, temperature=1000.0, generator=generator,
+                         vocab_limit=100)
+    assert int(out.max()) < 100
+
+
+@pytest.mark.parametrize("temperature", [float("nan"), float("inf"), -1.0])
+def test_a_temperature_that_is_not_a_finite_non_negative_number_is_refused(temperature):
+    with pytest.raises(ValueError, match="temperature=.* must be a number >= 0"):
+        sample_next_token(torch.zeros(1, 8), temperature)

@@ -21,6 +21,7 @@ from tml.data.packed import PackedDataset
 from tml.data.prepare import prepare_data
 from tml.data.sampler import BatchStream
 from tml.model import Transformer
+from tml.train import checkpoint
 from tml.train.checkpoint import (
     DATA_CONTENT,
     Checkpointer,
@@ -243,6 +244,50 @@ def test_model_weights_and_config_load_from_a_run_directory(tmp_path, tiny_shard
     assert config.model == debug_model_config()
     assert json.loads((tmp_path / "checkpoints" / "best" / "meta.json").read_text())["step"] == 2
     assert set(state) == set(model.state_dict())
+
+
+def test_reading_the_weights_checks_only_the_files_that_hold_them(tmp_path, tiny_shards):
+    """generate/eval/export read meta.json and model.pt; a damaged optimizer file is training's problem (a resume
+    still refuses it), and hashing it would only make the read slower."""
+    saved_run(tmp_path, tiny_shards, steps=(2,))
+    directory = tmp_path / "checkpoints" / "step-0000002"
+    (directory / "optimizer.pt").write_bytes(b"damaged")
+    state, _ = load_model_weights(directory)
+    assert "tok_emb.weight" in state
+    with pytest.raises(CheckpointError, match="optimizer.pt is truncated or altered"):
+        verify_checkpoint(directory)
+    (directory / "model.pt").write_bytes(b"damaged")
+    with pytest.raises(CheckpointError, match="model.pt is truncated or altered"):
+        load_model_weights(directory)
+
+
+def test_a_checkpoint_pruned_while_it_is_read_is_replaced_by_the_one_the_link_points_at_now(tmp_path, tiny_shards,
+                                                                                            monkeypatch):
+    """A training running in the same run moves `last` on and removes the step it pointed at mid-read."""
+    saved_run(tmp_path, tiny_shards, steps=(2, 4), keep=2, best_at=())
+    root = tmp_path / "checkpoints"
+    real_verify, moves = checkpoint.verify_checkpoint, [1]
+
+    def training_moves_on(directory, only=None):
+        if directory.name == "step-0000004" and moves:
+            moves.pop()
+            os.replace(root / "step-0000002", root / "moved-step-0000002")  # stands in for a newer checkpoint
+            (root / "last").unlink()
+            (root / "last").symlink_to("moved-step-0000002")
+            os.replace(directory, root / ".stale-step-0000004")  # pruned: renamed away, then deleted
+        return real_verify(directory, only)
+
+    monkeypatch.setattr(checkpoint, "verify_checkpoint", training_moves_on)
+    state, _ = load_model_weights(root / "last")
+    assert "tok_emb.weight" in state
+    os.replace(root / ".stale-step-0000004", root / "step-0000004")
+    (root / "last").unlink()
+    (root / "last").symlink_to("step-0000004")
+    monkeypatch.setattr(checkpoint, "verify_checkpoint", lambda directory, only=None: os.replace(
+        directory, root / ".stale-step-0000004") or real_verify(directory, only))
+    with pytest.raises(CheckpointError, match=re.escape(f"{root / 'step-0000004'} was removed while it was read: a "
+                                                        "training still running in this run keeps only")):
+        load_model_weights(root / "step-0000004")  # named directly: nothing to follow again
 
 
 def test_resume_setting_is_resolved_or_refused(tmp_path):

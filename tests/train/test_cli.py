@@ -1,6 +1,7 @@
 """`tml generate|eval|export` on a tiny trained run, and `tml train` stopped with Ctrl-C in a real subprocess."""
 
 import errno
+import json
 import math
 import os
 import re
@@ -9,12 +10,14 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import pytest
 import torch
 from rich.progress import Progress
 
+import tml
 from tests.conftest import debug_model_config
 from tests.train.conftest import tiny_run_config
 from tml.cli import CTRL_C_EXIT_STATUS, EVAL_BATCH_SIZE, main, prompt_tokens_kept, text_loss
@@ -23,7 +26,7 @@ from tml.data.tokenizer import get_tokenizer
 from tml.model import Transformer
 from tml.model.config import GPT2_PADDED_VOCAB
 from tml.train import zero_export
-from tml.train.checkpoint import META, checkpoints_dir, load_model_weights, read_meta
+from tml.train.checkpoint import checkpoints_dir, load_model_weights, read_meta
 from tml.train.loop import train
 from tml.train.parent_death import RANK0_PID_VARIABLE
 
@@ -129,6 +132,61 @@ def test_generate_refuses_bad_sampling_flags_in_the_cli_s_own_terms(trained_run,
     assert err.startswith(f"tml generate: {flag} ") and hint in err and "None" not in err and err.count("\n") == 1
 
 
+def test_generate_refuses_a_seed_torch_cannot_take_and_a_temperature_that_is_not_a_number(trained_run, capsys):
+    assert main(["generate", "--checkpoint", str(trained_run), "--prompt", "Hi", "--seed", str(2**64)]) == 1
+    assert capsys.readouterr().err == f"tml generate: --seed {2**64} must be in [-2**63, 2**64), the range torch's generator takes\n"
+    assert main(["generate", "--checkpoint", str(trained_run), "--prompt", "Hi", "--temperature", "nan"]) == 1
+    assert capsys.readouterr().err == "tml generate: --temperature nan must be a number >= 0 (0 = greedy)\n"
+
+
+def test_an_empty_prompt_generates_from_a_document_boundary_without_printing_it(trained_run, capsys):
+    assert main(["generate", "--checkpoint", str(trained_run), "--prompt", "", "--max-new-tokens", "4",
+                 "--temperature", "0"]) == 0
+    captured = capsys.readouterr()
+    assert "empty prompt: generating from <|endoftext|>" in captured.err
+    printed = get_tokenizer().encode(captured.out.removesuffix("\n"), allowed_special="all")
+    assert len(printed) == 4  # the 4 new tokens only: not the <|endoftext|> the user never typed
+
+
+def test_generate_never_samples_the_embeddings_padding_rows(trained_run, capsys, monkeypatch):
+    """GPT-2 has 50,257 tokens; the model's rows up to 50,304 are padding, whose ids cannot be decoded. (That
+    generate keeps to the limit is tests/model/test_transformer.py's; here, that the CLI sets it.)"""
+    limits = []
+    real_generate = Transformer.generate
+
+    def recording_generate(self, *args, **kwargs):
+        limits.append(kwargs.get("vocab_limit"))
+        return real_generate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Transformer, "generate", recording_generate)
+    assert main(["generate", "--checkpoint", str(trained_run), "--prompt", "The", "--max-new-tokens", "30",
+                 "--temperature", "1000"]) == 0
+    assert limits == [get_tokenizer().n_vocab] == [50257]
+    capsys.readouterr()
+
+
+def test_eval_leaves_out_a_gutenberg_files_header_and_footer_as_prepare_does(trained_run, tmp_path, capsys):
+    body = tmp_path / "body.txt"
+    body.write_text(TEXT.strip())  # the book's own text, as the stripper returns it
+    book = tmp_path / "pg1.txt"
+    book.write_text("The Project Gutenberg eBook of A Tale\n\n*** START OF THE PROJECT GUTENBERG EBOOK A TALE ***\n"
+                    + TEXT + "\n*** END OF THE PROJECT GUTENBERG EBOOK A TALE ***\nLicence text. " * 40)
+    assert main(["eval", "--checkpoint", str(trained_run), "--data", str(body)]) == 0
+    assert main(["eval", "--checkpoint", str(trained_run), "--data", str(book)]) == 0
+    captured = capsys.readouterr()
+    plain, stripped = (line.split(":", 1)[1] for line in captured.out.splitlines())
+    assert plain == stripped  # the same tokens, so the same perplexity
+    assert f"--data {book} is a Project Gutenberg file: its header and footer are left out" in captured.err
+
+
+def test_a_run_directory_without_a_checkpoint_yet_is_said_so(trained_run, tmp_path, capsys):
+    run = tmp_path / "starting"
+    run.mkdir()
+    shutil.copy(trained_run / "config.yaml", run / "config.yaml")
+    assert main(["eval", "--checkpoint", str(run), "--data", __file__]) == 1
+    assert f"{run} is a run directory with no checkpoint yet" in capsys.readouterr().err
+
+
 def test_eval_prints_perplexity_equal_to_exp_of_the_token_mean_loss(trained_run, tmp_path, capsys):
     text_file = tmp_path / "sample.txt"
     text_file.write_text(TEXT)
@@ -194,35 +252,62 @@ def test_export_writes_a_plain_fp32_state_dict(trained_run, tmp_path):
     assert all(torch.equal(exported[k], state[k]) for k in state)
 
 
-def rebuilt_from_printed_line(stdout: str) -> torch.nn.Module:
-    """Run the Python the export's last line prints, as a user would paste it."""
-    code = stdout.splitlines()[-1].removeprefix("rebuild the model in Python: ")
-    namespace: dict = {}
-    exec(code, namespace)
-    return namespace["model"]
-
-
-def test_export_prints_how_to_rebuild_the_model_from_the_runs_config_yaml(trained_run, tmp_path, capsys, monkeypatch):
+def test_export_writes_its_model_description_beside_it_and_prints_how_to_load_both(trained_run, tmp_path, capsys,
+                                                                                    monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert main(["export", "--checkpoint", str(trained_run), "--output", "weights.pt"]) == 0  # a relative output
-    output = tmp_path / "weights.pt"
-    out = capsys.readouterr().out
-    assert f"load_yaml_config({str(trained_run.resolve() / 'config.yaml')!r}).model" in out.splitlines()[-1]
-    elsewhere = tmp_path / "elsewhere"
+    output, described = tmp_path / "weights.pt", tmp_path / "weights.json"
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == f"wrote weights.pt ({len(torch.load(output, weights_only=True))} tensors) and weights.json (its model)"
+    assert out[1] == f"load it in Python: import tml; model = tml.load({str(output)!r})"  # absolute: works anywhere
+    description = json.loads(described.read_text())
+    best = (checkpoints_dir(trained_run) / "best").resolve()
+    assert description["model"] == asdict(debug_model_config(vocab_size=GPT2_PADDED_VOCAB))
+    assert (description["tokenizer"], description["checkpoint"]) == ("gpt2", str(best))
+    assert description["step"] == read_meta(best)["step"]
+
+
+def test_an_export_copied_away_from_its_run_loads_with_tml_load_and_the_cli(trained_run, tmp_path, capsys):
+    exported = tmp_path / "export" / "model.pt"
+    assert main(["export", "--checkpoint", str(trained_run), "--output", str(exported)]) == 0
+    elsewhere = tmp_path / "another-machine"
     elsewhere.mkdir()
-    monkeypatch.chdir(elsewhere)  # the printed line holds absolute paths: it works from any directory
-    model = rebuilt_from_printed_line(out)
-    assert all(torch.equal(value, model.state_dict()[key]) for key, value in torch.load(output, weights_only=True).items())
+    for name in ("model.pt", "model.json"):
+        shutil.copy(exported.parent / name, elsewhere / name)
+    model = tml.load(elsewhere / "model.pt")
+    reference = tml.load(trained_run)
+    assert not model.training and type(model).__name__ == "Transformer"
+    idx = torch.randint(0, 1000, (2, 16))
+    torch.testing.assert_close(model(idx, idx)[0], reference(idx, idx)[0], rtol=0, atol=0)
+    text_file = tmp_path / "sample.txt"
+    text_file.write_text(TEXT)
+    capsys.readouterr()
+    for checkpoint in (trained_run, elsewhere / "model.pt"):
+        assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(text_file)]) == 0
+    run_line, export_line = capsys.readouterr().out.splitlines()
+    assert run_line == export_line
+    assert main(["generate", "--checkpoint", str(elsewhere / "model.pt"), "--prompt", "Once", "--max-new-tokens",
+                 "3"]) == 0
 
 
-def test_export_of_a_checkpoint_moved_out_of_its_run_points_at_its_meta_json(trained_run, tmp_path, capsys):
-    moved = tmp_path / "moved" / "a" / "checkpoint"
-    shutil.copytree((checkpoints_dir(trained_run) / "last").resolve(), moved)
-    output = tmp_path / "weights.pt"
-    assert main(["export", "--checkpoint", str(moved), "--output", str(output)]) == 0
-    out = capsys.readouterr().out
-    assert str(moved.resolve() / META) in out.splitlines()[-1]
-    assert type(rebuilt_from_printed_line(out)).__name__ == "Transformer"
+def test_an_export_without_its_description_or_with_another_exports_is_refused_naming_both(trained_run, tmp_path,
+                                                                                          capsys):
+    first, second = tmp_path / "a.pt", tmp_path / "b.pt"
+    for output in (first, second):
+        assert main(["export", "--checkpoint", str(trained_run), "--output", str(output)]) == 0
+    torch.save({"tok_emb.weight": torch.zeros(1)}, second)  # weights changed after the export
+    assert main(["eval", "--checkpoint", str(second), "--data", __file__]) == 1
+    assert f"tml eval: {second} does not match {tmp_path / 'b.json'}" in capsys.readouterr().err
+    (tmp_path / "a.json").unlink()
+    assert main(["eval", "--checkpoint", str(first), "--data", __file__]) == 1
+    assert f"tml eval: {first} has no a.json beside it describing the model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.json", "model"])
+def test_export_refuses_a_name_that_is_not_a_torch_state_dict_file_at_once(trained_run, tmp_path, capsys, name):
+    assert main(["export", "--checkpoint", str(trained_run), "--output", str(tmp_path / name)]) == 1
+    assert "tml export writes a torch state dict, so name it .pt or .pth or .bin" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_refuses_a_directory_output_at_once(trained_run, tmp_path, capsys):
@@ -244,7 +329,8 @@ def test_export_that_fails_while_writing_says_why_in_one_line_and_leaves_no_temp
     monkeypatch.setattr(zero_export.torch, "save", disk_fills_up)
     output = tmp_path / "weights.pt"
     assert main(["export", "--checkpoint", str(trained_run), "--output", str(output)]) == 1
-    assert capsys.readouterr().err.splitlines()[-1] == f"tml export: cannot write {output}: No space left on device"
+    assert re.fullmatch(re.escape(f"tml export: cannot write {output}: No space left on device (") + r"[\d,.]+ [MGT]B free\)",
+                        capsys.readouterr().err.splitlines()[-1])
     assert list(tmp_path.iterdir()) == []
 
 

@@ -130,12 +130,14 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0, top_k: int | None = None,
                  top_p: float | None = None, generator: torch.Generator | None = None,
-                 absorb: bool = True) -> torch.Tensor:
+                 absorb: bool = True, vocab_limit: int | None = None) -> torch.Tensor:
         """Extend idx [B,T] by max_new_tokens sampled tokens using the KV cache; returns [B, T+max_new_tokens].
 
         temperature 0 means greedy decoding. Prompt plus new tokens must fit in block_size: RoPE positions past
         it were never trained, and cropping the context would invalidate the cached positions, so it raises.
-        Dropout follows the module's mode, as in nanoGPT: call model.eval() first.
+        Dropout follows the module's mode, as in nanoGPT: call model.eval() first. `vocab_limit` (the tokenizer's
+        vocabulary, 50,257 for GPT-2) keeps the padding rows of the embedding from ever being sampled: their ids
+        decode to nothing, and a high temperature gives them real probability.
         """
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens={max_new_tokens} must be >= 0")
@@ -145,13 +147,13 @@ class Transformer(nn.Module):
                 f"prompt of {idx.shape[1]} tokens + max_new_tokens={max_new_tokens} = {total} exceeds "
                 f"model.block_size={self.config.block_size}"
             )
-        check_sampling_args(temperature, top_k, top_p)
+        check_sampling_args(temperature, top_k, top_p, vocab_limit)
         if max_new_tokens == 0:
             return idx
         cache = self.new_cache(idx.shape[0], total)
         logits, _ = self(idx, cache=cache, absorb=absorb)
         for step in range(max_new_tokens):
-            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator)
+            next_token = sample_next_token(logits[:, -1, :], temperature, top_k, top_p, generator, vocab_limit)
             idx = torch.cat((idx, next_token), dim=1)
             if step + 1 < max_new_tokens:
                 logits, _ = self(next_token, cache=cache, absorb=absorb)
@@ -190,19 +192,26 @@ class Transformer(nn.Module):
         return 6 * matmul_params + attention
 
 
-def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 means greedy)")
+def check_sampling_args(temperature: float, top_k: int | None, top_p: float | None,
+                        vocab_limit: int | None = None) -> None:
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"temperature={temperature} must be a number >= 0 (0 means greedy)")
     if top_k is not None and top_k < 1:
         raise ValueError(f"top_k={top_k} must be >= 1 (or None to disable)")
     if top_p is not None and not 0.0 < top_p <= 1.0:
         raise ValueError(f"top_p={top_p} must be in (0, 1] (or None to disable)")
+    if vocab_limit is not None and vocab_limit < 1:
+        raise ValueError(f"vocab_limit={vocab_limit} must be >= 1 (or None for every row of the embedding)")
 
 
 def sample_next_token(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
-                      top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """One token per row of logits [B,V] -> [B,1]: temperature, then top-k, then nucleus (top-p) filtering."""
-    check_sampling_args(temperature, top_k, top_p)
+                      top_p: float | None = None, generator: torch.Generator | None = None,
+                      vocab_limit: int | None = None) -> torch.Tensor:
+    """One token per row of logits [B,V] -> [B,1]: ids from vocab_limit on dropped, then temperature, top-k and
+    nucleus (top-p) filtering."""
+    check_sampling_args(temperature, top_k, top_p, vocab_limit)
+    if vocab_limit is not None:
+        logits = logits[:, :vocab_limit]  # a view: the ids kept are the row's first ones, so they stay the same
     if temperature == 0:
         return logits.argmax(dim=-1, keepdim=True)
     logits = logits.float() / temperature

@@ -57,7 +57,7 @@ from tml.data.prepare import (
 )
 from tml.data.shards import ShardIndex
 from tml.files import existing_ancestor, file_sha256, fresh_directory, replaced_on_success, write_atomic, write_failure
-from tml.run_dir import STEP_DIR, checkpoints_dir, newest_checkpoint, saved_steps, step_name
+from tml.run_dir import CONFIG_FILE, STEP_DIR, checkpoints_dir, newest_checkpoint, saved_steps, step_name
 from tml.train.optim import restore_schedule_step
 from tml.train.zero_export import ZeroCheckpointError, fp32_state_dict, verify_deepspeed_checkpoint
 
@@ -66,6 +66,9 @@ MANIFEST = "MANIFEST.json"
 META = "meta.json"
 DIVERGED_PREFIX = "diverged-"  # a step directory set aside after a divergence: kept, never resumed from
 DATA_CONTENT = "data_content_fingerprint"  # meta.json key: which source text the run's shards were built from
+# What generate, eval and export read of a checkpoint (and so verify): the optimizer, trainer and per-rank files
+# are training's. A ZeRO checkpoint's weights are inside its optimizer shards, so all of deepspeed/ is needed.
+WEIGHT_FILES = (META, "model.pt", "deepspeed/")
 
 
 class CheckpointError(RuntimeError):
@@ -192,6 +195,9 @@ def find_checkpoint(path: str | Path) -> Path:
     if set_aside:
         raise CheckpointError(f"{path} diverged before it saved a checkpoint worth using; the one set aside then is "
                               f"{set_aside[-1]}: name it to use it anyway")
+    if (path / CONFIG_FILE).is_file():
+        raise CheckpointError(f"{path} is a run directory with no checkpoint yet: a run saves one every "
+                              "train.ckpt_interval steps and when it ends")
     raise CheckpointError(f"{path} is neither a checkpoint directory (no {MANIFEST}) nor a run directory with one")
 
 
@@ -205,8 +211,9 @@ def write_manifest(directory: Path) -> None:
     write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1).encode())
 
 
-def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
-    """Check every file against the manifest; returns meta.json. Raises CheckpointError naming the bad file."""
+def verify_checkpoint(directory: str | Path, only: tuple[str, ...] | None = None) -> dict[str, Any]:
+    """Check every file against the manifest (or those whose path starts with one of `only`); returns meta.json.
+    Raises CheckpointError naming the bad file."""
     directory = Path(directory)
     manifest_path = directory / MANIFEST
     if not manifest_path.is_file():
@@ -217,6 +224,8 @@ def verify_checkpoint(directory: str | Path) -> dict[str, Any]:
     except (ValueError, KeyError) as error:
         raise CheckpointError(f"{manifest_path} is corrupted ({error})") from error
     for relative, expected in entries.items():
+        if only is not None and not relative.startswith(only):
+            continue
         path = directory / relative
         if not path.is_file():
             raise CheckpointError(f"{path} is missing from the checkpoint")
@@ -586,8 +595,10 @@ class Checkpointer:
         """Raise the same CheckpointError on every rank when any rank's phase failed, with the reason of the first
         rank that failed (the CLI prints one rank's message per machine); doubles as the barrier between the phases."""
         fabric = self.fabric
-        flags = fabric.all_gather(torch.tensor(float(failure is not None), device=fabric.device))
-        failed = [rank for rank, flag in enumerate(flags.reshape(-1).tolist()) if flag]
+        # One slot per rank, summed: an all_reduce (Fabric's all_gather goes through a deprecated torch collective).
+        flags = torch.zeros(fabric.world_size, device=fabric.device)
+        flags[fabric.global_rank] = float(failure is not None)
+        failed = [rank for rank, flag in enumerate(fabric.all_reduce(flags, reduce_op="sum").tolist()) if flag]
         if not failed:
             return
         reason = write_failure(failure, self.root) if failure is not None else None
@@ -633,7 +644,10 @@ class Checkpointer:
         keep = set(steps[-self.keep :]) if self.keep > 0 else set()
         for name in steps:
             if name not in keep and name not in protected:
-                shutil.rmtree(self.root / name)
+                # Renamed away first, so a reader (tml eval on `last` during training) sees it whole or gone.
+                removing = self.root / f".stale-{name}"
+                os.replace(self.root / name, removing)
+                shutil.rmtree(removing)
 
     def _verify(self, directory: Path) -> dict[str, Any]:
         """The manifest and (DeepSpeed) the shards' safety; returns meta.json. (The strategy and rank count were
@@ -701,10 +715,25 @@ class Checkpointer:
 def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
     """Model weights and config of a checkpoint (or a run directory's best/last), for generate/eval/export.
 
-    A DeepSpeed checkpoint is consolidated to one fp32 state dict with DeepSpeed's ZeRO export first.
+    A DeepSpeed checkpoint is consolidated to one fp32 state dict with DeepSpeed's ZeRO export first. A training
+    still running in the same run may prune the checkpoint `last` or `best` pointed at while it is read; the link
+    is then followed once more, to the checkpoint that replaced it.
     """
     directory = find_checkpoint(path)
-    meta = verify_checkpoint(directory)
+    try:
+        return _read_weights(directory)
+    except (CheckpointError, ZeroCheckpointError) as error:
+        if directory.exists():
+            raise
+        if Path(path).resolve() != directory and (replacement := find_checkpoint(path)) != directory:
+            return _read_weights(replacement)
+        raise CheckpointError(f"{directory} was removed while it was read: a training still running in this run keeps "
+                              "only its newest checkpoints (train.keep_checkpoints); name its `best`, or try again"
+                              ) from error
+
+
+def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Config]:
+    meta = verify_checkpoint(directory, only=WEIGHT_FILES)
     config = Config.from_dict(meta["config"])
     if meta.get("deepspeed"):
         return fp32_state_dict(directory / "deepspeed"), config

@@ -24,13 +24,17 @@ from tml.model.rope import apply_rotary
 def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int) -> torch.Tensor:
     """Causal attention of T new queries at positions start.. over S = start+T cached keys, in fp32.
 
-    q [...,T,dk], k [...,S,dk], v [...,S,dv] -> [...,T,dv] in q's dtype, the leading dims broadcasting
-    (e.g. q [B,H,T,dk] with k [B,H|1,S,dk]).
+    q [B,H,T,dk], k [B,Hkv,S,dk], v [B,Hkv,S,dv] -> [B,H,T,dv] in q's dtype, with H a multiple of Hkv: each
+    key/value head serves H/Hkv consecutive query heads (GQA; Hkv = H for MHA and MLA's naive path). The group's
+    queries are folded into one matmul with their shared keys, so the cache is read once, never copied per head.
     """
-    scores = (q.float() @ k.float().transpose(-2, -1)) * scale
-    scores = _mask_future(scores, start)
-    probs = torch.softmax(scores, dim=-1)
-    return (probs @ v.float()).to(q.dtype)
+    B, H, T, dk = q.shape
+    kv_heads = k.shape[1]
+    group = H // kv_heads
+    scores = (q.float().reshape(B, kv_heads, group * T, dk) @ k.float().transpose(-2, -1)) * scale
+    scores = _mask_future(scores.view(B, kv_heads, group, T, -1), start)
+    probs = torch.softmax(scores, dim=-1).view(B, kv_heads, group * T, -1)
+    return (probs @ v.float()).view(B, H, T, -1).to(q.dtype)
 
 
 def causal_attention_padded(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
@@ -201,14 +205,10 @@ class MultiHeadAttention(nn.Module):
             q, k = apply_rotary(q, start, self.rope_theta), apply_rotary(k, start, self.rope_theta)
         if cache is not None:
             k, v = cache.update(k, v)
-        grouped = self.n_kv_head < self.n_head
         if start == 0:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=grouped,
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale,
+                                               enable_gqa=self.n_kv_head < self.n_head,
                                                dropout_p=self.dropout if self.training else 0.0)
-        elif grouped:  # each key/value head against its group of query heads: [B, Hkv, group, T, hd]
-            group = self.n_head // self.n_kv_head
-            y = attend_cached(q.reshape(B, self.n_kv_head, group, T, self.head_dim), k.unsqueeze(2), v.unsqueeze(2),
-                              self.scale, start).reshape(B, self.n_head, T, self.head_dim)
         else:
             y = attend_cached(q, k, v, self.scale, start)
         y = y.transpose(1, 2).reshape(B, T, C)

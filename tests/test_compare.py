@@ -7,7 +7,8 @@ import torch
 from tests.conftest import debug_model_config
 from tests.train.conftest import tiny_run_config, write_synthetic_shards
 from tml.cli import main
-from tml.compare import FIELDS, CompareError, compare_runs
+from tml.compare import FIELDS, CompareError, compare_runs, compared_settings
+from tml.config import Config
 from tml.model.kv_cache import kv_cache_bytes_per_token
 from tml.run_dir import CHECKPOINTS, CONFIG_FILE, SUMMARY_FILE, checkpoints_dir, step_name
 from tml.train.loop import train
@@ -251,3 +252,8 @@ def test_the_kv_cache_figures_are_those_the_run_computed_and_a_local_corpus_show
     assert row["kv_cache_dtype"] == "bfloat16"
     assert "data.book_ids" not in row["settings"] and "data.source" in row["settings"]  # the sweep's own text
 
+
+def test_compare_shows_zero_settings_only_for_deepspeed_runs():
+    assert "train.zero_stage" not in compared_settings(Config())
+    deepspeed = Config.from_dict({"train": {"strategy": "deepspeed", "zero_stage": 3}})
+    assert compared_settings(deepspeed)["train.zero_stage"] == 3

@@ -1,6 +1,8 @@
 """tml.load and tml export's files: one model, whichever of a run, a checkpoint or an export it is read from."""
 
+import errno
 import json
+import os
 from dataclasses import asdict
 
 import pytest
@@ -9,8 +11,9 @@ import torch
 import tml
 from tests.conftest import debug_model_config
 from tests.train.conftest import tiny_run_config, write_synthetic_shards
+from tml import pretrained
 from tml.files import file_sha256
-from tml.pretrained import EXPORT_FORMAT, description_path, export
+from tml.pretrained import EXPORT_FORMAT, ExportWriteError, description_path, export
 from tml.run_dir import checkpoints_dir
 from tml.train.checkpoint import CheckpointError, read_meta
 from tml.train.loop import train
@@ -71,3 +74,63 @@ def test_a_description_of_another_format_is_refused_naming_the_file(run, tmp_pat
         tml.load(exported)
     with pytest.raises(CheckpointError, match="is an export's description; name its weights file instead"):
         tml.load(described)
+
+
+@pytest.mark.parametrize(("edit", "said"), [
+    (lambda d: d["model"].pop("n_kv_head"), "model.n_kv_head missing"),  # a default would build another model
+    (lambda d: d["model"].update(n_heads=4), "unknown model.n_heads"),
+    (lambda d: d["model"].update(n_head="4"), "model.n_head is '4', not a int"),
+    (lambda d: d.pop("model"), "it has no 'model' section"),
+])
+def test_an_edited_description_is_refused_naming_what_is_wrong(run, tmp_path, edit, said):
+    exported, described, _ = export(run, tmp_path / "model.pt")
+    description = json.loads(described.read_text())
+    edit(description)
+    described.write_text(json.dumps(description))
+    with pytest.raises(CheckpointError, match=f"{described} is not a usable export description: {said}"):
+        tml.load(exported)
+
+
+def test_a_description_whose_model_does_not_fit_the_weights_is_refused_in_one_line(run, tmp_path):
+    exported, described, _ = export(run, tmp_path / "model.pt")
+    description = json.loads(described.read_text())
+    description["model"]["n_kv_head"] = 1  # valid, but the weights hold 2 key/value heads
+    described.write_text(json.dumps(description))
+    with pytest.raises(CheckpointError, match=f"{exported}: the weights do not fit the model its description or "
+                                              "config names \\(size mismatch for blocks.0.attn.qkv_proj.weight"):
+        tml.load(exported)
+
+
+def test_an_export_that_fails_half_way_leaves_the_previous_pair_whole_and_loadable(run, tmp_path, monkeypatch):
+    exported, described, _ = export(checkpoints_dir(run) / "step-0000002", tmp_path / "model.pt")
+    before = {path: path.read_bytes() for path in (exported, described)}
+    calls = []
+
+    def description_write_fails(descriptor):  # the weights are written; the description finds the disk full
+        calls.append(descriptor)
+        if len(calls) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(pretrained.os, "fsync", description_write_fails)
+    with pytest.raises(ExportWriteError, match=f"cannot write {described}: No space left on device"):
+        export(run, exported)
+    assert {path: path.read_bytes() for path in (exported, described)} == before
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model.json", "model.pt"]  # no temporaries
+    monkeypatch.undo()
+    assert tml.load(exported).config == MODEL
+
+
+def test_export_refuses_to_replace_a_json_that_is_not_an_export_description(run, tmp_path):
+    (tmp_path / "summary.json").write_text('{"final_step": 2}')
+    with pytest.raises(ValueError, match="summary.json exists and is not an export's description"):
+        export(run, tmp_path / "summary.pt")
+    assert json.loads((tmp_path / "summary.json").read_text()) == {"final_step": 2}
+
+
+def test_an_export_of_an_export_trusts_its_model_section_over_the_recorded_run_config(run, tmp_path):
+    first, described, _ = export(run, tmp_path / "first.pt")
+    description = json.loads(described.read_text())
+    description["config"]["model"]["n_kv_head"] = 1  # the record disagrees; loads use the model section
+    described.write_text(json.dumps(description))
+    _, second_description, _ = export(first, tmp_path / "second.pt")
+    assert json.loads(second_description.read_text())["config"]["model"]["n_kv_head"] == 2

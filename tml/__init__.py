@@ -13,3 +13,7 @@ def __getattr__(name: str):
 
         return load
     raise AttributeError(f"module 'tml' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])  # `load` for tab completion, though it is imported on first use

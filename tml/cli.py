@@ -314,19 +314,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     """One plain fp32 state dict from any checkpoint (DeepSpeed ZeRO shards are consolidated), and beside it the
     JSON that describes its model (tml/pretrained.py)."""
-    from tml.files import write_failure
     from tml.pretrained import check_export_path, export
-    from tml.train.checkpoint import CheckpointError
 
     output = Path(args.output)
     check_export_path(output)  # before the checkpoint loads: refused at once
-    source = chosen_checkpoint("export", args.checkpoint)
-    try:
-        weights, description, tensors = export(source, output)
-    except (OSError, RuntimeError) as error:  # torch.save reports an unopenable file or a full disk as RuntimeError
-        if isinstance(error, CheckpointError):
-            raise
-        raise ValueError(f"cannot write {output}: {write_failure(error, output.parent)}") from error
+    weights, description, tensors = export(chosen_checkpoint("export", args.checkpoint), output)
     print(f"wrote {weights} ({tensors} tensors) and {description} (its model)")
     print(f"load it in Python: import tml; model = tml.load({str(weights.resolve())!r})")
     return 0

@@ -33,6 +33,8 @@ PARAMS_HEADER = re.compile(r"#\s*model:\s*([\d,]+) parameters \(([\d,]+) non-emb
 CACHE_HEADER = re.compile(r"KV cache [\d,]+ numbers/token/layer, ([\d,]+) B/token in (\w+)")
 # Settings a local corpus never reads: a run on your own text shows no Gutenberg book list.
 GUTENBERG_ONLY = ("data.book_ids", "data.max_books")
+# ... and settings only DeepSpeed reads: a DDP or one-process run shows no ZeRO stage.
+DEEPSPEED_ONLY = ("train.zero_stage", "train.zero_offload")
 
 # Settings only MLA reads: an MHA row shows none rather than defaults that shaped nothing.
 MLA_ONLY = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
@@ -136,7 +138,8 @@ def summary_status(summary: dict[str, Any]) -> str:
 def compared_settings(config: Config) -> dict[str, Any]:
     """`section.key` -> value of every setting that shapes what a run computes (lists as lists)."""
     flat = {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
-    unread = GUTENBERG_ONLY if config.data.source != "gutenberg" else ()
+    unread = (*(GUTENBERG_ONLY if config.data.source != "gutenberg" else ()),
+              *(DEEPSPEED_ONLY if config.train.strategy != "deepspeed" else ()))
     return {key: value for key, value in flat.items() if key not in PLACEMENT_KEYS and key not in NOT_COMPARED
             and key not in unread and not key.startswith(NOT_COMPARED_SECTIONS)}
 

@@ -9,23 +9,30 @@ replaced atomically, but not the pair, so a pair from two different exports is r
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
+import io
 import json
-from dataclasses import asdict
+import os
+from dataclasses import asdict, fields, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tml.config import Config
-from tml.files import file_sha256, write_atomic
+from tml.files import file_sha256, make_directory, write_failure
 from tml.model import ModelConfig, ModelConfigError, Transformer
 from tml.train.checkpoint import CheckpointError, find_checkpoint, load_model_weights, read_meta, safe_load
-from tml.train.zero_export import save_fp32_state_dict
 
 EXPORT_FORMAT = "tml-export/1"
 # torch state-dict files go by these names; a .safetensors name would promise a format that is not written.
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin")
 TOKENIZER = "gpt2"  # the BPE every tml model is trained with (tml/data/tokenizer.py)
+
+
+class ExportWriteError(OSError):
+    """An export file that could not be written; the message names it, the reason and the free space."""
 
 
 def description_path(weights: Path) -> Path:
@@ -40,40 +47,99 @@ def check_export_path(output: Path) -> None:
     if output.suffix not in WEIGHT_SUFFIXES:
         raise ValueError(f"--output {output}: tml export writes a torch state dict, so name it "
                          f"{' or '.join(WEIGHT_SUFFIXES)} (e.g. {output.with_suffix('.pt')})")
+    described = description_path(output)
+    if described.exists() and not _is_export_description(described):  # e.g. --output runs/x/summary.pt
+        raise ValueError(f"--output {output}: {described} exists and is not an export's description, which would "
+                         "replace it; choose another name")
+
+
+def _is_export_description(path: Path) -> bool:
+    try:
+        description = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(description, dict) and str(description.get("format", "")).startswith("tml-export/")
 
 
 def export(checkpoint: str | Path, output: str | Path) -> tuple[Path, Path, int]:
     """Write the fp32 weights of a checkpoint (or run directory, or export) to `output` and their description
-    beside it; returns (weights file, description file, tensors written)."""
+    beside it; returns (weights file, description file, tensors written).
+
+    Both are written in full to temporary files first and renamed into place together, so a write that fails (a
+    full disk, a read-only description) leaves the previous pair as it was. Raises ExportWriteError naming the
+    file that could not be written.
+    """
     output = Path(output)
     check_export_path(output)
     state, config, source = _weights_and_source(checkpoint)
-    save_fp32_state_dict(state, output)
+    state = {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
+    described = description_path(output)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)  # in memory first: a full disk is then Python's ENOSPC, not torch's zip-writer text
+    weights = buffer.getbuffer()
     description = {
         "format": EXPORT_FORMAT,
         "weights": output.name,
-        "weights_sha256": file_sha256(output),
+        "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "model": asdict(config.model),
         "tokenizer": TOKENIZER,
         **source,
         "config": config.to_dict(),
     }
-    write_atomic(description_path(output), (json.dumps(description, indent=1) + "\n").encode())
-    return output, description_path(output), len(state)
+    temporaries = {path: path.with_name(f".{path.name}.tmp") for path in (output, described)}
+    try:
+        for path, data in ((output, weights), (described, (json.dumps(description, indent=1) + "\n").encode())):
+            try:
+                make_directory(path.parent)
+                with open(temporaries[path], "wb") as file:
+                    file.write(data)
+                    file.flush()
+                    os.fsync(file.fileno())
+            except OSError as error:
+                raise ExportWriteError(f"cannot write {path}: {write_failure(error, path.parent)}") from error
+        for path, temporary in temporaries.items():
+            os.replace(temporary, path)
+    finally:
+        for temporary in temporaries.values():
+            with contextlib.suppress(OSError):
+                temporary.unlink(missing_ok=True)
+    return output, described, len(state)
 
 
 def _weights_and_source(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict[str, Any]]:
-    """The weights, the run's config and where they come from (the checkpoint and its step)."""
+    """The weights, the config they were trained with and where they come from (the checkpoint and its step)."""
     path = Path(path)
     if path.is_file():
         state, model_config, description = _read_export(path)
         source = {key: description[key] for key in ("checkpoint", "step") if key in description}
-        config = Config.from_dict(description["config"]) if "config" in description else Config(model=model_config)
-        return state, config, source
+        config = Config.from_dict(description["config"]) if isinstance(description.get("config"), dict) else Config()
+        return state, replace(config, model=model_config), source  # the model section is the one loads trust
     directory = find_checkpoint(path)
     step = read_meta(directory).get("step")
     state, config = load_model_weights(directory)
     return state, config, {"checkpoint": str(directory), "step": step}
+
+
+def _described_model(description: Any, described: Path) -> ModelConfig:
+    """The description's model section as a ModelConfig: every field present, of its type, valid."""
+    if not isinstance(description, dict):
+        raise ValueError(f"it holds a {type(description).__name__}, not an object")
+    if description.get("format") != EXPORT_FORMAT:
+        raise ValueError(f"format {description.get('format')!r}, expected {EXPORT_FORMAT!r}")
+    section = description.get("model")
+    if not isinstance(section, dict):
+        raise ValueError("it has no 'model' section")
+    expected = {field.name: field for field in fields(ModelConfig)}
+    missing = [name for name in expected if name not in section]
+    unknown = [name for name in section if name not in expected]
+    if missing or unknown:
+        raise ValueError("; ".join(filter(None, [missing and f"model.{', model.'.join(missing)} missing",
+                                                  unknown and f"unknown model.{', model.'.join(unknown)}"])))
+    for name, value in section.items():
+        wanted = type(getattr(ModelConfig(), name))
+        if type(value) is not wanted and not (wanted is float and type(value) is int):
+            raise ValueError(f"model.{name} is {value!r}, not a {wanted.__name__}")
+    return ModelConfig(**section)
 
 
 def _read_export(weights: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, Any]]:
@@ -87,10 +153,8 @@ def _read_export(weights: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, d
                               "tml.model.Transformer(config) and load_state_dict")
     try:
         description = json.loads(described.read_text())
-        if description.get("format") != EXPORT_FORMAT:
-            raise ValueError(f"format {description.get('format')!r}, expected {EXPORT_FORMAT!r}")
-        model_config = ModelConfig(**description["model"])
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, ModelConfigError) as error:
+        model_config = _described_model(description, described)
+    except (OSError, ValueError, ModelConfigError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"{described} is not a usable export description: {error}") from error
     if file_sha256(weights) != description.get("weights_sha256"):
         raise CheckpointError(f"{weights} does not match {described} (another export's weights, or altered): "
@@ -109,6 +173,11 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Transfor
         state, config = load_model_weights(path)
         model_config = config.model
     model = Transformer(model_config)
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:  # an edited description, or weights of another model under a checkpoint's name
+        first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
+        raise CheckpointError(f"{path}: the weights do not fit the model its description or config names ({first})"
+                              ) from error
     device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
     return model.to(device).eval()

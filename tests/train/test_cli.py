@@ -20,12 +20,12 @@ from rich.progress import Progress
 import tml
 from tests.conftest import debug_model_config
 from tests.train.conftest import tiny_run_config
+from tml import pretrained
 from tml.cli import CTRL_C_EXIT_STATUS, EVAL_BATCH_SIZE, main, prompt_tokens_kept, text_loss
 from tml.config import dump_yaml
 from tml.data.tokenizer import get_tokenizer
 from tml.model import Transformer
 from tml.model.config import GPT2_PADDED_VOCAB
-from tml.train import zero_export
 from tml.train.checkpoint import checkpoints_dir, load_model_weights, read_meta
 from tml.train.loop import train
 from tml.train.parent_death import RANK0_PID_VARIABLE
@@ -322,11 +322,10 @@ def test_export_refuses_a_directory_output_at_once(trained_run, tmp_path, capsys
 
 def test_export_that_fails_while_writing_says_why_in_one_line_and_leaves_no_temporary(trained_run, tmp_path,
                                                                                         capsys, monkeypatch):
-    def disk_fills_up(obj, file):  # fault injection: half the bytes land, then the disk is full
-        file.write(b"PK half a zip")
+    def disk_fills_up(descriptor):  # fault injection: the bytes were written, then the disk turns out full
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(zero_export.torch, "save", disk_fills_up)
+    monkeypatch.setattr(pretrained.os, "fsync", disk_fills_up)
     output = tmp_path / "weights.pt"
     assert main(["export", "--checkpoint", str(trained_run), "--output", str(output)]) == 1
     assert re.fullmatch(re.escape(f"tml export: cannot write {output}: No space left on device (") + r"[\d,.]+ [MGT]B free\)",

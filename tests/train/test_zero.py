@@ -24,10 +24,11 @@ from tests.train.test_loop import scalars
 from tml.config import dump_yaml
 from tml.data.packed import PackedDataset
 from tml.model import Transformer
+from tml.pretrained import export
 from tml.train.checkpoint import checkpoints_dir, load_model_weights, step_name
 from tml.train.evaluate import evaluate
 from tml.train.loop import train
-from tml.train.zero_export import ZeroCheckpointError, export_fp32_state_dict, verify_deepspeed_checkpoint
+from tml.train.zero_export import ZeroCheckpointError, fp32_state_dict, verify_deepspeed_checkpoint
 
 RUN_TIMEOUT_S = 240  # one 2-process run incl. the first-use op build; usually 15-25 s once the op is cached
 STEPS, RESUME_STEP = 6, 3
@@ -88,7 +89,7 @@ def zero_runs(request, tiny_shards, tmp_path_factory) -> SimpleNamespace:
 
 
 def exported(run_dir: Path, step: int, tmp_path: Path) -> dict[str, torch.Tensor]:
-    path = export_fp32_state_dict(step_dir(run_dir, step) / "deepspeed", tmp_path / f"{run_dir.name}-{step}.pt")
+    path, _, _ = export(step_dir(run_dir, step), tmp_path / f"{run_dir.name}-{step}.pt")
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
@@ -168,16 +169,15 @@ def fake_checkpoint(root: Path, shard_content) -> Path:
 
 def test_export_refuses_a_directory_that_is_not_a_deepspeed_checkpoint(tmp_path):
     with pytest.raises(ZeroCheckpointError, match="latest is missing"):
-        export_fp32_state_dict(tmp_path, tmp_path / "out.pt")
+        fp32_state_dict(tmp_path)
     with pytest.raises(ZeroCheckpointError, match="not a directory"):
-        export_fp32_state_dict(tmp_path / "absent", tmp_path / "out.pt")
-    assert not (tmp_path / "out.pt").exists()
+        fp32_state_dict(tmp_path / "absent")
 
 
 def test_export_given_the_shard_folder_names_the_checkpoint_directory(tmp_path):
     root = fake_checkpoint(tmp_path / "ckpt", {"module": {}})
     with pytest.raises(ZeroCheckpointError, match=f"did you mean its parent {root}"):
-        export_fp32_state_dict(root / "checkpoint", tmp_path / "out.pt")
+        fp32_state_dict(root / "checkpoint")
 
 
 class RunsCode:
@@ -197,7 +197,7 @@ def test_a_shard_that_would_run_code_is_refused_before_deepspeed_unpickles_it(tm
     with pytest.raises(ZeroCheckpointError, match=f"cannot load {shard} safely"):
         verify_deepspeed_checkpoint(root)
     with pytest.raises(ZeroCheckpointError):
-        export_fp32_state_dict(root, tmp_path / "out.pt")
+        fp32_state_dict(root)
     assert not marker.exists()
     torch.load(shard, weights_only=False)  # the unsafe load DeepSpeed would do: the payload runs
     assert marker.exists()

@@ -3,19 +3,16 @@
 ZeRO checkpoints are sharded by rank (optimizer state and, under ZeRO-3, the weights themselves) and hold the
 fp32 master weights inside the optimizer shards. DeepSpeed's `zero_to_fp32` reassembles them; this module adds
 the two things tml needs around it: the files are checked to be data before DeepSpeed unpickles them, and the
-result is written atomically under the names `Transformer.state_dict()` uses.
+result is named as `Transformer.state_dict()` names it. (`tml export` writes it to a file: tml/pretrained.py.)
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 from pathlib import Path
 
 import torch
-
-from tml.files import replaced_on_success
 
 # DeepSpeed reads its own files with torch.load(weights_only=False). Its optimizer shards hold, besides tensors and
 # containers, instances of exactly these plain data classes; anything else in a file means it is not a checkpoint
@@ -99,25 +96,3 @@ def fp32_state_dict(checkpoint_dir: str | Path) -> dict[str, torch.Tensor]:
         verify_deepspeed_checkpoint(checkpoint_dir)
         state = get_fp32_state_dict_from_zero_checkpoint(str(checkpoint_dir))
     return {_strip_wrapper_prefixes(name): tensor.detach().float().contiguous() for name, tensor in state.items()}
-
-
-def save_fp32_state_dict(state: dict[str, torch.Tensor], output_file: str | Path) -> Path:
-    """Write `state` as the plain `{name: tensor}` file `tml export` produces (floating tensors as fp32), atomically.
-
-    `Transformer(config).load_state_dict(torch.load(path, weights_only=True))` works on the result.
-    """
-    output_file = Path(output_file)
-    output_file.parent.mkdir(parents=True, exist_ok=True)
-    state = {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
-    # Opened here rather than by torch.save: Python's OSError names the reason (torch's says "enforce fail").
-    with replaced_on_success(output_file, output_file.with_name(f".{output_file.name}.tmp")) as tmp, \
-            open(tmp, "wb") as file:
-        torch.save(state, file)
-        file.flush()
-        os.fsync(file.fileno())  # on disk before the rename, as write_atomic does
-    return output_file
-
-
-def export_fp32_state_dict(checkpoint_dir: str | Path, output_file: str | Path) -> Path:
-    """Write the fp32 weights of the ZeRO checkpoint in `checkpoint_dir` to `output_file`; returns its path."""
-    return save_fp32_state_dict(fp32_state_dict(checkpoint_dir), output_file)

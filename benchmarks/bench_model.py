@@ -27,7 +27,7 @@ import torch
 
 from tml.config import ConfigError, load_yaml_config
 from tml.model import ModelConfig, ModelConfigError, Transformer
-from tml.model.kv_cache import KVCache, LatentCache
+from tml.model.kv_cache import KVCache, LatentCache, mha_numbers_per_token
 
 # The reference model of the issue: GPT-2 small's shape, MLA with a 256-wide latent and a 32-dim RoPE key.
 REFERENCE_SHAPE = dict(n_layer=12, n_head=12, n_embd=768, kv_lora_rank=256, qk_rope_head_dim=32,
@@ -199,13 +199,12 @@ def bench_train_step() -> dict:
 
 
 def cache_sizes(shape: ModelConfig) -> dict:
-    """Cache per token of the shape as MLA, as GQA at MLA's budget and as MHA. From the config alone: MHA's
-    2 * n_embd numbers hold even where an MHA model of this width could not be built."""
+    """Cache per token of the shape as MLA, as GQA at MLA's budget and as MHA, from the config alone."""
     sizes = {}
     gqa = equal_cache_gqa(shape)
     for attention, numbers in (("mla", LatentCache.numbers_per_token(shape)),
                                ("gqa", KVCache.numbers_per_token(gqa) if gqa else None),
-                               ("mha", 2 * shape.n_embd)):
+                               ("mha", mha_numbers_per_token(shape))):
         if numbers is None:
             continue
         sizes[attention] = {

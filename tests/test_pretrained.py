@@ -11,7 +11,6 @@ import torch
 import tml
 from tests.conftest import debug_model_config
 from tests.train.conftest import tiny_run_config, write_synthetic_shards
-from tml import pretrained
 from tml.files import file_sha256
 from tml.pretrained import EXPORT_FORMAT, ExportWriteError, description_path, export
 from tml.run_dir import checkpoints_dir
@@ -53,7 +52,8 @@ def test_the_description_names_the_model_tokenizer_source_and_the_weights_it_bel
     assert description["format"] == EXPORT_FORMAT and description["model"] == asdict(MODEL)
     assert (description["checkpoint"], description["step"]) == (str(last), read_meta(last)["step"])
     assert description["weights_sha256"] == file_sha256(exported) and description["tokenizer"] == "gpt2"
-    assert description["config"]["train"]["max_steps"] == 2  # the whole run's settings, for the record
+    assert description["config"]["train"]["max_steps"] == 2  # the run's other settings, for the record
+    assert "model" not in description["config"]  # one model section, the one loads read
 
 
 def test_an_export_of_an_export_keeps_the_weights_and_where_they_came_from(run, tmp_path):
@@ -102,7 +102,11 @@ def test_a_description_whose_model_does_not_fit_the_weights_is_refused_in_one_li
 
 
 def test_an_export_that_fails_half_way_leaves_the_previous_pair_whole_and_loadable(run, tmp_path, monkeypatch):
-    exported, described, _ = export(checkpoints_dir(run) / "step-0000002", tmp_path / "model.pt")
+    exported, described, _ = export(run, tmp_path / "model.pt")
+    previous = torch.load(exported, weights_only=True)  # a pair unlike the one the failing export would write
+    previous["tok_emb.weight"] += 1
+    torch.save(previous, exported)
+    described.write_text(json.dumps(json.loads(described.read_text()) | {"weights_sha256": file_sha256(exported)}))
     before = {path: path.read_bytes() for path in (exported, described)}
     calls = []
 
@@ -111,7 +115,7 @@ def test_an_export_that_fails_half_way_leaves_the_previous_pair_whole_and_loadab
         if len(calls) == 2:
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(pretrained.os, "fsync", description_write_fails)
+    monkeypatch.setattr(os, "fsync", description_write_fails)
     with pytest.raises(ExportWriteError, match=f"cannot write {described}: No space left on device"):
         export(run, exported)
     assert {path: path.read_bytes() for path in (exported, described)} == before
@@ -125,12 +129,3 @@ def test_export_refuses_to_replace_a_json_that_is_not_an_export_description(run,
     with pytest.raises(ValueError, match="summary.json exists and is not an export's description"):
         export(run, tmp_path / "summary.pt")
     assert json.loads((tmp_path / "summary.json").read_text()) == {"final_step": 2}
-
-
-def test_an_export_of_an_export_trusts_its_model_section_over_the_recorded_run_config(run, tmp_path):
-    first, described, _ = export(run, tmp_path / "first.pt")
-    description = json.loads(described.read_text())
-    description["config"]["model"]["n_kv_head"] = 1  # the record disagrees; loads use the model section
-    described.write_text(json.dumps(description))
-    _, second_description, _ = export(first, tmp_path / "second.pt")
-    assert json.loads(second_description.read_text())["config"]["model"]["n_kv_head"] == 2

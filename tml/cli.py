@@ -125,8 +125,9 @@ def remove_if_only_lock(out_dir: Path) -> None:
 
 
 def chosen_checkpoint(command: str, path: str) -> str:
-    """The checkpoint directory (or exported weights file) `path` names. For a run directory, say which of its
-    checkpoints is used (its `best`, else `last`), since the user did not name one."""
+    """`path`, after saying which checkpoint a run directory means (its `best`, else `last`), since the user did not
+    name one. The path itself is passed on, not the step directory: loading follows a `last` or `best` again when a
+    training still running prunes its step mid-read (checkpoint.read_weights)."""
     from tml.train.checkpoint import checkpoints_dir, find_checkpoint
 
     if Path(path).is_file():  # weights written by tml export
@@ -138,7 +139,7 @@ def chosen_checkpoint(command: str, path: str) -> str:
         diverged = " from before the run diverged" if run_diverged(Path(path)) else ""
         print(f"tml {command}: using {directory} (the run's {which}{diverged}; name a checkpoint directory to use "
               "another)", file=sys.stderr)
-    return str(directory)
+    return path
 
 
 def run_diverged(run_dir: Path) -> bool:
@@ -206,7 +207,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = tokenizer.encode(args.prompt, allowed_special="all")
     if not prompt:  # an empty prompt: continue from a document boundary, as at the start of a book in training
         print("tml generate: empty prompt: generating from <|endoftext|>, the start of a document", file=sys.stderr)
-    typed = len(prompt)
+    skip = 0 if prompt else 1  # the <|endoftext|> the user never typed is not printed
     prompt = prompt or [tokenizer.eot_token]
     check_token_ids(prompt, model.config.vocab_size, "--prompt")
     block = model.config.block_size
@@ -223,7 +224,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     idx = torch.tensor([prompt], dtype=torch.long, device=device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(idx, new_tokens, generator=generator, vocab_limit=tokenizer.n_vocab, **options)
-    print(tokenizer.decode(out[0, len(prompt) - min(typed, len(prompt)):].tolist()))  # not an eot the user never typed
+    print(tokenizer.decode(out[0, skip:].tolist()))
     return 0
 
 
@@ -317,7 +318,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     from tml.pretrained import check_export_path, export
 
     output = Path(args.output)
-    check_export_path(output)  # before the checkpoint loads: refused at once
+    check_export_path(output)  # before the notice of which checkpoint a run directory means: refused at once
     weights, description, tensors = export(chosen_checkpoint("export", args.checkpoint), output)
     print(f"wrote {weights} ({tensors} tensors) and {description} (its model)")
     print(f"load it in Python: import tml; model = tml.load({str(weights.resolve())!r})")
@@ -352,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     export = commands.add_parser("export", help="write one fp32 state dict (consolidates DeepSpeed ZeRO shards) and "
                                  "the JSON describing its model")
-    export.add_argument("--checkpoint", required=True, help="checkpoint or run directory")
+    export.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or a file tml export wrote")
     export.add_argument("--output", required=True, help="output .pt file (not a directory); its model's description "
                         "is written beside it as .json")
 

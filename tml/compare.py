@@ -44,9 +44,9 @@ SHAPE = ("attention", "norm", "n_layer", "n_embd", "n_head", *MHA_ONLY, *MLA_ONL
 NUMBERS_FROM_SUMMARY = ("final_step", "max_steps", "best_val_loss", "best_val_perplexity", "val_loss",
                         "val_perplexity", "tokens_seen", "wall_s", "params", "params_non_embedding")
 # Every row's fields, in table order; `--json` gives all of them (and `settings`) and `--sort` takes any.
-FIELDS = ("run", *SHAPE, "params", "params_non_embedding", "kv_cache_bytes_per_token", "kv_cache_dtype", "final_step", "max_steps",
-          "best_val_loss", "best_val_perplexity", "val_loss", "val_perplexity", "tokens_seen", "wall_s",
-          "tokens_per_s", "status")
+FIELDS = ("run", *SHAPE, "params", "params_non_embedding", "kv_cache_bytes_per_token", "kv_cache_dtype",
+          "final_step", "max_steps", "best_val_loss", "best_val_perplexity", "val_loss", "val_perplexity",
+          "tokens_seen", "wall_s", "tokens_per_s", "status")
 DEFAULT_SORT = "best_val_perplexity"
 # Settings that are not part of what a run computes, besides where its files go (PLACEMENT_KEYS): the data's
 # cache directory, how often it logs and saves, and the loggers. A sweep that differs only in these shows no
@@ -207,7 +207,8 @@ def read_run(name: str, directory: Path) -> dict[str, Any]:
             row["kv_cache_bytes_per_token"], row["kv_cache_dtype"] = kv_cache_cost(model, config.train.precision)
         row["max_steps"] = config.train.max_steps
     if summary is not None:
-        row.update({key: summary[key] for key in NUMBERS_FROM_SUMMARY if summary[key] is not None})  # checked
+        # read_summary set every key (None where missing or not a finite number)
+        row.update({key: summary[key] for key in NUMBERS_FROM_SUMMARY if summary[key] is not None})
         if row["tokens_seen"] is not None and row["wall_s"]:
             row["tokens_per_s"] = row["tokens_seen"] / row["wall_s"]
         status = summary_status(summary)

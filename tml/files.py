@@ -42,7 +42,13 @@ def replaced_on_success(path: Path, temporary: Path | None = None) -> Iterator[P
 
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to `<name>.tmp`, fsync, then rename over `path`: readers see the old file or the new one, never half."""
-    with replaced_on_success(path) as temporary, open(temporary, "wb") as file:
+    with replaced_on_success(path) as temporary:
+        write_synced(temporary, data)
+
+
+def write_synced(path: Path, data: bytes) -> None:
+    """Write `data` and fsync it: on disk before a rename publishes it."""
+    with open(path, "wb") as file:
         file.write(data)
         file.flush()
         os.fsync(file.fileno())

@@ -9,21 +9,19 @@ replaced atomically, but not the pair, so a pair from two different exports is r
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
 import json
-import os
-from dataclasses import asdict, fields, replace
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from tml.config import Config
-from tml.files import file_sha256, make_directory, write_failure
+from tml.files import file_sha256, make_directory, replaced_on_success, write_failure, write_synced
 from tml.model import ModelConfig, ModelConfigError, Transformer
-from tml.train.checkpoint import CheckpointError, find_checkpoint, load_model_weights, read_meta, safe_load
+from tml.train.checkpoint import CheckpointError, load_model_weights, read_weights, safe_load
 
 EXPORT_FORMAT = "tml-export/1"
 # torch state-dict files go by these names; a .safetensors name would promise a format that is not written.
@@ -65,45 +63,44 @@ def export(checkpoint: str | Path, output: str | Path) -> tuple[Path, Path, int]
     """Write the fp32 weights of a checkpoint (or run directory, or export) to `output` and their description
     beside it; returns (weights file, description file, tensors written).
 
-    Both are written in full to temporary files first and renamed into place together, so a write that fails (a
-    full disk, a read-only description) leaves the previous pair as it was. Raises ExportWriteError naming the
-    file that could not be written.
+    Both are written in full to temporary files before either is renamed into place, so a write that fails (a full
+    disk, a read-only description) leaves the previous pair as it was. Raises ExportWriteError naming the file that
+    could not be written.
     """
     output = Path(output)
     check_export_path(output)
     state, config, source = _weights_and_source(checkpoint)
     state = {name: t.float() if t.is_floating_point() else t for name, t in state.items()}
-    described = description_path(output)
     buffer = io.BytesIO()
     torch.save(state, buffer)  # in memory first: a full disk is then Python's ENOSPC, not torch's zip-writer text
-    weights = buffer.getbuffer()
+    weights = buffer.getvalue()
     description = {
         "format": EXPORT_FORMAT,
         "weights": output.name,
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "model": asdict(config.model),
-        "tokenizer": TOKENIZER,
+        "tokenizer": TOKENIZER,  # a record: every tml model uses it, so loading does not check it
         **source,
-        "config": config.to_dict(),
+        "config": {section: values for section, values in config.to_dict().items() if section != "model"},
     }
-    temporaries = {path: path.with_name(f".{path.name}.tmp") for path in (output, described)}
-    try:
-        for path, data in ((output, weights), (described, (json.dumps(description, indent=1) + "\n").encode())):
-            try:
-                make_directory(path.parent)
-                with open(temporaries[path], "wb") as file:
-                    file.write(data)
-                    file.flush()
-                    os.fsync(file.fileno())
-            except OSError as error:
-                raise ExportWriteError(f"cannot write {path}: {write_failure(error, path.parent)}") from error
-        for path, temporary in temporaries.items():
-            os.replace(temporary, path)
-    finally:
-        for temporary in temporaries.values():
-            with contextlib.suppress(OSError):
-                temporary.unlink(missing_ok=True)
+    described = description_path(output)
+    make_directory(output.parent)
+    with replaced_on_success(output, _hidden_temporary(output)) as weights_file, \
+            replaced_on_success(described, _hidden_temporary(described)) as description_file:
+        _write(weights_file, weights, output)
+        _write(description_file, (json.dumps(description, indent=1) + "\n").encode(), described)
     return output, described, len(state)
+
+
+def _hidden_temporary(path: Path) -> Path:
+    return path.with_name(f".{path.name}.tmp")
+
+
+def _write(temporary: Path, data: bytes, target: Path) -> None:
+    try:
+        write_synced(temporary, data)
+    except OSError as error:
+        raise ExportWriteError(f"cannot write {target}: {write_failure(error, target.parent)}") from error
 
 
 def _weights_and_source(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, dict[str, Any]]:
@@ -112,15 +109,14 @@ def _weights_and_source(path: str | Path) -> tuple[dict[str, torch.Tensor], Conf
     if path.is_file():
         state, model_config, description = _read_export(path)
         source = {key: description[key] for key in ("checkpoint", "step") if key in description}
-        config = Config.from_dict(description["config"]) if isinstance(description.get("config"), dict) else Config()
-        return state, replace(config, model=model_config), source  # the model section is the one loads trust
-    directory = find_checkpoint(path)
-    step = read_meta(directory).get("step")
-    state, config = load_model_weights(directory)
-    return state, config, {"checkpoint": str(directory), "step": step}
+        recorded = description.get("config")
+        config = Config.from_dict({**(recorded if isinstance(recorded, dict) else {}), "model": asdict(model_config)})
+        return state, config, source
+    weights = read_weights(path)
+    return weights.state, weights.config, {"checkpoint": str(weights.directory), "step": weights.step}
 
 
-def _described_model(description: Any, described: Path) -> ModelConfig:
+def _described_model(description: Any) -> ModelConfig:
     """The description's model section as a ModelConfig: every field present, of its type, valid."""
     if not isinstance(description, dict):
         raise ValueError(f"it holds a {type(description).__name__}, not an object")
@@ -129,14 +125,15 @@ def _described_model(description: Any, described: Path) -> ModelConfig:
     section = description.get("model")
     if not isinstance(section, dict):
         raise ValueError("it has no 'model' section")
-    expected = {field.name: field for field in fields(ModelConfig)}
+    expected = [field.name for field in fields(ModelConfig)]
     missing = [name for name in expected if name not in section]
     unknown = [name for name in section if name not in expected]
     if missing or unknown:
         raise ValueError("; ".join(filter(None, [missing and f"model.{', model.'.join(missing)} missing",
                                                   unknown and f"unknown model.{', model.'.join(unknown)}"])))
+    defaults = ModelConfig()
     for name, value in section.items():
-        wanted = type(getattr(ModelConfig(), name))
+        wanted = type(getattr(defaults, name))
         if type(value) is not wanted and not (wanted is float and type(value) is int):
             raise ValueError(f"model.{name} is {value!r}, not a {wanted.__name__}")
     return ModelConfig(**section)
@@ -153,7 +150,7 @@ def _read_export(weights: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, d
                               "tml.model.Transformer(config) and load_state_dict")
     try:
         description = json.loads(described.read_text())
-        model_config = _described_model(description, described)
+        model_config = _described_model(description)
     except (OSError, ValueError, ModelConfigError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"{described} is not a usable export description: {error}") from error
     if file_sha256(weights) != description.get("weights_sha256"):

@@ -106,7 +106,8 @@ def deepseek_attention(attn: MultiHeadLatentAttention, x: torch.Tensor) -> torch
     c_kv = rms_norm(compressed[..., :rank], attn.kv_norm.weight)  # (41)
     k_rope = interleaved_rope(compressed[..., rank:][..., to_interleaved])  # (43): one key for all heads
     k_nope, v = F.linear(c_kv, attn.kv_up.weight).view(B, T, H, nope + v_dim).transpose(1, 2).split([nope, v_dim], -1)
-    scores = (q_nope @ k_nope.transpose(-2, -1) + q_rope @ k_rope.unsqueeze(1).transpose(-2, -1)) / math.sqrt(nope + rope)
+    scores = q_nope @ k_nope.transpose(-2, -1) + q_rope @ k_rope.unsqueeze(1).transpose(-2, -1)
+    scores = scores / math.sqrt(nope + rope)
     scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf"))  # (46)
     heads = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(B, T, H * v_dim)
     return F.linear(heads, attn.out_proj.weight, attn.out_proj.bias)  # (47)
@@ -201,5 +202,6 @@ def test_mha_with_n_kv_head_equal_to_n_head_keeps_the_fused_gpt2_projection():
     """Checkpoints of MHA runs from before n_kv_head existed load unchanged: same parameter names and shapes."""
     explicit = MultiHeadAttention(debug_model_config(attention="mha", n_kv_head=4))
     default = MultiHeadAttention(debug_model_config(attention="mha"))
-    assert {k: v.shape for k, v in explicit.state_dict().items()} == {k: v.shape for k, v in default.state_dict().items()}
+    shapes = [{name: tensor.shape for name, tensor in module.state_dict().items()} for module in (explicit, default)]
+    assert shapes[0] == shapes[1]
     assert explicit.qkv_proj.weight.shape == (3 * 64, 64)

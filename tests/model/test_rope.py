@@ -30,7 +30,8 @@ def test_offset_start_equals_the_matching_slice_of_a_full_rotation():
 def test_dims_are_paired_rotate_half_style_i_with_i_plus_half():
     """Dim 0 rotates into dim 2 of a 4-dim vector (GPT-NeoX layout), not into dim 1 (DeepSeek's interleaved one)."""
     rotated = apply_rotary(torch.tensor([[[1.0, 0.0, 0.0, 0.0]]]).expand(1, 2, 4), 0, THETA)[0, 1]
-    torch.testing.assert_close(rotated, torch.tensor([torch.cos(torch.tensor(1.0)), 0.0, torch.sin(torch.tensor(1.0)), 0.0]))
+    one_radian = torch.tensor(1.0)
+    torch.testing.assert_close(rotated, torch.tensor([one_radian.cos(), 0.0, one_radian.sin(), 0.0]))
 
 
 def test_position_zero_is_identity_and_dtype_is_kept():

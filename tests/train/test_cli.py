@@ -20,12 +20,12 @@ from rich.progress import Progress
 import tml
 from tests.conftest import debug_model_config
 from tests.train.conftest import tiny_run_config
-from tml import pretrained
 from tml.cli import CTRL_C_EXIT_STATUS, EVAL_BATCH_SIZE, main, prompt_tokens_kept, text_loss
 from tml.config import dump_yaml
 from tml.data.tokenizer import get_tokenizer
 from tml.model import Transformer
 from tml.model.config import GPT2_PADDED_VOCAB
+from tml.train import checkpoint
 from tml.train.checkpoint import checkpoints_dir, load_model_weights, read_meta
 from tml.train.loop import train
 from tml.train.parent_death import RANK0_PID_VARIABLE
@@ -134,7 +134,8 @@ def test_generate_refuses_bad_sampling_flags_in_the_cli_s_own_terms(trained_run,
 
 def test_generate_refuses_a_seed_torch_cannot_take_and_a_temperature_that_is_not_a_number(trained_run, capsys):
     assert main(["generate", "--checkpoint", str(trained_run), "--prompt", "Hi", "--seed", str(2**64)]) == 1
-    assert capsys.readouterr().err == f"tml generate: --seed {2**64} must be in [-2**63, 2**64), the range torch's generator takes\n"
+    assert capsys.readouterr().err == (f"tml generate: --seed {2**64} must be in [-2**63, 2**64), the range torch's "
+                                       "generator takes\n")
     assert main(["generate", "--checkpoint", str(trained_run), "--prompt", "Hi", "--temperature", "nan"]) == 1
     assert capsys.readouterr().err == "tml generate: --temperature nan must be a number >= 0 (0 = greedy)\n"
 
@@ -258,7 +259,8 @@ def test_export_writes_its_model_description_beside_it_and_prints_how_to_load_bo
     assert main(["export", "--checkpoint", str(trained_run), "--output", "weights.pt"]) == 0  # a relative output
     output, described = tmp_path / "weights.pt", tmp_path / "weights.json"
     out = capsys.readouterr().out.splitlines()
-    assert out[0] == f"wrote weights.pt ({len(torch.load(output, weights_only=True))} tensors) and weights.json (its model)"
+    tensors = len(torch.load(output, weights_only=True))
+    assert out[0] == f"wrote weights.pt ({tensors} tensors) and weights.json (its model)"
     assert out[1] == f"load it in Python: import tml; model = tml.load({str(output)!r})"  # absolute: works anywhere
     description = json.loads(described.read_text())
     best = (checkpoints_dir(trained_run) / "best").resolve()
@@ -282,8 +284,8 @@ def test_an_export_copied_away_from_its_run_loads_with_tml_load_and_the_cli(trai
     text_file = tmp_path / "sample.txt"
     text_file.write_text(TEXT)
     capsys.readouterr()
-    for checkpoint in (trained_run, elsewhere / "model.pt"):
-        assert main(["eval", "--checkpoint", str(checkpoint), "--data", str(text_file)]) == 0
+    for source in (trained_run, elsewhere / "model.pt"):
+        assert main(["eval", "--checkpoint", str(source), "--data", str(text_file)]) == 0
     run_line, export_line = capsys.readouterr().out.splitlines()
     assert run_line == export_line
     assert main(["generate", "--checkpoint", str(elsewhere / "model.pt"), "--prompt", "Once", "--max-new-tokens",
@@ -325,12 +327,34 @@ def test_export_that_fails_while_writing_says_why_in_one_line_and_leaves_no_temp
     def disk_fills_up(descriptor):  # fault injection: the bytes were written, then the disk turns out full
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(pretrained.os, "fsync", disk_fills_up)
+    monkeypatch.setattr(os, "fsync", disk_fills_up)
     output = tmp_path / "weights.pt"
     assert main(["export", "--checkpoint", str(trained_run), "--output", str(output)]) == 1
-    assert re.fullmatch(re.escape(f"tml export: cannot write {output}: No space left on device (") + r"[\d,.]+ [MGT]B free\)",
-                        capsys.readouterr().err.splitlines()[-1])
+    said = re.escape(f"tml export: cannot write {output}: No space left on device (") + r"[\d,.]+ [MGT]B free\)"
+    assert re.fullmatch(said, capsys.readouterr().err.splitlines()[-1])
     assert list(tmp_path.iterdir()) == []
+
+
+def test_eval_of_last_follows_it_when_a_running_training_prunes_its_step_mid_read(trained_run, tmp_path, capsys,
+                                                                                  monkeypatch):
+    run = tmp_path / "training"
+    shutil.copytree(trained_run, run, symlinks=True)
+    root = checkpoints_dir(run)
+    step = (root / "last").resolve()
+    real_verify, moves = checkpoint.verify_checkpoint, [1]
+
+    def training_moves_on(directory, only=None):  # saves a newer step, points last at it, prunes the old one
+        if directory == step and moves:
+            moves.pop()
+            shutil.copytree(step, root / "step-9999999")
+            (root / "last").unlink()
+            (root / "last").symlink_to("step-9999999")
+            os.replace(step, root / f".stale-{step.name}")
+        return real_verify(directory, only)
+
+    monkeypatch.setattr(checkpoint, "verify_checkpoint", training_moves_on)
+    assert main(["eval", "--checkpoint", str(root / "last"), "--data", __file__]) == 0
+    assert "perplexity" in capsys.readouterr().out
 
 
 def test_a_corrupted_checkpoint_is_refused_naming_the_file(trained_run, tmp_path, capsys):

@@ -167,14 +167,14 @@ def fake_checkpoint(root: Path, shard_content) -> Path:
     return root
 
 
-def test_export_refuses_a_directory_that_is_not_a_deepspeed_checkpoint(tmp_path):
+def test_consolidation_refuses_a_directory_that_is_not_a_deepspeed_checkpoint(tmp_path):
     with pytest.raises(ZeroCheckpointError, match="latest is missing"):
         fp32_state_dict(tmp_path)
     with pytest.raises(ZeroCheckpointError, match="not a directory"):
         fp32_state_dict(tmp_path / "absent")
 
 
-def test_export_given_the_shard_folder_names_the_checkpoint_directory(tmp_path):
+def test_consolidation_given_the_shard_folder_names_the_checkpoint_directory(tmp_path):
     root = fake_checkpoint(tmp_path / "ckpt", {"module": {}})
     with pytest.raises(ZeroCheckpointError, match=f"did you mean its parent {root}"):
         fp32_state_dict(root / "checkpoint")

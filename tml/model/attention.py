@@ -198,11 +198,9 @@ class MultiHeadAttention(nn.Module):
         B, T, C = x.shape
         start = cache.length if cache is not None else 0
         heads = self.qkv_proj(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k, v = heads.split([self.n_head, self.n_kv_head, self.n_kv_head], dim=1)
-        if self.n_kv_head == self.n_head:  # one rotation (and one set of angles) for both
-            q, k = apply_rotary(torch.stack((q, k)), start, self.rope_theta)
-        else:
-            q, k = apply_rotary(q, start, self.rope_theta), apply_rotary(k, start, self.rope_theta)
+        queries_and_keys, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
+        # One rotation (and one set of angles) for queries and keys together.
+        q, k = apply_rotary(queries_and_keys, start, self.rope_theta).split([self.n_head, self.n_kv_head], dim=1)
         if cache is not None:
             k, v = cache.update(k, v)
         if start == 0:

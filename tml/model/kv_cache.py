@@ -64,18 +64,18 @@ class KVCache(_PreallocatedCache):
     """MHA cache: rotated keys and values of every key/value head, 2 * n_kv_head * head_dim numbers per token per
     layer (2 * n_embd for plain MHA)."""
 
-    def __init__(self, batch_size: int, max_len: int, n_head: int, head_dim: int,
+    def __init__(self, batch_size: int, max_len: int, kv_heads: int, head_dim: int,
                  device: torch.device | None = None, dtype: torch.dtype | None = None) -> None:
         super().__init__(max_len)
-        self.key = torch.zeros(batch_size, n_head, max_len, head_dim, device=device, dtype=dtype)
-        self.value = torch.zeros(batch_size, n_head, max_len, head_dim, device=device, dtype=dtype)
+        self.key = torch.zeros(batch_size, kv_heads, max_len, head_dim, device=device, dtype=dtype)
+        self.value = torch.zeros(batch_size, kv_heads, max_len, head_dim, device=device, dtype=dtype)
 
     @staticmethod
     def numbers_per_token(config: ModelConfig) -> int:
         return 2 * config.kv_heads * (config.n_embd // config.n_head)
 
     def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Append key and value [B,H,T,hd]; return views of everything cached so far."""
+        """Append key and value [B,Hkv,T,hd]; return views of everything cached so far."""
         start, end = self._advance(key.shape[2])
         self.key[:, :, start:end] = key
         self.value[:, :, start:end] = value
@@ -86,6 +86,12 @@ LayerCache = LatentCache | KVCache
 # The dtype an inference cache holds for a run trained at each train.precision: mixed precision computes, and
 # would cache, in 16 bits.
 PRECISION_CACHE_DTYPE = {"16-mixed": torch.float16, "bf16-mixed": torch.bfloat16, "32-true": torch.float32}
+
+
+def mha_numbers_per_token(config: ModelConfig) -> int:
+    """What MHA of this width caches per token per layer, K and V of every head: the figure MLA, GQA and MQA are
+    measured against (from the config alone, even where an MHA of this width could not be built)."""
+    return 2 * config.n_embd
 
 
 def cache_numbers_per_token(config: ModelConfig) -> int:

@@ -38,7 +38,7 @@ import shutil
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -586,10 +586,15 @@ class Checkpointer:
         """Hash every file into the manifest, then rename the directory into place (rank 0)."""
         write_manifest(tmp)
         if final.exists():  # from an earlier trajectory of this run (resumed from an older step)
-            stale = self.root / f".stale-{final.name}"
-            os.replace(final, stale)
-            shutil.rmtree(stale)
+            self._remove_whole(final)
         os.replace(tmp, final)
+
+    def _remove_whole(self, directory: Path) -> None:
+        """Rename away, then delete: a reader (tml eval on `last` during training) sees it whole or gone. A kill in
+        between leaves `.stale-*`, removed at the next start (remove_unfinished_saves)."""
+        stale = self.root / f".stale-{directory.name}"
+        os.replace(directory, stale)
+        shutil.rmtree(stale)
 
     def _agree(self, failure: BaseException | None, final: Path) -> None:
         """Raise the same CheckpointError on every rank when any rank's phase failed, with the reason of the first
@@ -644,10 +649,7 @@ class Checkpointer:
         keep = set(steps[-self.keep :]) if self.keep > 0 else set()
         for name in steps:
             if name not in keep and name not in protected:
-                # Renamed away first, so a reader (tml eval on `last` during training) sees it whole or gone.
-                removing = self.root / f".stale-{name}"
-                os.replace(self.root / name, removing)
-                shutil.rmtree(removing)
+                self._remove_whole(self.root / name)
 
     def _verify(self, directory: Path) -> dict[str, Any]:
         """The manifest and (DeepSpeed) the shards' safety; returns meta.json. (The strategy and rank count were
@@ -712,8 +714,15 @@ class Checkpointer:
         return {"loop": trainer["loop"], "meta": meta, "notices": notices}
 
 
-def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
-    """Model weights and config of a checkpoint (or a run directory's best/last), for generate/eval/export.
+class CheckpointWeights(NamedTuple):
+    state: dict[str, torch.Tensor]
+    config: Config
+    directory: Path  # the step directory read, after links and run directories were followed
+    step: int
+
+
+def read_weights(path: str | Path) -> CheckpointWeights:
+    """Model weights, config and step of a checkpoint (or a run directory's best/last), for generate/eval/export.
 
     A DeepSpeed checkpoint is consolidated to one fp32 state dict with DeepSpeed's ZeRO export first. A training
     still running in the same run may prune the checkpoint `last` or `best` pointed at while it is read; the link
@@ -732,9 +741,17 @@ def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Confi
                               ) from error
 
 
-def _read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Config]:
+def load_model_weights(path: str | Path) -> tuple[dict[str, torch.Tensor], Config]:
+    """read_weights' state dict and config."""
+    weights = read_weights(path)
+    return weights.state, weights.config
+
+
+def _read_weights(directory: Path) -> CheckpointWeights:
     meta = verify_checkpoint(directory, only=WEIGHT_FILES)
     config = Config.from_dict(meta["config"])
     if meta.get("deepspeed"):
-        return fp32_state_dict(directory / "deepspeed"), config
-    return safe_load(directory / "model.pt"), config
+        state = fp32_state_dict(directory / "deepspeed")
+    else:
+        state = safe_load(directory / "model.pt")
+    return CheckpointWeights(state, config, directory, int(meta["step"]))

@@ -25,7 +25,12 @@ from rich.table import Table
 
 from tml.config import Config
 from tml.model import Transformer
-from tml.model.kv_cache import PRECISION_CACHE_DTYPE, cache_numbers_per_token, kv_cache_bytes_per_token
+from tml.model.kv_cache import (
+    PRECISION_CACHE_DTYPE,
+    cache_numbers_per_token,
+    kv_cache_bytes_per_token,
+    mha_numbers_per_token,
+)
 
 WANDB_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"  # wandb's own id alphabet
 WANDB_ID_LENGTH = 8
@@ -88,7 +93,7 @@ def model_hyperparameters(model: Transformer, precision: str) -> dict[str, int |
         "model/flops_per_token": model.flops_per_token(),
     }
     if config.attention_kind != "MHA":
-        mha_bytes = config.n_layer * 2 * config.n_embd * dtype.itemsize  # K and V of every head
+        mha_bytes = config.n_layer * mha_numbers_per_token(config) * dtype.itemsize
         figures["model/mha_kv_cache_bytes_per_token"] = mha_bytes
         figures["model/kv_cache_fraction_of_mha"] = figures["model/kv_cache_bytes_per_token"] / mha_bytes
     return figures

@@ -170,6 +170,8 @@ def sampling_options(args: argparse.Namespace) -> dict:
         raise ValueError(f"--top-k {args.top_k} must be >= 1, or 0 for off")
     if not 0.0 < args.top_p <= 1.0:
         raise ValueError(f"--top-p {args.top_p} must be in (0, 1]; 1 is off")
+    if args.num_samples < 1:
+        raise ValueError(f"--num-samples {args.num_samples} must be >= 1")
     if not SEED_RANGE[0] <= args.seed < SEED_RANGE[1]:
         raise ValueError(f"--seed {args.seed} must be in [-2**63, 2**64), the range torch's generator takes")
     return {"temperature": args.temperature, "top_k": args.top_k or None,
@@ -221,10 +223,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if new_tokens < args.max_new_tokens:
         print(f"tml generate: generating {n_tokens(new_tokens)}, not {args.max_new_tokens}: a prompt of "
               f"{n_tokens(len(prompt))} leaves {room} of the model's block_size {block}", file=sys.stderr)
-    idx = torch.tensor([prompt], dtype=torch.long, device=device)
+    idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)  # one batch, one cache
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(idx, new_tokens, generator=generator, vocab_limit=tokenizer.n_vocab, **options)
-    print(tokenizer.decode(out[0, skip:].tolist()))
+    for number, sample in enumerate(out, start=1):
+        if args.num_samples > 1:
+            print(f"--- sample {number} of {args.num_samples} ---")
+        print(tokenizer.decode(sample[skip:].tolist()))
     return 0
 
 
@@ -308,7 +313,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--data {path}: needs at least two tokens of text")
     with eval_progress() as progress:
         loss, count = text_loss(model, tokens, device, progress)
-    print(f"{path}: {n_tokens(count)} | loss {loss:.4f} | perplexity {format_perplexity(perplexity(loss))}")
+    if args.json:
+        print(json.dumps({"data": str(path), "checkpoint": args.checkpoint, "tokens": count, "loss": loss,
+                          "perplexity": perplexity(loss)}))
+    else:
+        print(f"{path}: {n_tokens(count)} | loss {loss:.4f} | perplexity {format_perplexity(perplexity(loss))}")
     return 0
 
 
@@ -346,10 +355,14 @@ def build_parser() -> argparse.ArgumentParser:
                           "(default)")
     generate.add_argument("--seed", type=int, default=1337, help="seed of the sampling: the same seed, prompt and "
                           "checkpoint give the same text")
+    generate.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, sampled together "
+                          "in one batch and printed one after another (default: %(default)s)")
 
     evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on a text file")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or a file tml export wrote")
     evaluate.add_argument("--data", required=True, help="a UTF-8 text file")
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object (data, checkpoint, tokens, "
+                          "loss, perplexity) instead of the line")
 
     export = commands.add_parser("export", help="write one fp32 state dict (consolidates DeepSpeed ZeRO shards) and "
                                  "the JSON describing its model")

@@ -132,6 +132,18 @@ def test_generate_refuses_bad_sampling_flags_in_the_cli_s_own_terms(trained_run,
     assert err.startswith(f"tml generate: {flag} ") and hint in err and "None" not in err and err.count("\n") == 1
 
 
+def test_several_samples_are_numbered_differ_and_repeat_with_the_seed(trained_run, capsys):
+    argv = ["generate", "--checkpoint", str(trained_run), "--prompt", "Once", "--max-new-tokens", "8",
+            "--temperature", "1.5", "--num-samples", "3"]
+    assert main(argv) == 0
+    first = capsys.readouterr().out
+    samples = re.split(r"--- sample \d of 3 ---\n", first)[1:]
+    assert len(samples) == 3 and len(set(samples)) == 3 and all(sample.startswith("Once") for sample in samples)
+    assert main(argv) == 0 and capsys.readouterr().out == first
+    assert main([*argv[:-1], "0"]) == 1
+    assert capsys.readouterr().err == "tml generate: --num-samples 0 must be >= 1\n"
+
+
 def test_generate_refuses_a_seed_torch_cannot_take_and_a_temperature_that_is_not_a_number(trained_run, capsys):
     assert main(["generate", "--checkpoint", str(trained_run), "--prompt", "Hi", "--seed", str(2**64)]) == 1
     assert capsys.readouterr().err == (f"tml generate: --seed {2**64} must be in [-2**63, 2**64), the range torch's "
@@ -205,6 +217,19 @@ def test_eval_prints_perplexity_equal_to_exp_of_the_token_mean_loss(trained_run,
     expected, count = text_loss(model.eval(), tokens, torch.device("cpu"))
     assert count == len(tokens) - 1  # every next-token prediction counted once, tail window included
     assert loss == pytest.approx(expected, abs=1e-4)
+
+
+def test_eval_json_gives_the_same_numbers_as_the_line(trained_run, tmp_path, capsys):
+    text_file = tmp_path / "sample.txt"
+    text_file.write_text(TEXT)
+    assert main(["eval", "--checkpoint", str(trained_run), "--data", str(text_file)]) == 0
+    line = capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(trained_run), "--data", str(text_file), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["data"] == str(text_file) and result["checkpoint"] == str(trained_run)
+    assert line == f"{text_file}: {result['tokens']} tokens | loss {result['loss']:.4f} | perplexity " \
+                   f"{result['perplexity']:.2f}\n"
+    assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
 
 
 def test_eval_progress_advances_once_per_batch_of_windows(trained_run):

@@ -69,6 +69,7 @@ def test_json_rows_carry_summary_json_numbers_and_the_shape_of_each_real_run(swe
         assert row["tokens_per_s"] == pytest.approx(summary["tokens_seen"] / summary["wall_s"])
         model = debug_model_config(attention=attention)
         assert row["attention"] == attention and row["n_layer"] == model.n_layer
+        assert row["attention_kind"] == attention.upper()
         assert row["kv_cache_dtype"] == "float32"  # the tiny runs train in 32-true
         assert row["kv_cache_bytes_per_token"] == kv_cache_bytes_per_token(model, torch.float32)
     assert rows[str(sweep / "mla")]["kv_lora_rank"] == debug_model_config().kv_lora_rank
@@ -88,7 +89,7 @@ def test_settings_equal_in_every_run_are_said_once_above_a_table_of_what_differs
     table_text = "\n".join(table)
     assert "attn" in table_text and "KV B/tok" in table_text and "best ppl" in table_text
     assert "layers" not in table_text and "status" not in table_text and "kv rank" not in table_text
-    assert "mla" in table_text and "mha" in table_text
+    assert "MLA" in table_text and "MHA" in table_text
 
 
 def test_one_run_puts_everything_in_the_table_named_as_given(sweep, capsys, monkeypatch):

@@ -5,7 +5,7 @@ pinned-memory loading), its speed, and its memory. Runs `tml.train.loop.train` u
 (12x768 post-LN MLA, block 512, batch 20 x 4 accumulation, 16-mixed) for `--steps` optimizer steps, reads the
 figures back from the run's TensorBoard scalars, times `generate` from the saved checkpoint (absorbed and naive
 latent-cache decode), and prints one JSON object. `--variants` adds shorter runs that each change one thing:
-torch.compile, the MHA baseline at the same width, or bf16 instead of fp16.
+torch.compile, the MHA baseline at the same width, GQA at MLA's cache, or bf16 instead of fp16.
 
     python benchmarks/gpu_check.py --books DIR [--steps 200] [--variants compiled,mha,bf16] [--json FILE]
     python benchmarks/gpu_check.py --shards DIR ...   # already tokenized shards: no tokenizer files needed
@@ -50,6 +50,8 @@ DECODE_NEW_TOKENS = 256
 VARIANTS: dict[str, list[str]] = {
     "compiled": ["--train.compile=true"],
     "mha": ["--model.attention=mha"],  # the MHA baseline at the same width and depth
+    # GQA at MLA's cache budget (2 of the reference's 12 heads: 256 numbers a token a layer against MLA's 288)
+    "gqa": ["--model.attention=mha", "--model.n_kv_head=2"],
     "bf16": ["--train.precision=bf16-mixed"],
 }
 
@@ -116,7 +118,7 @@ def train_and_measure(config: Config) -> dict:
     return {
         "precision": resolve_precision(config.train, resolve_accelerator(config.train)),  # as run: bf16 on CPU
         "compile": config.train.compile,
-        "attention": config.model.attention,
+        "attention": config.model.attention_kind,  # MLA, MHA, GQA or MQA
         "steps": result.final_step,
         "tokens_per_step": config.train.batch_size * config.train.grad_accum * config.model.block_size,
         "tokens_per_s_median": median_after_warmup(scalars(run_dir, "train/tokens_per_s")),

@@ -37,7 +37,7 @@ def test_gpu_check_trains_the_reference_config_decodes_and_writes_json_on_cpu(tm
     shards = write_synthetic_shards(tmp_path / "shards")
     json_path = tmp_path / "result.json"
     report = load_script().main(["--shards", str(shards), "--steps", "12", "--work", str(tmp_path / "work"),
-                                 "--json", str(json_path), "--variants", "mha,bf16", "--variant-steps", "2",
+                                 "--json", str(json_path), "--variants", "mha,gqa,bf16", "--variant-steps", "2",
                                  "--allow-cpu", *debug_overrides(vocab_size=256)])
     assert json.loads(json_path.read_text()) == report
     run = report["run"]
@@ -53,8 +53,9 @@ def test_gpu_check_trains_the_reference_config_decodes_and_writes_json_on_cpu(tm
     assert decode["greedy_tokens_agree"] > 0.9  # same model, two exact attention forms (fp32 on CPU)
     first = decode["greedy_first_difference"]
     assert (first is None) == (decode["greedy_tokens_agree"] == 1.0) and (first is None or 0 <= first < 16)
-    assert report["mha_run"]["attention"] == "mha" and report["mha_run"]["steps"] == 2
-    assert report["bf16_run"]["precision"] == "bf16-mixed" and report["bf16_run"]["attention"] == "mla"
+    assert report["mha_run"]["attention"] == "MHA" and report["mha_run"]["steps"] == 2
+    assert report["gqa_run"]["attention"] == "GQA"
+    assert report["bf16_run"]["precision"] == "bf16-mixed" and report["bf16_run"]["attention"] == "MLA"
     assert "compiled_run" not in report  # only the variants asked for
 
 

@@ -55,3 +55,8 @@ def test_attention_kind_names_the_mha_variant_by_its_key_value_heads(n_kv_head, 
     config = debug_model_config(attention="mha", n_kv_head=n_kv_head)
     assert (config.attention_kind, config.kv_heads) == (kind, n_kv_head or 4)
     assert debug_model_config().attention_kind == "MLA"
+
+
+def test_as_many_key_value_heads_as_query_heads_is_stored_as_plain_mha():
+    """A sweep over n_kv_head 1, 2, 4 ends at MHA, which must be the same config as n_kv_head 0 (resume, compare)."""
+    assert debug_model_config(attention="mha", n_kv_head=4) == debug_model_config(attention="mha")

@@ -25,7 +25,8 @@ class ModelConfig:
         n_layer: transformer blocks
         n_head: attention heads
         n_kv_head: key/value heads of the mha baseline: 0 = n_head (MHA), 1 = multi-query (MQA), a divisor of
-            n_head in between = grouped-query (GQA), whose cache is n_kv_head/n_head of MHA's; MLA leaves it 0
+            n_head in between = grouped-query (GQA), whose cache is n_kv_head/n_head of MHA's; MLA leaves it 0.
+            n_head itself is the same model as 0 and is stored as 0
         n_embd: width of the residual stream
         attention: mla (compressed latent KV cache, DeepSeek-V2) or mha (standard multi-head attention)
         norm: post (LayerNorm after each residual add, as in the original Transformer) or pre (before each sublayer)
@@ -62,6 +63,8 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         self.validate()
+        if self.attention == "mha" and self.n_kv_head == self.n_head:  # one spelling of MHA, for resume and compare
+            self.n_kv_head = 0
 
     def validate(self) -> None:
         def fail(field: str, why: str) -> None:

@@ -40,7 +40,7 @@ from tml.train.checkpoint import (
 )
 from tml.train.config import TrainConfig
 from tml.train.fabric import build_fabric
-from tml.train.loop import train
+from tml.train.loop import teardown, train
 from tml.train.optim import build_optimizer, build_scheduler
 
 
@@ -570,11 +570,16 @@ def save_with_rank_1_out_of_space(fabric, tiny_shards, out_dir):
     try:
         Checkpointer(fabric, out_dir, keep=1).save(2, model, optimizer, scheduler, stream, {"step": 2},
                                                    Config(model=debug_model_config()), "run123")
+        outcome = "saved"
     except CheckpointError as error:
-        return str(error)
+        outcome = str(error)
     finally:
         torch.save = real_save
-    return "saved"
+    # The loop's own exit order: without it gloo aborts a spawned rank at exit now and then ("terminate called
+    # without an active exception", SIGABRT), which fails the launch however the save went.
+    del model, optimizer, scheduler, stream
+    teardown(fabric)
+    return outcome
 
 
 @pytest.mark.timeout(120)

@@ -154,12 +154,6 @@ def n_tokens(count: int) -> str:
     return f"{count:,} token" + ("" if count == 1 else "s")
 
 
-def default_device() -> torch.device:
-    import torch
-
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def sampling_options(args: argparse.Namespace) -> dict:
     """The CLI's sampling flags as `Transformer.generate` takes them: --top-k 0 and --top-p 1 mean "off" (None)."""
     if args.max_new_tokens < 0:
@@ -200,7 +194,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     import torch
 
     from tml.data.tokenizer import get_tokenizer
-    from tml.pretrained import load
+    from tml.pretrained import default_device, load
 
     options = sampling_options(args)
     device = default_device()
@@ -300,7 +294,7 @@ def eval_progress() -> Progress:
 
 def cmd_eval(args: argparse.Namespace) -> int:
     from tml.data.tokenizer import get_tokenizer
-    from tml.pretrained import load
+    from tml.pretrained import default_device, load
     from tml.train.evaluate import format_perplexity, perplexity
 
     path = Path(args.data)

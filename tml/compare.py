@@ -196,12 +196,10 @@ def read_run(name: str, directory: Path) -> dict[str, Any]:
     if config is not None:
         row["settings"] = compared_settings(config)
         model = config.model
-        row.update({key: getattr(model, key) for key in SHAPE})
+        unread = MHA_ONLY if model.attention == "mla" else MLA_ONLY  # left None: no default pretending otherwise
+        row.update({key: getattr(model, key) for key in SHAPE if key not in unread})
         if model.attention != "mla":
-            row.update(dict.fromkeys(MLA_ONLY))
             row["n_kv_head"] = model.kv_heads  # 0 in the config means one per query head
-        else:
-            row.update(dict.fromkeys(MHA_ONLY))
         if text and (match := CACHE_HEADER.search(text.split("\n", 1)[0])):  # as the run computed it
             row["kv_cache_bytes_per_token"], row["kv_cache_dtype"] = int(match[1].replace(",", "")), match[2]
         else:

@@ -59,12 +59,18 @@ def existing_ancestor(path: Path) -> Path | None:
     return next((part for part in (path, *path.parents) if part.exists()), None)
 
 
+def free_bytes(directory: Path) -> int | None:
+    """Free bytes on the disk of `directory` (or of its nearest existing parent); None when unknown."""
+    try:
+        return shutil.disk_usage(existing_ancestor(Path(directory)) or ".").free
+    except OSError:
+        return None
+
+
 def free_space(directory: Path) -> str:
     """`412.0 MB free` on the disk of `directory` (or of its nearest existing parent)."""
-    try:
-        return f"{shutil.disk_usage(existing_ancestor(Path(directory)) or '.').free / 1e6:,.1f} MB free"
-    except OSError:
-        return "free space unknown"
+    free = free_bytes(directory)
+    return "free space unknown" if free is None else f"{free / 1e6:,.1f} MB free"
 
 
 def write_failure(error: BaseException, directory: Path) -> str:

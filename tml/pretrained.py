@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from tml.config import Config
+from tml.data.tokenizer import TOKENIZER_NAME
 from tml.files import file_sha256, make_directory, replaced_on_success, write_failure, write_synced
 from tml.model import ModelConfig, ModelConfigError, Transformer
 from tml.train.checkpoint import CheckpointError, load_model_weights, read_weights, safe_load
@@ -26,7 +27,6 @@ from tml.train.checkpoint import CheckpointError, load_model_weights, read_weigh
 EXPORT_FORMAT = "tml-export/1"
 # torch state-dict files go by these names; a .safetensors name would promise a format that is not written.
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin")
-TOKENIZER = "gpt2"  # the BPE every tml model is trained with (tml/data/tokenizer.py)
 
 
 class ExportWriteError(OSError):
@@ -79,7 +79,7 @@ def export(checkpoint: str | Path, output: str | Path) -> tuple[Path, Path, int]
         "weights": output.name,
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
         "model": asdict(config.model),
-        "tokenizer": TOKENIZER,  # a record: every tml model uses it, so loading does not check it
+        "tokenizer": TOKENIZER_NAME,  # a record: every tml model uses it, so loading does not check it
         **source,
         "config": {section: values for section, values in config.to_dict().items() if section != "model"},
     }
@@ -159,6 +159,11 @@ def _read_export(weights: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, d
     return safe_load(weights), model_config, description
 
 
+def default_device() -> torch.device:
+    """CUDA when there is one, else the CPU: where a loaded model and the inputs made for it both go."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 def load(path: str | Path, device: str | torch.device | None = None) -> Transformer:
     """The trained model at `path` (run directory, checkpoint directory or exported weights) in eval mode, on
     `device` (default: CUDA when there is one, else the CPU). Generate with `model.generate(..., vocab_limit=50257)`
@@ -176,5 +181,5 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Transfor
         first = next((line.strip() for line in str(error).splitlines()[1:] if line.strip()), str(error))
         raise CheckpointError(f"{path}: the weights do not fit the model its description or config names ({first})"
                               ) from error
-    device = device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device if device is not None else default_device()
     return model.to(device).eval()

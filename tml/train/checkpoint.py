@@ -56,7 +56,15 @@ from tml.data.prepare import (
     source_listing,
 )
 from tml.data.shards import ShardIndex
-from tml.files import existing_ancestor, file_sha256, fresh_directory, replaced_on_success, write_atomic, write_failure
+from tml.files import (
+    existing_ancestor,
+    file_sha256,
+    free_bytes,
+    fresh_directory,
+    replaced_on_success,
+    write_atomic,
+    write_failure,
+)
 from tml.run_dir import CONFIG_FILE, STEP_DIR, checkpoints_dir, newest_checkpoint, saved_steps, step_name
 from tml.train.optim import restore_schedule_step
 from tml.train.zero_export import ZeroCheckpointError, fp32_state_dict, verify_deepspeed_checkpoint
@@ -142,11 +150,8 @@ def disk_space_warning(out_dir: str | Path, params: int) -> str | None:
     before the old one is pruned), said at start-up instead of by a failed save hours later; else None."""
     needed = 2 * params * CHECKPOINT_BYTES_PER_PARAM
     directory = existing_ancestor(Path(out_dir).absolute()) or Path(".")
-    try:
-        free = shutil.disk_usage(directory).free
-    except OSError:
-        return None
-    if free >= needed:
+    free = free_bytes(directory)
+    if free is None or free >= needed:
         return None
     return (f"warning: {directory} has {free / 1e9:,.2f} GB free, and two checkpoints of this model take about "
             f"{needed / 1e9:,.2f} GB: saving may fail (free space, or another --train.out_dir)")
@@ -645,7 +650,7 @@ class Checkpointer:
 
     def _prune(self) -> None:
         protected = {os.readlink(self.root / link) for link in ("last", "best") if (self.root / link).is_symlink()}
-        steps = sorted(p.name for p in self.root.glob("step-*") if p.is_dir())
+        steps = [step_name(step) for step in saved_steps(self.root.parent)]
         keep = set(steps[-self.keep :]) if self.keep > 0 else set()
         for name in steps:
             if name not in keep and name not in protected:

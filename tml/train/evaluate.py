@@ -50,7 +50,7 @@ def evaluate(fabric: Fabric, model: torch.nn.Module, dataset, batch_size: int, v
     rank, world = fabric.global_rank, fabric.world_size
     mine = indices[rank::world]
     # Whole batches only: a smaller last batch is a new input shape, which a compiled model recompiles for.
-    per_rank = math.ceil(math.ceil(len(indices) / world) / batch_size) * batch_size
+    per_rank = batch_size * math.ceil(len(indices) / (world * batch_size))
     real = [True] * len(mine) + [False] * (per_rank - len(mine))
     mine = mine + [indices[0]] * (per_rank - len(mine))
 

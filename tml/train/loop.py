@@ -32,8 +32,8 @@ from tml.data.sampler import BatchStream
 from tml.data.shards import ShardIndex
 from tml.files import write_atomic
 from tml.model import Transformer
-from tml.run_dir import CONFIG_FILE, SUMMARY_FILE
-from tml.train.checkpoint import Checkpointer, checkpoints_dir, disk_space_warning, resume_checkpoint
+from tml.run_dir import CONFIG_FILE, SUMMARY_FILE, checkpoints_dir
+from tml.train.checkpoint import Checkpointer, disk_space_warning, resume_checkpoint
 from tml.train.early_stopping import EarlyStopping
 from tml.train.evaluate import EvalResult, evaluate, format_perplexity, perplexity
 from tml.train.fabric import build_fabric, is_deepspeed, resolve_precision
@@ -233,7 +233,10 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                 if deepspeed:  # the engine stepped on the last micro-batch; None when ZeRO skips the norm
                     reported = engine.get_global_grad_norm()
                     norm_known = reported is not None
-                    grad_norm = torch.full((), float(reported) if norm_known else math.nan, device=fabric.device)
+                    if torch.is_tensor(reported):  # kept on the device: float() here would wait for the engine
+                        grad_norm = reported.detach().to(fabric.device, torch.float32).reshape(())
+                    else:
+                        grad_norm = torch.full((), float(reported) if norm_known else math.nan, device=fabric.device)
                 else:  # the pre-clip norm of gradients DDP has already averaged: the same on every rank
                     max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
                     grad_norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)

@@ -72,16 +72,14 @@ def training_in_progress(out_dir: str | Path) -> str | None:
     except OSError:
         return None
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)  # closing the descriptor below drops it again
     except BlockingIOError:
         return read_holder(fd)
     except OSError:  # a file system that cannot lock: nothing to tell
-        return None
-    else:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        return None
+        pass
     finally:
         os.close(fd)
+    return None
 
 
 @contextlib.contextmanager

@@ -59,7 +59,7 @@ def equal_cache_gqa(shape: ModelConfig) -> ModelConfig | None:
     """The shape as GQA with the most key/value heads (a divisor of n_head) whose cache fits in MLA's; None when
     not even one head fits, or MHA's head dim is odd."""
     mla_numbers = LatentCache.numbers_per_token(shape)
-    head_dim = shape.n_embd // shape.n_head
+    head_dim = shape.mha_head_dim
     fitting = [k for k in range(1, shape.n_head) if shape.n_head % k == 0 and 2 * k * head_dim <= mla_numbers]
     if not fitting:
         return None
@@ -200,20 +200,15 @@ def bench_train_step() -> dict:
 
 def cache_sizes(shape: ModelConfig) -> dict:
     """Cache per token of the shape as MLA, as GQA at MLA's budget and as MHA, from the config alone."""
-    sizes = {}
-    gqa = equal_cache_gqa(shape)
-    for attention, numbers in (("mla", LatentCache.numbers_per_token(shape)),
-                               ("gqa", KVCache.numbers_per_token(gqa) if gqa else None),
-                               ("mha", mha_numbers_per_token(shape))):
-        if numbers is None:
-            continue
-        sizes[attention] = {
-            "numbers_per_token_per_layer": numbers,
-            "bytes_per_token_bf16": shape.n_layer * numbers * torch.bfloat16.itemsize,
-            "bytes_per_token_fp32": shape.n_layer * numbers * torch.float32.itemsize,
-        }
-    if gqa is not None:
-        sizes["gqa"]["n_kv_head"] = gqa.n_kv_head
+    def size(numbers: int) -> dict:
+        return {"numbers_per_token_per_layer": numbers,
+                "bytes_per_token_bf16": shape.n_layer * numbers * torch.bfloat16.itemsize,
+                "bytes_per_token_fp32": shape.n_layer * numbers * torch.float32.itemsize}
+
+    sizes = {"mla": size(LatentCache.numbers_per_token(shape))}
+    if (gqa := equal_cache_gqa(shape)) is not None:
+        sizes["gqa"] = {**size(KVCache.numbers_per_token(gqa)), "n_kv_head": gqa.n_kv_head}
+    sizes["mha"] = size(mha_numbers_per_token(shape))
     sizes["mla_over_mha"] = round(sizes["mla"]["bytes_per_token_bf16"] / sizes["mha"]["bytes_per_token_bf16"], 4)
     return sizes
 

@@ -183,7 +183,7 @@ class MultiHeadAttention(nn.Module):
         super().__init__()
         self.n_head = config.n_head
         self.n_kv_head = config.kv_heads
-        self.head_dim = config.n_embd // config.n_head
+        self.head_dim = config.mha_head_dim
         self.rope_theta = config.rope_theta
         self.dropout = config.dropout
         self.scale = 1.0 / math.sqrt(self.head_dim)

@@ -100,9 +100,14 @@ class ModelConfig:
             if self.qk_rope_head_dim <= 0 or self.qk_rope_head_dim % 2 != 0:
                 fail("qk_rope_head_dim", "must be a positive even number (RoPE rotates pairs)")
         else:
-            head_dim = self.n_embd // self.n_head
+            head_dim = self.mha_head_dim
             if head_dim % 2 != 0:
                 fail("n_embd", f"gives an odd MHA head dim {head_dim}; RoPE rotates pairs")
+
+    @property
+    def mha_head_dim(self) -> int:
+        """Per-head width of the mha baseline (MLA sets its head dims by field)."""
+        return self.n_embd // self.n_head
 
     @property
     def kv_heads(self) -> int:

@@ -72,7 +72,7 @@ class KVCache(_PreallocatedCache):
 
     @staticmethod
     def numbers_per_token(config: ModelConfig) -> int:
-        return 2 * config.kv_heads * (config.n_embd // config.n_head)
+        return 2 * config.kv_heads * config.mha_head_dim
 
     def update(self, key: torch.Tensor, value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Append key and value [B,Hkv,T,hd]; return views of everything cached so far."""
@@ -108,4 +108,4 @@ def new_layer_cache(config: ModelConfig, batch_size: int, max_len: int,
                     device: torch.device | None = None, dtype: torch.dtype | None = None) -> LayerCache:
     if config.attention == "mla":
         return LatentCache(batch_size, max_len, config.kv_lora_rank, config.qk_rope_head_dim, device, dtype)
-    return KVCache(batch_size, max_len, config.kv_heads, config.n_embd // config.n_head, device, dtype)
+    return KVCache(batch_size, max_len, config.kv_heads, config.mha_head_dim, device, dtype)

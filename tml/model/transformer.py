@@ -187,7 +187,7 @@ class Transformer(nn.Module):
         if c.attention == "mla":
             qk_dim, v_dim = c.qk_nope_head_dim + c.qk_rope_head_dim, c.v_head_dim
         else:
-            qk_dim = v_dim = c.n_embd // c.n_head
+            qk_dim = v_dim = c.mha_head_dim
         attention = 6 * c.n_layer * c.n_head * c.block_size * (qk_dim + v_dim)
         return 6 * matmul_params + attention
 

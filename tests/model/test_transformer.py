@@ -9,6 +9,7 @@ import torch
 
 from tests.conftest import debug_model_config
 from tml.model import Transformer
+from tml.model import transformer as transformer_module
 from tml.model.transformer import sample_next_token
 
 DECODE_ATOL = 1e-5  # fp32 logits of the debug model
@@ -176,6 +177,25 @@ def test_activation_checkpointing_is_off_for_evaluation_and_decoding():
     model.activation_checkpointing = True
     torch.testing.assert_close(model.generate(idx[:, :4], 4, temperature=0.0), build().generate(idx[:, :4], 4,
                                                                                               temperature=0.0))
+
+
+def test_activation_checkpointing_wraps_no_block_without_gradients_or_with_a_cache(monkeypatch):
+    """The test above compares outputs, which checkpointing never changes; this one counts the wrapped blocks."""
+    wrapped = []
+    real_checkpoint = transformer_module.checkpoint
+    monkeypatch.setattr(transformer_module, "checkpoint",
+                        lambda block, *args, **kwargs: wrapped.append(block) or real_checkpoint(block, *args, **kwargs))
+    model = build().train()
+    model.activation_checkpointing = True
+    idx = torch.randint(0, 256, (1, 8))
+    with torch.no_grad():
+        model(idx, idx)  # validation under no_grad
+    model.eval()(idx, idx)  # eval mode
+    cache = model.train().new_cache(1)
+    model(idx, cache=cache)  # a cached prefill, even in train mode with gradients on
+    assert wrapped == [] and cache[0].length == idx.shape[1]
+    model(idx, idx)
+    assert len(wrapped) == model.config.n_layer  # and training does wrap every block
 
 
 def test_without_targets_only_the_last_position_is_returned():

@@ -195,6 +195,22 @@ def test_paths_that_hold_no_run_are_refused_in_one_line_naming_them(tmp_path, ca
         assert err.startswith(f"tml compare: {path}: {why}") and err.count("\n") == 1
 
 
+def test_an_unreadable_directory_and_ctrl_c_end_in_one_line_not_a_traceback(sweep, monkeypatch, capsys):
+    def refuse(*args):  # what scanning a directory without read permission raises (root, as in CI, reads anything)
+        raise PermissionError(13, "Permission denied", str(sweep))
+
+    monkeypatch.setattr("tml.cli.compare_runs", refuse)
+    assert main(["compare", str(sweep)]) == 1
+    assert capsys.readouterr().err == f"tml compare: [Errno 13] Permission denied: '{sweep}'\n"
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tml.cli.compare_runs", interrupted)
+    assert main(["compare", str(sweep)]) == 130
+    assert capsys.readouterr().err == "tml compare: interrupted\n"
+
+
 def test_a_run_named_twice_is_one_row(sweep, capsys):
     rows = compare_json(capsys, sweep / "mla", sweep)
     assert sorted(row["run"] for row in rows) == sorted([str(sweep / "mla"), str(sweep / "mha")])

@@ -14,7 +14,7 @@ import json
 import math
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -398,23 +398,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return prepare_main(argv[1:])
     args = build_parser().parse_args(argv)
     if args.command == "compare":  # before the checkpoint import below, which costs torch and Lightning
-        try:
-            return cmd_compare(args)
-        except CompareError as error:
-            print(f"tml compare: {error}", file=sys.stderr)
-            return 1
+        return run_reporting_errors(cmd_compare, args, (CompareError, OSError))
     from tml.train.checkpoint import CheckpointError
 
     handlers = {"generate": cmd_generate, "eval": cmd_eval, "export": cmd_export}
+    return run_reporting_errors(handlers[args.command], args, (CheckpointError, ConfigError, ValueError, OSError))
+
+
+def run_reporting_errors(
+    handler: Callable[[argparse.Namespace], int], args: argparse.Namespace, user_errors: tuple[type[Exception], ...]
+) -> int:
+    """A mistake a user can make (a missing file, a bad value) ends in one line and status 1, Ctrl-C in 130: never a
+    traceback. The errors are passed in so that compare need not import torch to name the checkpoint's."""
     try:
-        return handlers[args.command](args)
-    except (CheckpointError, ConfigError, ValueError, OSError) as error:
+        return handler(args)
+    except user_errors as error:
         print(f"tml {args.command}: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print(f"tml {args.command}: interrupted", file=sys.stderr)
         return CTRL_C_EXIT_STATUS
-
 
 if __name__ == "__main__":
     sys.exit(main())

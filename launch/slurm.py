@@ -3,6 +3,7 @@
 Prepares the token shards here (once, before anything is queued), then submits one Submitit job whose tasks all
 run `tml.train.loop.train`. Prints the job id and where its logs go; `--dry-run` prints the sbatch script and
 submits nothing; `--wait` blocks until the job has finished (through requeues) and exits with its status.
+`--sweep KEY=V1,V2` (tml/sweep.py) submits one such job per combination, each checked before any is queued.
 See docs/slurm.md.
 """
 
@@ -14,7 +15,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-from tml.config import ConfigError, load_config  # noqa: E402
+from submitit.slurm.slurm import SlurmJob  # noqa: E402
+
+from tml.config import Config, ConfigError, load_config  # noqa: E402
 from tml.slurm import (  # noqa: E402
     DEFAULT_JOB_NAME,
     DEFAULT_TIME,
@@ -32,6 +35,7 @@ from tml.slurm import (  # noqa: E402
     task_log,
     wait,
 )
+from tml.sweep import SweepError, expand_sweep, has_ended, is_sweep, split_sweep_arguments  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="launch/slurm.py",
         description="Submit a tml training run to SLURM (one task per device on every node).",
         epilog="Every other argument is the experiment: --config FILE and --section.key value overrides, as for "
-        "launch/local.py (python launch/local.py --help lists them).",
+        "launch/local.py (python launch/local.py --help lists them), and --sweep KEY=V1,V2,... (repeatable): one "
+        "job per combination of the values, each run in its own directory under train.out_dir.",
         allow_abbrev=False,  # `--t` must not silently mean --time, nor a config key's prefix a SLURM option
     )
     slurm = parser.add_argument_group("SLURM request")
@@ -66,28 +71,42 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def experiment_runs(experiment: list[str]) -> list[tuple[str | None, Config]]:
+    """(name, config) of each run to submit: one unnamed run, or one per combination of a `--sweep`."""
+    if not is_sweep(experiment):
+        return [(None, load_config(experiment))]
+    return [(run.name, run.config) for run in expand_sweep(*split_sweep_arguments(experiment))]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, experiment = parser.parse_known_args(argv)
     try:
-        config = load_config(experiment)
+        runs = experiment_runs(experiment)
         resources = SlurmResources(
             nodes=args.nodes, gpus_per_node=args.gpus_per_node, tasks_per_node=args.tasks_per_node,
             partition=args.partition, account=args.account, qos=args.qos, time=args.time, mem=args.mem,
             cpus_per_task=args.cpus_per_task, constraint=args.constraint, job_name=args.job_name,
             signal_delay_s=args.signal_delay, max_requeues=args.max_requeues,
         )
-    except (ConfigError, SlurmRequestError) as error:
+    except (ConfigError, SlurmRequestError, SweepError) as error:
         print(f"launch/slurm.py: {error}", file=sys.stderr)
         return 2
-    config, notices = config_for_job(config, resources)
-    for notice in notices:
-        print(f"launch/slurm.py: {notice}", file=sys.stderr)
-    folder = log_folder(config)
+    said: set[str] = set()  # a sweep's runs share the request, so its notices are the same for each
+    for position, (name, config) in enumerate(runs):
+        config, notices = config_for_job(config, resources)
+        runs[position] = (name, config)
+        for notice in notices:
+            if notice not in said:
+                print(f"launch/slurm.py: {notice}", file=sys.stderr)
+                said.add(notice)
 
     if args.dry_run:
         print(f"# {resources.describe()}; nothing submitted (--dry-run)", file=sys.stderr)
-        print(render_sbatch(resources, folder))
+        if len(runs) > 1:
+            print(f"# a sweep of {len(runs)} jobs, this script for each with its run's folder: "
+                  + ", ".join(str(name) for name, _ in runs), file=sys.stderr)
+        print(render_sbatch(resources, log_folder(runs[0][1])))
         return 0
 
     from tml.data.gutenberg import GutenbergError
@@ -95,38 +114,60 @@ def main(argv: list[str] | None = None) -> int:
     from tml.data.shards import ShardError
     from tml.train.checkpoint import CheckpointError, resume_checkpoint
 
+    ended = [(name, config) for name, config in runs if name is not None and has_ended(config)]
+    for name, config in ended:  # a sweep submitted again: only what is left to do is queued
+        print(f"run {name}: {config.train.out_dir} already ended at its max_steps: not submitted")
+    runs = [run for run in runs if run not in ended]
     try:
-        resume_checkpoint(config)  # a resume the run would refuse is refused here, before data or the queue
-        if not data_is_ready(config.data):  # here, once, rather than racing in every task
-            prepare_data(config.data)
+        for _, config in runs:
+            resume_checkpoint(config)  # a resume the run would refuse is refused here, before data or the queue
+            if not data_is_ready(config.data):  # here, once, rather than racing in every task
+                prepare_data(config.data)
     except (GutenbergError, PrepareError, ShardError, ConfigError, CheckpointError) as error:  # as `tml train`
         print(f"launch/slurm.py: {error}", file=sys.stderr)
         return 1
-    try:
-        job = submit(make_executor(resources, folder), TrainTask(config))
-    except (SlurmSubmitError, RuntimeError) as error:  # RuntimeError: Submitit finds no srun here
-        print(f"launch/slurm.py: {error}", file=sys.stderr)
-        return 1
-    rank0_log = task_log(folder, job.job_id, 0)
-    print(f"submitted job {job.job_id}: {resources.describe()}")
+    jobs = []
+    for name, config in runs:
+        folder = log_folder(config)
+        try:
+            job = submit(make_executor(resources, folder), TrainTask(config))
+        except (SlurmSubmitError, RuntimeError) as error:  # RuntimeError: Submitit finds no srun here
+            print(f"launch/slurm.py: {error}", file=sys.stderr)
+            if jobs:
+                print(f"launch/slurm.py: jobs already submitted keep running: {' '.join(j.job_id for j in jobs)}",
+                      file=sys.stderr)
+            return 1
+        jobs.append(job)
+        print_submitted(job, resources, config, folder, name)
+    sys.stdout.flush()
+    if not args.wait:
+        return 0
+    statuses = []
+    for position, job in enumerate(jobs):
+        try:
+            status, result = wait(job)
+        except KeyboardInterrupt:
+            left = [other.job_id for other in jobs[position:]]
+            running = " ".join(left)
+            print("\nstopped waiting; " + (f"job {running} keeps running (scancel {running} stops it)" if len(left) == 1
+                  else f"jobs {running} keep running (scancel {running} stops them)"))
+            return 130
+        if result is not None:
+            print(f"job {job.job_id} finished: step {result.final_step}, best val loss {result.best_val_loss:.4f}, "
+                  f"stopped early {result.stopped_early}")
+        statuses.append(status)
+    return next((status for status in statuses if status != 0), 0)
+
+
+def print_submitted(job: SlurmJob, resources: SlurmResources, config: Config, folder: Path, name: str | None) -> None:
+    """Where the job's logs, checkpoints and curves are, and how to follow or stop it."""
+    print(f"submitted job {job.job_id}: {resources.describe()}" + (f" (run {name})" if name else ""))
     print(f"  logs        {folder}/{job.job_id}_<rank>_log.out (one per task)")
-    print(f"  follow      tail -f {rank0_log}")
+    print(f"  follow      tail -f {task_log(folder, job.job_id, 0)}")
     print(f"  state       squeue -j {job.job_id}        cancel: scancel {job.job_id}")
     print(f"  checkpoints {Path(config.train.out_dir) / 'checkpoints'}")
     if config.log.tensorboard:
         print(f"  tensorboard tensorboard --logdir {Path(config.train.out_dir) / 'tensorboard'}")
-    sys.stdout.flush()
-    if not args.wait:
-        return 0
-    try:
-        status, result = wait(job)
-    except KeyboardInterrupt:
-        print(f"\nstopped waiting; job {job.job_id} keeps running (scancel {job.job_id} stops it)")
-        return 130
-    if result is not None:
-        print(f"job {job.job_id} finished: step {result.final_step}, best val loss {result.best_val_loss:.4f}, "
-              f"stopped early {result.stopped_early}")
-    return status
 
 
 if __name__ == "__main__":

@@ -23,14 +23,21 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tml.compare import DEFAULT_SORT, FIELDS, CompareError, compare_runs, print_table, read_summary
 from tml.config import ConfigError
+from tml.sweep import is_sweep
+from tml.train.preemption import CTRL_C_EXIT_STATUS
 
 if TYPE_CHECKING:
     import torch
+    from jsonargparse import ArgumentParser
 
-CTRL_C_EXIT_STATUS = 130  # 128 + SIGINT: what shells report for a run ended by Ctrl-C, so `tml train && ...` stops
 EVAL_BATCH_SIZE = 8  # windows per forward pass in `tml eval`: small enough for CPU memory at block size 512
 # The share of the block new tokens may claim from a long prompt: enough to generate, while keeping most context.
 GENERATE_ROOM_FRACTION = 0.5
+TRAIN_DESCRIPTION = (
+    "Train on this machine: --config FILE, then --section.key value overrides. A sweep: --sweep KEY=V1,V2,... "
+    "(repeatable) trains one run per combination of the values, one after the other, each in its own directory "
+    "under train.out_dir; the same command again continues it."
+)
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
 
@@ -42,14 +49,16 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
     """
     from contextlib import ExitStack
 
-    from tml.config import build_parser, load_config
+    from tml.config import load_config
     from tml.train.parent_death import die_with_local_rank0
     from tml.train.ranks import is_first_local_process
     from tml.train.run_lock import RunLockError, hold_run_lock, is_lock_holder
 
+    if is_sweep(argv):
+        return sweep_main(argv, prog)
     die_with_local_rank0()  # the extra local ranks Fabric starts end with this process, even under kill -9
     try:
-        config = load_config(argv, build_parser(prog=prog))  # prog: what --help shows (`tml train`)
+        config = load_config(argv, train_parser(prog))
     except ConfigError as error:
         print(f"tml: {error}", file=sys.stderr)
         return 2
@@ -109,6 +118,27 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
         print(f"tml: preempted by {stop.describe()} at step {result.final_step}; resume with --train.resume auto",
               file=sys.stderr)
     return 0
+
+
+def train_parser(prog: str | None) -> ArgumentParser:
+    """The config parser with what --help should say of training (prog: `tml train` or launch/local.py)."""
+    from tml.config import build_parser
+
+    return build_parser(prog=prog, description=TRAIN_DESCRIPTION)
+
+
+def sweep_main(argv: Sequence[str], prog: str | None) -> int:
+    """`... --sweep KEY=V1,V2`: every combination is checked first, then each is trained in turn (tml/sweep.py)."""
+    from tml.config import load_config
+    from tml.sweep import SweepError, expand_sweep, run_sweep_here, split_sweep_arguments
+
+    try:
+        experiment, axes = split_sweep_arguments(argv)
+        runs = expand_sweep(experiment, axes, lambda args: load_config(args, train_parser(prog)))
+    except (SweepError, ConfigError) as error:
+        print(f"tml: {error}", file=sys.stderr)
+        return 2
+    return run_sweep_here(runs)
 
 
 def remove_if_only_lock(out_dir: Path) -> None:

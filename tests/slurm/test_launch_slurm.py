@@ -171,3 +171,26 @@ def test_dry_run_prints_exactly_the_script_that_was_submitted(uninterrupted_run)
     folder = uninterrupted_run.run_dir / "slurm"
     submitted = (folder / f"{uninterrupted_run.job_id}_submission.sh").read_text()
     assert submitted == render_sbatch(resources, folder)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S)
+def test_a_sweep_submits_a_job_per_run_and_submits_none_for_runs_that_ended(slurm_cluster, slurm_run_args, tmp_path):
+    sweep_dir = tmp_path / "sweep"
+    command = [sys.executable, str(LAUNCHER), "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "1",
+               "--time", "10", *slurm_run_args, "--train.max_steps", "3", "--train.val_interval", "3",
+               "--train.out_dir", str(sweep_dir), "--sweep", "train.lr=1e-3,3e-3", "--wait"]
+    first = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    output = first.stdout + first.stderr
+    assert first.returncode == 0, output
+    submitted = re.findall(r"^submitted job (\d+): .* \(run (lr=[0-9e-]+)\)$", output, flags=re.MULTILINE)
+    assert [name for _, name in submitted] == ["lr=1e-3", "lr=3e-3"] and submitted[0][0] != submitted[1][0]
+    for job_id, name in submitted:
+        assert f"job {job_id} finished: step 3" in output
+        assert (sweep_dir / name / "slurm" / f"{job_id}_0_log.out").exists()  # each run keeps its own logs
+        assert last_checkpoint_step(sweep_dir / name) == 3
+
+    again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert again.stdout.count("already ended at its max_steps: not submitted") == 2
+    assert "submitted job" not in again.stdout

@@ -486,9 +486,12 @@ def test_wandb_runs_offline_without_a_key_and_a_restart_continues_the_same_run(t
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("WANDB_SILENT", "true")
     config = tiny_run_config(tiny_shards, tmp_path, max_steps=2, val_interval=2, ckpt_interval=2)
-    config.log.wandb = True
+    config.log.wandb, config.log.run_name, config.log.wandb_group = True, "lr=3e-3", "lr-sweep"
     train(config)
     run_id = read_meta(tmp_path / "checkpoints" / "last")["wandb_run_id"]
+    [records] = (tmp_path / "wandb").glob(f"offline-run-*/run-{run_id}.wandb")
+    # The run record holds the group and name as bare protobuf strings; the logged config has them in JSON quotes.
+    assert re.search(rb'(?<!")lr-sweep', records.read_bytes()) and re.search(rb'(?<!")lr=3e-3', records.read_bytes())
     config.train.max_steps, config.train.resume = 3, "auto"
     train(config)
     runs = sorted((tmp_path / "wandb").glob("offline-run-*"))

@@ -143,6 +143,8 @@ class LogConfig:
         wandb_project: Weights & Biases project
         wandb_entity: Weights & Biases team or user (null = your default entity)
         run_name: run name shown by the loggers (null = chosen by the logger)
+        wandb_group: Weights & Biases group shown around the run (null = none; a --sweep groups its runs by its
+            out_dir's name and names each by its values)
     """
 
     tensorboard: bool = True
@@ -150,3 +152,4 @@ class LogConfig:
     wandb_project: str = "tml"
     wandb_entity: str | None = None
     run_name: str | None = None
+    wandb_group: str | None = None

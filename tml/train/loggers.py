@@ -56,6 +56,7 @@ def build_loggers(config: Config, wandb_run_id: str | None) -> list[Logger]:
                 project=config.log.wandb_project,
                 entity=config.log.wandb_entity,
                 name=config.log.run_name,
+                group=config.log.wandb_group,
                 id=wandb_run_id,
                 save_dir=out_dir,
                 offline=not os.environ.get("WANDB_API_KEY"),

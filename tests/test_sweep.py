@@ -1,0 +1,183 @@
+"""--sweep: expanding the combinations up front, and running them one after the other with `tml train`."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+from tests.train.conftest import tiny_run_config, write_synthetic_shards
+from tml.cli import main
+from tml.compare import compare_runs
+from tml.config import ConfigError, dump_yaml
+from tml.sweep import SweepError, expand_sweep, has_ended, split_sweep_arguments
+from tml.train.checkpoint import checkpoints_dir, read_meta
+from tml.train.preemption import CTRL_C_EXIT_STATUS
+from tml.train.run_lock import hold_run_lock
+
+TINY = str(REPO_ROOT / "configs" / "tiny.yaml")
+
+
+def expand(argv):
+    return expand_sweep(*split_sweep_arguments(argv))
+
+
+def test_every_combination_is_a_run_named_by_its_values_under_the_experiments_out_dir(tmp_path):
+    runs = expand(["--config", TINY, "--train.out_dir", str(tmp_path / "sweep"), "--sweep", "model.attention=mla,mha",
+                   "--sweep=train.lr=1e-3,3e-4", "--train.max_steps", "7"])
+    assert [run.name for run in runs] == ["attention=mla,lr=1e-3", "attention=mla,lr=3e-4", "attention=mha,lr=1e-3",
+                                          "attention=mha,lr=3e-4"]  # the first axis varies slowest
+    for run in runs:
+        values = dict(run.overrides)
+        assert run.config.model.attention == values["model.attention"]
+        assert run.config.train.lr == float(values["train.lr"])
+        assert run.config.train.max_steps == 7  # the experiment's own overrides hold for every run
+        assert run.out_dir == tmp_path / "sweep" / run.name
+        assert run.argv[:2] == ["--config", TINY] and run.config.log.run_name == run.name
+        assert run.config.log.wandb_group == "sweep"  # the out_dir's name: wandb shows the runs together
+
+
+def test_a_path_value_is_named_by_its_last_part_and_two_that_would_share_a_directory_are_refused(tmp_path):
+    out = ["--config", TINY, "--train.out_dir", str(tmp_path / "sweep")]
+    runs = expand([*out, "--sweep", "data.source=/corpora/poems/,/corpora/plays"])
+    assert [run.name for run in runs] == ["source=poems", "source=plays"]
+    assert runs[0].config.data.source == "/corpora/poems/"
+    with pytest.raises(SweepError, match="would share the directory 'source=poems'"):
+        expand([*out, "--sweep", "data.source=/a/poems,/b/poems"])
+
+
+@pytest.mark.parametrize(("argv", "message"), [
+    (["--sweep", "model.n_layer"], "--sweep model.n_layer: expected KEY=VALUE1,VALUE2"),
+    (["--sweep", "n_layer=2,4"], "'n_layer' is not a config key: name it section.key"),
+    (["--sweep", "model.n_layer=2,,4"], "an empty value"),
+    (["--sweep", "model.n_layer=2,2"], "a value is listed twice"),
+    (["--sweep", "train.out_dir=a,b"], "the sweep sets train.out_dir for each run itself"),
+    (["--sweep", "log.run_name=a,b"], "the sweep sets log.run_name for each run itself"),
+    (["--sweep"], "--sweep needs KEY=VALUE1,VALUE2,... after it"),
+    (["--sweep", "model.n_layer=2", "--sweep", "model.n_layer=4"], "--sweep model.n_layer is given twice"),
+    (["--model.n_layer", "3", "--sweep", "model.n_layer=2,4"], "--model.n_layer is both set and swept"),
+])
+def test_a_malformed_sweep_is_refused_naming_the_argument(argv, message):
+    with pytest.raises(SweepError, match=re.escape(message)):
+        split_sweep_arguments(["--config", TINY, *argv])
+
+
+def test_a_value_one_run_cannot_take_is_refused_naming_that_run_before_any_runs(tmp_path):
+    with pytest.raises(ConfigError, match=r"^sweep run n_head=4,n_kv_head=3: .*n_kv_head"):
+        expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--model.attention", "mha",
+                "--sweep", "model.n_head=4", "--sweep", "model.n_kv_head=2,3"])
+    assert not list(tmp_path.iterdir())
+
+
+def test_combinations_that_would_train_the_same_thing_are_refused_naming_the_setting_that_changes_nothing(tmp_path):
+    with pytest.raises(SweepError, match=r"runs attention=mha,kv_lora_rank=32 and attention=mha,kv_lora_rank=64 "
+                                         r"would train the same thing: model.kv_lora_rank changes nothing in an MHA run"):
+        expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--sweep", "model.attention=mla,mha",
+                "--sweep", "model.kv_lora_rank=32,64"])
+    with pytest.raises(SweepError, match="train.log_interval changes nothing"):
+        expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--sweep", "train.log_interval=1,2"])
+    runs = expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--sweep", "model.kv_lora_rank=32,64"])
+    assert len(runs) == 2
+
+
+def test_an_out_dir_that_holds_a_run_itself_is_refused(tmp_path):
+    (tmp_path / "config.yaml").write_text("model: {}\n")
+    with pytest.raises(SweepError, match="holds a run itself.*give the sweep a directory of its own"):
+        expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--sweep", "train.lr=1e-3,3e-4"])
+
+
+def test_tml_train_refuses_a_bad_sweep_in_one_line_with_status_2(tmp_path, capsys):
+    assert main(["train", "--config", TINY, "--sweep", "model.n_layer=2,2"]) == 2
+    assert capsys.readouterr().err == "tml: --sweep model.n_layer=2,2: a value is listed twice\n"
+
+
+def test_a_run_has_ended_when_its_summary_says_so_at_the_steps_it_is_now_given(tmp_path):
+    run = expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--sweep", "train.max_steps=5"])[0]
+    assert not has_ended(run.config)  # nothing there yet
+    run.out_dir.mkdir()
+    (run.out_dir / "config.yaml").write_text(dump_yaml(run.config))
+    summary = {"final_step": 3, "stopped_early": False, "preempted": False, "diverged": False}
+    (run.out_dir / "summary.json").write_text(json.dumps(summary))
+    assert not has_ended(run.config)  # finished at 3 of an earlier max_steps: 5 now, so it resumes
+    (run.out_dir / "summary.json").write_text(json.dumps({**summary, "final_step": 5}))
+    assert has_ended(run.config)
+    (run.out_dir / "summary.json").write_text(json.dumps({**summary, "preempted": True}))
+    assert not has_ended(run.config)
+    (run.out_dir / "summary.json").write_text(json.dumps({**summary, "stopped_early": True}))
+    assert has_ended(run.config)
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+
+def write_experiment(tmp_path: Path, **train) -> Path:
+    shards = write_synthetic_shards(tmp_path / "shards")
+    config = tiny_run_config(shards, tmp_path / "sweep", resume="auto", **train)
+    config_file = tmp_path / "experiment.yaml"
+    config_file.write_text(dump_yaml(config))
+    return config_file
+
+
+def start_sweep(*argv: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "launch" / "local.py"), *argv], cwd=REPO_ROOT, stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,  # its own process group, which the test signals as a terminal's Ctrl-C would
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_a_sweep_trains_each_run_goes_on_past_a_failed_one_and_the_same_command_skips_ended_runs(tmp_path):
+    experiment = write_experiment(tmp_path, max_steps=3, val_interval=3, ckpt_interval=3)
+    argv = ["--config", str(experiment), "--sweep", "model.attention=mla,mha", "--sweep", "train.lr=1e-3,3e-3"]
+    with hold_run_lock(tmp_path / "sweep" / "attention=mla,lr=1e-3"):  # another training is using it
+        first = start_sweep(*argv)
+        output, _ = first.communicate(timeout=240)
+    assert first.returncode == 1, output
+    assert ("tml: sweep: attention=mla,lr=1e-3: failed (exit status 1); attention=mla,lr=3e-3: done; "
+            "attention=mha,lr=1e-3: done; attention=mha,lr=3e-3: done") in output
+    rows = {Path(row["run"]).name: row for row in compare_runs([str(tmp_path / "sweep")])}
+    assert sorted(rows) == ["attention=mha,lr=1e-3", "attention=mha,lr=3e-3", "attention=mla,lr=3e-3"]
+    for name, row in rows.items():
+        assert row["status"] == "finished" and row["final_step"] == 3
+        assert row["attention"] == name.split(",")[0].removeprefix("attention=")
+        assert row["settings"]["train.lr"] == float(name.split("lr=")[1])
+
+    second = start_sweep(*argv)
+    output, _ = second.communicate(timeout=240)
+    assert second.returncode == 0, output
+    assert output.count("already ended at its max_steps: skipped") == 3
+    assert read_meta(checkpoints_dir(tmp_path / "sweep" / "attention=mla,lr=1e-3") / "last")["step"] == 3
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_ctrl_c_stops_the_sweep_after_the_run_in_progress_saves_and_the_same_command_resumes_it(tmp_path):
+    experiment = write_experiment(tmp_path, max_steps=10_000, val_interval=10_000, ckpt_interval=10_000)
+    process = start_sweep("--config", str(experiment), "--sweep", "train.lr=1e-3,3e-3")
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if re.match(r"^step\s+3 \| loss", line):
+            break
+    os.killpg(process.pid, signal.SIGINT)
+    rest, _ = process.communicate(timeout=120)
+    output = "".join(seen) + rest
+    assert process.returncode == CTRL_C_EXIT_STATUS, output
+    assert "tml: sweep: lr=1e-3: stopped; 1 not started" in output and "Traceback" not in output
+    stopped_at = read_meta(checkpoints_dir(tmp_path / "sweep" / "lr=1e-3") / "last")["step"]
+    assert stopped_at >= 3 and not (tmp_path / "sweep" / "lr=3e-3").exists()
+
+    end = str(stopped_at + 2)  # the same sweep, told to end soon: the stopped run resumes, the other one starts
+    again = start_sweep("--config", str(experiment), "--train.max_steps", end, "--sweep", "train.lr=1e-3,3e-3")
+    output, _ = again.communicate(timeout=120)
+    assert again.returncode == 0, output
+    assert f"at step {stopped_at}" in output  # "resumed from ... at step N"
+    for name in ("lr=1e-3", "lr=3e-3"):
+        assert json.loads((tmp_path / "sweep" / name / "summary.json").read_text())["final_step"] == int(end)

@@ -1,0 +1,257 @@
+"""A sweep: one experiment and the settings to vary, expanded into one run per combination.
+
+`--sweep model.kv_lora_rank=64,128 --sweep model.attention=mla,mha` is four runs: the experiment's config with
+each combination of the values as overrides, each in its own directory under the experiment's `train.out_dir`,
+named by what it varies (`kv_lora_rank=64,attention=mla`, Hydra's naming), so that `tml compare OUT_DIR` and
+`tensorboard --logdir OUT_DIR` show the whole sweep. Every combination is parsed and checked as `tml train` would
+check it before the first one runs or is queued: a sweep never stops half-way on a value only its last run has.
+
+`launch/local.py` (`tml train`) runs the combinations one after the other, each as its own `tml train` process
+(Fabric re-runs a process's command line for extra local ranks, which must be one run's, not the sweep's);
+`launch/slurm.py` submits one job per combination. Running the same command again continues the sweep: finished
+runs are skipped, stopped ones resume from `last`.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+
+from tml.compare import MHA_ONLY, MLA_ONLY, compared_settings, is_run, read_run
+from tml.config import Config, ConfigError, load_config
+from tml.train.preemption import CTRL_C_EXIT_STATUS
+
+SWEEP_FLAG = "--sweep"
+OUT_DIR_KEY = "train.out_dir"
+# Set for each run by the sweep itself (from train.out_dir and the run's values), so not sweepable.
+SET_BY_THE_SWEEP = (OUT_DIR_KEY, "log.run_name", "log.wandb_group")
+# compare's statuses of a run that has nothing left to do at the steps it was given.
+ENDED_STATUSES = ("finished", "early stop")
+# Signals a scheduler sends the sweep's process; each is passed on to the run in progress, which saves `last`.
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
+
+
+class SweepError(ValueError):
+    """A `--sweep` that cannot be expanded; the message names the argument or the run."""
+
+
+@dataclass(frozen=True)
+class SweepAxis:
+    key: str  # section.name, as on the command line without its dashes
+    values: tuple[str, ...]  # as typed: each is parsed as `--key value` would be
+
+
+@dataclass(frozen=True)
+class SweepRun:
+    name: str  # the run directory's name under the sweep's out_dir
+    overrides: tuple[tuple[str, str], ...]  # (key, value) of this combination
+    argv: list[str]  # the experiment's arguments, this run's overrides and its out_dir: one `tml train` run
+    config: Config
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.config.train.out_dir)
+
+
+def is_sweep(argv: Sequence[str]) -> bool:
+    return any(arg == SWEEP_FLAG or arg.startswith(SWEEP_FLAG + "=") for arg in argv)
+
+
+def parse_axis(spec: str) -> SweepAxis:
+    """`model.kv_lora_rank=64,128,256` -> SweepAxis("model.kv_lora_rank", ("64", "128", "256"))."""
+    key, equals, listed = spec.partition("=")
+    key = key.strip().removeprefix("--")
+    if not equals or not key:
+        raise SweepError(f"{SWEEP_FLAG} {spec}: expected KEY=VALUE1,VALUE2,... (model.kv_lora_rank=64,128)")
+    if key.count(".") != 1:
+        raise SweepError(f"{SWEEP_FLAG} {spec}: {key!r} is not a config key: name it section.key (train.lr)")
+    values = tuple(value.strip() for value in listed.split(","))
+    if not all(values):
+        raise SweepError(f"{SWEEP_FLAG} {spec}: an empty value (values are separated by commas)")
+    if len(set(values)) != len(values):
+        raise SweepError(f"{SWEEP_FLAG} {spec}: a value is listed twice")
+    if key in SET_BY_THE_SWEEP:
+        raise SweepError(f"{SWEEP_FLAG} {spec}: the sweep sets {key} for each run itself (a directory under the "
+                         f"experiment's {OUT_DIR_KEY}, named by the run's values; wandb's group and run name)")
+    return SweepAxis(key, values)
+
+
+def split_sweep_arguments(argv: Sequence[str]) -> tuple[list[str], list[SweepAxis]]:
+    """The experiment's arguments (everything but `--sweep`) and the axes, in the order given."""
+    experiment: list[str] = []
+    specs: list[str] = []
+    arguments = iter(argv)
+    for arg in arguments:
+        if arg == SWEEP_FLAG:
+            spec = next(arguments, None)
+            if spec is None or spec.startswith("--"):
+                raise SweepError(f"{SWEEP_FLAG} needs KEY=VALUE1,VALUE2,... after it")
+            specs.append(spec)
+        elif arg.startswith(SWEEP_FLAG + "="):
+            specs.append(arg.removeprefix(SWEEP_FLAG + "="))
+        else:
+            experiment.append(arg)
+    axes = [parse_axis(spec) for spec in specs]
+    keys = [axis.key for axis in axes]
+    for key in keys:
+        if keys.count(key) > 1:
+            raise SweepError(f"{SWEEP_FLAG} {key} is given twice: list all its values in one {SWEEP_FLAG}")
+        if any(arg == f"--{key}" or arg.startswith(f"--{key}=") for arg in experiment):
+            raise SweepError(f"--{key} is both set and swept: drop one of them")
+    return experiment, axes
+
+
+def value_label(value: str) -> str:
+    """A value as a directory name can hold it: a path by its last part (data.source=/corpora/poems -> poems)."""
+    return Path(value.rstrip("/")).name if "/" in value else value
+
+
+def run_names(axes: Sequence[SweepAxis], combinations: Sequence[tuple[str, ...]]) -> list[str]:
+    """`kv_lora_rank=64,attention=mla`: each key by its name within its section (no two sections share one)."""
+    labels = [axis.key.split(".")[1] for axis in axes]
+    names = [",".join(f"{label}={value_label(value)}" for label, value in zip(labels, values, strict=True))
+             for values in combinations]
+    for name in names:
+        if names.count(name) > 1:
+            raise SweepError(f"two runs of the sweep would share the directory {name!r} (values that differ only "
+                             "before their last '/'): sweep values with distinct last parts")
+    return names
+
+
+def expand_sweep(experiment: Sequence[str], axes: Sequence[SweepAxis],
+                 load: Callable[[list[str]], Config] = load_config) -> list[SweepRun]:
+    """One SweepRun per combination, first axis slowest, each config loaded and checked (ConfigError names the run).
+
+    `load` is the entry point's config loader, so each run is parsed exactly as that entry point parses one.
+    """
+    if not axes:
+        raise SweepError(f"no {SWEEP_FLAG} KEY=VALUE1,VALUE2,... given")
+    base = load(list(experiment))
+    sweep_dir = Path(base.train.out_dir)
+    if is_run(sweep_dir):
+        raise SweepError(f"{OUT_DIR_KEY}={sweep_dir} holds a run itself; a sweep puts one run per combination under "
+                         f"its {OUT_DIR_KEY}: give the sweep a directory of its own (--{OUT_DIR_KEY} runs/my-sweep)")
+    combinations = list(itertools.product(*(axis.values for axis in axes)))
+    runs = []
+    for name, values in zip(run_names(axes, combinations), combinations, strict=True):
+        overrides = tuple(zip((axis.key for axis in axes), values, strict=True))
+        # In wandb: the sweep's runs in one group (its directory's name), each named by its values.
+        run_name = f"{base.log.run_name}/{name}" if base.log.run_name else name
+        argv = [*experiment, *(part for key, value in overrides for part in (f"--{key}", value)),
+                f"--{OUT_DIR_KEY}", str(sweep_dir / name), "--log.run_name", run_name,
+                "--log.wandb_group", base.log.wandb_group or sweep_dir.name]
+        try:
+            config = load(argv)
+        except ConfigError as error:
+            raise ConfigError(f"sweep run {name}: {error}") from error
+        runs.append(SweepRun(name, overrides, argv, config))
+    refuse_duplicates(runs)
+    return runs
+
+
+def what_it_computes(config: Config) -> dict:
+    """The settings that shape a run's numbers, less the model fields its attention does not read."""
+    unread = MLA_ONLY if config.model.attention != "mla" else MHA_ONLY
+    return {key: value for key, value in compared_settings(config).items()
+            if key.removeprefix("model.") not in unread}
+
+
+def refuse_duplicates(runs: Sequence[SweepRun]) -> None:
+    """Two combinations that train the same thing (an MLA rank swept with MHA, which has none) are refused."""
+    seen: dict[str, SweepRun] = {}
+    for run in runs:
+        key = repr(sorted(what_it_computes(run.config).items()))
+        if (twin := seen.setdefault(key, run)) is not run:
+            differing = [setting for (setting, a), (_, b) in zip(twin.overrides, run.overrides, strict=True) if a != b]
+            raise SweepError(f"runs {twin.name} and {run.name} would train the same thing: {', '.join(differing)} "
+                             f"changes nothing in an {run.config.model.attention_kind} run. Sweep such settings "
+                             "separately (two sweeps may share one out_dir)")
+
+
+def has_ended(config: Config) -> bool:
+    """True when the run's directory says it ended (finished or stopped early) at or past the max_steps it has now."""
+    out_dir = Path(config.train.out_dir)
+    if not out_dir.is_dir() or not is_run(out_dir):
+        return False
+    row = read_run(out_dir.name, out_dir)
+    if row["status"] == "early stop":
+        return True
+    return row["status"] in ENDED_STATUSES and (row["final_step"] or 0) >= config.train.max_steps
+
+
+# ------------------------------------------------------------------------------------------------ running here
+
+
+def train_command() -> list[str]:
+    """`tml train` in a fresh interpreter that imports this very tml, installed or not."""
+    return [sys.executable, "-m", "tml.cli", "train"]
+
+
+def child_environment() -> dict[str, str]:
+    package_root = str(Path(__file__).resolve().parents[1])
+    search_path = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": package_root + (os.pathsep + search_path if search_path else "")}
+
+
+def run_one(command: list[str]) -> tuple[int, int | None]:
+    """Run one training to its end: (exit status, the signal that asked the sweep to stop, or None).
+
+    Ctrl-C reaches the training from the terminal (the same process group), which saves `last` and exits with
+    130; the sweep only notes it, as killing the child at once (subprocess.run's way) would lose that save. A
+    scheduler's signal sent to the sweep alone is passed on to the training.
+    """
+    child = subprocess.Popen(command, env=child_environment())
+    received: list[int] = []
+
+    def note(signal_number: int, frame: FrameType | None) -> None:
+        received.append(signal_number)
+        if signal_number != signal.SIGINT and child.poll() is None:
+            child.send_signal(signal_number)
+
+    handled = (signal.SIGINT, *FORWARDED_SIGNALS)
+    previous = {sig: signal.signal(sig, note) for sig in handled}
+    try:
+        status = child.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return status, (received[0] if received else None)
+
+
+def run_sweep_here(runs: Sequence[SweepRun]) -> int:
+    """Each run in turn; a run that fails does not stop the others, a stop request (Ctrl-C, SIGTERM) does.
+
+    Exit status: 0 when every run ended well, 1 when any failed, 130 after Ctrl-C, 128 + N after signal N.
+    """
+    outcomes: list[tuple[str, str]] = []
+    print(f"tml: sweep of {len(runs)} runs under {runs[0].out_dir.parent}", flush=True)
+    stopped_by: int | None = None
+    for position, run in enumerate(runs, 1):
+        print(f"tml: sweep run {position}/{len(runs)}: {run.name}", flush=True)
+        if has_ended(run.config):
+            print(f"tml: {run.out_dir} already ended at its max_steps: skipped", flush=True)
+            outcomes.append((run.name, "ended earlier"))
+            continue
+        status, stopped_by = run_one([*train_command(), *run.argv])
+        if status == CTRL_C_EXIT_STATUS and stopped_by is None:
+            stopped_by = signal.SIGINT
+        outcomes.append((run.name, "done" if status == 0 and stopped_by is None else
+                         "stopped" if stopped_by is not None else f"failed (exit status {status})"))
+        if stopped_by is not None:
+            break
+    left = len(runs) - len(outcomes)
+    print("tml: sweep: " + "; ".join(f"{name}: {outcome}" for name, outcome in outcomes)
+          + (f"; {left} not started" if left else ""), flush=True)
+    print(f"tml: compare them with: tml compare {runs[0].out_dir.parent}", flush=True)
+    if stopped_by is not None:
+        print("tml: sweep stopped; the same command continues it (ended runs are skipped, the stopped one resumes)",
+              file=sys.stderr, flush=True)
+        return CTRL_C_EXIT_STATUS if stopped_by == signal.SIGINT else 128 + stopped_by
+    return 1 if any(outcome.startswith("failed") for _, outcome in outcomes) else 0

@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,7 @@ from tml.config import ConfigError, dump_yaml
 from tml.sweep import SweepError, expand_sweep, has_ended, split_sweep_arguments
 from tml.train.checkpoint import checkpoints_dir, read_meta
 from tml.train.preemption import CTRL_C_EXIT_STATUS
-from tml.train.run_lock import hold_run_lock
+from tml.train.run_lock import hold_run_lock, training_in_progress
 
 TINY = str(REPO_ROOT / "configs" / "tiny.yaml")
 
@@ -181,3 +182,24 @@ def test_ctrl_c_stops_the_sweep_after_the_run_in_progress_saves_and_the_same_com
     assert f"at step {stopped_at}" in output  # "resumed from ... at step N"
     for name in ("lr=1e-3", "lr=3e-3"):
         assert json.loads((tmp_path / "sweep" / name / "summary.json").read_text())["final_step"] == int(end)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_sweep_killed_outright_stops_its_training_which_saves_last_instead_of_going_on_alone(tmp_path):
+    experiment = write_experiment(tmp_path, max_steps=10_000, val_interval=10_000, ckpt_interval=10_000)
+    process = start_sweep("--config", str(experiment), "--sweep", "train.lr=1e-3,3e-3")
+    for line in process.stdout:
+        if re.match(r"^step\s+3 \| loss", line):
+            break
+    run_dir = tmp_path / "sweep" / "lr=1e-3"
+    assert training_in_progress(run_dir) is not None
+    process.kill()  # SIGKILL to the sweep alone: its training must notice by itself
+    process.wait()
+    deadline = time.monotonic() + 120
+    while training_in_progress(run_dir) is not None:
+        assert time.monotonic() < deadline, "the training went on after its sweep was killed"
+        time.sleep(0.2)
+    assert read_meta(checkpoints_dir(run_dir) / "last")["step"] >= 3  # saved on the SIGTERM it was sent
+    assert json.loads((run_dir / "summary.json").read_text())["stop_reason"] == "SIGTERM"
+    assert not (tmp_path / "sweep" / "lr=3e-3").exists()

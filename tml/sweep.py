@@ -26,6 +26,7 @@ from types import FrameType
 
 from tml.compare import MHA_ONLY, MLA_ONLY, compared_settings, is_run, read_run
 from tml.config import Config, ConfigError, load_config
+from tml.train.parent_death import signal_when_parent_dies
 from tml.train.preemption import CTRL_C_EXIT_STATUS
 
 SWEEP_FLAG = "--sweep"
@@ -200,6 +201,20 @@ def child_environment() -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": package_root + (os.pathsep + search_path if search_path else "")}
 
 
+def stop_with(sweep_pid: int) -> Callable[[], None] | None:
+    """What the training runs before it starts: SIGTERM (save `last`, exit) when the sweep's process dies, even
+    by SIGKILL, so no training goes on alone to collide with the sweep's next start. Linux only."""
+    if not sys.platform.startswith("linux"):
+        return None
+
+    def arm() -> None:
+        signal_when_parent_dies(signal.SIGTERM)
+        if os.getppid() != sweep_pid:  # the sweep died before the request was armed
+            os._exit(1)
+
+    return arm
+
+
 def run_one(command: list[str]) -> tuple[int, int | None]:
     """Run one training to its end: (exit status, the signal that asked the sweep to stop, or None).
 
@@ -207,7 +222,7 @@ def run_one(command: list[str]) -> tuple[int, int | None]:
     130; the sweep only notes it, as killing the child at once (subprocess.run's way) would lose that save. A
     scheduler's signal sent to the sweep alone is passed on to the training.
     """
-    child = subprocess.Popen(command, env=child_environment())
+    child = subprocess.Popen(command, env=child_environment(), preexec_fn=stop_with(os.getpid()))
     received: list[int] = []
 
     def note(signal_number: int, frame: FrameType | None) -> None:

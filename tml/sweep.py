@@ -1,8 +1,8 @@
 """A sweep: one experiment and the settings to vary, expanded into one run per combination.
 
-`--sweep model.kv_lora_rank=64,128 --sweep model.attention=mla,mha` is four runs: the experiment's config with
-each combination of the values as overrides, each in its own directory under the experiment's `train.out_dir`,
-named by what it varies (`kv_lora_rank=64,attention=mla`, Hydra's naming), so that `tml compare OUT_DIR` and
+`--sweep model.kv_lora_rank=64,128 --sweep model.norm=pre,post` is four runs: the experiment's config with each
+combination of the values as overrides, each in its own directory under the experiment's `train.out_dir`, named
+by what it varies (`kv_lora_rank=64,norm=pre`, Hydra's naming), so that `tml compare OUT_DIR` and
 `tensorboard --logdir OUT_DIR` show the whole sweep. Every combination is parsed and checked as `tml train` would
 check it before the first one runs or is queued: a sweep never stops half-way on a value only its last run has.
 
@@ -115,7 +115,7 @@ def value_label(value: str) -> str:
 
 
 def run_names(axes: Sequence[SweepAxis], combinations: Sequence[tuple[str, ...]]) -> list[str]:
-    """`kv_lora_rank=64,attention=mla`: each key by its name within its section (no two sections share one)."""
+    """`kv_lora_rank=64,norm=pre`: each key by its name within its section (no two sections share one)."""
     labels = [axis.key.split(".")[1] for axis in axes]
     names = [",".join(f"{label}={value_label(value)}" for label, value in zip(labels, values, strict=True))
              for values in combinations]

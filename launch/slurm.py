@@ -112,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     from tml.data.gutenberg import GutenbergError
     from tml.data.prepare import PrepareError, data_is_ready, prepare_data
     from tml.data.shards import ShardError
+    from tml.pretrained import weights_to_start_from
     from tml.train.checkpoint import CheckpointError, resume_checkpoint
 
     ended = [(name, config) for name, config in runs if name is not None and has_ended(config)]
@@ -120,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     runs = [run for run in runs if run not in ended]
     try:
         for _, config in runs:
-            resume_checkpoint(config)  # a resume the run would refuse is refused here, before data or the queue
+            resume_dir, _, _ = resume_checkpoint(config)  # a resume the run would refuse is refused here, before data
+            if config.train.init_from and resume_dir is None:  # ... and weights it cannot start from, before the queue
+                weights_to_start_from(config.train.init_from, config.model)
             if not data_is_ready(config.data):  # here, once, rather than racing in every task
                 prepare_data(config.data)
     except (GutenbergError, PrepareError, ShardError, ConfigError, CheckpointError) as error:  # as `tml train`

@@ -129,3 +129,18 @@ def test_export_refuses_to_replace_a_json_that_is_not_an_export_description(run,
     with pytest.raises(ValueError, match="summary.json exists and is not an export's description"):
         export(run, tmp_path / "summary.pt")
     assert json.loads((tmp_path / "summary.json").read_text()) == {"final_step": 2}
+
+
+def test_weights_to_start_from_come_from_a_run_or_an_export_and_refuse_another_shape_naming_each_field(run, tmp_path):
+    from tml.pretrained import weights_to_start_from
+
+    exported, _, _ = export(run, tmp_path / "model.pt")
+    for path in (run, exported):
+        state, source = weights_to_start_from(path, MODEL)
+        assert source.endswith("(step 2)") and set(state) == set(tml.load(run).state_dict())
+    # What shapes no parameter may differ: a fine-tuning run with dropout, a longer block, another RoPE base.
+    weights_to_start_from(run, debug_model_config(attention="mha", n_kv_head=2, dropout=0.1, block_size=64,
+                                                  rope_theta=500_000.0))
+    with pytest.raises(CheckpointError, match=r"^train.init_from=.*: its model has another shape \(model.n_layer 2 "
+                                              r"there, 3 here; model.n_kv_head 2 there, 1 here\)"):
+        weights_to_start_from(run, debug_model_config(attention="mha", n_kv_head=1, n_layer=3))

@@ -25,6 +25,8 @@ from tml.model import ModelConfig, ModelConfigError, Transformer
 from tml.train.checkpoint import CheckpointError, load_model_weights, read_weights, safe_load
 
 EXPORT_FORMAT = "tml-export/1"
+# Model fields a run started from other weights (train.init_from) may set anew: none of them shapes a parameter.
+SHAPELESS_MODEL_FIELDS = ("dropout", "block_size", "rope_theta")
 # torch state-dict files go by these names; a .safetensors name would promise a format that is not written.
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin")
 
@@ -183,3 +185,17 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Transfor
                               ) from error
     device = device if device is not None else default_device()
     return model.to(device).eval()
+
+
+def weights_to_start_from(path: str | Path, model: ModelConfig) -> tuple[dict[str, torch.Tensor], str]:
+    """train.init_from: the weights at `path` for a new run of the shape `model`, and where they come from (for the
+    log). Every model field that differs, besides SHAPELESS_MODEL_FIELDS, is named in one CheckpointError."""
+    state, config, source = _weights_and_source(path)
+    differing = [f"model.{field.name} {getattr(config.model, field.name)!r} there, {getattr(model, field.name)!r} here"
+                 for field in fields(ModelConfig) if field.name not in SHAPELESS_MODEL_FIELDS
+                 and getattr(config.model, field.name) != getattr(model, field.name)]
+    if differing:
+        raise CheckpointError(f"train.init_from={path}: its model has another shape ({'; '.join(differing)}); "
+                              "a run starts from weights of its own shape")
+    step = source.get("step")
+    return state, f"{source.get('checkpoint', path)}" + (f" (step {step})" if step is not None else "")

@@ -52,6 +52,7 @@ SIGNAL_DELAY_S = 120
 MAX_TIMEOUT_REQUEUES = 100
 DEFAULT_TIME = "24:00:00"
 DEFAULT_JOB_NAME = "tml"
+RESUME_WORDS = ("", "none", "auto")  # train.resume values that are not a path
 # MASTER_PORT = base + (job id mod slots) * restarts-slots + (restart mod restart-slots): 10000-29999, below
 # Linux's ephemeral range (32768+) so no outgoing connection holds it; distinct for any two jobs whose ids
 # differ by less than 5000 and for four consecutive restarts of one job.
@@ -263,9 +264,12 @@ def config_for_job(config: Config, resources: SlurmResources) -> tuple[Config, l
     ]
     data = config.data
     source = data.source if data.source == "gutenberg" else _absolute(data.source)
+    resume = train.resume if train.resume in RESUME_WORDS else _absolute(train.resume)
+    init_from = _absolute(train.init_from) if train.init_from else train.init_from
     new = dataclasses.replace(
         config,
-        train=dataclasses.replace(train, out_dir=_absolute(train.out_dir), **layout),
+        train=dataclasses.replace(train, out_dir=_absolute(train.out_dir), resume=resume, init_from=init_from,
+                                  **layout),
         data=dataclasses.replace(data, source=source, raw_dir=_absolute(data.raw_dir),
                                  shard_dir=_absolute(data.shard_dir)),
     )

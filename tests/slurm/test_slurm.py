@@ -85,6 +85,13 @@ def test_relative_paths_become_absolute_without_dot_dot(tmp_path, monkeypatch):
     job_config, _ = config_for_job(config, SlurmResources(nodes=1, gpus_per_node=0, tasks_per_node=1))
     assert (job_config.data.source, job_config.train.out_dir) == (str(tmp_path / "corpus"), str(tmp_path / "runs" / "x"))
     assert job_config.data.source.count("..") == 0
+    config.train.resume, config.train.init_from = "../runs/a/checkpoints/last", "../exports/model.pt"
+    job_config, _ = config_for_job(config, SlurmResources(nodes=1, gpus_per_node=0, tasks_per_node=1))
+    assert job_config.train.resume == str(tmp_path / "runs" / "a" / "checkpoints" / "last")
+    assert job_config.train.init_from == str(tmp_path / "exports" / "model.pt")
+    for word in ("auto", "none"):  # not paths
+        config.train.resume = word
+        assert config_for_job(config, SlurmResources(nodes=1, gpus_per_node=0, tasks_per_node=1))[0].train.resume == word
 
 
 @pytest.mark.parametrize(
@@ -201,6 +208,14 @@ def test_launcher_reports_a_data_preparation_failure_in_one_line(tmp_path):
         f"launch/slurm.py: data.source={str(missing)!r} is neither 'gutenberg' nor an existing directory of "
         ".txt files"]
     assert not (tmp_path / "run" / "slurm").exists()
+
+
+def test_launcher_refuses_weights_it_cannot_start_from_before_data_or_the_queue(tmp_path):
+    launched = run_launcher("--train.init_from", str(tmp_path / "gone"), "--train.out_dir", str(tmp_path / "run"),
+                            "--data.shard_dir", str(tmp_path / "shards"))
+    assert launched.returncode == 1
+    assert launched.stderr.strip() == f"launch/slurm.py: {tmp_path / 'gone'}: no such checkpoint or run directory"
+    assert not (tmp_path / "run").exists() and not (tmp_path / "shards").exists()
 
 
 @pytest.fixture

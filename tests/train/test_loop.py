@@ -511,3 +511,36 @@ def test_tokens_seen_and_wall_time_add_up_across_a_resume_with_another_batch_siz
     assert written["tokens_seen"] == 4 * 4 * block + 2 * 2 * block  # counted, not 6 steps x the new batch
     assert [value for step, value in scalars(tmp_path, "train/tokens") if step in (4, 6)] == [16 * block, 20 * block]
     assert written["wall_s"] > first_wall  # the first segment's time is carried over
+
+
+def test_a_run_started_from_other_weights_begins_with_them_and_a_fresh_schedule_and_keeps_its_own_on_resume(
+        tmp_path, tiny_shards, capsys):
+    source = tiny_run_config(tiny_shards, tmp_path / "source", max_steps=3, val_interval=3, ckpt_interval=3)
+    train(source)
+    # lr 0 all along: the new run's weights stay exactly what it started from. Dropout may differ from the source's.
+    tuned = tiny_run_config(tiny_shards, tmp_path / "tuned", max_steps=2, val_interval=2, ckpt_interval=2, lr=0.0,
+                            min_lr=0.0, init_from=str(tmp_path / "source"))
+    tuned.model.dropout = 0.1
+    result = train(tuned)
+    assert f"initial weights from {checkpoints_dir(tmp_path / 'source') / 'step-0000003'} (step 3)" in (
+        capsys.readouterr().out)
+    assert result.final_step == 2  # its own steps, from 0: a fresh schedule, not the source's step 3
+    started_from, _ = load_model_weights(tmp_path / "source")
+    trained, _ = load_model_weights(tmp_path / "tuned" / "checkpoints" / "last")
+    for name, value in started_from.items():
+        assert torch.equal(trained[name], value), name
+
+    tuned.train.max_steps, tuned.train.resume, tuned.train.lr = 3, "auto", 1e-3
+    train(tuned)
+    out = capsys.readouterr().out
+    assert "resumed from" in out and "initial weights" not in out  # its own checkpoint, not the source's weights
+
+
+def test_starting_from_weights_of_another_shape_is_refused_before_anything_is_written(tmp_path, tiny_shards):
+    source = tiny_run_config(tiny_shards, tmp_path / "source", max_steps=1, val_interval=1, ckpt_interval=1)
+    train(source)
+    other = tiny_run_config(tiny_shards, tmp_path / "other", init_from=str(tmp_path / "source"))
+    other.model.n_layer = 3
+    with pytest.raises(CheckpointError, match=r"its model has another shape \(model.n_layer 2 there, 3 here\)"):
+        train(other)
+    assert not (tmp_path / "other").exists()

@@ -53,6 +53,9 @@ class TrainConfig:
         num_nodes: nodes (launch/slurm.py sets it from --nodes)
         out_dir: run directory: checkpoints, config.yaml and TensorBoard logs
         resume: "none", "auto" (latest checkpoint in out_dir) or a checkpoint path
+        init_from: start a new run from these weights (a run directory, a checkpoint or a `tml export` file) with a
+            fresh optimizer, schedule and data order, on any data: fine-tuning, or continued pre-training. Its model
+            must have this run's shape (model.dropout, block_size and rope_theta may differ). Unused on resume
         seed: seed of the initial weights and of the data order
         compile: run the model through torch.compile
         activation_checkpointing: keep only each block's input in the forward pass and recompute the rest during
@@ -85,6 +88,7 @@ class TrainConfig:
     num_nodes: int = 1
     out_dir: str = "runs/default"
     resume: str = "none"
+    init_from: str | None = None
     seed: int = 1337
     compile: bool = False
     activation_checkpointing: bool = False
@@ -131,6 +135,8 @@ class TrainConfig:
             fail("out_dir", "must name a directory")
         if not self.resume:
             fail("resume", "must be 'none', 'auto' or a checkpoint path")
+        if self.init_from is not None and not self.init_from.strip():
+            fail("init_from", "must name a run directory, a checkpoint or an exported file (or be null)")
 
 
 @dataclass

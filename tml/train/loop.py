@@ -32,6 +32,7 @@ from tml.data.sampler import BatchStream
 from tml.data.shards import ShardIndex
 from tml.files import write_atomic
 from tml.model import Transformer
+from tml.pretrained import weights_to_start_from
 from tml.run_dir import CONFIG_FILE, SUMMARY_FILE, checkpoints_dir
 from tml.train.checkpoint import Checkpointer, disk_space_warning, resume_checkpoint
 from tml.train.early_stopping import EarlyStopping
@@ -86,6 +87,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
     train_set = PackedDataset(config.data.shard_dir, "train", block, config.data.stride)
     val_set = PackedDataset(config.data.shard_dir, "val", block, block)  # non-overlapping: every token counts once
     wandb_run_id = meta.get("wandb_run_id") or new_wandb_run_id()
+    # A new run may start from trained weights; a resumed one has its own. Read (and refused) before Fabric starts.
+    initial = weights_to_start_from(tc.init_from, config.model) if tc.init_from and resume_dir is None else None
 
     fabric = build_fabric(tc, build_loggers(config, wandb_run_id))
     fabric.launch()
@@ -99,6 +102,10 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
     # parameters as soon as it is built, so the model's own init afterwards would miss them. setup partitions.
     with nullcontext() if deepspeed else fabric.init_module():
         model = Transformer(config.model)
+    if initial is not None:
+        model.load_state_dict(initial[0])
+        fabric.print(f"initial weights from {initial[1]}")
+        del initial
     model.activation_checkpointing = tc.activation_checkpointing
     precision = resolve_precision(tc, fabric.device.type)  # as it runs: 16-mixed is bf16 on CPU
     model_figures = model_hyperparameters(model, precision)  # before setup: ZeRO-3 then partitions the parameters

@@ -35,7 +35,14 @@ from tml.slurm import (  # noqa: E402
     task_log,
     wait,
 )
-from tml.sweep import SweepError, expand_sweep, has_ended, is_sweep, split_sweep_arguments  # noqa: E402
+from tml.sweep import (  # noqa: E402
+    SweepError,
+    expand_sweep,
+    has_ended,
+    is_sweep,
+    refuse_another_run_in_its_place,
+    split_sweep_arguments,
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -112,18 +119,23 @@ def main(argv: list[str] | None = None) -> int:
     from tml.data.gutenberg import GutenbergError
     from tml.data.prepare import PrepareError, data_is_ready, prepare_data
     from tml.data.shards import ShardError
-    from tml.pretrained import weights_to_start_from
-    from tml.train.checkpoint import CheckpointError, resume_checkpoint
+    from tml.train.checkpoint import CheckpointError
+    from tml.train.preflight import check_run_can_start
 
+    try:
+        for name, config in runs:
+            if name is not None:
+                refuse_another_run_in_its_place(name, config)
+    except SweepError as error:
+        print(f"launch/slurm.py: {error}", file=sys.stderr)
+        return 2
     ended = [(name, config) for name, config in runs if name is not None and has_ended(config)]
     for name, config in ended:  # a sweep submitted again: only what is left to do is queued
         print(f"run {name}: {config.train.out_dir} already ended at its max_steps: not submitted")
     runs = [run for run in runs if run not in ended]
     try:
         for _, config in runs:
-            resume_dir, _, _ = resume_checkpoint(config)  # a resume the run would refuse is refused here, before data
-            if config.train.init_from and resume_dir is None:  # ... and weights it cannot start from, before the queue
-                weights_to_start_from(config.train.init_from, config.model)
+            check_run_can_start(config)  # a resume or init_from the run would refuse: here, before data or the queue
             if not data_is_ready(config.data):  # here, once, rather than racing in every task
                 prepare_data(config.data)
     except (GutenbergError, PrepareError, ShardError, ConfigError, CheckpointError) as error:  # as `tml train`

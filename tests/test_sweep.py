@@ -15,8 +15,15 @@ from tests.conftest import REPO_ROOT
 from tests.train.conftest import tiny_run_config, write_synthetic_shards
 from tml.cli import main
 from tml.compare import compare_runs
-from tml.config import ConfigError, dump_yaml
-from tml.sweep import SweepError, expand_sweep, has_ended, split_sweep_arguments
+from tml.config import Config, ConfigError, dump_yaml
+from tml.sweep import (
+    SweepError,
+    check_runs,
+    expand_sweep,
+    has_ended,
+    split_sweep_arguments,
+    split_values,
+)
 from tml.train.checkpoint import checkpoints_dir, read_meta
 from tml.train.preemption import CTRL_C_EXIT_STATUS
 from tml.train.run_lock import hold_run_lock, training_in_progress
@@ -40,7 +47,7 @@ def test_every_combination_is_a_run_named_by_its_values_under_the_experiments_ou
         assert run.config.train.max_steps == 7  # the experiment's own overrides hold for every run
         assert run.out_dir == tmp_path / "sweep" / run.name
         assert run.argv[:2] == ["--config", TINY] and run.config.log.run_name == run.name
-        assert run.config.log.wandb_group == "sweep"  # the out_dir's name: wandb shows the runs together
+        assert run.config.log.wandb_group == str(tmp_path / "sweep")  # the out_dir: wandb shows the runs together
 
 
 def test_a_path_value_is_named_by_its_last_part_and_two_that_would_share_a_directory_are_refused(tmp_path):
@@ -50,6 +57,13 @@ def test_a_path_value_is_named_by_its_last_part_and_two_that_would_share_a_direc
     assert runs[0].config.data.source == "/corpora/poems/"
     with pytest.raises(SweepError, match="would share the directory 'source=poems'"):
         expand([*out, "--sweep", "data.source=/a/poems,/b/poems"])
+
+
+def test_values_split_on_commas_outside_brackets_and_quotes_and_a_key_may_keep_its_dashes(tmp_path):
+    assert split_values("[11,12],[16]") == ["[11,12]", "[16]"]
+    assert split_values("'a,b',c") == ["'a,b'", "c"]
+    runs = expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--sweep", "--data.book_ids=[11,12],[16]"])
+    assert [run.config.data.book_ids for run in runs] == [[11, 12], [16]]
 
 
 @pytest.mark.parametrize(("argv", "message"), [
@@ -80,8 +94,11 @@ def test_combinations_that_would_train_the_same_thing_are_refused_naming_the_set
                                          r"would train the same thing: model.kv_lora_rank changes nothing in an MHA run"):
         expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--sweep", "model.attention=mla,mha",
                 "--sweep", "model.kv_lora_rank=32,64"])
-    with pytest.raises(SweepError, match="train.log_interval changes nothing"):
+    with pytest.raises(SweepError, match="would train the same thing: train.log_interval does not change what is "
+                                         "trained$"):
         expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--sweep", "train.log_interval=1,2"])
+    with pytest.raises(SweepError, match="train.lr 3e-4 and 0.0003 are one value$"):
+        expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--sweep", "train.lr=3e-4,0.0003"])
     runs = expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--sweep", "model.kv_lora_rank=32,64"])
     assert len(runs) == 2
 
@@ -113,6 +130,38 @@ def test_a_run_has_ended_when_its_summary_says_so_at_the_steps_it_is_now_given(t
     assert has_ended(run.config)
 
 
+def test_a_directory_that_holds_another_run_under_the_same_name_is_refused_but_one_to_train_longer_is_not(tmp_path):
+    runs = expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--sweep", "train.lr=1e-3,3e-3"])
+    runs[0].out_dir.mkdir()
+    other = Config.from_dict(runs[0].config.to_dict())
+    other.model.attention = "mha"  # another sweep's run that took the same name
+    (runs[0].out_dir / "config.yaml").write_text(dump_yaml(other))
+    with pytest.raises(SweepError, match=r"^sweep run lr=1e-3: .* holds a run with other settings \(model.attention "
+                                         r"'mha' there, 'mla' here\): give this sweep its own --train.out_dir"):
+        check_runs(runs)
+    shorter = Config.from_dict(runs[0].config.to_dict())
+    shorter.train.max_steps, shorter.train.devices = 100, 2  # the same run, to be trained longer, on more devices
+    (runs[0].out_dir / "config.yaml").write_text(dump_yaml(shorter))
+    check_runs(runs)
+
+
+def test_an_out_dir_that_cannot_be_made_and_ctrl_c_before_any_run_each_end_in_one_line(tmp_path, monkeypatch, capsys):
+    (tmp_path / "file").write_text("x")
+    argv = ["train", "--config", TINY, "--train.out_dir", str(tmp_path / "file" / "sweep"), "--sweep",
+            "train.lr=1e-3,3e-3"]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("tml: ") and "file is a file, not a directory" in err and err.count("\n") == 1
+
+    def interrupted(runs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr("tml.sweep.check_runs", interrupted)
+    assert main(["train", "--config", TINY, "--train.out_dir", str(tmp_path / "sweep"), "--sweep",
+                 "train.lr=1e-3,3e-3"]) == CTRL_C_EXIT_STATUS
+    assert capsys.readouterr().err == "tml: sweep interrupted\n"
+
+
 # ------------------------------------------------------------------------------------------------ end to end
 
 
@@ -134,27 +183,29 @@ def start_sweep(*argv: str) -> subprocess.Popen:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_sweep_trains_each_run_goes_on_past_a_failed_one_and_the_same_command_skips_ended_runs(tmp_path):
+def test_a_sweep_goes_on_past_a_failed_run_leaves_one_in_training_elsewhere_and_a_rerun_skips_ended_runs(tmp_path):
     experiment = write_experiment(tmp_path, max_steps=3, val_interval=3, ckpt_interval=3)
-    argv = ["--config", str(experiment), "--sweep", "model.attention=mla,mha", "--sweep", "train.lr=1e-3,3e-3"]
-    with hold_run_lock(tmp_path / "sweep" / "attention=mla,lr=1e-3"):  # another training is using it
+    # A vocabulary smaller than the shards' passes every check but the run's own start: a failure at run time.
+    argv = ["--config", str(experiment), "--sweep", "model.vocab_size=128,256", "--sweep", "model.attention=mla,mha"]
+    with hold_run_lock(tmp_path / "sweep" / "vocab_size=256,attention=mla"):  # a second sweep is training it
         first = start_sweep(*argv)
         output, _ = first.communicate(timeout=240)
     assert first.returncode == 1, output
-    assert ("tml: sweep: attention=mla,lr=1e-3: failed (exit status 1); attention=mla,lr=3e-3: done; "
-            "attention=mha,lr=1e-3: done; attention=mha,lr=3e-3: done") in output
+    assert ("tml: sweep: vocab_size=128,attention=mla: failed (exit status 2); vocab_size=128,attention=mha: failed "
+            "(exit status 2); vocab_size=256,attention=mla: training elsewhere; vocab_size=256,attention=mha: done"
+            ) in output
+    assert "model.vocab_size=128 is smaller than the vocabulary of the shards" in output
     rows = {Path(row["run"]).name: row for row in compare_runs([str(tmp_path / "sweep")])}
-    assert sorted(rows) == ["attention=mha,lr=1e-3", "attention=mha,lr=3e-3", "attention=mla,lr=3e-3"]
-    for name, row in rows.items():
-        assert row["status"] == "finished" and row["final_step"] == 3
-        assert row["attention"] == name.split(",")[0].removeprefix("attention=")
-        assert row["settings"]["train.lr"] == float(name.split("lr=")[1])
+    assert list(rows) == ["vocab_size=256,attention=mha"]
+    assert rows["vocab_size=256,attention=mha"]["status"] == "finished"
+    assert rows["vocab_size=256,attention=mha"]["attention"] == "mha"
 
-    second = start_sweep(*argv)
+    second = start_sweep(*argv)  # the other training is gone: its run is trained now, the ended one skipped
     output, _ = second.communicate(timeout=240)
-    assert second.returncode == 0, output
-    assert output.count("already ended at its max_steps: skipped") == 3
-    assert read_meta(checkpoints_dir(tmp_path / "sweep" / "attention=mla,lr=1e-3") / "last")["step"] == 3
+    assert second.returncode == 1, output
+    assert output.count("already ended at its max_steps: skipped") == 1
+    assert "vocab_size=256,attention=mla: done; vocab_size=256,attention=mha: ended earlier" in output
+    assert read_meta(checkpoints_dir(tmp_path / "sweep" / "vocab_size=256,attention=mla") / "last")["step"] == 3
 
 
 @pytest.mark.slow
@@ -174,6 +225,12 @@ def test_ctrl_c_stops_the_sweep_after_the_run_in_progress_saves_and_the_same_com
     assert "tml: sweep: lr=1e-3: stopped; 1 not started" in output and "Traceback" not in output
     stopped_at = read_meta(checkpoints_dir(tmp_path / "sweep" / "lr=1e-3") / "last")["step"]
     assert stopped_at >= 3 and not (tmp_path / "sweep" / "lr=3e-3").exists()
+
+    # Every run is checked before the first starts: a resume refused to one is refused to the sweep, at once.
+    refused = start_sweep("--config", str(experiment), "--train.resume", "none", "--sweep", "train.lr=1e-3,3e-3")
+    output, _ = refused.communicate(timeout=120)
+    assert refused.returncode == 1 and "tml: sweep run lr=1e-3: " in output and "train.resume is 'none'" in output
+    assert "sweep run 1/2" not in output and not (tmp_path / "sweep" / "lr=3e-3").exists()
 
     end = str(stopped_at + 2)  # the same sweep, told to end soon: the stopped run resumes, the other one starts
     again = start_sweep("--config", str(experiment), "--train.max_steps", end, "--sweep", "train.lr=1e-3,3e-3")
@@ -203,3 +260,25 @@ def test_a_sweep_killed_outright_stops_its_training_which_saves_last_instead_of_
     assert read_meta(checkpoints_dir(run_dir) / "last")["step"] >= 3  # saved on the SIGTERM it was sent
     assert json.loads((run_dir / "summary.json").read_text())["stop_reason"] == "SIGTERM"
     assert not (tmp_path / "sweep" / "lr=3e-3").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_a_ctrl_c_ignored_when_the_sweep_started_stays_ignored_by_the_sweep_and_its_runs(tmp_path):
+    experiment = write_experiment(tmp_path, max_steps=8, val_interval=8, ckpt_interval=8, log_interval=1)
+    process = subprocess.Popen(
+        [sys.executable, str(REPO_ROOT / "launch" / "local.py"), "--config", str(experiment), "--sweep",
+         "train.lr=1e-3,3e-3"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as `nohup` or `cmd &` in a script
+    )
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if re.match(r"^step\s+3 \| loss", line):
+            break
+    os.killpg(process.pid, signal.SIGINT)
+    rest, _ = process.communicate(timeout=120)
+    output = "".join(seen) + rest
+    assert process.returncode == 0, output
+    assert "tml: sweep: lr=1e-3: done; lr=3e-3: done" in output

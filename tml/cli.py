@@ -75,13 +75,14 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
     from tml.data.gutenberg import GutenbergError
     from tml.data.prepare import PrepareError, data_is_ready, prepare_data
     from tml.data.shards import ShardError
-    from tml.train.checkpoint import CheckpointError, resume_checkpoint
+    from tml.train.checkpoint import CheckpointError
     from tml.train.loop import TrainingDiverged, train
     from tml.train.preemption import INTERACTIVE_SIGNALS, PreemptionFlag
+    from tml.train.preflight import check_run_can_start
 
     stop = PreemptionFlag()
     try:
-        resume_checkpoint(config)  # a refused resume must not first rebuild the shards the run was trained on
+        check_run_can_start(config)  # a refused resume must not first rebuild the shards the run was trained on
         if not data_is_ready(config.data):
             try:
                 prepare_data(config.data)
@@ -130,15 +131,23 @@ def train_parser(prog: str | None) -> ArgumentParser:
 def sweep_main(argv: Sequence[str], prog: str | None) -> int:
     """`... --sweep KEY=V1,V2`: every combination is checked first, then each is trained in turn (tml/sweep.py)."""
     from tml.config import load_config
-    from tml.sweep import SweepError, expand_sweep, run_sweep_here, split_sweep_arguments
+    from tml.sweep import SweepError, check_runs, expand_sweep, run_sweep_here, split_sweep_arguments
+    from tml.train.checkpoint import CheckpointError
 
     try:
         experiment, axes = split_sweep_arguments(argv)
         runs = expand_sweep(experiment, axes, lambda args: load_config(args, train_parser(prog)))
+        check_runs(runs)
+        return run_sweep_here(runs)
     except (SweepError, ConfigError) as error:
         print(f"tml: {error}", file=sys.stderr)
         return 2
-    return run_sweep_here(runs)
+    except (CheckpointError, OSError) as error:  # a run that cannot resume; an out_dir that cannot be made
+        print(f"tml: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # while checking, or between two runs: no training is under way
+        print("tml: sweep interrupted", file=sys.stderr)
+        return CTRL_C_EXIT_STATUS
 
 
 def remove_if_only_lock(out_dir: Path) -> None:

@@ -22,7 +22,14 @@ from tml.config import Config
 from tml.data.tokenizer import TOKENIZER_NAME
 from tml.files import file_sha256, make_directory, replaced_on_success, write_failure, write_synced
 from tml.model import ModelConfig, ModelConfigError, Transformer
-from tml.train.checkpoint import CheckpointError, load_model_weights, read_weights, safe_load
+from tml.train.checkpoint import (
+    CheckpointError,
+    find_checkpoint,
+    load_model_weights,
+    read_meta,
+    read_weights,
+    safe_load,
+)
 
 EXPORT_FORMAT = "tml-export/1"
 # Model fields a run started from other weights (train.init_from) may set anew: none of them shapes a parameter.
@@ -143,6 +150,15 @@ def _described_model(description: Any) -> ModelConfig:
 
 def _read_export(weights: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, dict[str, Any]]:
     """An export's weights, model config and description, checked to belong together."""
+    model_config, description = _read_description(weights)
+    if file_sha256(weights) != description.get("weights_sha256"):
+        raise CheckpointError(f"{weights} does not match {description_path(weights)} (another export's weights, or "
+                              "altered): export the checkpoint again")
+    return safe_load(weights), model_config, description
+
+
+def _read_description(weights: Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """The model config and description beside an export's weights (the weights themselves are not read)."""
     described = description_path(weights)
     if weights.suffix == ".json":
         raise CheckpointError(f"{weights} is an export's description; name its weights file instead")
@@ -155,10 +171,7 @@ def _read_export(weights: Path) -> tuple[dict[str, torch.Tensor], ModelConfig, d
         model_config = _described_model(description)
     except (OSError, ValueError, ModelConfigError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
         raise CheckpointError(f"{described} is not a usable export description: {error}") from error
-    if file_sha256(weights) != description.get("weights_sha256"):
-        raise CheckpointError(f"{weights} does not match {described} (another export's weights, or altered): "
-                              "export the checkpoint again")
-    return safe_load(weights), model_config, description
+    return model_config, description
 
 
 def default_device() -> torch.device:
@@ -187,15 +200,31 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Transfor
     return model.to(device).eval()
 
 
-def weights_to_start_from(path: str | Path, model: ModelConfig) -> tuple[dict[str, torch.Tensor], str]:
-    """train.init_from: the weights at `path` for a new run of the shape `model`, and where they come from (for the
-    log). Every model field that differs, besides SHAPELESS_MODEL_FIELDS, is named in one CheckpointError."""
-    state, config, source = _weights_and_source(path)
-    differing = [f"model.{field.name} {getattr(config.model, field.name)!r} there, {getattr(model, field.name)!r} here"
+def check_start_from(path: str | Path, model: ModelConfig) -> None:
+    """train.init_from's checks without reading a tensor (what launchers ask before data or a queued job): the
+    weights' model has the run's shape. Every other field than SHAPELESS_MODEL_FIELDS is named in one
+    CheckpointError."""
+    path = Path(path)
+    if path.is_file():
+        source_model = _read_description(path)[0]
+    else:
+        source_model = Config.from_dict(read_meta(find_checkpoint(path))["config"]).model
+    _check_same_shape(path, source_model, model)
+
+
+def _check_same_shape(path: Path, source: ModelConfig, model: ModelConfig) -> None:
+    differing = [f"model.{field.name} {getattr(source, field.name)!r} there, {getattr(model, field.name)!r} here"
                  for field in fields(ModelConfig) if field.name not in SHAPELESS_MODEL_FIELDS
-                 and getattr(config.model, field.name) != getattr(model, field.name)]
+                 and getattr(source, field.name) != getattr(model, field.name)]
     if differing:
         raise CheckpointError(f"train.init_from={path}: its model has another shape ({'; '.join(differing)}); "
                               "a run starts from weights of its own shape")
+
+
+def weights_to_start_from(path: str | Path, model: ModelConfig) -> tuple[dict[str, torch.Tensor], str]:
+    """train.init_from: the weights at `path` for a new run of the shape `model` (refused as check_start_from
+    does), and where they come from, for the log."""
+    state, config, source = _weights_and_source(path)
+    _check_same_shape(Path(path), config.model, model)
     step = source.get("step")
     return state, f"{source.get('checkpoint', path)}" + (f" (step {step})" if step is not None else "")

@@ -24,8 +24,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-from tml.compare import MHA_ONLY, MLA_ONLY, compared_settings, is_run, read_run
+import yaml
+
+from tml.compare import MHA_ONLY, MLA_ONLY, compared_settings, is_run, parse_config, read_run
 from tml.config import Config, ConfigError, load_config
+from tml.files import make_directory
+from tml.run_dir import CONFIG_FILE
 from tml.train.parent_death import signal_when_parent_dies
 from tml.train.preemption import CTRL_C_EXIT_STATUS
 
@@ -35,6 +39,11 @@ OUT_DIR_KEY = "train.out_dir"
 SET_BY_THE_SWEEP = (OUT_DIR_KEY, "log.run_name", "log.wandb_group")
 # compare's statuses of a run that has nothing left to do at the steps it was given.
 ENDED_STATUSES = ("finished", "early stop")
+WANDB_GROUP_MAX_CHARS = 128  # wandb refuses longer group names
+# What a rerun of a sweep may change for runs it already holds: train longer, or on other hardware. Anything else
+# would make the directory's run another run than the one the sweep names by that directory.
+CONTINUABLE_CHANGES = ("train.max_steps", "train.devices", "train.num_nodes", "train.accelerator", "train.compile",
+                       "train.activation_checkpointing")
 # Signals a scheduler sends the sweep's process; each is passed on to the run in progress, which saves `last`.
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -65,6 +74,26 @@ def is_sweep(argv: Sequence[str]) -> bool:
     return any(arg == SWEEP_FLAG or arg.startswith(SWEEP_FLAG + "=") for arg in argv)
 
 
+def split_values(listed: str) -> list[str]:
+    """`64,128` -> [64, 128]; `[11,12],[16]` -> [[11,12], [16]]: commas inside brackets or quotes belong to a value."""
+    values, current, depth, quote = [], [], 0, ""
+    for char in listed:
+        if quote:
+            quote = "" if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char in "[{":
+            depth += 1
+        elif char in "]}":
+            depth -= 1
+        elif char == "," and depth == 0:
+            values.append("".join(current))
+            current = []
+            continue
+        current.append(char)
+    return [*values, "".join(current)]
+
+
 def parse_axis(spec: str) -> SweepAxis:
     """`model.kv_lora_rank=64,128,256` -> SweepAxis("model.kv_lora_rank", ("64", "128", "256"))."""
     key, equals, listed = spec.partition("=")
@@ -73,7 +102,7 @@ def parse_axis(spec: str) -> SweepAxis:
         raise SweepError(f"{SWEEP_FLAG} {spec}: expected KEY=VALUE1,VALUE2,... (model.kv_lora_rank=64,128)")
     if key.count(".") != 1:
         raise SweepError(f"{SWEEP_FLAG} {spec}: {key!r} is not a config key: name it section.key (train.lr)")
-    values = tuple(value.strip() for value in listed.split(","))
+    values = tuple(value.strip() for value in split_values(listed))
     if not all(values):
         raise SweepError(f"{SWEEP_FLAG} {spec}: an empty value (values are separated by commas)")
     if len(set(values)) != len(values):
@@ -92,7 +121,7 @@ def split_sweep_arguments(argv: Sequence[str]) -> tuple[list[str], list[SweepAxi
     for arg in arguments:
         if arg == SWEEP_FLAG:
             spec = next(arguments, None)
-            if spec is None or spec.startswith("--"):
+            if spec is None or (spec.startswith("--") and "=" not in spec):  # the next option, not a spec
                 raise SweepError(f"{SWEEP_FLAG} needs KEY=VALUE1,VALUE2,... after it")
             specs.append(spec)
         elif arg.startswith(SWEEP_FLAG + "="):
@@ -126,6 +155,11 @@ def run_names(axes: Sequence[SweepAxis], combinations: Sequence[tuple[str, ...]]
     return names
 
 
+def wandb_group(sweep_dir: Path) -> str:
+    """The sweep's out_dir as given (runs/a/lr and runs/b/lr are two groups), cut to the length wandb accepts."""
+    return os.path.normpath(sweep_dir)[-WANDB_GROUP_MAX_CHARS:]
+
+
 def expand_sweep(experiment: Sequence[str], axes: Sequence[SweepAxis],
                  load: Callable[[list[str]], Config] = load_config) -> list[SweepRun]:
     """One SweepRun per combination, first axis slowest, each config loaded and checked (ConfigError names the run).
@@ -147,7 +181,7 @@ def expand_sweep(experiment: Sequence[str], axes: Sequence[SweepAxis],
         run_name = f"{base.log.run_name}/{name}" if base.log.run_name else name
         argv = [*experiment, *(part for key, value in overrides for part in (f"--{key}", value)),
                 f"--{OUT_DIR_KEY}", str(sweep_dir / name), "--log.run_name", run_name,
-                "--log.wandb_group", base.log.wandb_group or sweep_dir.name]
+                "--log.wandb_group", base.log.wandb_group or wandb_group(sweep_dir)]
         try:
             config = load(argv)
         except ConfigError as error:
@@ -165,15 +199,73 @@ def what_it_computes(config: Config) -> dict:
 
 
 def refuse_duplicates(runs: Sequence[SweepRun]) -> None:
-    """Two combinations that train the same thing (an MLA rank swept with MHA, which has none) are refused."""
+    """Two combinations that train the same thing (an MLA rank swept with MHA, which has none; 3e-4 and 0.0003;
+    a logging setting) are refused, saying why."""
     seen: dict[str, SweepRun] = {}
     for run in runs:
         key = repr(sorted(what_it_computes(run.config).items()))
         if (twin := seen.setdefault(key, run)) is not run:
-            differing = [setting for (setting, a), (_, b) in zip(twin.overrides, run.overrides, strict=True) if a != b]
-            raise SweepError(f"runs {twin.name} and {run.name} would train the same thing: {', '.join(differing)} "
-                             f"changes nothing in an {run.config.model.attention_kind} run. Sweep such settings "
-                             "separately (two sweeps may share one out_dir)")
+            reasons = why_the_same(twin, run)
+            advice = (". Sweep these settings separately (two sweeps may share one out_dir)"
+                      if any(" changes nothing in " in reason for reason in reasons) else "")
+            raise SweepError(f"runs {twin.name} and {run.name} would train the same thing: {'; '.join(reasons)}"
+                             + advice)
+
+
+def why_the_same(first: SweepRun, second: SweepRun) -> list[str]:
+    """For each swept setting the two runs set differently, why that changes nothing."""
+    computed = what_it_computes(first.config)
+    values = flat_settings(first.config), flat_settings(second.config)
+    reasons = []
+    for (key, one), (_, other) in zip(first.overrides, second.overrides, strict=True):
+        if one == other:
+            continue
+        if values[0][key] == values[1][key]:
+            reasons.append(f"{key} {one} and {other} are one value")
+        elif key not in computed and key.startswith("model."):
+            reasons.append(f"{key} changes nothing in an {first.config.model.attention_kind} run")
+        else:
+            reasons.append(f"{key} does not change what is trained")
+    return reasons
+
+
+def flat_settings(config: Config) -> dict[str, object]:
+    return {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
+
+
+def refuse_another_run_in_its_place(name: str, config: Config) -> None:
+    """A directory of the sweep that holds a run with other settings (another sweep's, under the same name) is
+    refused: skipping it as ended, or resuming it, would pass another run off as this one."""
+    out_dir = Path(config.train.out_dir)
+    try:
+        saved = parse_config((out_dir / CONFIG_FILE).read_text())
+    except (OSError, ValueError, TypeError, yaml.YAMLError):
+        return  # nothing there yet, or unreadable: the run's own resume check speaks for that
+    mine, theirs = what_it_computes(config), what_it_computes(saved)
+    # Keys of both only: another attention kind differs in model.attention, not in each field only one kind reads.
+    differing = [f"{key} {theirs[key]!r} there, {mine[key]!r} here" for key in sorted(set(mine) & set(theirs))
+                 if key not in CONTINUABLE_CHANGES and mine[key] != theirs[key]]
+    if differing:
+        raise SweepError(f"sweep run {name}: {out_dir} holds a run with other settings "
+                         f"({'; '.join(differing)}): give this sweep its own --{OUT_DIR_KEY}, or sweep those settings "
+                         f"too so the runs' names differ (a sweep continues its own runs with a new train.max_steps, "
+                         "or on other devices, only)")
+
+
+def check_runs(runs: Sequence[SweepRun]) -> None:
+    """Before the first run starts: every directory the sweep names holds this run or none, and every run not yet
+    ended could start (its resume, its init_from). SweepError or CheckpointError, naming the run."""
+    from tml.train.checkpoint import CheckpointError
+    from tml.train.preflight import check_run_can_start
+
+    for run in runs:
+        refuse_another_run_in_its_place(run.name, run.config)
+        if has_ended(run.config):
+            continue
+        try:
+            check_run_can_start(run.config)
+        except CheckpointError as error:
+            raise CheckpointError(f"sweep run {run.name}: {error}") from error
 
 
 def has_ended(config: Config) -> bool:
@@ -220,7 +312,8 @@ def run_one(command: list[str]) -> tuple[int, int | None]:
 
     Ctrl-C reaches the training from the terminal (the same process group), which saves `last` and exits with
     130; the sweep only notes it, as killing the child at once (subprocess.run's way) would lose that save. A
-    scheduler's signal sent to the sweep alone is passed on to the training.
+    scheduler's signal sent to the sweep alone is passed on to the training. A SIGINT ignored when the sweep
+    started (`nohup`, `cmd &` in a script) stays ignored, by the sweep as by the training.
     """
     child = subprocess.Popen(command, env=child_environment(), preexec_fn=stop_with(os.getpid()))
     received: list[int] = []
@@ -230,7 +323,7 @@ def run_one(command: list[str]) -> tuple[int, int | None]:
         if signal_number != signal.SIGINT and child.poll() is None:
             child.send_signal(signal_number)
 
-    handled = (signal.SIGINT, *FORWARDED_SIGNALS)
+    handled = [sig for sig in (signal.SIGINT, *FORWARDED_SIGNALS) if signal.getsignal(sig) is not signal.SIG_IGN]
     previous = {sig: signal.signal(sig, note) for sig in handled}
     try:
         status = child.wait()
@@ -241,12 +334,17 @@ def run_one(command: list[str]) -> tuple[int, int | None]:
 
 
 def run_sweep_here(runs: Sequence[SweepRun]) -> int:
-    """Each run in turn; a run that fails does not stop the others, a stop request (Ctrl-C, SIGTERM) does.
+    """Each run in turn; a run that fails does not stop the others, a stop request (Ctrl-C, SIGTERM) does. A run
+    another process is training (a second sweep over the same out_dir, on another GPU) is left to it.
 
     Exit status: 0 when every run ended well, 1 when any failed, 130 after Ctrl-C, 128 + N after signal N.
     """
+    from tml.train.run_lock import training_in_progress
+
+    sweep_dir = runs[0].out_dir.parent
+    make_directory(sweep_dir)
     outcomes: list[tuple[str, str]] = []
-    print(f"tml: sweep of {len(runs)} runs under {runs[0].out_dir.parent}", flush=True)
+    print(f"tml: sweep of {len(runs)} runs under {sweep_dir}", flush=True)
     stopped_by: int | None = None
     for position, run in enumerate(runs, 1):
         print(f"tml: sweep run {position}/{len(runs)}: {run.name}", flush=True)
@@ -254,19 +352,27 @@ def run_sweep_here(runs: Sequence[SweepRun]) -> int:
             print(f"tml: {run.out_dir} already ended at its max_steps: skipped", flush=True)
             outcomes.append((run.name, "ended earlier"))
             continue
+        if (holder := training_in_progress(run.out_dir)) is not None:
+            print(f"tml: {run.out_dir} is being trained by another process ({holder}): skipped", flush=True)
+            outcomes.append((run.name, "training elsewhere"))
+            continue
         status, stopped_by = run_one([*train_command(), *run.argv])
         if status == CTRL_C_EXIT_STATUS and stopped_by is None:
             stopped_by = signal.SIGINT
-        outcomes.append((run.name, "done" if status == 0 and stopped_by is None else
-                         "stopped" if stopped_by is not None else f"failed (exit status {status})"))
+        elif status == 0 and stopped_by is None and not has_ended(run.config):
+            stopped_by = signal.SIGTERM  # saved and stopped on a signal sent to it alone (a shutdown): stop too
+        ended = status == 0 and has_ended(run.config)  # a stop request that came as the run finished stops no run
+        outcomes.append((run.name, "done" if ended else "stopped" if stopped_by is not None else
+                         f"failed (exit status {status})"))
         if stopped_by is not None:
             break
     left = len(runs) - len(outcomes)
     print("tml: sweep: " + "; ".join(f"{name}: {outcome}" for name, outcome in outcomes)
           + (f"; {left} not started" if left else ""), flush=True)
-    print(f"tml: compare them with: tml compare {runs[0].out_dir.parent}", flush=True)
+    print(f"tml: compare them with: tml compare {sweep_dir}", flush=True)
     if stopped_by is not None:
-        print("tml: sweep stopped; the same command continues it (ended runs are skipped, the stopped one resumes)",
-              file=sys.stderr, flush=True)
+        resume = "" if runs[0].config.train.resume == "auto" else " with --train.resume auto"
+        print(f"tml: sweep stopped; the same command{resume} continues it (ended runs are skipped, the stopped one "
+              "resumes)", file=sys.stderr, flush=True)
         return CTRL_C_EXIT_STATUS if stopped_by == signal.SIGINT else 128 + stopped_by
     return 1 if any(outcome.startswith("failed") for _, outcome in outcomes) else 0

@@ -282,3 +282,17 @@ def test_a_ctrl_c_ignored_when_the_sweep_started_stays_ignored_by_the_sweep_and_
     output = "".join(seen) + rest
     assert process.returncode == 0, output
     assert "tml: sweep: lr=1e-3: done; lr=3e-3: done" in output
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(240)
+def test_two_sweeps_started_together_over_one_out_dir_share_the_runs_and_train_each_once(tmp_path):
+    experiment = write_experiment(tmp_path, max_steps=3, val_interval=3, ckpt_interval=3)
+    argv = ["--config", str(experiment), "--sweep", "train.lr=1e-3,2e-3,3e-3"]
+    workers = [start_sweep(*argv), start_sweep(*argv)]  # one per GPU, on a machine with two
+    outputs = [worker.communicate(timeout=200)[0] for worker in workers]
+    assert [worker.returncode for worker in workers] == [0, 0], outputs
+    assert sum(output.count(": done") for output in outputs) == 3  # each run trained by one of them
+    for name in ("lr=1e-3", "lr=2e-3", "lr=3e-3"):
+        summary = json.loads((tmp_path / "sweep" / name / "summary.json").read_text())
+        assert summary["final_step"] == 3 and summary["tokens_seen"] == 3 * 4 * 32  # trained once, not resumed

@@ -362,8 +362,11 @@ def run_sweep_here(runs: Sequence[SweepRun]) -> int:
         elif status == 0 and stopped_by is None and not has_ended(run.config):
             stopped_by = signal.SIGTERM  # saved and stopped on a signal sent to it alone (a shutdown): stop too
         ended = status == 0 and has_ended(run.config)  # a stop request that came as the run finished stops no run
+        # Refused because another sweep started it in the same instant (it holds the lock, or has trained it since).
+        elsewhere = status != 0 and stopped_by is None and (
+            training_in_progress(run.out_dir) is not None or has_ended(run.config))
         outcomes.append((run.name, "done" if ended else "stopped" if stopped_by is not None else
-                         f"failed (exit status {status})"))
+                         "training elsewhere" if elsewhere else f"failed (exit status {status})"))
         if stopped_by is not None:
             break
     left = len(runs) - len(outcomes)

@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
-
-from submitit.slurm.slurm import SlurmJob  # noqa: E402
 
 from tml.config import Config, ConfigError, load_config  # noqa: E402
 from tml.slurm import (  # noqa: E402
@@ -43,6 +42,9 @@ from tml.sweep import (  # noqa: E402
     refuse_another_run_in_its_place,
     split_sweep_arguments,
 )
+
+if TYPE_CHECKING:
+    from submitit.slurm.slurm import SlurmJob
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,14 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SlurmRequestError, SweepError) as error:
         print(f"launch/slurm.py: {error}", file=sys.stderr)
         return 2
-    said: set[str] = set()  # a sweep's runs share the request, so its notices are the same for each
-    for position, (name, config) in enumerate(runs):
-        config, notices = config_for_job(config, resources)
-        runs[position] = (name, config)
-        for notice in notices:
-            if notice not in said:
-                print(f"launch/slurm.py: {notice}", file=sys.stderr)
-                said.add(notice)
+    for_jobs = [config_for_job(config, resources) for _, config in runs]
+    for notice in dict.fromkeys(notice for _, notices in for_jobs for notice in notices):  # a sweep's: said once
+        print(f"launch/slurm.py: {notice}", file=sys.stderr)
+    runs = [(name, config) for (name, _), (config, _) in zip(runs, for_jobs, strict=True)]
 
     if args.dry_run:
         print(f"# {resources.describe()}; nothing submitted (--dry-run)", file=sys.stderr)
@@ -122,17 +120,15 @@ def main(argv: list[str] | None = None) -> int:
     from tml.train.checkpoint import CheckpointError
     from tml.train.preflight import check_run_can_start
 
-    try:
-        for name, config in runs:
-            if name is not None:
-                refuse_another_run_in_its_place(name, config)
-    except SweepError as error:
-        print(f"launch/slurm.py: {error}", file=sys.stderr)
-        return 2
-    ended = [(name, config) for name, config in runs if name is not None and has_ended(config)]
-    for name, config in ended:  # a sweep submitted again: only what is left to do is queued
-        print(f"run {name}: {config.train.out_dir} already ended at its max_steps: not submitted")
-    runs = [run for run in runs if run not in ended]
+    if runs[0][0] is not None:  # a sweep (its runs are named), maybe submitted again: queue what is left to do
+        try:
+            runs = [(name, config) for name, config in runs if not left_out_of_the_queue(name, config)]
+        except SweepError as error:
+            print(f"launch/slurm.py: {error}", file=sys.stderr)
+            return 2
+        if not runs:
+            print("launch/slurm.py: every run of the sweep has ended or is being trained: nothing to submit")
+            return 0
     try:
         for _, config in runs:
             check_run_can_start(config)  # a resume or init_from the run would refuse: here, before data or the queue
@@ -172,6 +168,21 @@ def main(argv: list[str] | None = None) -> int:
                   f"stopped early {result.stopped_early}")
         statuses.append(status)
     return next((status for status in statuses if status != 0), 0)
+
+
+def left_out_of_the_queue(name: str, config: Config) -> bool:
+    """A sweep's run that ended, or that a job is training now, gets no job (said so); another run under its name
+    is refused (SweepError). A job still pending holds no lock yet: squeue tells."""
+    from tml.train.run_lock import training_in_progress
+
+    refuse_another_run_in_its_place(name, config)
+    if has_ended(config):
+        print(f"run {name}: {config.train.out_dir} already ended at its max_steps: not submitted")
+        return True
+    if (holder := training_in_progress(config.train.out_dir)) is not None:
+        print(f"run {name}: {config.train.out_dir} is being trained ({holder}): not submitted")
+        return True
+    return False
 
 
 def print_submitted(job: SlurmJob, resources: SlurmResources, config: Config, folder: Path, name: str | None) -> None:

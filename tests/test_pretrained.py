@@ -132,7 +132,7 @@ def test_export_refuses_to_replace_a_json_that_is_not_an_export_description(run,
 
 
 def test_weights_to_start_from_come_from_a_run_or_an_export_and_refuse_another_shape_naming_each_field(run, tmp_path):
-    from tml.pretrained import weights_to_start_from
+    from tml.pretrained import check_start_from, weights_to_start_from
 
     exported, _, _ = export(run, tmp_path / "model.pt")
     for path in (run, exported):
@@ -141,6 +141,9 @@ def test_weights_to_start_from_come_from_a_run_or_an_export_and_refuse_another_s
     # What shapes no parameter may differ: a fine-tuning run with dropout, a longer block, another RoPE base.
     weights_to_start_from(run, debug_model_config(attention="mha", n_kv_head=2, dropout=0.1, block_size=64,
                                                   rope_theta=500_000.0))
+    check_start_from(run, debug_model_config(attention="mha", n_kv_head=2, kv_lora_rank=8))  # MHA reads no MLA rank
     with pytest.raises(CheckpointError, match=r"^train.init_from=.*: its model has another shape \(model.n_layer 2 "
                                               r"there, 3 here; model.n_kv_head 2 there, 1 here\)"):
         weights_to_start_from(run, debug_model_config(attention="mha", n_kv_head=1, n_layer=3))
+    with pytest.raises(CheckpointError, match=r"another shape \(model.attention 'mha' there, 'mla' here\);"):
+        check_start_from(exported, debug_model_config())  # read from the description alone

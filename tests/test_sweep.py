@@ -50,6 +50,21 @@ def test_every_combination_is_a_run_named_by_its_values_under_the_experiments_ou
         assert run.config.log.wandb_group == str(tmp_path / "sweep")  # the out_dir: wandb shows the runs together
 
 
+def test_runs_that_differ_in_what_their_shards_are_built_from_get_shard_directories_of_their_own(tmp_path):
+    out = ["--config", TINY, "--train.out_dir", str(tmp_path / "sweep"), "--data.shard_dir", str(tmp_path / "shards")]
+    runs = expand([*out, "--sweep", "data.max_books=2,4", "--sweep", "train.lr=1e-3,3e-3"])
+    assert [run.config.data.shard_dir for run in runs] == [str(tmp_path / "shards-max_books=2")] * 2 + [
+        str(tmp_path / "shards-max_books=4")] * 2  # one set of shards per data, shared by the runs that read it
+    runs = expand([*out, "--sweep", "train.lr=1e-3,3e-3", "--sweep", "data.stride=16,32"])  # windows, not shards
+    assert {run.config.data.shard_dir for run in runs} == {str(tmp_path / "shards")}
+
+
+def test_an_experiment_valid_only_with_the_swept_values_is_a_valid_sweep(tmp_path):
+    runs = expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--model.attention", "mha",
+                   "--model.n_kv_head", "3", "--model.n_embd", "96", "--sweep", "model.n_head=3,6"])
+    assert [run.config.model.attention_kind for run in runs] == ["MHA", "GQA"]
+
+
 def test_a_path_value_is_named_by_its_last_part_and_two_that_would_share_a_directory_are_refused(tmp_path):
     out = ["--config", TINY, "--train.out_dir", str(tmp_path / "sweep")]
     runs = expand([*out, "--sweep", "data.source=/corpora/poems/,/corpora/plays"])
@@ -89,14 +104,15 @@ def test_a_value_one_run_cannot_take_is_refused_naming_that_run_before_any_runs(
     assert not list(tmp_path.iterdir())
 
 
-def test_combinations_that_would_train_the_same_thing_are_refused_naming_the_setting_that_changes_nothing(tmp_path):
+def test_combinations_that_would_train_the_same_thing_are_refused_saying_why(tmp_path):
     with pytest.raises(SweepError, match=r"runs attention=mha,kv_lora_rank=32 and attention=mha,kv_lora_rank=64 "
                                          r"would train the same thing: model.kv_lora_rank changes nothing in an MHA run"):
         expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--sweep", "model.attention=mla,mha",
                 "--sweep", "model.kv_lora_rank=32,64"])
-    with pytest.raises(SweepError, match="would train the same thing: train.log_interval does not change what is "
-                                         "trained$"):
-        expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--sweep", "train.log_interval=1,2"])
+    with pytest.raises(SweepError, match="would train the same thing: train.zero_stage is not read by these runs$"):
+        expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--sweep", "train.zero_stage=1,2"])  # no ZeRO
+    # How a run runs is reason enough to sweep it (a speed study), though what it trains is the same.
+    assert len(expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--sweep", "data.num_workers=0,2"])) == 2
     with pytest.raises(SweepError, match="train.lr 3e-4 and 0.0003 are one value$"):
         expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--sweep", "train.lr=3e-4,0.0003"])
     runs = expand(["--config", TINY, "--train.out_dir", str(tmp_path), "--sweep", "model.kv_lora_rank=32,64"])
@@ -203,7 +219,7 @@ def test_a_sweep_goes_on_past_a_failed_run_leaves_one_in_training_elsewhere_and_
     second = start_sweep(*argv)  # the other training is gone: its run is trained now, the ended one skipped
     output, _ = second.communicate(timeout=240)
     assert second.returncode == 1, output
-    assert output.count("already ended at its max_steps: skipped") == 1
+    assert output.count(": ended earlier, skipped") == 1
     assert "vocab_size=256,attention=mla: done; vocab_size=256,attention=mha: ended earlier" in output
     assert read_meta(checkpoints_dir(tmp_path / "sweep" / "vocab_size=256,attention=mla") / "last")["step"] == 3
 

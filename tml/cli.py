@@ -458,5 +458,6 @@ def run_reporting_errors(
         print(f"tml {args.command}: interrupted", file=sys.stderr)
         return CTRL_C_EXIT_STATUS
 
+
 if __name__ == "__main__":
     sys.exit(main())

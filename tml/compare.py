@@ -136,9 +136,14 @@ def summary_status(summary: dict[str, Any]) -> str:
     return "finished"
 
 
+def flat_settings(config: Config) -> dict[str, Any]:
+    """`section.key` -> value of every setting."""
+    return {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
+
+
 def compared_settings(config: Config) -> dict[str, Any]:
     """`section.key` -> value of every setting that shapes what a run computes (lists as lists)."""
-    flat = {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
+    flat = flat_settings(config)
     unread = (*(GUTENBERG_ONLY if config.data.source != "gutenberg" else ()),
               *(DEEPSPEED_ONLY if config.train.strategy != "deepspeed" else ()))
     return {key: value for key, value in flat.items() if key not in PLACEMENT_KEYS and key not in NOT_COMPARED

@@ -28,6 +28,23 @@ PLACEMENT_KEYS = frozenset({
     "data.download_concurrency", "data.requests_per_second", "data.request_timeout", "data.max_retries",
 })
 
+# Settings that name a file or directory: launch/slurm.py makes them absolute, so `data/shards` and
+# `/home/me/run/data/shards` are the same setting. The saved run's working directory is not recorded; relative
+# values are taken from this one's, where a resumed run is normally started too.
+PATH_KEYS = frozenset({"data.source", "data.raw_dir", "data.shard_dir", "train.out_dir", "train.init_from"})
+GUTENBERG_SOURCE = "gutenberg"  # data.source's one value that is not a directory
+
+
+def same_setting(key: str, saved: Any, current: Any) -> bool:
+    """Equal values, or (PATH_KEYS) two spellings of the same path: a resumed run's, or a sweep's run's, settings."""
+    if saved == current:
+        return True
+    if key not in PATH_KEYS or not isinstance(saved, str) or not isinstance(current, str):
+        return False
+    if key == "data.source" and GUTENBERG_SOURCE in (saved, current):
+        return False
+    return Path(saved).expanduser().resolve() == Path(current).expanduser().resolve()
+
 
 class ConfigError(ValueError):
     """A configuration file or override that tml cannot use."""

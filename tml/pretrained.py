@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from tml.compare import MHA_ONLY, MLA_ONLY
 from tml.config import Config
 from tml.data.tokenizer import TOKENIZER_NAME
 from tml.files import file_sha256, make_directory, replaced_on_success, write_failure, write_synced
@@ -208,13 +209,18 @@ def check_start_from(path: str | Path, model: ModelConfig) -> None:
     if path.is_file():
         source_model = _read_description(path)[0]
     else:
-        source_model = Config.from_dict(read_meta(find_checkpoint(path))["config"]).model
+        try:
+            meta = read_meta(find_checkpoint(path))
+        except CheckpointError:  # a training still running there replaced the checkpoint `last` named: once more
+            meta = read_meta(find_checkpoint(path))
+        source_model = Config.from_dict(meta["config"]).model
     _check_same_shape(path, source_model, model)
 
 
 def _check_same_shape(path: Path, source: ModelConfig, model: ModelConfig) -> None:
+    unread = MLA_ONLY if model.attention != "mla" else MHA_ONLY  # when both are of one kind; else attention differs
     differing = [f"model.{field.name} {getattr(source, field.name)!r} there, {getattr(model, field.name)!r} here"
-                 for field in fields(ModelConfig) if field.name not in SHAPELESS_MODEL_FIELDS
+                 for field in fields(ModelConfig) if field.name not in (*SHAPELESS_MODEL_FIELDS, *unread)
                  and getattr(source, field.name) != getattr(model, field.name)]
     if differing:
         raise CheckpointError(f"train.init_from={path}: its model has another shape ({'; '.join(differing)}); "

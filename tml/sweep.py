@@ -26,8 +26,19 @@ from types import FrameType
 
 import yaml
 
-from tml.compare import MHA_ONLY, MLA_ONLY, compared_settings, is_run, parse_config, read_run
-from tml.config import Config, ConfigError, load_config
+from tml.compare import (
+    MHA_ONLY,
+    MLA_ONLY,
+    NOT_COMPARED,
+    NOT_COMPARED_SECTIONS,
+    compared_settings,
+    flat_settings,
+    is_run,
+    parse_config,
+    read_run,
+)
+from tml.config import PLACEMENT_KEYS, Config, ConfigError, load_config, same_setting
+from tml.data.config import SHARD_SETTINGS
 from tml.files import make_directory
 from tml.run_dir import CONFIG_FILE
 from tml.train.parent_death import signal_when_parent_dies
@@ -37,8 +48,6 @@ SWEEP_FLAG = "--sweep"
 OUT_DIR_KEY = "train.out_dir"
 # Set for each run by the sweep itself (from train.out_dir and the run's values), so not sweepable.
 SET_BY_THE_SWEEP = (OUT_DIR_KEY, "log.run_name", "log.wandb_group")
-# compare's statuses of a run that has nothing left to do at the steps it was given.
-ENDED_STATUSES = ("finished", "early stop")
 WANDB_GROUP_MAX_CHARS = 128  # wandb refuses longer group names
 # What a rerun of a sweep may change for runs it already holds: train longer, or on other hardware. Anything else
 # would make the directory's run another run than the one the sweep names by that directory.
@@ -143,11 +152,14 @@ def value_label(value: str) -> str:
     return Path(value.rstrip("/")).name if "/" in value else value
 
 
+def labels(axes: Sequence[SweepAxis], values: Sequence[str]) -> list[str]:
+    """`kv_lora_rank=64`: each key by its name within its section (no two sections share one), with its value."""
+    return [f"{axis.key.split('.')[1]}={value_label(value)}" for axis, value in zip(axes, values, strict=True)]
+
+
 def run_names(axes: Sequence[SweepAxis], combinations: Sequence[tuple[str, ...]]) -> list[str]:
-    """`kv_lora_rank=64,norm=pre`: each key by its name within its section (no two sections share one)."""
-    labels = [axis.key.split(".")[1] for axis in axes]
-    names = [",".join(f"{label}={value_label(value)}" for label, value in zip(labels, values, strict=True))
-             for values in combinations]
+    """`kv_lora_rank=64,norm=pre`: a run's directory name, its labels joined."""
+    names = [",".join(labels(axes, values)) for values in combinations]
     for name in names:
         if names.count(name) > 1:
             raise SweepError(f"two runs of the sweep would share the directory {name!r} (values that differ only "
@@ -160,28 +172,44 @@ def wandb_group(sweep_dir: Path) -> str:
     return os.path.normpath(sweep_dir)[-WANDB_GROUP_MAX_CHARS:]
 
 
+def as_arguments(overrides: Sequence[tuple[str, str]]) -> list[str]:
+    return [part for key, value in overrides for part in (f"--{key}", value)]
+
+
 def expand_sweep(experiment: Sequence[str], axes: Sequence[SweepAxis],
                  load: Callable[[list[str]], Config] = load_config) -> list[SweepRun]:
     """One SweepRun per combination, first axis slowest, each config loaded and checked (ConfigError names the run).
 
-    `load` is the entry point's config loader, so each run is parsed exactly as that entry point parses one.
+    `load` is the entry point's config loader, so each run is parsed exactly as that entry point parses one. Runs
+    that differ in what their token shards are built from (SHARD_SETTINGS) get shard directories of their own,
+    beside the experiment's, so that no run reads shards rebuilt for another.
     """
     if not axes:
         raise SweepError(f"no {SWEEP_FLAG} KEY=VALUE1,VALUE2,... given")
-    base = load(list(experiment))
+    keys = [axis.key for axis in axes]
+    combinations = list(itertools.product(*(axis.values for axis in axes)))
+    names = run_names(axes, combinations)
+    try:  # with the first run's values: an experiment may be valid only with the swept settings (n_head=6)
+        base = load([*experiment, *as_arguments(zip(keys, combinations[0], strict=True))])
+    except ConfigError as error:
+        raise ConfigError(f"sweep run {names[0]}: {error}") from error
     sweep_dir = Path(base.train.out_dir)
     if is_run(sweep_dir):
         raise SweepError(f"{OUT_DIR_KEY}={sweep_dir} holds a run itself; a sweep puts one run per combination under "
                          f"its {OUT_DIR_KEY}: give the sweep a directory of its own (--{OUT_DIR_KEY} runs/my-sweep)")
-    combinations = list(itertools.product(*(axis.values for axis in axes)))
+    shard_axes = [position for position, key in enumerate(keys)
+                  if key.startswith("data.") and key.removeprefix("data.") in SHARD_SETTINGS]
     runs = []
-    for name, values in zip(run_names(axes, combinations), combinations, strict=True):
-        overrides = tuple(zip((axis.key for axis in axes), values, strict=True))
-        # In wandb: the sweep's runs in one group (its directory's name), each named by its values.
-        run_name = f"{base.log.run_name}/{name}" if base.log.run_name else name
-        argv = [*experiment, *(part for key, value in overrides for part in (f"--{key}", value)),
-                f"--{OUT_DIR_KEY}", str(sweep_dir / name), "--log.run_name", run_name,
-                "--log.wandb_group", base.log.wandb_group or wandb_group(sweep_dir)]
+    for name, values in zip(names, combinations, strict=True):
+        overrides = tuple(zip(keys, values, strict=True))
+        placement = [f"--{OUT_DIR_KEY}", str(sweep_dir / name),
+                     # in wandb: the sweep's runs in one group (its out_dir as given), each named by its values
+                     "--log.run_name", f"{base.log.run_name}/{name}" if base.log.run_name else name,
+                     "--log.wandb_group", base.log.wandb_group or wandb_group(sweep_dir)]
+        if shard_axes:
+            own = ",".join(label for position, label in enumerate(labels(axes, values)) if position in shard_axes)
+            placement += ["--data.shard_dir", f"{os.path.normpath(base.data.shard_dir)}-{own}"]
+        argv = [*experiment, *as_arguments(overrides), *placement]
         try:
             config = load(argv)
         except ConfigError as error:
@@ -199,13 +227,13 @@ def what_it_computes(config: Config) -> dict:
 
 
 def refuse_duplicates(runs: Sequence[SweepRun]) -> None:
-    """Two combinations that train the same thing (an MLA rank swept with MHA, which has none; 3e-4 and 0.0003;
-    a logging setting) are refused, saying why."""
+    """Two combinations that would train the same thing are refused, saying why: an MLA rank crossed with MHA,
+    which has none; 3e-4 and 0.0003. Runs that differ only in how they run (data.num_workers, for a speed study)
+    are not duplicates."""
     seen: dict[str, SweepRun] = {}
     for run in runs:
         key = repr(sorted(what_it_computes(run.config).items()))
-        if (twin := seen.setdefault(key, run)) is not run:
-            reasons = why_the_same(twin, run)
+        if (twin := seen.setdefault(key, run)) is not run and (reasons := why_the_same(twin, run)):
             advice = (". Sweep these settings separately (two sweeps may share one out_dir)"
                       if any(" changes nothing in " in reason for reason in reasons) else "")
             raise SweepError(f"runs {twin.name} and {run.name} would train the same thing: {'; '.join(reasons)}"
@@ -213,8 +241,8 @@ def refuse_duplicates(runs: Sequence[SweepRun]) -> None:
 
 
 def why_the_same(first: SweepRun, second: SweepRun) -> list[str]:
-    """For each swept setting the two runs set differently, why that changes nothing."""
-    computed = what_it_computes(first.config)
+    """Why each swept setting the two runs set differently changes nothing; empty when one of them changes how
+    the run runs, which is reason enough for a sweep."""
     values = flat_settings(first.config), flat_settings(second.config)
     reasons = []
     for (key, one), (_, other) in zip(first.overrides, second.overrides, strict=True):
@@ -222,15 +250,13 @@ def why_the_same(first: SweepRun, second: SweepRun) -> list[str]:
             continue
         if values[0][key] == values[1][key]:
             reasons.append(f"{key} {one} and {other} are one value")
-        elif key not in computed and key.startswith("model."):
+        elif key in PLACEMENT_KEYS or key in NOT_COMPARED or key.startswith(NOT_COMPARED_SECTIONS):
+            return []
+        elif key.startswith("model."):
             reasons.append(f"{key} changes nothing in an {first.config.model.attention_kind} run")
-        else:
-            reasons.append(f"{key} does not change what is trained")
+        else:  # a Gutenberg setting of a local corpus, a ZeRO setting without DeepSpeed
+            reasons.append(f"{key} is not read by these runs")
     return reasons
-
-
-def flat_settings(config: Config) -> dict[str, object]:
-    return {f"{section}.{key}": value for section, values in config.to_dict().items() for key, value in values.items()}
 
 
 def refuse_another_run_in_its_place(name: str, config: Config) -> None:
@@ -244,7 +270,7 @@ def refuse_another_run_in_its_place(name: str, config: Config) -> None:
     mine, theirs = what_it_computes(config), what_it_computes(saved)
     # Keys of both only: another attention kind differs in model.attention, not in each field only one kind reads.
     differing = [f"{key} {theirs[key]!r} there, {mine[key]!r} here" for key in sorted(set(mine) & set(theirs))
-                 if key not in CONTINUABLE_CHANGES and mine[key] != theirs[key]]
+                 if key not in CONTINUABLE_CHANGES and not same_setting(key, theirs[key], mine[key])]
     if differing:
         raise SweepError(f"sweep run {name}: {out_dir} holds a run with other settings "
                          f"({'; '.join(differing)}): give this sweep its own --{OUT_DIR_KEY}, or sweep those settings "
@@ -253,14 +279,16 @@ def refuse_another_run_in_its_place(name: str, config: Config) -> None:
 
 
 def check_runs(runs: Sequence[SweepRun]) -> None:
-    """Before the first run starts: every directory the sweep names holds this run or none, and every run not yet
-    ended could start (its resume, its init_from). SweepError or CheckpointError, naming the run."""
+    """Before the first run starts: every directory the sweep names holds this run or none, and every run that is
+    neither ended nor being trained by another process could start (its resume, its init_from). SweepError or
+    CheckpointError, naming the run."""
     from tml.train.checkpoint import CheckpointError
     from tml.train.preflight import check_run_can_start
+    from tml.train.run_lock import training_in_progress
 
     for run in runs:
         refuse_another_run_in_its_place(run.name, run.config)
-        if has_ended(run.config):
+        if has_ended(run.config) or training_in_progress(run.out_dir) is not None:
             continue
         try:
             check_run_can_start(run.config)
@@ -269,14 +297,13 @@ def check_runs(runs: Sequence[SweepRun]) -> None:
 
 
 def has_ended(config: Config) -> bool:
-    """True when the run's directory says it ended (finished or stopped early) at or past the max_steps it has now."""
+    """True when the run's directory says it ended: stopped early, or finished at or past the max_steps it has now."""
     out_dir = Path(config.train.out_dir)
-    if not out_dir.is_dir() or not is_run(out_dir):
+    if not is_run(out_dir):
         return False
     row = read_run(out_dir.name, out_dir)
-    if row["status"] == "early stop":
-        return True
-    return row["status"] in ENDED_STATUSES and (row["final_step"] or 0) >= config.train.max_steps
+    return row["status"] == "early stop" or (
+        row["status"] == "finished" and (row["final_step"] or 0) >= config.train.max_steps)
 
 
 # ------------------------------------------------------------------------------------------------ running here
@@ -339,8 +366,6 @@ def run_sweep_here(runs: Sequence[SweepRun]) -> int:
 
     Exit status: 0 when every run ended well, 1 when any failed, 130 after Ctrl-C, 128 + N after signal N.
     """
-    from tml.train.run_lock import training_in_progress
-
     sweep_dir = runs[0].out_dir.parent
     make_directory(sweep_dir)
     outcomes: list[tuple[str, str]] = []
@@ -348,25 +373,8 @@ def run_sweep_here(runs: Sequence[SweepRun]) -> int:
     stopped_by: int | None = None
     for position, run in enumerate(runs, 1):
         print(f"tml: sweep run {position}/{len(runs)}: {run.name}", flush=True)
-        if has_ended(run.config):
-            print(f"tml: {run.out_dir} already ended at its max_steps: skipped", flush=True)
-            outcomes.append((run.name, "ended earlier"))
-            continue
-        if (holder := training_in_progress(run.out_dir)) is not None:
-            print(f"tml: {run.out_dir} is being trained by another process ({holder}): skipped", flush=True)
-            outcomes.append((run.name, "training elsewhere"))
-            continue
-        status, stopped_by = run_one([*train_command(), *run.argv])
-        if status == CTRL_C_EXIT_STATUS and stopped_by is None:
-            stopped_by = signal.SIGINT
-        elif status == 0 and stopped_by is None and not has_ended(run.config):
-            stopped_by = signal.SIGTERM  # saved and stopped on a signal sent to it alone (a shutdown): stop too
-        ended = status == 0 and has_ended(run.config)  # a stop request that came as the run finished stops no run
-        # Refused because another sweep started it in the same instant (it holds the lock, or has trained it since).
-        elsewhere = status != 0 and stopped_by is None and (
-            training_in_progress(run.out_dir) is not None or has_ended(run.config))
-        outcomes.append((run.name, "done" if ended else "stopped" if stopped_by is not None else
-                         "training elsewhere" if elsewhere else f"failed (exit status {status})"))
+        outcome, stopped_by = run_or_leave(run)
+        outcomes.append((run.name, outcome))
         if stopped_by is not None:
             break
     left = len(runs) - len(outcomes)
@@ -379,3 +387,31 @@ def run_sweep_here(runs: Sequence[SweepRun]) -> int:
               "resumes)", file=sys.stderr, flush=True)
         return CTRL_C_EXIT_STATUS if stopped_by == signal.SIGINT else 128 + stopped_by
     return 1 if any(outcome.startswith("failed") for _, outcome in outcomes) else 0
+
+
+def run_or_leave(run: SweepRun) -> tuple[str, int | None]:
+    """Train the run unless it ended or another process has it: (its outcome, the signal that stops the sweep)."""
+    from tml.train.run_lock import training_in_progress
+
+    def taken_elsewhere() -> str | None:
+        """Checked again at each run, and after a failed start: another sweep may have got there first."""
+        refuse_another_run_in_its_place(run.name, run.config)
+        if has_ended(run.config):
+            return "ended earlier"
+        return "training elsewhere" if training_in_progress(run.out_dir) is not None else None
+
+    try:
+        if (outcome := taken_elsewhere()) is not None:
+            print(f"tml: {run.out_dir}: {outcome}, skipped", flush=True)
+            return outcome, None
+        status, stopped_by = run_one([*train_command(), *run.argv])
+        if status == CTRL_C_EXIT_STATUS and stopped_by is None:
+            stopped_by = signal.SIGINT  # Ctrl-C sent to the training alone
+        if status == 0 and has_ended(run.config):
+            return "done", None  # a stop request that came as the run finished stops no run, nor the sweep
+        if stopped_by is not None or status == 0:  # 0 without ending: it saved and stopped on a signal of its own
+            return "stopped", stopped_by if stopped_by is not None else signal.SIGTERM
+        return taken_elsewhere() or f"failed (exit status {status})", None
+    except SweepError as error:  # another sweep's run, under this run's name
+        print(f"tml: {error}", file=sys.stderr, flush=True)
+        return "failed (its directory holds another run)", None

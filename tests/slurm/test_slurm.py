@@ -218,6 +218,25 @@ def test_launcher_refuses_weights_it_cannot_start_from_before_data_or_the_queue(
     assert not (tmp_path / "run").exists() and not (tmp_path / "shards").exists()
 
 
+def test_a_sweep_submitted_again_queues_no_job_for_runs_in_training_and_refuses_another_run_in_a_runs_place(tmp_path):
+    from tml.config import dump_yaml, load_config
+    from tml.train.run_lock import hold_run_lock
+
+    sweep = ["--train.out_dir", str(tmp_path / "sweep"), "--data.shard_dir", str(tmp_path / "shards"),
+             "--sweep", "train.lr=1e-3,3e-3"]
+    with hold_run_lock(tmp_path / "sweep" / "lr=1e-3"), hold_run_lock(tmp_path / "sweep" / "lr=3e-3"):
+        launched = run_launcher(*sweep)  # both runs' jobs still training: no job, and no cluster needed to say so
+    assert launched.returncode == 0, launched.stderr
+    assert launched.stdout.count("is being trained (pid ") == 2 and "nothing to submit" in launched.stdout
+
+    other = load_config(["--config", "configs/tiny.yaml", "--model.attention", "mha"])  # another sweep's run
+    (tmp_path / "sweep" / "lr=1e-3" / "config.yaml").write_text(dump_yaml(other))
+    launched = run_launcher(*sweep)
+    assert launched.returncode == 2
+    assert launched.stderr.startswith("launch/slurm.py: sweep run lr=1e-3: ") and "model.attention 'mha' there, " \
+        "'mla' here" in launched.stderr and not (tmp_path / "shards").exists()
+
+
 @pytest.fixture
 def refusing_sbatch(tmp_path, monkeypatch):
     """An `sbatch` that refuses every job as SLURM does (message on stderr, status 1), and an `srun` for Submitit's

@@ -21,7 +21,7 @@ import tml
 from tests.conftest import debug_model_config
 from tests.train.conftest import tiny_run_config
 from tml.cli import CTRL_C_EXIT_STATUS, EVAL_BATCH_SIZE, main, prompt_tokens_kept, text_loss
-from tml.config import dump_yaml
+from tml.config import Config, dump_yaml
 from tml.data.tokenizer import get_tokenizer
 from tml.model import Transformer
 from tml.model.config import GPT2_PADDED_VOCAB
@@ -541,3 +541,16 @@ def test_text_with_token_ids_beyond_the_models_vocabulary_is_refused_in_one_line
     assert "--prompt holds GPT-2 token id 7,454, beyond this model's vocab_size 256" in capsys.readouterr().err
     text.write_text("x!y!z!" * 20)  # ids under 256: readable
     assert main(["eval", "--checkpoint", str(small_vocab_run), "--data", str(text)]) == 0
+
+
+def test_tml_train_refuses_init_from_weights_of_another_shape_in_one_line_before_preparing_data(tmp_path, capsys):
+    source = tmp_path / "source" / "checkpoints" / "step-0000001"
+    source.mkdir(parents=True)
+    (source / "meta.json").write_text(json.dumps({"config": Config(model=debug_model_config(n_layer=3)).to_dict()}))
+    argv = ["train", "--config", str(REPO_ROOT / "configs" / "tiny.yaml"), "--train.out_dir", str(tmp_path / "run"),
+            "--data.shard_dir", str(tmp_path / "shards"), "--train.init_from", str(source)]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"tml: train.init_from={source}: its model has another shape (model.vocab_size 256 there, "
+                          "50304 here;") and err.count("\n") == 1
+    assert not (tmp_path / "shards").exists() and not (tmp_path / "run").exists()

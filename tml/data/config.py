@@ -17,6 +17,8 @@ DEFAULT_BOOK_IDS: tuple[int, ...] = (
 VAL_SPLITS = ("books", "tail", "auto")
 # Below 20 documents whole ones are too coarse a hold-out (5 files: 20% of the tokens for val_frac 0.1).
 AUTO_MIN_BOOKS = 20
+# What token shards are built from (tml/data/prepare.py data_settings): runs that differ in one need their own.
+SHARD_SETTINGS = ("source", "book_ids", "max_books", "val_frac", "val_split", "split_seed", "shard_tokens")
 
 
 class DataConfigError(ValueError):

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from lightning import Fabric
 
-from tml.config import PLACEMENT_KEYS, Config
+from tml.config import PLACEMENT_KEYS, Config, same_setting
 from tml.data.config import VAL_SPLITS, DataConfig
 from tml.data.gutenberg import GutenbergError, books_from_directory
 from tml.data.prepare import (
@@ -280,24 +280,6 @@ DATA_POSITION_KEYS = frozenset({
 })
 # The only model setting that leaves the weights' names, shapes and meaning alone: dropout acts in training only.
 MODEL_NOTICE_KEYS = frozenset({"model.dropout"})
-# Settings that name a file or directory: launch/slurm.py makes them absolute, so `data/shards` and
-# `/home/me/run/data/shards` are the same setting. The saved run's working directory is not recorded; relative
-# values are taken from this one's, where a resumed run is normally started too.
-PATH_KEYS = frozenset({"data.source", "data.raw_dir", "data.shard_dir", "train.out_dir"})
-GUTENBERG_SOURCE = "gutenberg"  # data.source's one value that is not a directory
-
-
-def same_setting(key: str, saved: Any, current: Any) -> bool:
-    """Equal values, or (PATH_KEYS) two spellings of the same path."""
-    if saved == current:
-        return True
-    if key not in PATH_KEYS or not isinstance(saved, str) or not isinstance(current, str):
-        return False
-    if key == "data.source" and GUTENBERG_SOURCE in (saved, current):
-        return False
-    return Path(saved).expanduser().resolve() == Path(current).expanduser().resolve()
-
-
 def changed_settings(saved: dict[str, Any], current: Config) -> list[tuple[str, Any, Any]]:
     """(section.key, saved value, current value) for every setting that differs, in config order.
 

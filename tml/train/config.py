@@ -150,7 +150,7 @@ class LogConfig:
         wandb_entity: Weights & Biases team or user (null = your default entity)
         run_name: run name shown by the loggers (null = chosen by the logger)
         wandb_group: Weights & Biases group shown around the run (null = none; a --sweep groups its runs by its
-            out_dir's name and names each by its values)
+            out_dir as given and names each by its values)
     """
 
     tensorboard: bool = True

@@ -57,6 +57,9 @@ def test_runs_that_differ_in_what_their_shards_are_built_from_get_shard_director
         str(tmp_path / "shards-max_books=4")] * 2  # one set of shards per data, shared by the runs that read it
     runs = expand([*out, "--sweep", "train.lr=1e-3,3e-3", "--sweep", "data.stride=16,32"])  # windows, not shards
     assert {run.config.data.shard_dir for run in runs} == {str(tmp_path / "shards")}
+    runs = expand(["--config", TINY, "--train.out_dir", str(tmp_path / "sweep"), "--sweep", "data.max_books=2,4",
+                   "--sweep", f"data.shard_dir={tmp_path / 'a'},{tmp_path / 'b'}"])  # named by the sweep itself
+    assert [run.config.data.shard_dir for run in runs] == [str(tmp_path / name) for name in "abab"]
 
 
 def test_an_experiment_valid_only_with_the_swept_values_is_a_valid_sweep(tmp_path):

@@ -197,8 +197,8 @@ def expand_sweep(experiment: Sequence[str], axes: Sequence[SweepAxis],
     if is_run(sweep_dir):
         raise SweepError(f"{OUT_DIR_KEY}={sweep_dir} holds a run itself; a sweep puts one run per combination under "
                          f"its {OUT_DIR_KEY}: give the sweep a directory of its own (--{OUT_DIR_KEY} runs/my-sweep)")
-    shard_axes = [position for position, key in enumerate(keys)
-                  if key.startswith("data.") and key.removeprefix("data.") in SHARD_SETTINGS]
+    shard_axes = [position for position, key in enumerate(keys) if "data.shard_dir" not in keys
+                  and key.startswith("data.") and key.removeprefix("data.") in SHARD_SETTINGS]
     runs = []
     for name, values in zip(names, combinations, strict=True):
         overrides = tuple(zip(keys, values, strict=True))

@@ -10,6 +10,7 @@ torch and Lightning are imported inside the commands that use them, so `tml prep
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -266,8 +267,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def text_loss(model, tokens: list[int], device: torch.device, progress: Progress | None = None) -> tuple[float, int]:
-    """Mean next-token loss over non-overlapping block_size windows of `tokens` (the tail window included).
+def text_loss(model, tokens: list[int], device: torch.device, progress: Progress | None = None,
+              context: int | None = None) -> tuple[float, int]:
+    """Mean next-token loss over non-overlapping windows of `context` tokens (default: the model's block_size) of
+    `tokens`, the tail window included.
 
     `progress`, when given, gets a task advanced once per batch of windows.
     """
@@ -275,7 +278,7 @@ def text_loss(model, tokens: list[int], device: torch.device, progress: Progress
 
     from tml.model.transformer import IGNORE_INDEX
 
-    block = model.config.block_size
+    block = context or model.config.block_size
     data = torch.tensor(tokens, dtype=torch.long)
     starts = list(range(0, len(tokens) - 1, block))
     batch_starts = range(0, len(starts), EVAL_BATCH_SIZE)
@@ -337,20 +340,30 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tml.train.evaluate import format_perplexity, perplexity
 
     path = Path(args.data)
+    if args.context is not None and args.context < 2:
+        raise ValueError(f"--context {args.context}: a window needs at least 2 tokens (one to predict from)")
     text = read_text_file(path)  # before the model loads: a wrong file is refused at once
     device = default_device()
     model = load(chosen_checkpoint("eval", args.checkpoint), device)
+    trained = model.config.block_size
+    context = args.context or trained
+    if context > trained:  # RoPE has no learned positions: the same weights read longer windows
+        model.config = dataclasses.replace(model.config, block_size=context)
+        print(f"tml eval: --context {context} is longer than the {trained} tokens the model was trained on: "
+              "positions past that are new to it", file=sys.stderr)
     tokens = get_tokenizer().encode_ordinary(text)
     check_token_ids(tokens, model.config.vocab_size, f"--data {path}")
     if len(tokens) < 2:
         raise ValueError(f"--data {path}: needs at least two tokens of text")
     with eval_progress() as progress:
-        loss, count = text_loss(model, tokens, device, progress)
+        loss, count = text_loss(model, tokens, device, progress, context)
     if args.json:
-        print(json.dumps({"data": str(path), "checkpoint": args.checkpoint, "tokens": count, "loss": loss,
-                          "perplexity": perplexity(loss)}))
+        print(json.dumps({"data": str(path), "checkpoint": args.checkpoint, "tokens": count, "context": context,
+                          "trained_context": trained, "loss": loss, "perplexity": perplexity(loss)}))
     else:
-        print(f"{path}: {n_tokens(count)} | loss {loss:.4f} | perplexity {format_perplexity(perplexity(loss))}")
+        windows = f" | context {context} (trained at {trained})" if context != trained else ""
+        print(f"{path}: {n_tokens(count)}{windows} | loss {loss:.4f} | perplexity "
+              f"{format_perplexity(perplexity(loss))}")
     return 0
 
 
@@ -394,8 +407,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on a text file")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or a file tml export wrote")
     evaluate.add_argument("--data", required=True, help="a UTF-8 text file")
+    evaluate.add_argument("--context", type=int, metavar="N",
+                          help="tokens per window (default: the model's block_size); longer than it was trained on "
+                               "measures how its positions extrapolate")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object (data, checkpoint, tokens, "
-                          "loss, perplexity) instead of the line")
+                          "context, trained_context, loss, perplexity) instead of the line")
 
     export = commands.add_parser("export", help="write one fp32 state dict (consolidates DeepSpeed ZeRO shards) and "
                                  "the JSON describing its model")

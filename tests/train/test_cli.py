@@ -232,6 +232,33 @@ def test_eval_json_gives_the_same_numbers_as_the_line(trained_run, tmp_path, cap
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
 
 
+def test_eval_context_sets_the_window_shorter_or_longer_than_the_model_was_trained_on(trained_run, tmp_path, capsys):
+    text_file = tmp_path / "sample.txt"
+    text_file.write_text(TEXT * 2)
+    state, config = load_model_weights(trained_run)
+    block = config.model.block_size
+    results = {}
+    for context in (None, block, 8, 2 * block):
+        option = [] if context is None else ["--context", str(context)]
+        assert main(["eval", "--checkpoint", str(trained_run), "--data", str(text_file), "--json", *option]) == 0
+        captured = capsys.readouterr()
+        results[context] = json.loads(captured.out)
+        assert ("longer than the" in captured.err) == (context == 2 * block)
+    assert results[None] == results[block] and results[None]["context"] == results[None]["trained_context"] == block
+    model = Transformer(config.model)
+    model.load_state_dict(state)
+    tokens = get_tokenizer().encode_ordinary(TEXT * 2)
+    short, count = text_loss(model.eval(), tokens, torch.device("cpu"), context=8)
+    assert results[8]["loss"] == pytest.approx(short, abs=1e-4) and count == results[8]["tokens"] == len(tokens) - 1
+    assert results[8]["loss"] != pytest.approx(results[None]["loss"], abs=1e-3)  # other windows, another number
+    longer = results[2 * block]
+    assert longer["context"] == 2 * block and math.isfinite(longer["loss"]) and longer["tokens"] == len(tokens) - 1
+    assert main(["eval", "--checkpoint", str(trained_run), "--data", str(text_file), "--context", "2"]) == 0
+    assert f"context 2 (trained at {block})" in capsys.readouterr().out
+    assert main(["eval", "--checkpoint", str(trained_run), "--data", str(text_file), "--context", "1"]) == 1
+    assert "--context 1: a window needs at least 2 tokens" in capsys.readouterr().err
+
+
 def test_eval_progress_advances_once_per_batch_of_windows(trained_run):
     state, config = load_model_weights(trained_run)
     model = Transformer(config.model)

@@ -29,6 +29,7 @@ from tml.slurm import (  # noqa: E402
     config_for_job,
     log_folder,
     make_executor,
+    queued_job,
     render_sbatch,
     submit,
     task_log,
@@ -171,8 +172,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def left_out_of_the_queue(name: str, config: Config) -> bool:
-    """A sweep's run that ended, or that a job is training now, gets no job (said so); another run under its name
-    is refused (SweepError). A job still pending holds no lock yet: squeue tells."""
+    """A sweep's run that ended, that a job is training, or whose job is still in the queue gets no job (said so);
+    another run under its name is refused (SweepError)."""
     from tml.train.run_lock import training_in_progress
 
     refuse_another_run_in_its_place(name, config)
@@ -181,6 +182,9 @@ def left_out_of_the_queue(name: str, config: Config) -> bool:
         return True
     if (holder := training_in_progress(config.train.out_dir)) is not None:
         print(f"run {name}: {config.train.out_dir} is being trained ({holder}): not submitted")
+        return True
+    if (job_id := queued_job(log_folder(config))) is not None:
+        print(f"run {name}: its job {job_id} is still queued or running: not submitted")
         return True
     return False
 

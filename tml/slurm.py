@@ -59,6 +59,9 @@ RESUME_WORDS = ("", "none", "auto")  # train.resume values that are not a path
 RENDEZVOUS_PORT_BASE = 10_000
 RENDEZVOUS_JOB_SLOTS = 5_000
 RENDEZVOUS_RESTART_SLOTS = 4
+# SLURM job states in which a job will still train (or is training): a run with such a job gets no second one.
+QUEUED_STATES = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED",
+                 "RESIZING", "SUSPENDED", "STOPPED")
 # How often `--wait` asks SLURM for the job's state; the result file itself is looked for every second.
 WAIT_POLL_S = 10
 # Fabric ignores SLURM for jobs with these names (its convention for interactive allocations), so a job named
@@ -402,6 +405,17 @@ def slurm_job_state(job_id: str) -> dict[str, str]:
     except (OSError, subprocess.SubprocessError):
         return {}
     return dict(field.split("=", 1) for field in out.split() if "=" in field)
+
+
+def queued_job(folder: str | Path) -> str | None:
+    """The id of a job submitted from `folder` (a run's Submitit folder) that SLURM still has pending or running:
+    a run whose job waits in the queue holds no run lock yet, so this is how a second submission sees it."""
+    submitted = sorted(Path(folder).glob("*_submission.sh"), key=lambda path: path.stat().st_mtime, reverse=True)
+    for script in submitted[:1]:  # the newest: an earlier job of the run has ended or been requeued as this one
+        job_id = script.name.removesuffix("_submission.sh")
+        if slurm_job_state(job_id).get("JobState") in QUEUED_STATES:
+            return job_id
+    return None
 
 
 def slurm_exit_code(job_id: str) -> int | None:

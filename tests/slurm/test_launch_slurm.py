@@ -20,7 +20,7 @@ from tensorboard.backend.event_processing.event_file_loader import EventFileLoad
 from tensorboard.util import tensor_util
 
 from tests.slurm.conftest import LAUNCHER, REPO_ROOT, RUN_CKPT_INTERVAL, RUN_STEPS
-from tml.slurm import SlurmResources, render_sbatch, slurm_job_state
+from tml.slurm import QUEUED_STATES, SlurmResources, render_sbatch, slurm_job_state
 
 TWO_CPU_NODES = ["--nodes", "2", "--gpus-per-node", "0", "--tasks-per-node", "1", "--time", "10"]
 JOB_TIMEOUT_S = 240
@@ -194,3 +194,22 @@ def test_a_sweep_submits_a_job_per_run_and_submits_none_for_runs_that_ended(slur
     assert again.returncode == 0, again.stdout + again.stderr
     assert again.stdout.count("already ended at its max_steps: not submitted") == 2
     assert "submitted job" not in again.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(2 * JOB_TIMEOUT_S)
+def test_a_sweep_submitted_again_while_its_jobs_wait_or_run_queues_nothing(slurm_cluster, slurm_run_args, tmp_path):
+    command = [sys.executable, str(LAUNCHER), "--nodes", "1", "--gpus-per-node", "0", "--tasks-per-node", "1",
+               "--time", "10", *slurm_run_args, "--train.max_steps", "3", "--train.val_interval", "3",
+               "--train.out_dir", str(tmp_path / "sweep"), "--sweep", "train.lr=1e-3,3e-3"]
+    first = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert first.returncode == 0, first.stdout + first.stderr
+    job_ids = re.findall(r"^submitted job (\d+)", first.stdout, flags=re.MULTILINE)
+    again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "submitted job" not in again.stdout  # each run still queued, training or (if quick) ended: no second job
+    assert again.stdout.count("not submitted") == 2
+    deadline = time.monotonic() + JOB_TIMEOUT_S  # let them finish before the cluster is taken down
+    while any(slurm_job_state(job_id).get("JobState") in QUEUED_STATES for job_id in job_ids):
+        assert time.monotonic() < deadline, f"jobs {job_ids} did not end"
+        time.sleep(1)

@@ -137,7 +137,12 @@ def test_weights_to_start_from_come_from_a_run_or_an_export_and_refuse_another_s
     exported, _, _ = export(run, tmp_path / "model.pt")
     for path in (run, exported):
         state, source = weights_to_start_from(path, MODEL)
-        assert source.endswith("(step 2)") and set(state) == set(tml.load(run).state_dict())
+        assert source.endswith("step 2)") and set(state) == set(tml.load(run).state_dict())
+    assert source.startswith(f"{exported} (exported from ")  # the file read, then where it came from
+    with pytest.raises(CheckpointError, match=r"^train.init_from=.*gone: no such run directory, checkpoint or"):
+        check_start_from(tmp_path / "gone", MODEL)
+    longer = weights_to_start_from(run, debug_model_config(attention="mha", n_kv_head=2, block_size=64))[1]
+    assert longer.endswith("trained on windows of 32 tokens, this run's 64: positions past that are new to the weights")
     # What shapes no parameter may differ: a fine-tuning run with dropout, a longer block, another RoPE base.
     weights_to_start_from(run, debug_model_config(attention="mha", n_kv_head=2, dropout=0.1, block_size=64,
                                                   rope_theta=500_000.0))

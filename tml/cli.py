@@ -31,7 +31,9 @@ if TYPE_CHECKING:
     import torch
     from jsonargparse import ArgumentParser
 
-EVAL_BATCH_SIZE = 8  # windows per forward pass in `tml eval`: small enough for CPU memory at block size 512
+# Tokens per forward pass in `tml eval` (8 windows at block size 512): the fp32 logits of a pass take this times the
+# vocabulary times 4 bytes (0.8 GB at GPT-2's), whatever --context is; a longer window goes through alone.
+EVAL_BATCH_TOKENS = 4096
 # The share of the block new tokens may claim from a long prompt: enough to generate, while keeping most context.
 GENERATE_ROOM_FRACTION = 0.5
 TRAIN_DESCRIPTION = (
@@ -279,13 +281,14 @@ def text_loss(model, tokens: list[int], device: torch.device, progress: Progress
     from tml.model.transformer import IGNORE_INDEX
 
     block = context or model.config.block_size
+    windows_per_batch = max(1, EVAL_BATCH_TOKENS // block)
     data = torch.tensor(tokens, dtype=torch.long)
     starts = list(range(0, len(tokens) - 1, block))
-    batch_starts = range(0, len(starts), EVAL_BATCH_SIZE)
+    batch_starts = range(0, len(starts), windows_per_batch)
     task = progress.add_task("eval", total=len(batch_starts)) if progress is not None else None
     total, count = 0.0, 0
     for i in batch_starts:
-        rows = [data[s : s + block + 1] for s in starts[i : i + EVAL_BATCH_SIZE]]
+        rows = [data[s : s + block + 1] for s in starts[i : i + windows_per_batch]]
         width = max(len(r) for r in rows) - 1
         x = torch.zeros(len(rows), width, dtype=torch.long)
         y = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # padding: not counted by the loss
@@ -345,16 +348,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text = read_text_file(path)  # before the model loads: a wrong file is refused at once
     device = default_device()
     model = load(chosen_checkpoint("eval", args.checkpoint), device)
-    trained = model.config.block_size
-    context = args.context or trained
-    if context > trained:  # RoPE has no learned positions: the same weights read longer windows
-        model.config = dataclasses.replace(model.config, block_size=context)
-        print(f"tml eval: --context {context} is longer than the {trained} tokens the model was trained on: "
-              "positions past that are new to it", file=sys.stderr)
     tokens = get_tokenizer().encode_ordinary(text)
     check_token_ids(tokens, model.config.vocab_size, f"--data {path}")
     if len(tokens) < 2:
         raise ValueError(f"--data {path}: needs at least two tokens of text")
+    trained = model.config.block_size
+    context = min(args.context or trained, len(tokens) - 1)  # the window really read: a short file is one
+    if context > trained:  # RoPE has no learned positions: the same weights read longer windows
+        model.config = dataclasses.replace(model.config, block_size=context)
+        print(f"tml eval: --context {context} is longer than the {trained} tokens the model was trained on: "
+              "positions past that are new to it", file=sys.stderr)
     with eval_progress() as progress:
         loss, count = text_loss(model, tokens, device, progress, context)
     if args.json:

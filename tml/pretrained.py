@@ -206,6 +206,8 @@ def check_start_from(path: str | Path, model: ModelConfig) -> None:
     weights' model has the run's shape. Every other field than SHAPELESS_MODEL_FIELDS is named in one
     CheckpointError."""
     path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"train.init_from={path}: no such run directory, checkpoint or exported file")
     if path.is_file():
         source_model = _read_description(path)[0]
     else:
@@ -230,7 +232,14 @@ def _check_same_shape(path: Path, source: ModelConfig, model: ModelConfig) -> No
 def weights_to_start_from(path: str | Path, model: ModelConfig) -> tuple[dict[str, torch.Tensor], str]:
     """train.init_from: the weights at `path` for a new run of the shape `model` (refused as check_start_from
     does), and where they come from, for the log."""
+    if not Path(path).exists():
+        raise CheckpointError(f"train.init_from={path}: no such run directory, checkpoint or exported file")
     state, config, source = _weights_and_source(path)
     _check_same_shape(Path(path), config.model, model)
-    step = source.get("step")
-    return state, f"{source.get('checkpoint', path)}" + (f" (step {step})" if step is not None else "")
+    step = f", step {source['step']}" if source.get("step") is not None else ""
+    origin = f"{path} (exported from {source['checkpoint']}{step})" if Path(path).is_file() else (
+        f"{source['checkpoint']} ({step.removeprefix(', ')})" if step else str(source["checkpoint"]))
+    if model.block_size > config.model.block_size:
+        origin += (f"; trained on windows of {config.model.block_size} tokens, this run's {model.block_size}: positions "
+                   "past that are new to the weights")
+    return state, origin

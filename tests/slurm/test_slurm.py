@@ -214,7 +214,8 @@ def test_launcher_refuses_weights_it_cannot_start_from_before_data_or_the_queue(
     launched = run_launcher("--train.init_from", str(tmp_path / "gone"), "--train.out_dir", str(tmp_path / "run"),
                             "--data.shard_dir", str(tmp_path / "shards"))
     assert launched.returncode == 1
-    assert launched.stderr.strip() == f"launch/slurm.py: {tmp_path / 'gone'}: no such checkpoint or run directory"
+    assert launched.stderr.strip() == (f"launch/slurm.py: train.init_from={tmp_path / 'gone'}: no such run directory, "
+                                       "checkpoint or exported file")
     assert not (tmp_path / "run").exists() and not (tmp_path / "shards").exists()
 
 

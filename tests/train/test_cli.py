@@ -20,7 +20,7 @@ from rich.progress import Progress
 import tml
 from tests.conftest import debug_model_config
 from tests.train.conftest import tiny_run_config
-from tml.cli import CTRL_C_EXIT_STATUS, EVAL_BATCH_SIZE, main, prompt_tokens_kept, text_loss
+from tml.cli import CTRL_C_EXIT_STATUS, EVAL_BATCH_TOKENS, main, prompt_tokens_kept, text_loss
 from tml.config import Config, dump_yaml
 from tml.data.tokenizer import get_tokenizer
 from tml.model import Transformer
@@ -259,16 +259,18 @@ def test_eval_context_sets_the_window_shorter_or_longer_than_the_model_was_train
     assert "--context 1: a window needs at least 2 tokens" in capsys.readouterr().err
 
 
-def test_eval_progress_advances_once_per_batch_of_windows(trained_run):
+def test_eval_batches_hold_a_bounded_number_of_tokens_whatever_the_window_and_progress_counts_them(trained_run):
     state, config = load_model_weights(trained_run)
     model = Transformer(config.model)
     model.load_state_dict(state)
-    tokens = get_tokenizer().encode_ordinary(TEXT * 3)
-    windows = math.ceil((len(tokens) - 1) / config.model.block_size)
-    with Progress(disable=True) as progress:
-        text_loss(model.eval(), tokens, torch.device("cpu"), progress)
-    (task,) = progress.tasks
-    assert task.total == task.completed == math.ceil(windows / EVAL_BATCH_SIZE) > 1
+    tokens = get_tokenizer().encode_ordinary(TEXT * 30)
+    for context in (config.model.block_size, 2048):  # a long window is not batched 8 at a time (QA 12: 24 GB)
+        model.config.block_size = context
+        windows = math.ceil((len(tokens) - 1) / context)
+        with Progress(disable=True) as progress:
+            text_loss(model.eval(), tokens, torch.device("cpu"), progress, context)
+        (task,) = progress.tasks
+        assert task.total == task.completed == math.ceil(windows / (EVAL_BATCH_TOKENS // context)) > 1
 
 
 def test_eval_refuses_a_binary_file_in_one_line(trained_run, tmp_path, capsys):

@@ -531,9 +531,16 @@ def test_a_run_started_from_other_weights_begins_with_them_and_a_fresh_schedule_
         assert torch.equal(trained[name], value), name
 
     tuned.train.max_steps, tuned.train.resume, tuned.train.lr = 3, "auto", 1e-3
+    tuned.train.init_from = None  # a resume without it keeps the record of where the run started
     train(tuned)
-    out = capsys.readouterr().out
+    out, err = capsys.readouterr()
     assert "resumed from" in out and "initial weights" not in out  # its own checkpoint, not the source's weights
+    assert "train.init_from" not in out and f"init_from: {tmp_path / 'source'}" in (
+        tmp_path / "tuned" / "config.yaml").read_text()
+    tuned.train.max_steps, tuned.train.init_from = 4, str(tmp_path / "elsewhere")
+    train(tuned)
+    assert f"train.init_from={tmp_path / 'elsewhere'} ignored: this run resumes its own weights (it started from " \
+           f"{tmp_path / 'source'})" in capsys.readouterr().err
 
 
 def test_starting_from_weights_of_another_shape_is_refused_before_anything_is_written(tmp_path, tiny_shards):

@@ -280,6 +280,11 @@ DATA_POSITION_KEYS = frozenset({
 })
 # The only model setting that leaves the weights' names, shapes and meaning alone: dropout acts in training only.
 MODEL_NOTICE_KEYS = frozenset({"model.dropout"})
+# Where a run's weights started: set at its first start and kept by every resume (tml/train/loop.py
+# settle_init_from), so never a change a resume lists.
+HISTORY_KEYS = frozenset({"train.init_from"})
+
+
 def changed_settings(saved: dict[str, Any], current: Config) -> list[tuple[str, Any, Any]]:
     """(section.key, saved value, current value) for every setting that differs, in config order.
 
@@ -290,7 +295,7 @@ def changed_settings(saved: dict[str, Any], current: Config) -> list[tuple[str, 
         saved_section = saved.get(section, {})
         for key, value in values.items():
             name = f"{section}.{key}"
-            if key in saved_section and not same_setting(name, saved_section[key], value):
+            if key in saved_section and name not in HISTORY_KEYS and not same_setting(name, saved_section[key], value):
                 changes.append((name, saved_section[key], value))
     return changes
 

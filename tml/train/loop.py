@@ -12,9 +12,12 @@ the final numbers in a form scripts can read instead of scraping the console.
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import json
 import math
+import os
+import sys
 import time
 import warnings
 from contextlib import nullcontext
@@ -26,7 +29,7 @@ import torch.distributed as dist
 from lightning import Fabric
 from lightning.fabric.utilities.seed import seed_everything
 
-from tml.config import Config, ConfigError, dump_yaml
+from tml.config import Config, ConfigError, dump_yaml, same_setting
 from tml.data.packed import PackedDataset
 from tml.data.sampler import BatchStream
 from tml.data.shards import ShardIndex
@@ -50,6 +53,7 @@ from tml.train.loggers import (
 )
 from tml.train.optim import build_optimizer, build_scheduler
 from tml.train.preemption import PreemptionFlag, install_preemption_handler
+from tml.train.ranks import is_first_local_process
 from tml.train.throughput import ThroughputMeter, peak_flops
 
 GIB = 2**30
@@ -81,6 +85,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
     out_dir = Path(tc.out_dir)
     # Refuses a resume this config cannot continue. The launcher has prepared the shards: they are what it reads.
     resume_dir, meta, changed = resume_checkpoint(config, shards_built=True)
+    config = settle_init_from(config, resume_dir, meta)
+    tc = config.train
     # The data checks come before the Fabric starts: a mismatch is one line from the CLI, not a traceback per rank.
     check_vocabulary(config)
     block = config.model.block_size
@@ -373,6 +379,21 @@ def damaged_warning(loss_at_last: float | None, first_loss: float | None, out_di
         return ""  # `not >`: a NaN on either side is no evidence
     return (f"Its train loss ({loss_at_last:.4g}) was already above the first step's ({first_loss:.4g}), so its "
             f"weights are likely damaged too: a new run (another --train.out_dir than {out_dir}) starts afresh. ")
+
+
+def settle_init_from(config: Config, resume_dir: Path | None, meta: dict) -> Config:
+    """train.init_from is where a run's weights started: made absolute at its first start (config.yaml then says
+    where from, wherever it is read), and kept by every resume, which continues its own weights; a different value
+    given to a resume is ignored, saying so."""
+    given = config.train.init_from
+    if resume_dir is None:
+        started_from = os.path.abspath(os.path.expanduser(given)) if given else None
+    else:
+        started_from = meta["config"]["train"].get("init_from")
+        if given and not same_setting("train.init_from", started_from, given) and is_first_local_process():
+            print(f"tml: train.init_from={given} ignored: this run resumes its own weights"
+                  + (f" (it started from {started_from})" if started_from else ""), file=sys.stderr)
+    return dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=started_from))
 
 
 def check_vocabulary(config: Config) -> None:

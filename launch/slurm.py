@@ -121,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
     from tml.train.checkpoint import CheckpointError
     from tml.train.preflight import check_run_can_start
 
-    if runs[0][0] is not None:  # a sweep (its runs are named), maybe submitted again: queue what is left to do
+    if is_sweep(experiment):  # maybe submitted again: queue only what is left to do
         try:
             runs = [(name, config) for name, config in runs if not left_out_of_the_queue(name, config)]
         except SweepError as error:

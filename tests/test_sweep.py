@@ -192,12 +192,31 @@ def write_experiment(tmp_path: Path, **train) -> Path:
     return config_file
 
 
-def start_sweep(*argv: str) -> subprocess.Popen:
+def start_sweep(*argv: str, sigint_ignored: bool = False) -> subprocess.Popen:
     return subprocess.Popen(
         [sys.executable, str(REPO_ROOT / "launch" / "local.py"), *argv], cwd=REPO_ROOT, stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"},
         start_new_session=True,  # its own process group, which the test signals as a terminal's Ctrl-C would
+        preexec_fn=(lambda: signal.signal(signal.SIGINT, signal.SIG_IGN)) if sigint_ignored else None,
     )
+
+
+def lines_until_step(process: subprocess.Popen, step: int) -> list[str]:
+    """The sweep's output up to its first run's console line for `step`."""
+    seen = []
+    for line in process.stdout:
+        seen.append(line)
+        if re.match(rf"^step\s+{step} \| loss", line):
+            break
+    return seen
+
+
+def ctrl_c_at_step(process: subprocess.Popen, step: int) -> str:
+    """Ctrl-C to the whole process group, as a terminal sends it, once the first run logged `step`; all output."""
+    seen = lines_until_step(process, step)
+    os.killpg(process.pid, signal.SIGINT)
+    rest, _ = process.communicate(timeout=120)
+    return "".join(seen) + rest
 
 
 @pytest.mark.slow
@@ -232,14 +251,7 @@ def test_a_sweep_goes_on_past_a_failed_run_leaves_one_in_training_elsewhere_and_
 def test_ctrl_c_stops_the_sweep_after_the_run_in_progress_saves_and_the_same_command_resumes_it(tmp_path):
     experiment = write_experiment(tmp_path, max_steps=10_000, val_interval=10_000, ckpt_interval=10_000)
     process = start_sweep("--config", str(experiment), "--sweep", "train.lr=1e-3,3e-3")
-    seen = []
-    for line in process.stdout:
-        seen.append(line)
-        if re.match(r"^step\s+3 \| loss", line):
-            break
-    os.killpg(process.pid, signal.SIGINT)
-    rest, _ = process.communicate(timeout=120)
-    output = "".join(seen) + rest
+    output = ctrl_c_at_step(process, 3)
     assert process.returncode == CTRL_C_EXIT_STATUS, output
     assert "tml: sweep: lr=1e-3: stopped; 1 not started" in output and "Traceback" not in output
     stopped_at = read_meta(checkpoints_dir(tmp_path / "sweep" / "lr=1e-3") / "last")["step"]
@@ -265,9 +277,7 @@ def test_ctrl_c_stops_the_sweep_after_the_run_in_progress_saves_and_the_same_com
 def test_a_sweep_killed_outright_stops_its_training_which_saves_last_instead_of_going_on_alone(tmp_path):
     experiment = write_experiment(tmp_path, max_steps=10_000, val_interval=10_000, ckpt_interval=10_000)
     process = start_sweep("--config", str(experiment), "--sweep", "train.lr=1e-3,3e-3")
-    for line in process.stdout:
-        if re.match(r"^step\s+3 \| loss", line):
-            break
+    lines_until_step(process, 3)
     run_dir = tmp_path / "sweep" / "lr=1e-3"
     assert training_in_progress(run_dir) is not None
     process.kill()  # SIGKILL to the sweep alone: its training must notice by itself
@@ -285,20 +295,9 @@ def test_a_sweep_killed_outright_stops_its_training_which_saves_last_instead_of_
 @pytest.mark.timeout(240)
 def test_a_ctrl_c_ignored_when_the_sweep_started_stays_ignored_by_the_sweep_and_its_runs(tmp_path):
     experiment = write_experiment(tmp_path, max_steps=8, val_interval=8, ckpt_interval=8, log_interval=1)
-    process = subprocess.Popen(
-        [sys.executable, str(REPO_ROOT / "launch" / "local.py"), "--config", str(experiment), "--sweep",
-         "train.lr=1e-3,3e-3"], cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True,
-        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN),  # as `nohup` or `cmd &` in a script
-    )
-    seen = []
-    for line in process.stdout:
-        seen.append(line)
-        if re.match(r"^step\s+3 \| loss", line):
-            break
-    os.killpg(process.pid, signal.SIGINT)
-    rest, _ = process.communicate(timeout=120)
-    output = "".join(seen) + rest
+    # Ignored as under `nohup`, or `cmd &` in a script:
+    process = start_sweep("--config", str(experiment), "--sweep", "train.lr=1e-3,3e-3", sigint_ignored=True)
+    output = ctrl_c_at_step(process, 3)
     assert process.returncode == 0, output
     assert "tml: sweep: lr=1e-3: done; lr=3e-3: done" in output
 

@@ -40,6 +40,7 @@ DEEPSPEED_ONLY = ("train.zero_stage", "train.zero_offload")
 MLA_ONLY = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 # ... and one only MHA reads (its key/value heads: fewer than n_head is GQA or MQA).
 MHA_ONLY = ("n_kv_head",)
+
 # attention_kind (MLA, MHA, GQA or MQA) is ModelConfig's name for the attention and n_kv_head together.
 SHAPE = ("attention", "attention_kind", "norm", "n_layer", "n_embd", "n_head", *MHA_ONLY, *MLA_ONLY, "block_size")
 NUMBERS_FROM_SUMMARY = ("final_step", "max_steps", "best_val_loss", "best_val_perplexity", "val_loss",
@@ -64,6 +65,11 @@ class CompareError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ finding runs
+
+
+def unread_model_fields(model: ModelConfig) -> tuple[str, ...]:
+    """The other attention kind's fields: MLA's ranks for an MHA model, n_kv_head for an MLA one."""
+    return MHA_ONLY if model.attention == "mla" else MLA_ONLY
 
 
 def is_run(directory: Path) -> bool:
@@ -201,7 +207,7 @@ def read_run(name: str, directory: Path) -> dict[str, Any]:
     if config is not None:
         row["settings"] = compared_settings(config)
         model = config.model
-        unread = MHA_ONLY if model.attention == "mla" else MLA_ONLY  # left None: no default pretending otherwise
+        unread = unread_model_fields(model)  # left None: no default pretending otherwise
         row.update({key: getattr(model, key) for key in SHAPE if key not in unread})
         if model.attention != "mla":
             row["n_kv_head"] = model.kv_heads  # 0 in the config means one per query head

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from tml.compare import MHA_ONLY, MLA_ONLY
+from tml.compare import unread_model_fields
 from tml.config import Config
 from tml.data.tokenizer import TOKENIZER_NAME
 from tml.files import file_sha256, make_directory, replaced_on_success, write_failure, write_synced
@@ -205,9 +205,7 @@ def check_start_from(path: str | Path, model: ModelConfig) -> None:
     """train.init_from's checks without reading a tensor (what launchers ask before data or a queued job): the
     weights' model has the run's shape. Every other field than SHAPELESS_MODEL_FIELDS is named in one
     CheckpointError."""
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"train.init_from={path}: no such run directory, checkpoint or exported file")
+    path = _existing_init_from(path)
     if path.is_file():
         source_model = _read_description(path)[0]
     else:
@@ -219,8 +217,15 @@ def check_start_from(path: str | Path, model: ModelConfig) -> None:
     _check_same_shape(path, source_model, model)
 
 
+def _existing_init_from(path: str | Path) -> Path:
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"train.init_from={path}: no such run directory, checkpoint or exported file")
+    return path
+
+
 def _check_same_shape(path: Path, source: ModelConfig, model: ModelConfig) -> None:
-    unread = MLA_ONLY if model.attention != "mla" else MHA_ONLY  # when both are of one kind; else attention differs
+    unread = unread_model_fields(model)  # when both are of one kind; else model.attention differs
     differing = [f"model.{field.name} {getattr(source, field.name)!r} there, {getattr(model, field.name)!r} here"
                  for field in fields(ModelConfig) if field.name not in (*SHAPELESS_MODEL_FIELDS, *unread)
                  and getattr(source, field.name) != getattr(model, field.name)]
@@ -232,12 +237,11 @@ def _check_same_shape(path: Path, source: ModelConfig, model: ModelConfig) -> No
 def weights_to_start_from(path: str | Path, model: ModelConfig) -> tuple[dict[str, torch.Tensor], str]:
     """train.init_from: the weights at `path` for a new run of the shape `model` (refused as check_start_from
     does), and where they come from, for the log."""
-    if not Path(path).exists():
-        raise CheckpointError(f"train.init_from={path}: no such run directory, checkpoint or exported file")
+    path = _existing_init_from(path)
     state, config, source = _weights_and_source(path)
-    _check_same_shape(Path(path), config.model, model)
+    _check_same_shape(path, config.model, model)
     step = f", step {source['step']}" if source.get("step") is not None else ""
-    origin = f"{path} (exported from {source['checkpoint']}{step})" if Path(path).is_file() else (
+    origin = f"{path} (exported from {source['checkpoint']}{step})" if path.is_file() else (
         f"{source['checkpoint']} ({step.removeprefix(', ')})" if step else str(source["checkpoint"]))
     if model.block_size > config.model.block_size:
         origin += (f"; trained on windows of {config.model.block_size} tokens, this run's {model.block_size}: positions "

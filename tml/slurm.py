@@ -410,12 +410,12 @@ def slurm_job_state(job_id: str) -> dict[str, str]:
 def queued_job(folder: str | Path) -> str | None:
     """The id of a job submitted from `folder` (a run's Submitit folder) that SLURM still has pending or running:
     a run whose job waits in the queue holds no run lock yet, so this is how a second submission sees it."""
-    submitted = sorted(Path(folder).glob("*_submission.sh"), key=lambda path: path.stat().st_mtime, reverse=True)
-    for script in submitted[:1]:  # the newest: an earlier job of the run has ended or been requeued as this one
-        job_id = script.name.removesuffix("_submission.sh")
-        if slurm_job_state(job_id).get("JobState") in QUEUED_STATES:
-            return job_id
-    return None
+    # The newest only: an earlier job of the run has ended, or been requeued as this one.
+    newest = max(Path(folder).glob("*_submission.sh"), key=lambda path: path.stat().st_mtime, default=None)
+    if newest is None:
+        return None
+    job_id = newest.name.removesuffix("_submission.sh")
+    return job_id if slurm_job_state(job_id).get("JobState") in QUEUED_STATES else None
 
 
 def slurm_exit_code(job_id: str) -> int | None:

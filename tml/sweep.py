@@ -27,8 +27,6 @@ from types import FrameType
 import yaml
 
 from tml.compare import (
-    MHA_ONLY,
-    MLA_ONLY,
     NOT_COMPARED,
     NOT_COMPARED_SECTIONS,
     compared_settings,
@@ -36,6 +34,7 @@ from tml.compare import (
     is_run,
     parse_config,
     read_run,
+    unread_model_fields,
 )
 from tml.config import PLACEMENT_KEYS, Config, ConfigError, load_config, same_setting
 from tml.data.config import SHARD_SETTINGS
@@ -221,7 +220,7 @@ def expand_sweep(experiment: Sequence[str], axes: Sequence[SweepAxis],
 
 def what_it_computes(config: Config) -> dict:
     """The settings that shape a run's numbers, less the model fields its attention does not read."""
-    unread = MLA_ONLY if config.model.attention != "mla" else MHA_ONLY
+    unread = unread_model_fields(config.model)
     return {key: value for key, value in compared_settings(config).items()
             if key.removeprefix("model.") not in unread}
 
@@ -284,16 +283,26 @@ def check_runs(runs: Sequence[SweepRun]) -> None:
     CheckpointError, naming the run."""
     from tml.train.checkpoint import CheckpointError
     from tml.train.preflight import check_run_can_start
-    from tml.train.run_lock import training_in_progress
 
     for run in runs:
-        refuse_another_run_in_its_place(run.name, run.config)
-        if has_ended(run.config) or training_in_progress(run.out_dir) is not None:
+        if taken_elsewhere(run.name, run.config) is not None:
             continue
         try:
             check_run_can_start(run.config)
         except CheckpointError as error:
             raise CheckpointError(f"sweep run {run.name}: {error}") from error
+
+
+def taken_elsewhere(name: str, config: Config) -> str | None:
+    """"ended earlier" or "training elsewhere" for a run the sweep leaves alone, else None; SweepError for another
+    run in its directory. Asked before the first run, at each run's turn and after a failed start: another sweep
+    may have got there first."""
+    from tml.train.run_lock import training_in_progress
+
+    refuse_another_run_in_its_place(name, config)
+    if has_ended(config):
+        return "ended earlier"
+    return "training elsewhere" if training_in_progress(config.train.out_dir) is not None else None
 
 
 def has_ended(config: Config) -> bool:
@@ -327,8 +336,7 @@ def stop_with(sweep_pid: int) -> Callable[[], None] | None:
         return None
 
     def arm() -> None:
-        signal_when_parent_dies(signal.SIGTERM)
-        if os.getppid() != sweep_pid:  # the sweep died before the request was armed
+        if not signal_when_parent_dies(signal.SIGTERM, sweep_pid):  # the sweep died before the request was armed
             os._exit(1)
 
     return arm
@@ -391,17 +399,8 @@ def run_sweep_here(runs: Sequence[SweepRun]) -> int:
 
 def run_or_leave(run: SweepRun) -> tuple[str, int | None]:
     """Train the run unless it ended or another process has it: (its outcome, the signal that stops the sweep)."""
-    from tml.train.run_lock import training_in_progress
-
-    def taken_elsewhere() -> str | None:
-        """Checked again at each run, and after a failed start: another sweep may have got there first."""
-        refuse_another_run_in_its_place(run.name, run.config)
-        if has_ended(run.config):
-            return "ended earlier"
-        return "training elsewhere" if training_in_progress(run.out_dir) is not None else None
-
     try:
-        if (outcome := taken_elsewhere()) is not None:
+        if (outcome := taken_elsewhere(run.name, run.config)) is not None:
             print(f"tml: {run.out_dir}: {outcome}, skipped", flush=True)
             return outcome, None
         status, stopped_by = run_one([*train_command(), *run.argv])
@@ -411,7 +410,7 @@ def run_or_leave(run: SweepRun) -> tuple[str, int | None]:
             return "done", None  # a stop request that came as the run finished stops no run, nor the sweep
         if stopped_by is not None or status == 0:  # 0 without ending: it saved and stopped on a signal of its own
             return "stopped", stopped_by if stopped_by is not None else signal.SIGTERM
-        return taken_elsewhere() or f"failed (exit status {status})", None
+        return taken_elsewhere(run.name, run.config) or f"failed (exit status {status})", None
     except SweepError as error:  # another sweep's run, under this run's name
         print(f"tml: {error}", file=sys.stderr, flush=True)
         return "failed (its directory holds another run)", None

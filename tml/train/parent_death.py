@@ -36,15 +36,14 @@ def die_with_local_rank0() -> None:
     expected_parent = os.environ.get(RANK0_PID_VARIABLE)
     if expected_parent is None or not sys.platform.startswith("linux"):
         return  # started by another launcher (torchrun, srun), or no PR_SET_PDEATHSIG here
-    signal_when_parent_dies(signal.SIGKILL)
-    # After arming, not before: a parent that died in between left this process to init, with nothing armed.
-    if os.getppid() != int(expected_parent):
+    if not signal_when_parent_dies(signal.SIGKILL, int(expected_parent)):
         print(f"tml: local rank {local_rank}: rank 0 (pid {expected_parent}) is gone; exiting", file=sys.stderr)
         raise SystemExit(1)
 
 
-def signal_when_parent_dies(signal_number: int) -> None:
-    """Ask Linux to send this process `signal_number` when the thread that started it ends (prctl PR_SET_PDEATHSIG).
+def signal_when_parent_dies(signal_number: int, parent_pid: int) -> bool:
+    """Ask Linux to send this process `signal_number` when the thread that started it ends (prctl PR_SET_PDEATHSIG);
+    False when the parent `parent_pid` is already gone, which nothing would then signal.
 
     Also what a sweep arms in each training it starts (SIGTERM: the training saves `last` and exits), so that a
     sweep killed outright leaves no training running on alone."""
@@ -52,3 +51,5 @@ def signal_when_parent_dies(signal_number: int) -> None:
     if libc.prctl(PR_SET_PDEATHSIG, signal_number, 0, 0, 0) != 0:
         error = ctypes.get_errno()
         raise OSError(error, f"prctl(PR_SET_PDEATHSIG): {os.strerror(error)}")
+    # After arming, not before: a parent that died in between left this process to init, with nothing armed.
+    return os.getppid() == parent_pid

@@ -221,7 +221,8 @@ def ctrl_c_at_step(process: subprocess.Popen, step: int) -> str:
 
 @pytest.mark.slow
 @pytest.mark.timeout(300)
-def test_a_sweep_goes_on_past_a_failed_run_leaves_one_in_training_elsewhere_and_a_rerun_skips_ended_runs(tmp_path):
+def test_a_sweep_goes_on_past_a_failed_run_leaves_one_in_training_elsewhere_and_a_rerun_skips_ended_runs(tmp_path,
+                                                                                                         capsys):
     experiment = write_experiment(tmp_path, max_steps=3, val_interval=3, ckpt_interval=3)
     # A vocabulary smaller than the shards' passes every check but the run's own start: a failure at run time.
     argv = ["--config", str(experiment), "--sweep", "model.vocab_size=128,256", "--sweep", "model.attention=mla,mha"]
@@ -244,11 +245,13 @@ def test_a_sweep_goes_on_past_a_failed_run_leaves_one_in_training_elsewhere_and_
     assert output.count(": ended earlier, skipped") == 1
     assert "vocab_size=256,attention=mla: done; vocab_size=256,attention=mha: ended earlier" in output
     assert read_meta(checkpoints_dir(tmp_path / "sweep" / "vocab_size=256,attention=mla") / "last")["step"] == 3
+    assert main(["train", *argv, "--dry-run"]) == 0
+    assert "4/4 vocab_size=256,attention=mha: ended earlier, would be skipped" in capsys.readouterr().out
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(240)
-def test_ctrl_c_stops_the_sweep_after_the_run_in_progress_saves_and_the_same_command_resumes_it(tmp_path):
+def test_ctrl_c_stops_the_sweep_after_the_run_in_progress_saves_and_the_same_command_resumes_it(tmp_path, capsys):
     experiment = write_experiment(tmp_path, max_steps=10_000, val_interval=10_000, ckpt_interval=10_000)
     process = start_sweep("--config", str(experiment), "--sweep", "train.lr=1e-3,3e-3")
     output = ctrl_c_at_step(process, 3)
@@ -264,7 +267,16 @@ def test_ctrl_c_stops_the_sweep_after_the_run_in_progress_saves_and_the_same_com
     assert "sweep run 1/2" not in output and not (tmp_path / "sweep" / "lr=3e-3").exists()
 
     end = str(stopped_at + 2)  # the same sweep, told to end soon: the stopped run resumes, the other one starts
-    again = start_sweep("--config", str(experiment), "--train.max_steps", end, "--sweep", "train.lr=1e-3,3e-3")
+    sweep = ["--config", str(experiment), "--train.max_steps", end, "--sweep", "train.lr=1e-3,3e-3"]
+    assert main(["train", *sweep, "--dry-run"]) == 0  # says so first, and changes nothing
+    out = capsys.readouterr().out
+    assert f"1/2 lr=1e-3: resumes {checkpoints_dir(tmp_path / 'sweep' / 'lr=1e-3')}" in out
+    assert f"at step {stopped_at} of {end} (changed since: train.max_steps 10000 -> {end})" in out
+    assert f"2/2 lr=3e-3: starts fresh, {end} steps; its shards are ready" in out
+    assert not (tmp_path / "sweep" / "lr=3e-3").exists()
+    assert main(["train", *sweep, "--train.resume", "none", "--dry-run"]) == 1
+    assert "1/2 lr=1e-3: refused: " in (out := capsys.readouterr().out) and "2/2 lr=3e-3: starts fresh" in out
+    again = start_sweep(*sweep)
     output, _ = again.communicate(timeout=120)
     assert again.returncode == 0, output
     assert f"at step {stopped_at}" in output  # "resumed from ... at step N"

@@ -39,8 +39,10 @@ GENERATE_ROOM_FRACTION = 0.5
 TRAIN_DESCRIPTION = (
     "Train on this machine: --config FILE, then --section.key value overrides. A sweep: --sweep KEY=V1,V2,... "
     "(repeatable) trains one run per combination of the values, one after the other, each in its own directory "
-    "under train.out_dir; the same command again continues it."
+    "under train.out_dir; the same command again continues it. --dry-run checks the run (each run of a sweep) and "
+    "says what a start would do, training nothing."
 )
+DRY_RUN_FLAG = "--dry-run"
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
 
@@ -57,8 +59,12 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
     from tml.train.ranks import is_first_local_process
     from tml.train.run_lock import RunLockError, hold_run_lock, is_lock_holder
 
+    dry_run = DRY_RUN_FLAG in argv
+    argv = [arg for arg in argv if arg != DRY_RUN_FLAG]
     if is_sweep(argv):
-        return sweep_main(argv, prog)
+        return sweep_main(argv, prog, dry_run)
+    if dry_run:
+        return dry_run_main(argv, prog)
     die_with_local_rank0()  # the extra local ranks Fabric starts end with this process, even under kill -9
     try:
         config = load_config(argv, train_parser(prog))
@@ -131,15 +137,43 @@ def train_parser(prog: str | None) -> ArgumentParser:
     return build_parser(prog=prog, description=TRAIN_DESCRIPTION)
 
 
-def sweep_main(argv: Sequence[str], prog: str | None) -> int:
-    """`... --sweep KEY=V1,V2`: every combination is checked first, then each is trained in turn (tml/sweep.py)."""
+def dry_run_main(argv: Sequence[str], prog: str | None) -> int:
+    """`tml train ... --dry-run`: the run's checks and what a start would do (fresh, resumed at step N, ...), in a
+    line; nothing is trained, prepared or written. Exit status as `tml train`'s refusal would be."""
     from tml.config import load_config
-    from tml.sweep import SweepError, check_runs, expand_sweep, run_sweep_here, split_sweep_arguments
+    from tml.data.shards import ShardError
+    from tml.train.checkpoint import CheckpointError
+    from tml.train.preflight import describe_start
+
+    try:
+        config = load_config(argv, train_parser(prog))
+    except ConfigError as error:
+        print(f"tml: {error}", file=sys.stderr)
+        return 2
+    try:
+        print(f"tml: {config.train.out_dir}: {describe_start(config)}")
+    except (CheckpointError, ShardError, OSError) as error:
+        print(f"tml: {error}", file=sys.stderr)
+        return 1
+    print(f"tml: nothing trained ({DRY_RUN_FLAG})", file=sys.stderr)
+    return 0
+
+
+def sweep_main(argv: Sequence[str], prog: str | None, dry_run: bool = False) -> int:
+    """`... --sweep KEY=V1,V2`: every combination is checked first, then each is trained in turn (tml/sweep.py).
+    With --dry-run, each run's line of what its start would do instead."""
+    from tml.config import load_config
+    from tml.sweep import SweepError, check_runs, describe_sweep, expand_sweep, run_sweep_here, split_sweep_arguments
     from tml.train.checkpoint import CheckpointError
 
     try:
         experiment, axes = split_sweep_arguments(argv)
         runs = expand_sweep(experiment, axes, lambda args: load_config(args, train_parser(prog)))
+        if dry_run:
+            lines, refused = describe_sweep(runs)
+            print("\n".join(lines))
+            print(f"tml: nothing trained ({DRY_RUN_FLAG})", file=sys.stderr)
+            return 1 if refused else 0
         check_runs(runs)
         return run_sweep_here(runs)
     except (SweepError, ConfigError) as error:

@@ -293,6 +293,24 @@ def check_runs(runs: Sequence[SweepRun]) -> None:
             raise CheckpointError(f"sweep run {run.name}: {error}") from error
 
 
+def describe_sweep(runs: Sequence[SweepRun]) -> tuple[list[str], bool]:
+    """`--dry-run`: a line per run saying what the sweep would do with it (skip it as ended or trained elsewhere,
+    start, resume at step N), or why it would be refused; and whether any would be. Nothing is written."""
+    from tml.train.checkpoint import CheckpointError
+    from tml.train.preflight import describe_start
+
+    lines = [f"tml: sweep of {len(runs)} runs under {runs[0].out_dir.parent}"]
+    refused = False
+    for position, run in enumerate(runs, 1):
+        try:
+            outcome = taken_elsewhere(run.name, run.config)
+            plan = f"{outcome}, would be skipped" if outcome is not None else describe_start(run.config)
+        except (SweepError, CheckpointError) as error:
+            plan, refused = f"refused: {str(error).removeprefix(f'sweep run {run.name}: ')}", True
+        lines.append(f"  {position}/{len(runs)} {run.name}: {plan}")
+    return lines, refused
+
+
 def taken_elsewhere(name: str, config: Config) -> str | None:
     """"ended earlier" or "training elsewhere" for a run the sweep leaves alone, else None; SweepError for another
     run in its directory. Asked before the first run, at each run's turn and after a failed start: another sweep

@@ -1,0 +1,60 @@
+"""What a run's start would do or refuse, said before anything is spent on it (`--dry-run`)."""
+
+import pytest
+
+from tests.train.conftest import tiny_run_config
+from tml.cli import main
+from tml.config import dump_yaml
+from tml.train.checkpoint import CheckpointError
+from tml.train.loop import train
+from tml.train.preflight import describe_start
+from tml.train.run_lock import hold_run_lock
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, tiny_shards):
+    out_dir = tmp_path_factory.mktemp("preflight") / "run"
+    config = tiny_run_config(tiny_shards, out_dir, max_steps=2, val_interval=2, ckpt_interval=2)
+    train(config)
+    return config
+
+
+def test_a_new_run_starts_fresh_or_from_its_init_from_weights_and_says_whether_its_shards_are_ready(
+        finished_run, tiny_shards, tmp_path):
+    fresh = tiny_run_config(tiny_shards, tmp_path / "new", max_steps=5)
+    assert describe_start(fresh) == f"starts fresh, 5 steps; its shards are ready ({tiny_shards})"
+    fresh.train.init_from = finished_run.train.out_dir
+    assert describe_start(fresh).startswith(f"starts from the weights of {finished_run.train.out_dir}, 5 steps")
+    fresh.data.shard_dir = str(tmp_path / "no-shards")
+    assert describe_start(fresh).endswith(f"prepares its shards first ({tmp_path / 'no-shards'})")
+    assert not (tmp_path / "new").exists() and not (tmp_path / "no-shards").exists()  # nothing written
+
+
+def test_a_saved_run_resumes_at_its_step_with_the_changes_named_or_has_nothing_left_to_train(finished_run):
+    longer = tiny_run_config(finished_run.data.shard_dir, finished_run.train.out_dir, max_steps=6, resume="auto",
+                             val_interval=2, ckpt_interval=2, lr=1e-3)
+    assert describe_start(longer).startswith(f"resumes {finished_run.train.out_dir}/checkpoints/step-")
+    assert "at step 2 of 6 (changed since: train.max_steps 2 -> 6; train.lr 0.003 -> 0.001)" in describe_start(longer)
+    longer.train.max_steps = 2
+    assert describe_start(longer).startswith("already at step 2 of train.max_steps 2: validates once, trains nothing")
+
+
+def test_a_start_that_would_be_refused_raises_the_same_error_and_one_being_trained_is_said_so(finished_run):
+    again = tiny_run_config(finished_run.data.shard_dir, finished_run.train.out_dir, resume="none")
+    with pytest.raises(CheckpointError, match="train.resume is 'none'"):
+        describe_start(again)
+    with hold_run_lock(finished_run.train.out_dir):
+        assert describe_start(again).startswith("being trained now (pid ")
+
+
+def test_tml_train_dry_run_prints_the_line_and_trains_nothing(finished_run, tiny_shards, tmp_path, capsys):
+    config = tiny_run_config(tiny_shards, tmp_path / "run", max_steps=3)
+    (tmp_path / "run.yaml").write_text(dump_yaml(config))
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--dry-run"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == f"tml: {tmp_path / 'run'}: starts fresh, 3 steps; its shards are ready ({tiny_shards})\n"
+    assert captured.err == "tml: nothing trained (--dry-run)\n" and not (tmp_path / "run").exists()
+    refused = ["train", "--config", str(tmp_path / "run.yaml"), "--train.out_dir", finished_run.train.out_dir,
+               "--train.resume", "none", "--dry-run"]
+    assert main(refused) == 1 and "train.resume is 'none'" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--train.lr", "x", "--dry-run"]) == 2

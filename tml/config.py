@@ -89,7 +89,9 @@ def build_parser(prog: str | None = None, description: str | None = None) -> Arg
 def config_from_namespace(parser: ArgumentParser, namespace: Namespace) -> Config:
     """Turn parsed arguments into dataclasses, so __post_init__ validation runs on the final values."""
     try:
-        init = parser.instantiate_classes(namespace)
+        # `instantiate` since jsonargparse 4.49; `instantiate_classes`, its name before, goes in 5.0.
+        instantiate = getattr(parser, "instantiate", None) or parser.instantiate_classes
+        init = instantiate(namespace)
         return Config(**{name: init[name] for name in SECTIONS})
     except (TypeError, ValueError) as error:
         raise ConfigError(str(error)) from error

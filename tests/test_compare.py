@@ -1,4 +1,5 @@
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -84,12 +85,16 @@ def test_settings_equal_in_every_run_are_said_once_above_a_table_of_what_differs
     assert same_line.startswith("same in all runs: ")
     assert "norm post" in same_line and "layers 2" in same_line and "KV dtype float32" in same_line
     assert "steps 4/4" in same_line and "status finished" in same_line
-    assert "kv rank 32" in same_line  # MHA has none: "not applicable" agrees with MLA's one value
-    assert "kv heads 4" in same_line  # ... and MLA has no key/value heads
+    assert "kv rank" not in same_line and "kv heads" not in same_line  # one kind has them, the other has none
     table_text = "\n".join(table)
     assert "attn" in table_text and "KV B/tok" in table_text and "best ppl" in table_text
-    assert "layers" not in table_text and "status" not in table_text and "kv rank" not in table_text
+    assert "layers" not in table_text and "status" not in table_text
     assert "MLA" in table_text and "MHA" in table_text
+    header = [cell.strip() for cell in table[0].split("┃")]
+    cells = {row[0]: row for line in table[2:] if (row := [cell.strip() for cell in line.split("│")])}
+    kv_heads, kv_rank = header.index("kv heads"), header.index("kv rank")
+    assert (cells[str(sweep / "mla")][kv_heads], cells[str(sweep / "mla")][kv_rank]) == ("-", "32")
+    assert (cells[str(sweep / "mha")][kv_heads], cells[str(sweep / "mha")][kv_rank]) == ("4", "-")
 
 
 def test_one_run_puts_everything_in_the_table_named_as_given(sweep, capsys, monkeypatch):
@@ -183,6 +188,16 @@ def test_unreadable_files_become_rows_that_say_why_and_the_other_runs_still_show
     assert rows["mla"]["status"] == "finished"
     out = compare_table(capsys, monkeypatch, broken)
     assert "unreadable: no config.yaml" in out and "unreadable: summary.json: Expecting property name" in out
+
+
+def test_a_directory_of_runs_and_sweeps_lists_the_sweeps_runs_too_but_not_deeper(sweep, tmp_path, capsys):
+    copy_run(sweep / "mla", tmp_path / "runs" / "tiny", summary=json.loads((sweep / "mla" / SUMMARY_FILE).read_text()))
+    shutil.copytree(sweep, tmp_path / "runs" / "kinds")  # a sweep's out_dir: its runs one level further down
+    copy_run(sweep / "mha", tmp_path / "runs" / "old" / "sweep" / "mha")  # three levels down: not looked for
+    (tmp_path / "runs" / "shards").mkdir()  # a directory without runs is passed over
+    rows = compare_json(capsys, tmp_path / "runs")
+    assert sorted(row["run"] for row in rows) == [str(tmp_path / "runs" / name) for name in ("kinds/mha", "kinds/mla",
+                                                                                              "tiny")]
 
 
 def test_paths_that_hold_no_run_are_refused_in_one_line_naming_them(tmp_path, capsys):

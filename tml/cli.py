@@ -458,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", help="one table of runs: their shapes, costs and final perplexities")
     compare.add_argument("runs", nargs="+", metavar="RUN_OR_PARENT",
-                         help="a run directory (train.out_dir), or a directory whose subdirectories are runs")
+                         help="a run directory (train.out_dir), or a directory of runs or of sweeps (runs/ finds "
+                         "runs/tiny and runs/lr/lr=1e-3)")
     compare.add_argument("--json", action="store_true", help="print a JSON list of every run's fields instead")
     compare.add_argument("--sort", default=DEFAULT_SORT, metavar="KEY",
                          help=f"ascending by this field or setting (train.lr); --sort=-KEY for descending; runs "

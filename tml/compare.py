@@ -27,6 +27,8 @@ from tml.train.run_lock import training_in_progress
 
 # A directory holding any of these is a run (a killed run whose config.yaml was deleted still gets its row).
 RUN_MARKERS = (CONFIG_FILE, SUMMARY_FILE, CHECKPOINTS)
+# How deep below a named directory runs are looked for: its runs, and a sweep's runs in a subdirectory of it.
+SEARCH_LEVELS = 2
 # The comment the loop writes on top of config.yaml (tml/train/loggers.py describe_model) starts with the count.
 PARAMS_HEADER = re.compile(r"#\s*model:\s*([\d,]+) parameters \(([\d,]+) non-embedding\)")
 # ... and says what the KV cache costs in the precision the run really used (16-mixed runs as bf16 on a CPU).
@@ -76,9 +78,22 @@ def is_run(directory: Path) -> bool:
     return any((directory / marker).exists() for marker in RUN_MARKERS)
 
 
+def runs_under(path: Path, levels: int = SEARCH_LEVELS) -> list[tuple[str, Path]]:
+    """The runs among path's subdirectories, and theirs down to `levels` below it (a sweep's runs in runs/sweep)."""
+    found = []
+    for child in sorted(path.iterdir()):
+        if child.is_dir():
+            if is_run(child):
+                found.append((str(child), child))
+            elif levels > 1:
+                found += runs_under(child, levels - 1)
+    return found
+
+
 def find_runs(paths: Sequence[str]) -> list[tuple[str, Path]]:
-    """(name, directory) of every run: each path is a run directory or a directory whose subdirectories are runs.
-    The name is the path as given (joined with the subdirectory's name); a run named twice is listed once."""
+    """(name, directory) of every run: each path is a run directory or a directory of runs, or of sweeps' run
+    directories. The name is the path as given (joined with the subdirectories' names); a run named twice is
+    listed once."""
     if not paths:
         raise CompareError("no runs given: name run directories or a directory of runs")
     runs: dict[Path, str] = {}
@@ -91,11 +106,10 @@ def find_runs(paths: Sequence[str]) -> list[tuple[str, Path]]:
         if is_run(path):
             found = [(given, path)]
         else:
-            found = [(str(path / child.name), child) for child in sorted(path.iterdir())
-                     if child.is_dir() and is_run(child)]
+            found = runs_under(path)
             if not found:
-                raise CompareError(f"{given}: not a run directory (none of {', '.join(RUN_MARKERS)}) and none of its "
-                                   "subdirectories is one")
+                raise CompareError(f"{given}: not a run directory (none of {', '.join(RUN_MARKERS)}) and no run "
+                                   f"directory is within {SEARCH_LEVELS} levels below it")
         for name, directory in found:
             runs.setdefault(directory.resolve(), name)
     return [(name, directory) for directory, name in runs.items()]
@@ -353,8 +367,9 @@ def cell(column: Column, row: dict[str, Any]) -> str:
 
 
 def same_in_all(column: Column, rows: list[dict[str, Any]]) -> bool:
-    """One value in every row that has one: an MHA row's "not applicable" (None) for kv rank agrees with any."""
-    values = [column.value(row) for row in rows if column.value(row) is not None]
+    """One value in every row, or none in any: an MLA run's kv rank beside an MHA run's "-" (it has none) is a
+    difference the table shows, not a value all runs share."""
+    values = [column.value(row) for row in rows]
     return all(value == values[0] for value in values)
 
 
@@ -374,8 +389,7 @@ def print_table(rows: list[dict[str, Any]], console: Console) -> None:
             console.print(f"{column.header:<14} {cell(column, row)}", soft_wrap=True, highlight=False)
         return
     same = [column for column in COLUMNS[1:] if same_in_all(column, rows)]
-    shared = [f"{column.header} {cell(column, having[0])}" for column in same
-              if (having := [row for row in rows if column.value(row) is not None])]
+    shared = [f"{column.header} {cell(column, rows[0])}" for column in same if column.value(rows[0]) is not None]
     if shared:
         console.print("same in all runs: " + ", ".join(shared), highlight=False)
     shown = [column for column in COLUMNS if column not in same]

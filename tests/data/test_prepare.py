@@ -199,6 +199,20 @@ def test_a_single_file_corpus_holds_out_the_tail_of_its_tokens(tmp_path):
     assert "warning" not in output
 
 
+def test_a_file_named_as_the_source_is_the_whole_corpus_and_editing_it_rebuilds(tmp_path):
+    source = own_corpus(tmp_path, {"input.txt": OWN_TEXT, "other.txt": "Not read: only the named file is.\n"})
+    cfg = config(tmp_path, str(source / "input.txt"))
+    assert "1 of 1 files had no Project Gutenberg header: kept whole (input.txt)" in output_of(cfg)
+    index = ShardIndex.load(cfg.shard_dir, verify=True)
+    assert [entry["path"] for entry in index.source_files] == ["input.txt"]
+    tokens = document_tokens(index, "train")["input.txt"][:-1] + document_tokens(index, "val")["input.txt"][:-1]
+    assert tokens == get_tokenizer().encode_ordinary(OWN_TEXT)
+    assert data_is_ready(cfg)
+    (source / "input.txt").write_text(OWN_TEXT + "More.\n", encoding="utf-8")
+    assert not data_is_ready(cfg)
+    assert "rebuilt because data.source changed: 1 changed (input.txt)" in output_of(cfg)
+
+
 def test_auto_holds_out_whole_books_only_from_twenty_documents_or_for_downloads(tmp_path):
     source = own_corpus(tmp_path, {f"part{n:02d}.txt": f"Part {n}.\n" for n in range(20)})
     assert data_settings(config(tmp_path, source))["val_split"] == "books"

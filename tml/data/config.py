@@ -30,8 +30,8 @@ class DataConfig:
     """Where the books come from, how they become token shards, and how training reads them.
 
     Attributes:
-        source: "gutenberg" (download book_ids) or a local directory of .txt files (your own text, or Gutenberg
-            books, whose headers are stripped); only .txt files are read, others are skipped
+        source: "gutenberg" (download book_ids), a local directory of .txt files (your own text, or Gutenberg
+            books, whose headers are stripped; only .txt files are read, others are skipped) or one text file
         mirror: base URL or directory standing in for gutenberg.org (env TML_GUTENBERG_MIRROR does the same)
         book_ids: Gutenberg ebook numbers to download when source is "gutenberg"
         max_books: cap on the books taken from the source (null = all of them)

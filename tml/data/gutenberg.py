@@ -399,10 +399,20 @@ def scan_source(root: Path) -> SourceScan:
 
 
 def source_root(cfg: DataConfig) -> Path:
-    root = Path(cfg.source).expanduser()
-    if not root.is_dir():
-        raise GutenbergError(f"data.source={cfg.source!r} is neither 'gutenberg' nor an existing directory of .txt files")
-    return root
+    """The directory file names are given relative to: data.source, or the folder of a single file (input.txt)."""
+    source = Path(cfg.source).expanduser()
+    if source.is_file():
+        return source.parent
+    if not source.is_dir():
+        raise GutenbergError(f"data.source={cfg.source!r} is neither 'gutenberg' nor an existing directory of .txt "
+                             "files or a text file")
+    return source
+
+
+def scan_local_source(cfg: DataConfig) -> SourceScan:
+    """scan_source of data.source; a single file named as the source (nanoGPT's input.txt) is the whole corpus."""
+    source = Path(cfg.source).expanduser()
+    return SourceScan([source], [], []) if source.is_file() else scan_source(source_root(cfg))
 
 
 def ebook_number(name: str) -> int | None:
@@ -439,19 +449,19 @@ def local_book_paths(cfg: DataConfig) -> dict[int, Path]:
     """The .txt files under data.source (recursively) that make the corpus, by id, lowest ids first and at most
     data.max_books of them. Only names and paths are read."""
     root = source_root(cfg)
-    by_id = local_book_ids(scan_source(root).texts, root)
+    by_id = local_book_ids(scan_local_source(cfg).texts, root)
     return {book_id: by_id[book_id] for book_id in sorted(by_id)[: cfg.max_books]}
 
 
 def skipped_files(cfg: DataConfig) -> list[Path]:
     """Files under data.source that are not .txt and so are not read (hidden ones, like .git, not counted),
     sorted by name as the notice lists them."""
-    return sorted(scan_source(source_root(cfg)).others, key=lambda path: (path.name, path))
+    return sorted(scan_local_source(cfg).others, key=lambda path: (path.name, path))
 
 
 def dangling_links(cfg: DataConfig) -> list[Path]:
     """Symbolic links under data.source that point nowhere: skipped, and worth naming (a moved corpus?)."""
-    return scan_source(source_root(cfg)).dangling
+    return scan_local_source(cfg).dangling
 
 
 def books_from_directory(cfg: DataConfig) -> list[Book]:
@@ -459,7 +469,7 @@ def books_from_directory(cfg: DataConfig) -> list[Book]:
     paths = local_book_paths(cfg)
     if not paths:
         raise GutenbergError(f"data.source={cfg.source!r} holds no .txt files")
-    root = Path(cfg.source).expanduser()
+    root = source_root(cfg)
     books = []
     for book_id, path in paths.items():
         book = describe_file(book_id, path)

@@ -58,6 +58,7 @@ from tml.data.gutenberg import (
     local_book_paths,
     printable,
     skipped_files,
+    source_root,
 )
 from tml.data.shards import (
     FORMAT_VERSION,
@@ -111,8 +112,8 @@ def source_listing(cfg: DataConfig) -> list[dict[str, Any]]:
     downloads): a stat per file, so launchers notice an edited corpus without reading it."""
     if not is_local(cfg):
         return []
-    root = Path(cfg.source).expanduser()
     try:
+        root = source_root(cfg)
         paths = local_book_paths(cfg)
     except GutenbergError:  # no such directory: prepare_data says so
         return []
@@ -292,8 +293,8 @@ class ReadNotes:
 def book_texts(books: Sequence[Book], cfg: DataConfig, notes: ReadNotes) -> Iterator[tuple[Book, str]]:
     """Each book's text to train on. Downloads are always stripped of Gutenberg's header and footer; a local
     file only when it opens like a Gutenberg file, else it is kept exactly as read."""
-    root = Path(cfg.source).expanduser()
     if is_local(cfg):
+        root = source_root(cfg)
         notes.dangling = [display_name(path, root) for path in dangling_links(cfg)]
     for book in books:
         text, encoding = read_book(book.path)
@@ -404,7 +405,7 @@ def source_files(listing: list[dict[str, Any]], books: Sequence[Book], cfg: Data
     """The listing with each file's sha256 (from gathering the books), so a rebuild can name what changed."""
     if not is_local(cfg):
         return []
-    root = Path(cfg.source).expanduser()
+    root = source_root(cfg)
     hashes = {display_name(book.path, root): book.sha256 for book in books}  # the key source_listing uses
     return [{**entry, "sha256": hashes.get(entry["path"])} for entry in listing]
 

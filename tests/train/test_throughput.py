@@ -1,6 +1,7 @@
 import pytest
 
 from tml.train.throughput import (
+    CPU_PROBE_SIZE,
     ThroughputMeter,
     gpu_peak_flops,
     measure_cpu_peak_flops,
@@ -44,6 +45,13 @@ def test_mfu_is_achieved_over_peak_flops():
 def test_cpu_peak_is_measured_and_plausible():
     peak = measure_cpu_peak_flops("fp32", seconds=0.05)
     assert 1e8 < peak < 1e14
+
+
+def test_cpu_peak_is_the_fastest_matmul_call_not_the_mean_of_calls_slowed_by_other_work(monkeypatch):
+    # start, then per call: the loop's check, began, ended; the last check ends the probe
+    clock = iter([0.0, 0.0, 0.0, 0.010, 0.010, 0.010, 0.012, 1.0])
+    monkeypatch.setattr("tml.train.throughput.time.perf_counter", lambda: next(clock))
+    assert measure_cpu_peak_flops("fp32", seconds=0.5) == pytest.approx(2 * CPU_PROBE_SIZE**3 / 0.002)
 
 
 def test_meter_counts_tokens_over_the_window():

@@ -397,9 +397,14 @@ def test_resume_with_another_model_or_a_fresh_run_over_a_run_is_refused_before_a
 
 def test_a_run_stopped_before_its_first_validation_shows_no_best_val_loss(tmp_path, tiny_shards, capsys):
     config = tiny_run_config(tiny_shards, tmp_path, max_steps=6, val_interval=100, ckpt_interval=100)
-    assert train(config, preemption=PreemptAtStep(1)).preempted
-    [row] = [line for line in capsys.readouterr().out.splitlines() if "best val loss" in line]
+    flag = PreemptAtStep(1)
+    flag.signal_number = signal.SIGUSR1  # as the handler records it
+    assert train(config, preemption=flag).preempted
+    out = capsys.readouterr().out.splitlines()
+    [row] = [line for line in out if "best val loss" in line]
     assert re.fullmatch(r".*best val loss\W*-\W*", row), row
+    [row] = [line for line in out if "stopped by" in line]  # what stopped it, not only that something did
+    assert re.fullmatch(r".*stopped by\W*SIGUSR1\W*", row), row
     written = summary(tmp_path)  # what is known: no validation yet, so null rather than a made-up number
     assert written["preempted"] is True and written["final_step"] == 1 and written["tokens_seen"] > 0
     assert written["best_val_loss"] is written["val_loss"] is written["val_perplexity"] is None

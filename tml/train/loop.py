@@ -341,7 +341,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                 if val else "-",
                 "final val perplexity": format_perplexity(val.perplexity) if val else "-",
                 "stopped early": str(stopped_early),
-                "preempted": str(preempted),
+                "stopped by": preemption.describe() if preempted else "-",  # Ctrl-C, SIGTERM, SIGUSR1, ...
                 "checkpoints": str(checkpoints_dir(out_dir)),
                 **({"peak GPU memory": f"{torch.cuda.max_memory_allocated(fabric.device) / GIB:.2f} GiB"}
                    if fabric.device.type == "cuda" else {}),

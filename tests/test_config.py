@@ -25,15 +25,23 @@ def test_yaml_values_and_cli_overrides_are_applied(tmp_path):
     assert config.data.book_ids == [11, 12]
 
 
-def test_unknown_yaml_key_is_rejected_by_name(tmp_path):
+def test_unknown_yaml_key_is_rejected_by_name_with_the_key_it_is_close_to(tmp_path):
     path = write(tmp_path, "model:\n  n_layers: 2\n")
-    with pytest.raises(ConfigError, match="n_layers"):
+    with pytest.raises(ConfigError, match=r"n_layers.*\(did you mean model.n_layer\?\)$"):
         load_yaml_config(path)
 
 
-def test_unknown_cli_key_is_rejected_by_name():
-    with pytest.raises(ConfigError, match="train.learning_rate"):
-        load_config(["--train.learning_rate=1"])
+@pytest.mark.parametrize(("argv", "guess"), [
+    (["--train.max_step", "5"], " (did you mean --train.max_steps?)"),
+    (["--trian.lr=1"], " (did you mean --train.lr?)"),  # the section misspelled
+    (["--lr", "1"], " (did you mean --train.lr?)"),  # the section left out
+    (["--train.max_step", "5", "--model.kv_rank", "8"], " (did you mean --train.max_steps, --model.kv_lora_rank?)"),
+    (["--colour=blue"], ""),  # nothing close enough: no guess
+])
+def test_unknown_cli_key_is_rejected_by_name_with_the_keys_it_is_close_to(argv, guess):
+    with pytest.raises(ConfigError) as error:
+        load_config(argv)
+    assert str(error.value) == f"unrecognized arguments: {' '.join(argv)}{guess}"
 
 
 def test_wrong_type_is_rejected_with_the_key_named(tmp_path):

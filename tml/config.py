@@ -7,6 +7,8 @@ The dataclasses are the single source of truth; jsonargparse turns them into the
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import re
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -106,8 +108,35 @@ def load_config(args: Sequence[str] | None = None, parser: ArgumentParser | None
     try:
         namespace = parser.parse_args(args)
     except Exception as error:  # jsonargparse raises ArgumentError with the key named, over several lines
-        raise ConfigError(" ".join(line.strip() for line in str(error).splitlines() if line.strip())) from error
+        message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+        raise ConfigError(message + did_you_mean(message, args)) from error
     return config_from_namespace(parser, namespace)
+
+
+def config_keys() -> list[str]:
+    """Every `section.key` a config has."""
+    return [f"{name}.{field.name}" for name, section in SECTIONS.items() for field in dataclasses.fields(section)]
+
+
+def did_you_mean(message: str, args: Sequence[str]) -> str:
+    """`(did you mean --train.max_steps?)` for each unknown option or file key close to a real one; else ''."""
+    if "unrecognized arguments" in message:
+        unknown = [arg.partition("=")[0].removeprefix("--") for arg in args if arg.startswith("--")
+                   and arg.partition("=")[0].removeprefix("--") not in (*config_keys(), *SECTIONS, "config")]
+        prefix = "--"
+    elif match := re.search(r"Group '(\w+)' does not accept option '(\w+)'", message):
+        unknown, prefix = [f"{match[1]}.{match[2]}"], ""
+    else:
+        return ""
+    keys = config_keys()
+    by_name = {key.split(".")[1]: key for key in keys}  # a bare `--lr`: matched by the keys' own names
+    guesses = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, keys, n=1)
+        if not close:
+            close = [by_name[name] for name in difflib.get_close_matches(key, by_name, n=1)]
+        guesses += [prefix + guess for guess in close]
+    return f" (did you mean {', '.join(dict.fromkeys(guesses))}?)" if guesses else ""
 
 
 def config_file_arguments(args: Sequence[str]) -> list[str]:

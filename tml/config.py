@@ -109,8 +109,32 @@ def load_config(args: Sequence[str] | None = None, parser: ArgumentParser | None
         namespace = parser.parse_args(args)
     except Exception as error:  # jsonargparse raises ArgumentError with the key named, over several lines
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        raise ConfigError(message + did_you_mean(message, args)) from error
+        raise ConfigError(plain_type_error(message) + did_you_mean(message, args)) from error
     return config_from_namespace(parser, namespace)
+
+
+# jsonargparse's names of the types config values have, as a user would write them.
+TYPE_WORDS = {"<class 'int'>": "an integer", "<class 'float'>": "a number", "<class 'bool'>": "true or false",
+              "<class 'str'>": "text", "<class 'list'>": "a list ([11, 12])", "<class 'NoneType'>": "null"}
+
+
+def plain_type_error(message: str) -> str:
+    """`model.kv_lora_rank: expected an integer, got 'abc'` for jsonargparse's `Parser key "model.kv_lora_rank":
+    Expected a <class 'int'>. Got value: abc` (and its longer form for `int | None`); other messages as they are."""
+    key = re.match(r'Parser key "([\w.]+)": ', message)
+    given = re.search(r"(?:Got value|Given value): (.*?)$", message)
+    expected = re.findall(r"Expected a (typing\.Literal\[.*?\]|<class '\w+'>)", message)
+    if not (key and given and expected):
+        return message
+    words = []
+    for name in expected:
+        if name.startswith("typing.Literal["):
+            words.append("one of " + ", ".join(re.findall(r"'([^']*)'", name)))
+        elif name in TYPE_WORDS:
+            words.append(TYPE_WORDS[name])
+        else:
+            return message
+    return f"{key[1]}: expected {' or '.join(dict.fromkeys(words))}, got {given[1]!r}"
 
 
 def config_keys() -> list[str]:

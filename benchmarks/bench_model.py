@@ -253,10 +253,11 @@ def main() -> None:
         "absorbed_speedup_over_naive": {c: round(decode["mla_absorbed"][c] / decode["mla_naive"][c], 2)
                                         for c in decode["mla_naive"]},
         "train_step": train,
-        "goals": {
+        # The goals are set for the reference shape; a small shape of one's own need not meet them.
+        **({"goals": {
             "absorbed_faster_than_naive_at_longest_context": decode["mla_absorbed"][longest] > decode["mla_naive"][longest],
             "mla_cache_at_most_a_fifth_of_mha": cache["mla_over_mha"] <= CACHE_GOAL_FRACTION,
-        },
+        }} if args.config is None else {}),
         "wall_s": round(time.perf_counter() - start, 1),
         "cpu_s": round(time.process_time() - cpu_start, 1),  # far below wall_s when other jobs hold the cores
     }

@@ -38,6 +38,7 @@ def test_config_and_model_overrides_set_the_measured_shape(monkeypatch, capsys):
     assert list(report["decode_tokens_per_s"]["mla_absorbed"]) == ["15"]  # block_size - 1 cached, one decoded
     assert report["decode_tokens_per_s"]["max_abs_logit_diff_absorbed_vs_naive"] < 1e-4
     assert "bench_train.py" in report["train_step"]  # a config's training speed is bench_train.py's job
+    assert "goals" not in report  # set for the reference shape, not for one of the user's own
 
 
 def test_reference_shape_keeps_its_three_contexts():

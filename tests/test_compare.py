@@ -234,12 +234,15 @@ def test_a_run_named_twice_is_one_row(sweep, capsys):
 def test_settings_that_differ_besides_the_shape_get_columns_and_sort_by_them(sweep, tmp_path, capsys, monkeypatch):
     text = (sweep / "mla" / CONFIG_FILE).read_text()
     summary = json.loads((sweep / "mla" / SUMMARY_FILE).read_text())
-    for lr in ("0.001", "0.01"):
-        copy_run(sweep / "mla", tmp_path / f"lr{lr}", summary=summary,
-                 config_text=text.replace("lr: 0.003", f"lr: {lr}").replace(str(sweep / "mla"), str(tmp_path)))
+    for lr, steps in (("0.001", 4), ("0.01", 8)):
+        copy_run(sweep / "mla", tmp_path / f"lr{lr}", summary=summary | {"max_steps": steps},
+                 config_text=text.replace("lr: 0.003", f"lr: {lr}").replace(f"max_steps: {MAX_STEPS}",
+                                                                          f"max_steps: {steps}")
+                 .replace(str(sweep / "mla"), str(tmp_path)))
     out = compare_table(capsys, monkeypatch, tmp_path)
     header = next(line for line in out.splitlines() if "train.lr" in line)
     assert "train.out_dir" not in out and "train.min_lr" not in header  # placement, and what did not change
+    assert "train.max_steps" not in header and f"{MAX_STEPS}/8" in out  # the steps column shows it
     assert "0.001" in out and "0.01" in out
     by_lr = compare_json(capsys, tmp_path, "--sort=-train.lr")  # with =: argparse reads "-x" as an option
     assert [row["settings"]["train.lr"] for row in by_lr] == [0.01, 0.001]

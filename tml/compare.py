@@ -358,7 +358,8 @@ COLUMNS = (
     field("tokens_per_s", "tok/s (wall)", render=lambda x: f"{x:,.0f}"),
     field("status", "status"),
 )
-SHAPE_SETTINGS = {f"model.{key}" for key in SHAPE}  # settings the shape columns already show
+# Settings the table's own columns already show: the shape's, and max_steps (the `steps` column's N/max).
+SHOWN_SETTINGS = {f"model.{key}" for key in SHAPE} | {"train.max_steps"}
 
 
 def cell(column: Column, row: dict[str, Any]) -> str:
@@ -375,7 +376,7 @@ def same_in_all(column: Column, rows: list[dict[str, Any]]) -> bool:
 
 def differing_settings(rows: list[dict[str, Any]]) -> list[Column]:
     """A column per setting (besides the shape's) whose value is not the same in every run: lr, warm-up, data..."""
-    keys = sorted({key for row in rows for key in row["settings"]} - SHAPE_SETTINGS)
+    keys = sorted({key for row in rows for key in row["settings"]} - SHOWN_SETTINGS)
     columns = [setting(key) for key in keys]
     return [column for column in columns if not same_in_all(column, rows)]
 
@@ -391,7 +392,7 @@ def print_table(rows: list[dict[str, Any]], console: Console) -> None:
     same = [column for column in COLUMNS[1:] if same_in_all(column, rows)]
     shared = [f"{column.header} {cell(column, rows[0])}" for column in same if column.value(rows[0]) is not None]
     if shared:
-        console.print("same in all runs: " + ", ".join(shared), highlight=False)
+        console.print("same in all runs: " + ", ".join(shared), highlight=False, soft_wrap=True)
     shown = [column for column in COLUMNS if column not in same]
     shown[-1:-1] = differing_settings(rows)  # before status: what the runs were told to do differently
     table = Table(show_edge=False, header_style="bold")

@@ -31,8 +31,9 @@ if TYPE_CHECKING:
     import torch
     from jsonargparse import ArgumentParser
 
-# Tokens per forward pass in `tml eval` (8 windows at block size 512): the fp32 logits of a pass take this times the
-# vocabulary times 4 bytes (0.8 GB at GPT-2's), whatever --context is; a longer window goes through alone.
+# Tokens per forward pass in `tml eval` (8 windows at block size 512), whatever --context is: a longer window goes
+# through alone. The model projects a pass's positions onto the vocabulary in chunks (NO_GRAD_LOSS_CHUNK), so no
+# window is too long for memory; its attention's time grows with the square of its length.
 EVAL_BATCH_TOKENS = 4096
 # The share of the block new tokens may claim from a long prompt: enough to generate, while keeping most context.
 GENERATE_ROOM_FRACTION = 0.5

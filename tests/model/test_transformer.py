@@ -135,6 +135,25 @@ def test_training_forward_can_skip_returning_logits_with_the_same_loss():
     assert torch.equal(same_loss, loss)
 
 
+def test_a_loss_without_gradients_projects_a_chunk_of_positions_at_a_time_to_the_same_value(monkeypatch):
+    model = build().eval()
+    idx = torch.randint(0, 256, (3, 8))
+    targets = idx.clone()
+    targets[0, :5] = -1  # ignored targets count in no chunk's mean
+    with torch.no_grad():
+        _, whole = model(idx, targets)
+        projected = []
+        monkeypatch.setattr(transformer_module, "NO_GRAD_LOSS_CHUNK", 5)  # 24 positions: chunks of 5, 5, 5, 5, 4
+        model.lm_head.register_forward_hook(lambda module, inputs, output: projected.append(inputs[0].shape[:-1].numel()))
+        _, chunked = model(idx, targets, return_logits=False)
+        assert projected == [5, 5, 5, 5, 4]
+        torch.testing.assert_close(chunked, whole)
+        assert model(idx, torch.full_like(targets, -1), return_logits=False)[1].isnan()  # as the mean of nothing is
+    projected.clear()
+    _, with_grad = model(idx, targets, return_logits=False)  # training: one projection, as autograd needs it anyway
+    assert projected == [24] and with_grad.requires_grad
+
+
 def loss_grads_and_saved_bytes(model: Transformer, idx: torch.Tensor) -> tuple[torch.Tensor, list, int]:
     """Loss, parameter gradients and the bytes autograd keeps for backward (tensors saved outside checkpoints)."""
     saved = {}

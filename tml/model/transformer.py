@@ -20,6 +20,9 @@ IGNORE_INDEX = -1  # targets equal to this do not count in the loss
 # the stream's variance does not grow with depth (each block adds two of them). That is a pre-LN argument; post-LN
 # renormalises the stream after every add, and keeps the scaling because the reference setup does.
 RESIDUAL_PROJECTIONS = ("attn.out_proj.weight", "mlp.fc_out.weight")
+# Positions per vocabulary projection when a loss is computed without gradients (validation, `tml eval`): their fp32
+# logits take this times the vocabulary times 4 bytes (0.4 GB at GPT-2's), however long the window or large the batch.
+NO_GRAD_LOSS_CHUNK = 2048
 
 
 class MLP(nn.Module):
@@ -94,6 +97,8 @@ class Transformer(nn.Module):
         in latent space unless `absorb=False` (the naive expand-then-attend path, kept as the reference).
         `return_logits=False` (training and evaluation) returns (None, loss): Fabric's precision wrapper would
         otherwise copy the [B,T,V] logits to fp32 on the way out, 2 GB per reference micro-batch, for nothing.
+        Without gradients it also projects NO_GRAD_LOSS_CHUNK positions at a time, so evaluating a long window never
+        holds its whole [T,V] logits (20 GB for 100,000 tokens).
         """
         T = idx.shape[1]
         start = cache[0].length if cache is not None else 0
@@ -115,10 +120,22 @@ class Transformer(nn.Module):
 
         if targets is None:
             return self.lm_head(x[:, -1:, :]), None
+        if not return_logits and not torch.is_grad_enabled():
+            return None, self._chunked_loss(x, targets)
         logits = self.lm_head(x)
         # fp32 loss: a bf16/fp16 log-softmax over 50k classes loses the small differences training follows.
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=IGNORE_INDEX)
         return (logits if return_logits else None), loss
+
+    def _chunked_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """The mean cross-entropy of forward's loss, from NO_GRAD_LOSS_CHUNK positions' logits at a time."""
+        x, targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+        total = torch.zeros((), dtype=torch.float32, device=x.device)
+        for start in range(0, x.size(0), NO_GRAD_LOSS_CHUNK):
+            logits = self.lm_head(x[start : start + NO_GRAD_LOSS_CHUNK]).float()
+            total += F.cross_entropy(logits, targets[start : start + NO_GRAD_LOSS_CHUNK], ignore_index=IGNORE_INDEX,
+                                     reduction="sum")
+        return total / (targets != IGNORE_INDEX).sum()  # nan with no counted target, as the mean's is
 
     def new_cache(self, batch_size: int, max_len: int | None = None) -> list[LayerCache]:
         """One empty cache per layer, on the model's device and in its dtype, for up to max_len positions."""

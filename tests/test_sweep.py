@@ -245,8 +245,10 @@ def test_a_sweep_goes_on_past_a_failed_run_leaves_one_in_training_elsewhere_and_
     assert output.count(": ended earlier, skipped") == 1
     assert "vocab_size=256,attention=mla: done; vocab_size=256,attention=mha: ended earlier" in output
     assert read_meta(checkpoints_dir(tmp_path / "sweep" / "vocab_size=256,attention=mla") / "last")["step"] == 3
-    assert main(["train", *argv, "--dry-run"]) == 0
-    assert "4/4 vocab_size=256,attention=mha: ended earlier, would be skipped" in capsys.readouterr().out
+    assert main(["train", *argv, "--dry-run"]) == 1  # as the sweep itself: its failing runs fail again
+    out = capsys.readouterr().out
+    assert "1/4 vocab_size=128,attention=mla: would fail at its start: model.vocab_size=128 is smaller" in out
+    assert "4/4 vocab_size=256,attention=mha: ended earlier, would be skipped" in out and "no run starts" not in out
 
 
 @pytest.mark.slow
@@ -276,6 +278,7 @@ def test_ctrl_c_stops_the_sweep_after_the_run_in_progress_saves_and_the_same_com
     assert not (tmp_path / "sweep" / "lr=3e-3").exists()
     assert main(["train", *sweep, "--train.resume", "none", "--dry-run"]) == 1
     assert "1/2 lr=1e-3: refused: " in (out := capsys.readouterr().out) and "2/2 lr=3e-3: starts fresh" in out
+    assert out.endswith("tml: the sweep would be refused before its first run: no run starts\n")
     again = start_sweep(*sweep)
     output, _ = again.communicate(timeout=120)
     assert again.returncode == 0, output

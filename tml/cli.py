@@ -140,20 +140,22 @@ def train_parser(prog: str | None) -> ArgumentParser:
 
 def dry_run_main(argv: Sequence[str], prog: str | None) -> int:
     """`tml train ... --dry-run`: the run's checks and what a start would do (fresh, resumed at step N, ...), in a
-    line; nothing is trained, prepared or written. Exit status as `tml train`'s refusal would be."""
+    line; nothing is trained, prepared or written. A start that would be refused is, with `tml train`'s exit
+    status for it."""
     from tml.config import load_config
+    from tml.data.gutenberg import GutenbergError
     from tml.data.shards import ShardError
     from tml.train.checkpoint import CheckpointError
     from tml.train.preflight import describe_start
+    from tml.train.run_lock import RunLockError
 
     try:
         config = load_config(argv, train_parser(prog))
+        print(f"tml: {config.train.out_dir}: {describe_start(config)}")
     except ConfigError as error:
         print(f"tml: {error}", file=sys.stderr)
         return 2
-    try:
-        print(f"tml: {config.train.out_dir}: {describe_start(config)}")
-    except (CheckpointError, ShardError, OSError) as error:
+    except (CheckpointError, GutenbergError, RunLockError, ShardError, OSError) as error:
         print(f"tml: {error}", file=sys.stderr)
         return 1
     print(f"tml: nothing trained ({DRY_RUN_FLAG})", file=sys.stderr)
@@ -171,10 +173,10 @@ def sweep_main(argv: Sequence[str], prog: str | None, dry_run: bool = False) -> 
         experiment, axes = split_sweep_arguments(argv)
         runs = expand_sweep(experiment, axes, lambda args: load_config(args, train_parser(prog)))
         if dry_run:
-            lines, refused = describe_sweep(runs)
+            lines, status = describe_sweep(runs)
             print("\n".join(lines))
             print(f"tml: nothing trained ({DRY_RUN_FLAG})", file=sys.stderr)
-            return 1 if refused else 0
+            return status
         check_runs(runs)
         return run_sweep_here(runs)
     except (SweepError, ConfigError) as error:

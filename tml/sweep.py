@@ -293,22 +293,31 @@ def check_runs(runs: Sequence[SweepRun]) -> None:
             raise CheckpointError(f"sweep run {run.name}: {error}") from error
 
 
-def describe_sweep(runs: Sequence[SweepRun]) -> tuple[list[str], bool]:
+def describe_sweep(runs: Sequence[SweepRun]) -> tuple[list[str], int]:
     """`--dry-run`: a line per run saying what the sweep would do with it (skip it as ended or trained elsewhere,
-    start, resume at step N), or why it would be refused; and whether any would be. Nothing is written."""
+    start, resume at step N), or why it would fail at its start, or why the sweep would be refused before its first
+    run (check_runs); and the exit status the sweep would end with. Nothing is written."""
+    from tml.data.gutenberg import GutenbergError
+    from tml.data.shards import ShardError
     from tml.train.checkpoint import CheckpointError
     from tml.train.preflight import describe_start
+    from tml.train.run_lock import RunLockError
 
     lines = [f"tml: sweep of {len(runs)} runs under {runs[0].out_dir.parent}"]
-    refused = False
+    refusal = failure = 0
     for position, run in enumerate(runs, 1):
         try:
             outcome = taken_elsewhere(run.name, run.config)
             plan = f"{outcome}, would be skipped" if outcome is not None else describe_start(run.config)
-        except (SweepError, CheckpointError) as error:
-            plan, refused = f"refused: {str(error).removeprefix(f'sweep run {run.name}: ')}", True
+        except (SweepError, CheckpointError) as error:  # check_runs refuses the whole sweep
+            plan = f"refused: {str(error).removeprefix(f'sweep run {run.name}: ')}"
+            refusal = refusal or (2 if isinstance(error, SweepError) else 1)
+        except (ConfigError, GutenbergError, RunLockError, ShardError, OSError) as error:  # this run fails, not all
+            plan, failure = f"would fail at its start: {error}", 1
         lines.append(f"  {position}/{len(runs)} {run.name}: {plan}")
-    return lines, refused
+    if refusal:
+        lines.append("tml: the sweep would be refused before its first run: no run starts")
+    return lines, refusal or failure
 
 
 def taken_elsewhere(name: str, config: Config) -> str | None:

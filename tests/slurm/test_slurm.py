@@ -206,7 +206,7 @@ def test_launcher_reports_a_data_preparation_failure_in_one_line(tmp_path):
     assert launched.returncode == 1
     assert launched.stderr.strip().splitlines() == [
         f"launch/slurm.py: data.source={str(missing)!r} is neither 'gutenberg' nor an existing directory of "
-        ".txt files"]
+        ".txt files or a text file"]
     assert not (tmp_path / "run" / "slurm").exists()
 
 

@@ -1,14 +1,16 @@
 """What a run's start would do or refuse, said before anything is spent on it (`--dry-run`)."""
 
 import pytest
+import torch
 
 from tests.train.conftest import tiny_run_config
 from tml.cli import main
-from tml.config import dump_yaml
+from tml.config import ConfigError, dump_yaml
+from tml.data.gutenberg import GutenbergError
 from tml.train.checkpoint import CheckpointError
 from tml.train.loop import train
 from tml.train.preflight import describe_start
-from tml.train.run_lock import hold_run_lock
+from tml.train.run_lock import RunLockError, hold_run_lock
 
 
 @pytest.fixture(scope="module")
@@ -39,12 +41,25 @@ def test_a_saved_run_resumes_at_its_step_with_the_changes_named_or_has_nothing_l
     assert describe_start(longer).startswith("already at step 2 of train.max_steps 2: validates once, trains nothing")
 
 
-def test_a_start_that_would_be_refused_raises_the_same_error_and_one_being_trained_is_said_so(finished_run):
+def test_a_start_that_would_be_refused_raises_what_the_start_would_raise_first(finished_run, tmp_path):
     again = tiny_run_config(finished_run.data.shard_dir, finished_run.train.out_dir, resume="none")
     with pytest.raises(CheckpointError, match="train.resume is 'none'"):
         describe_start(again)
-    with hold_run_lock(finished_run.train.out_dir):
-        assert describe_start(again).startswith("being trained now (pid ")
+    with hold_run_lock(finished_run.train.out_dir), pytest.raises(RunLockError, match="in use by another training"):
+        describe_start(again)
+    fresh = tiny_run_config(finished_run.data.shard_dir, tmp_path / "new")
+    fresh.model.vocab_size = 8  # the synthetic shards hold larger token ids
+    with pytest.raises(ConfigError, match="model.vocab_size=8 is smaller than the vocabulary of the shards"):
+        describe_start(fresh)
+    fresh = tiny_run_config(tmp_path / "no-shards", tmp_path / "new")
+    fresh.data.source = str(tmp_path / "no-corpus")
+    with pytest.raises(GutenbergError, match="no-corpus' is neither 'gutenberg' nor an existing directory"):
+        describe_start(fresh)
+    fresh = tiny_run_config(finished_run.data.shard_dir, tmp_path / "new", accelerator="cuda")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="train.accelerator=cuda but no CUDA device"):
+            describe_start(fresh)
+    assert not (tmp_path / "new").exists() and not (tmp_path / "no-shards").exists()
 
 
 def test_tml_train_dry_run_prints_the_line_and_trains_nothing(finished_run, tiny_shards, tmp_path, capsys):
@@ -57,4 +72,7 @@ def test_tml_train_dry_run_prints_the_line_and_trains_nothing(finished_run, tiny
     refused = ["train", "--config", str(tmp_path / "run.yaml"), "--train.out_dir", finished_run.train.out_dir,
                "--train.resume", "none", "--dry-run"]
     assert main(refused) == 1 and "train.resume is 'none'" in capsys.readouterr().err
+    with hold_run_lock(finished_run.train.out_dir):  # as `tml train`: 1 for a run another training holds
+        assert main([*refused[:-3], "--dry-run"]) == 1 and "in use by another training" in capsys.readouterr().err
+    assert main(["train", "--config", str(tmp_path / "run.yaml"), "--model.vocab_size", "8", "--dry-run"]) == 2
     assert main(["train", "--config", str(tmp_path / "run.yaml"), "--train.lr", "x", "--dry-run"]) == 2

@@ -67,6 +67,12 @@ def resolve_accelerator(train: TrainConfig, notify: bool = False) -> str:
     return train.accelerator
 
 
+def check_accelerator(train: TrainConfig) -> None:
+    """FabricConfigError for an accelerator this machine does not have (asked by --dry-run too)."""
+    if train.accelerator == "cuda" and not torch.cuda.is_available():
+        raise FabricConfigError("train.accelerator=cuda but no CUDA device is available (use auto or cpu)")
+
+
 def resolve_precision(train: TrainConfig, accelerator: str, notify: bool = False) -> str:
     """CPU has no fp16 autocast: 16-mixed becomes bf16-mixed there, as Fabric itself would do, but said aloud."""
     if accelerator == "cpu" and train.precision == "16-mixed":
@@ -165,9 +171,8 @@ def silence_known_noise(train: TrainConfig) -> None:
 def build_fabric(train: TrainConfig, loggers: list | None = None) -> Fabric:
     """A Fabric for `train`; call `fabric.launch()` next (it starts the other local processes)."""
     silence_known_noise(train)
+    check_accelerator(train)
     accelerator = resolve_accelerator(train, notify=True)
-    if accelerator == "cuda" and not torch.cuda.is_available():
-        raise FabricConfigError("train.accelerator=cuda but no CUDA device is available (use auto or cpu)")
     precision = resolve_precision(train, accelerator, notify=True)
     return Fabric(
         accelerator=accelerator,

@@ -29,10 +29,9 @@ import torch.distributed as dist
 from lightning import Fabric
 from lightning.fabric.utilities.seed import seed_everything
 
-from tml.config import Config, ConfigError, dump_yaml, same_setting
+from tml.config import Config, dump_yaml, same_setting
 from tml.data.packed import PackedDataset
 from tml.data.sampler import BatchStream
-from tml.data.shards import ShardIndex
 from tml.files import write_atomic
 from tml.model import Transformer
 from tml.pretrained import weights_to_start_from
@@ -53,6 +52,7 @@ from tml.train.loggers import (
 )
 from tml.train.optim import build_optimizer, build_scheduler
 from tml.train.preemption import PreemptionFlag, install_preemption_handler
+from tml.train.preflight import check_vocabulary
 from tml.train.ranks import is_first_local_process
 from tml.train.throughput import ThroughputMeter, peak_flops
 
@@ -394,15 +394,6 @@ def settle_init_from(config: Config, resume_dir: Path | None, meta: dict) -> Con
             print(f"tml: train.init_from={given} ignored: this run resumes its own weights"
                   + (f" (it started from {started_from})" if started_from else ""), file=sys.stderr)
     return dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=started_from))
-
-
-def check_vocabulary(config: Config) -> None:
-    """The shards' token ids must all have a row in the embedding; cheap (the index only), so checked first."""
-    data_vocab = ShardIndex.load(config.data.shard_dir, scan_tokens=False).vocab_size
-    if data_vocab > config.model.vocab_size:
-        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the vocabulary of the shards "
-                          f"in {config.data.shard_dir} ({data_vocab}): token ids would fall outside the embedding; "
-                          f"set --model.vocab_size {data_vocab} or more")
 
 
 def write_summary(out_dir: Path, summary: dict[str, float | int | bool | str | None]) -> None:

@@ -9,30 +9,53 @@ is the same check said as a line of what the start would do, for `tml train --dr
 
 from __future__ import annotations
 
-from tml.config import Config
+from pathlib import Path
+from typing import Any
+
+from tml.config import Config, ConfigError
+from tml.data.shards import ShardIndex
 from tml.pretrained import check_start_from
 from tml.train.checkpoint import resume_checkpoint
-from tml.train.run_lock import training_in_progress
+from tml.train.run_lock import RunLockError, training_in_progress
 
 
-def check_run_can_start(config: Config) -> None:
-    """Raises CheckpointError, naming the file or setting, for a run that would be refused at its start."""
-    resume_dir, _, _ = resume_checkpoint(config)
-    if config.train.init_from and resume_dir is None:
+def check_run_can_start(config: Config) -> tuple[Path | None, dict[str, Any], list[str]]:
+    """Raises CheckpointError, naming the file or setting, for a run that would be refused at its start; returns
+    resume_checkpoint's (checkpoint to resume or None, its meta.json, the settings changed since)."""
+    resume = resume_checkpoint(config)
+    if config.train.init_from and resume[0] is None:
         check_start_from(config.train.init_from, config.model)
+    return resume
+
+
+def check_vocabulary(config: Config) -> None:
+    """The shards' token ids must all have a row in the embedding; cheap (the index only), so checked first."""
+    data_vocab = ShardIndex.load(config.data.shard_dir, scan_tokens=False).vocab_size
+    if data_vocab > config.model.vocab_size:
+        raise ConfigError(f"model.vocab_size={config.model.vocab_size} is smaller than the vocabulary of the shards "
+                          f"in {config.data.shard_dir} ({data_vocab}): token ids would fall outside the embedding; "
+                          f"set --model.vocab_size {data_vocab} or more")
 
 
 def describe_start(config: Config) -> str:
     """What starting this run now would do, in a line (`--dry-run`): fresh, from init_from's weights, resumed from
-    step N (with the settings changed since), or nothing left to train. Checks what check_run_can_start checks,
-    raising the same CheckpointError; reads no tensor and writes nothing."""
-    from tml.data.prepare import data_is_ready
+    step N (with the settings changed since), or nothing left to train. Raises what the start itself would raise
+    first: RunLockError (another training holds the run), CheckpointError (its resume or init_from), GutenbergError
+    (a local data.source that is not there), ConfigError (shards with more tokens than the model's vocabulary, an
+    accelerator this machine lacks). Reads no tensor and writes nothing."""
+    from tml.data.gutenberg import source_root
+    from tml.data.prepare import data_is_ready, is_local
+    from tml.train.fabric import check_accelerator
 
     train = config.train
     if (holder := training_in_progress(train.out_dir)) is not None:
-        return f"being trained now ({holder}): a start would be refused"
-    check_run_can_start(config)
-    resume_dir, meta, changed = resume_checkpoint(config)
+        raise RunLockError(f"{train.out_dir} is in use by another training ({holder}): a start would be refused")
+    resume_dir, meta, changed = check_run_can_start(config)
+    check_accelerator(train)
+    if ready := data_is_ready(config.data):
+        check_vocabulary(config)
+    elif is_local(config.data):
+        source_root(config.data)  # a source that is not there: the start's data preparation stops at once
     if resume_dir is None:
         start = f"starts from the weights of {train.init_from}" if train.init_from else "starts fresh"
         start += f", {train.max_steps:,} steps"
@@ -43,5 +66,5 @@ def describe_start(config: Config) -> str:
         start = f"resumes {resume_dir} at step {step:,} of {train.max_steps:,}"
         if changed:
             start += f" (changed since: {'; '.join(changed)})"
-    data = "its shards are ready" if data_is_ready(config.data) else "prepares its shards first"
+    data = "its shards are ready" if ready else "prepares its shards first"
     return f"{start}; {data} ({config.data.shard_dir})"

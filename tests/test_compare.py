@@ -188,6 +188,10 @@ def test_unreadable_files_become_rows_that_say_why_and_the_other_runs_still_show
     assert rows["mla"]["status"] == "finished"
     out = compare_table(capsys, monkeypatch, broken)
     assert "unreadable: no config.yaml" in out and "unreadable: summary.json: Expecting property name" in out
+    header = next(line for line in out.splitlines() if line.lstrip().startswith("run "))
+    # A run without a readable config differs in nothing it cannot tell: the others' shared values stay shared.
+    assert "layers" not in header and "model." not in header and "data." not in header and "train." not in header
+    assert "layers 2" in out.splitlines()[0]
 
 
 def test_a_directory_of_runs_and_sweeps_lists_the_sweeps_runs_too_but_not_deeper(sweep, tmp_path, capsys):

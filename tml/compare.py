@@ -86,7 +86,10 @@ def runs_under(path: Path, levels: int = SEARCH_LEVELS) -> list[tuple[str, Path]
             if is_run(child):
                 found.append((str(child), child))
             elif levels > 1:
-                found += runs_under(child, levels - 1)
+                try:
+                    found += runs_under(child, levels - 1)
+                except PermissionError:  # a folder beside the runs this user cannot read (lost+found): none there
+                    continue
     return found
 
 
@@ -367,10 +370,16 @@ def cell(column: Column, row: dict[str, Any]) -> str:
     return NO_VALUE if value is None else column.render(value)
 
 
+def counted(column: Column, rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The rows whose value of `column` says something: every row whose config was read (its None means "not
+    applicable"), and a row without a readable config only where it has a value (its status says why)."""
+    return [row for row in rows if row["settings"] or column.value(row) is not None]
+
+
 def same_in_all(column: Column, rows: list[dict[str, Any]]) -> bool:
-    """One value in every row, or none in any: an MLA run's kv rank beside an MHA run's "-" (it has none) is a
-    difference the table shows, not a value all runs share."""
-    values = [column.value(row) for row in rows]
+    """One value in every counted row, or none in any: an MLA run's kv rank beside an MHA run's "-" (it has none)
+    is a difference the table shows, not a value all runs share."""
+    values = [column.value(row) for row in counted(column, rows)]
     return all(value == values[0] for value in values)
 
 
@@ -390,7 +399,8 @@ def print_table(rows: list[dict[str, Any]], console: Console) -> None:
             console.print(f"{column.header:<14} {cell(column, row)}", soft_wrap=True, highlight=False)
         return
     same = [column for column in COLUMNS[1:] if same_in_all(column, rows)]
-    shared = [f"{column.header} {cell(column, rows[0])}" for column in same if column.value(rows[0]) is not None]
+    shared = [f"{column.header} {cell(column, having[0])}" for column in same
+              if (having := counted(column, rows)) and column.value(having[0]) is not None]
     if shared:
         console.print("same in all runs: " + ", ".join(shared), highlight=False, soft_wrap=True)
     shown = [column for column in COLUMNS if column not in same]

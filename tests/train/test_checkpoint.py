@@ -157,10 +157,24 @@ def test_an_unreadable_meta_json_in_last_names_the_older_checkpoint_too(tmp_path
     config = Config(model=debug_model_config(), train=TrainConfig(out_dir=str(tmp_path), resume="auto"))
     saved_run(tmp_path, tiny_shards, steps=(2, 4), keep=2, best_at=(), config=config)
     root = checkpoints_dir(tmp_path)
-    (root / "step-0000004" / "meta.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match=re.escape(f"cannot read {root / 'step-0000004' / 'meta.json'}: ")
-                       + ".*" + re.escape(f"; an older checkpoint is there: --train.resume {root / 'step-0000002'}")):
+    meta = root / "step-0000004" / "meta.json"
+    advice = re.escape(f"; an older checkpoint is there: --train.resume {root / 'step-0000002'}")
+    meta.write_text("{not json".ljust(meta.stat().st_size))  # its size kept: only reading it finds it out
+    with pytest.raises(CheckpointError, match=re.escape(f"cannot read {meta}: ") + ".*" + advice):
         resume_checkpoint(config)
+    meta.write_text("{not json")  # the manifest's size check comes first: no file of it is read, only listed
+    with pytest.raises(CheckpointError, match=re.escape(f"{meta} is truncated or altered: 9 bytes") + ".*" + advice):
+        resume_checkpoint(config)
+
+
+def test_a_truncated_weights_file_is_refused_before_the_start_reads_a_tensor(tmp_path, tiny_shards):
+    config = Config(model=debug_model_config(), train=TrainConfig(out_dir=str(tmp_path), resume="auto"))
+    saved_run(tmp_path, tiny_shards, steps=(2, 4), keep=2, best_at=(), config=config)
+    weights = next((checkpoints_dir(tmp_path) / "step-0000004").glob("model*"))
+    with open(weights, "r+b") as file:
+        file.truncate(100)
+    with pytest.raises(CheckpointError, match=re.escape(f"{weights} is truncated or altered: 100 bytes")):
+        resume_checkpoint(config)  # what launchers, sweeps and --dry-run ask before data or a queued job
 
 
 def test_a_full_disk_while_saving_is_one_clear_error_and_the_previous_checkpoint_stays_last(
@@ -395,6 +409,7 @@ def fake_saved_run(out_dir, saved_config, world_size, deepspeed):
     meta = {"format": 1, "step": 4, "world_size": world_size, "deepspeed": deepspeed, "wandb_run_id": None,
             "config": saved_config.to_dict()}
     (step / "meta.json").write_text(json.dumps(meta))
+    write_manifest(step)
     os.symlink(step.name, out_dir / "checkpoints" / "last")
     return step
 
@@ -497,6 +512,7 @@ def test_a_checkpoint_without_a_data_fingerprint_resumes_as_before(tmp_path, tin
     meta = read_meta(directory)
     del meta[DATA_CONTENT]  # as written before checkpoints recorded it
     (directory / "meta.json").write_text(json.dumps(meta))
+    write_manifest(directory)
     (source / "c.txt").write_text("A file added since.\n")
     assert resume_checkpoint(config)[0] == directory
 
@@ -507,6 +523,7 @@ def test_a_run_from_before_val_split_resumes_only_with_whole_books_held_out(tmp_
     meta = read_meta(directory)
     del meta["config"]["data"]["val_split"], meta[DATA_CONTENT]
     (directory / "meta.json").write_text(json.dumps(meta))
+    write_manifest(directory)
     with pytest.raises(CheckpointError, match=r"predates data.val_split\), and data.val_split auto now means tail "
                                               r".*continue it with --data.val_split books"):
         resume_checkpoint(config)

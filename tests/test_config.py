@@ -25,10 +25,17 @@ def test_yaml_values_and_cli_overrides_are_applied(tmp_path):
     assert config.data.book_ids == [11, 12]
 
 
-def test_unknown_yaml_key_is_rejected_by_name_with_the_key_it_is_close_to(tmp_path):
-    path = write(tmp_path, "model:\n  n_layers: 2\n")
-    with pytest.raises(ConfigError, match=r"n_layers.*\(did you mean model.n_layer\?\)$"):
-        load_yaml_config(path)
+@pytest.mark.parametrize(("text", "message"), [
+    ("model:\n  n_layers: 2\n", "unknown key model.n_layers (did you mean model.n_layer?)"),
+    ("trian:\n  max_steps: 5\n", "unknown key trian.max_steps (did you mean train.max_steps?)"),  # the section
+    ("max_steps: 5\n", "unknown key max_steps (did you mean train.max_steps?)"),  # no section
+    ("train:\n  colour: blue\n", "unknown key train.colour"),  # nothing close: no guess
+])
+def test_unknown_yaml_key_is_rejected_naming_the_file_and_the_key_it_is_close_to(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as error:
+        load_config(["--config", str(path)])
+    assert str(error.value) == f"{path}: {message}"
 
 
 @pytest.mark.parametrize(("argv", "guess"), [
@@ -37,6 +44,8 @@ def test_unknown_yaml_key_is_rejected_by_name_with_the_key_it_is_close_to(tmp_pa
     (["--lr", "1"], " (did you mean --train.lr?)"),  # the section left out
     (["--train.max_step", "5", "--model.kv_rank", "8"], " (did you mean --train.max_steps, --model.kv_lora_rank?)"),
     (["--colour=blue"], ""),  # nothing close enough: no guess
+    (["--sweeep", "train.lr=1,2"], " (did you mean --sweep?)"),  # the entry points' own flags too
+    (["--dry_run"], " (did you mean --dry-run?)"),
 ])
 def test_unknown_cli_key_is_rejected_by_name_with_the_keys_it_is_close_to(argv, guess):
     with pytest.raises(ConfigError) as error:

@@ -109,10 +109,13 @@ def load_config(args: Sequence[str] | None = None, parser: ArgumentParser | None
         namespace = parser.parse_args(args)
     except Exception as error:  # jsonargparse raises ArgumentError with the key named, over several lines
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
-        raise ConfigError(plain_type_error(message) + did_you_mean(message, args)) from error
+        raise ConfigError(plain_parse_error(message, args)) from error
     return config_from_namespace(parser, namespace)
 
 
+# Flags the entry points take beside the config's keys (tml train's --sweep and --dry-run, tml-prepare's --force):
+# offered when a mistyped one is close.
+ENTRY_FLAGS = ("config", "print_config", "sweep", "dry-run", "force")
 # jsonargparse's names of the types config values have, as a user would write them.
 TYPE_WORDS = {"<class 'int'>": "an integer", "<class 'float'>": "a number", "<class 'bool'>": "true or false",
               "<class 'str'>": "text", "<class 'list'>": "a list ([11, 12])", "<class 'NoneType'>": "null"}
@@ -142,23 +145,44 @@ def config_keys() -> list[str]:
     return [f"{name}.{field.name}" for name, section in SECTIONS.items() for field in dataclasses.fields(section)]
 
 
-def did_you_mean(message: str, args: Sequence[str]) -> str:
-    """`(did you mean --train.max_steps?)` for each unknown option or file key close to a real one; else ''."""
-    if "unrecognized arguments" in message:
-        unknown = [arg.partition("=")[0].removeprefix("--") for arg in args if arg.startswith("--")
-                   and arg.partition("=")[0].removeprefix("--") not in (*config_keys(), *SECTIONS, "config")]
-        prefix = "--"
-    elif match := re.search(r"Group '(\w+)' does not accept option '(\w+)'", message):
-        unknown, prefix = [f"{match[1]}.{match[2]}"], ""
-    else:
-        return ""
+def plain_parse_error(message: str, args: Sequence[str]) -> str:
+    """jsonargparse's error in the config's words, with the key a mistyped one is close to: `cfg.yaml: unknown key
+    trian.lr (did you mean train.lr?)`, `unrecognized arguments: --train.max_step 5 (did you mean
+    --train.max_steps?)`, `model.n_layer: expected an integer, got 'abc'`."""
+    if (file_key := unknown_file_key(message)) is not None:  # jsonargparse does not say which file holds it
+        files = config_file_arguments(args)
+        return f"{files[0] + ': ' if len(files) == 1 else ''}unknown key {file_key}{did_you_mean([file_key])}"
+    if message.startswith("unrecognized arguments"):
+        known = (*config_keys(), *SECTIONS, *ENTRY_FLAGS)
+        options = [arg.partition("=")[0].removeprefix("--") for arg in args if arg.startswith("--")]
+        return message + did_you_mean([option for option in options if option not in known], prefix="--")
+    return plain_type_error(message)
+
+
+def unknown_file_key(message: str) -> str | None:
+    """The key jsonargparse says a config file may not hold: `train.max_step`, `trian.max_steps`, `max_steps`."""
+    if match := re.search(r"Group '(\w+)' does not accept option '(\w+)'", message):
+        return f"{match[1]}.{match[2]}"
+    match = re.search(r"Option '([\w.]+)' is not accepted", message)
+    return match[1] if match else None
+
+
+def did_you_mean(unknown: Sequence[str], prefix: str = "") -> str:
+    """` (did you mean --train.max_steps?)` naming the key or flag each unknown one is close to; '' for none. A key
+    of a real section is matched within that section (train.colour is not train.lr); one of a mistyped section
+    as a whole key (trian.lr), and a bare name by the keys' own names (lr, sweeep)."""
     keys = config_keys()
-    by_name = {key.split(".")[1]: key for key in keys}  # a bare `--lr`: matched by the keys' own names
+    by_name = {key.split(".")[-1]: key for key in (*keys, *ENTRY_FLAGS)}
     guesses = []
     for key in unknown:
-        close = difflib.get_close_matches(key, keys, n=1)
-        if not close:
-            close = [by_name[name] for name in difflib.get_close_matches(key, by_name, n=1)]
+        section, _, name = key.rpartition(".")
+        if section in SECTIONS:
+            fields = [field.name for field in dataclasses.fields(SECTIONS[section])]
+            close = [f"{section}.{match}" for match in difflib.get_close_matches(name, fields, n=1)]
+        elif section:
+            close = difflib.get_close_matches(key, keys, n=1)
+        else:
+            close = [by_name[match] for match in difflib.get_close_matches(name, by_name, n=1)]
         guesses += [prefix + guess for guess in close]
     return f" (did you mean {', '.join(dict.fromkeys(guesses))}?)" if guesses else ""
 

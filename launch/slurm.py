@@ -108,6 +108,16 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(name, config) for (name, _), (config, _) in zip(runs, for_jobs, strict=True)]
 
     if args.dry_run:
+        from tml.train.checkpoint import CheckpointError
+        from tml.train.preflight import check_run_can_start
+
+        try:  # what the submission checks before the queue (a run that ended is not submitted: not checked)
+            for _, config in runs:
+                if not has_ended(config):
+                    check_run_can_start(config)
+        except CheckpointError as error:
+            print(f"launch/slurm.py: {error}", file=sys.stderr)
+            return 1
         print(f"# {resources.describe()}; nothing submitted (--dry-run)", file=sys.stderr)
         if len(runs) > 1:
             print(f"# a sweep of {len(runs)} jobs, this script for each with its run's folder: "

@@ -144,6 +144,7 @@ def dry_run_main(argv: Sequence[str], prog: str | None) -> int:
     status for it."""
     from tml.config import load_config
     from tml.data.gutenberg import GutenbergError
+    from tml.data.prepare import PrepareError
     from tml.data.shards import ShardError
     from tml.train.checkpoint import CheckpointError
     from tml.train.preflight import describe_start
@@ -155,7 +156,7 @@ def dry_run_main(argv: Sequence[str], prog: str | None) -> int:
     except ConfigError as error:
         print(f"tml: {error}", file=sys.stderr)
         return 2
-    except (CheckpointError, GutenbergError, RunLockError, ShardError, OSError) as error:
+    except (CheckpointError, GutenbergError, PrepareError, RunLockError, ShardError, OSError) as error:
         print(f"tml: {error}", file=sys.stderr)
         return 1
     print(f"tml: nothing trained ({DRY_RUN_FLAG})", file=sys.stderr)

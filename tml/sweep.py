@@ -293,17 +293,22 @@ def check_runs(runs: Sequence[SweepRun]) -> None:
             raise CheckpointError(f"sweep run {run.name}: {error}") from error
 
 
+def runs_counted(runs: Sequence[SweepRun]) -> str:
+    return f"{len(runs)} run" + ("" if len(runs) == 1 else "s")
+
+
 def describe_sweep(runs: Sequence[SweepRun]) -> tuple[list[str], int]:
     """`--dry-run`: a line per run saying what the sweep would do with it (skip it as ended or trained elsewhere,
     start, resume at step N), or why it would fail at its start, or why the sweep would be refused before its first
     run (check_runs); and the exit status the sweep would end with. Nothing is written."""
     from tml.data.gutenberg import GutenbergError
+    from tml.data.prepare import PrepareError
     from tml.data.shards import ShardError
     from tml.train.checkpoint import CheckpointError
     from tml.train.preflight import describe_start
     from tml.train.run_lock import RunLockError
 
-    lines = [f"tml: sweep of {len(runs)} runs under {runs[0].out_dir.parent}"]
+    lines = [f"tml: sweep of {runs_counted(runs)} under {runs[0].out_dir.parent}"]
     refusal = failure = 0
     for position, run in enumerate(runs, 1):
         try:
@@ -312,8 +317,8 @@ def describe_sweep(runs: Sequence[SweepRun]) -> tuple[list[str], int]:
         except (SweepError, CheckpointError) as error:  # check_runs refuses the whole sweep
             plan = f"refused: {str(error).removeprefix(f'sweep run {run.name}: ')}"
             refusal = refusal or (2 if isinstance(error, SweepError) else 1)
-        except (ConfigError, GutenbergError, RunLockError, ShardError, OSError) as error:  # this run fails, not all
-            plan, failure = f"would fail at its start: {error}", 1
+        except (ConfigError, GutenbergError, PrepareError, RunLockError, ShardError, OSError) as error:
+            plan, failure = f"would fail at its start: {error}", 1  # that run alone: the others still run
         lines.append(f"  {position}/{len(runs)} {run.name}: {plan}")
     if refusal:
         lines.append("tml: the sweep would be refused before its first run: no run starts")
@@ -404,7 +409,7 @@ def run_sweep_here(runs: Sequence[SweepRun]) -> int:
     sweep_dir = runs[0].out_dir.parent
     make_directory(sweep_dir)
     outcomes: list[tuple[str, str]] = []
-    print(f"tml: sweep of {len(runs)} runs under {sweep_dir}", flush=True)
+    print(f"tml: sweep of {runs_counted(runs)} under {sweep_dir}", flush=True)
     stopped_by: int | None = None
     for position, run in enumerate(runs, 1):
         print(f"tml: sweep run {position}/{len(runs)}: {run.name}", flush=True)

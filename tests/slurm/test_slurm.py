@@ -217,6 +217,9 @@ def test_launcher_refuses_weights_it_cannot_start_from_before_data_or_the_queue(
     assert launched.stderr.strip() == (f"launch/slurm.py: train.init_from={tmp_path / 'gone'}: no such run directory, "
                                        "checkpoint or exported file")
     assert not (tmp_path / "run").exists() and not (tmp_path / "shards").exists()
+    dry_run = run_launcher("--train.init_from", str(tmp_path / "gone"), "--train.out_dir", str(tmp_path / "run"),
+                           "--dry-run")  # refused as the submission would be, not printed as if it would run
+    assert dry_run.returncode == 1 and dry_run.stderr == launched.stderr and dry_run.stdout == ""
 
 
 def test_a_sweep_submitted_again_queues_no_job_for_runs_in_training_and_refuses_another_run_in_a_runs_place(tmp_path):

@@ -7,6 +7,7 @@ from tests.train.conftest import tiny_run_config
 from tml.cli import main
 from tml.config import ConfigError, dump_yaml
 from tml.data.gutenberg import GutenbergError
+from tml.data.prepare import PrepareError
 from tml.train.checkpoint import CheckpointError
 from tml.train.loop import train
 from tml.train.preflight import describe_start
@@ -39,6 +40,9 @@ def test_a_saved_run_resumes_at_its_step_with_the_changes_named_or_has_nothing_l
     assert "at step 2 of 6 (changed since: train.max_steps 2 -> 6; train.lr 0.003 -> 0.001)" in describe_start(longer)
     longer.train.max_steps = 2
     assert describe_start(longer).startswith("already at step 2 of train.max_steps 2: validates once, trains nothing")
+    longer.train.init_from = finished_run.train.out_dir  # as the loop says it: a resumed run keeps its own weights
+    assert f"; train.init_from={finished_run.train.out_dir} ignored: the run resumes its own weights" in (
+        describe_start(longer))
 
 
 def test_a_start_that_would_be_refused_raises_what_the_start_would_raise_first(finished_run, tmp_path):
@@ -59,6 +63,12 @@ def test_a_start_that_would_be_refused_raises_what_the_start_would_raise_first(f
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="train.accelerator=cuda but no CUDA device"):
             describe_start(fresh)
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(RunLockError, match=f"cannot make {tmp_path / 'afile' / 'run'}: .*afile is a file"):
+        describe_start(tiny_run_config(finished_run.data.shard_dir, tmp_path / "afile" / "run"))
+    fresh = tiny_run_config(tmp_path / "afile", tmp_path / "new")
+    with pytest.raises(PrepareError, match=f"cannot make {tmp_path / 'afile'}: .*afile is a file"):
+        describe_start(fresh)
     assert not (tmp_path / "new").exists() and not (tmp_path / "no-shards").exists()
 
 

@@ -12,8 +12,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tml.config import Config, ConfigError
+from tml.config import Config, ConfigError, same_setting
 from tml.data.shards import ShardIndex
+from tml.files import existing_ancestor
 from tml.pretrained import check_start_from
 from tml.train.checkpoint import resume_checkpoint
 from tml.train.run_lock import RunLockError, training_in_progress
@@ -40,16 +41,20 @@ def check_vocabulary(config: Config) -> None:
 def describe_start(config: Config) -> str:
     """What starting this run now would do, in a line (`--dry-run`): fresh, from init_from's weights, resumed from
     step N (with the settings changed since), or nothing left to train. Raises what the start itself would raise
-    first: RunLockError (another training holds the run), CheckpointError (its resume or init_from), GutenbergError
-    (a local data.source that is not there), ConfigError (shards with more tokens than the model's vocabulary, an
+    first: RunLockError (another training holds the run, or a file stands where its directory would be),
+    PrepareError (a file where the shards would be), CheckpointError (its resume or init_from), GutenbergError (a
+    local data.source that is not there), ConfigError (shards with more tokens than the model's vocabulary, an
     accelerator this machine lacks). Reads no tensor and writes nothing."""
     from tml.data.gutenberg import source_root
-    from tml.data.prepare import data_is_ready, is_local
+    from tml.data.prepare import PrepareError, data_is_ready, is_local
     from tml.train.fabric import check_accelerator
 
     train = config.train
     if (holder := training_in_progress(train.out_dir)) is not None:
         raise RunLockError(f"{train.out_dir} is in use by another training ({holder}): a start would be refused")
+    for directory, error in ((train.out_dir, RunLockError), (config.data.shard_dir, PrepareError)):
+        if (blocking := existing_ancestor(Path(directory))) is not None and not blocking.is_dir():
+            raise error(f"cannot make {directory}: {blocking} is a file, not a directory")
     resume_dir, meta, changed = check_run_can_start(config)
     check_accelerator(train)
     if ready := data_is_ready(config.data):
@@ -59,12 +64,16 @@ def describe_start(config: Config) -> str:
     if resume_dir is None:
         start = f"starts from the weights of {train.init_from}" if train.init_from else "starts fresh"
         start += f", {train.max_steps:,} steps"
-    elif (step := int(meta["step"])) >= train.max_steps:
-        start = (f"already at step {step:,} of train.max_steps {train.max_steps:,}: validates once, trains nothing "
-                 "(a larger --train.max_steps continues it)")
     else:
-        start = f"resumes {resume_dir} at step {step:,} of {train.max_steps:,}"
-        if changed:
-            start += f" (changed since: {'; '.join(changed)})"
+        if (step := int(meta["step"])) >= train.max_steps:
+            start = (f"already at step {step:,} of train.max_steps {train.max_steps:,}: validates once, trains "
+                     "nothing (a larger --train.max_steps continues it)")
+        else:
+            start = f"resumes {resume_dir} at step {step:,} of {train.max_steps:,}"
+            if changed:
+                start += f" (changed since: {'; '.join(changed)})"
+        started_from = meta["config"]["train"].get("init_from")
+        if train.init_from and not same_setting("train.init_from", started_from, train.init_from):
+            start += f"; train.init_from={train.init_from} ignored: the run resumes its own weights"
     data = "its shards are ready" if ready else "prepares its shards first"
     return f"{start}; {data} ({config.data.shard_dir})"

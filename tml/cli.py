@@ -378,6 +378,7 @@ def eval_progress() -> Progress:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tml.data.tokenizer import get_tokenizer
     from tml.pretrained import default_device, load
+    from tml.train.checkpoint import find_checkpoint
     from tml.train.evaluate import format_perplexity, perplexity
 
     path = Path(args.data)
@@ -386,6 +387,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     text = read_text_file(path)  # before the model loads: a wrong file is refused at once
     device = default_device()
     model = load(chosen_checkpoint("eval", args.checkpoint), device)
+    used = args.checkpoint if Path(args.checkpoint).is_file() else str(find_checkpoint(args.checkpoint))
     tokens = get_tokenizer().encode_ordinary(text)
     check_token_ids(tokens, model.config.vocab_size, f"--data {path}")
     if len(tokens) < 2:
@@ -399,8 +401,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     with eval_progress() as progress:
         loss, count = text_loss(model, tokens, device, progress, context)
     if args.json:
-        print(json.dumps({"data": str(path), "checkpoint": args.checkpoint, "tokens": count, "context": context,
-                          "trained_context": trained, "loss": loss, "perplexity": perplexity(loss)}))
+        # "checkpoint" as given; "weights": the checkpoint directory (a run's best, else last) or export read
+        print(json.dumps({"data": str(path), "checkpoint": args.checkpoint, "weights": used, "tokens": count,
+                          "context": context, "trained_context": trained, "loss": loss,
+                          "perplexity": perplexity(loss)}))
     else:
         windows = f" | context {context} (trained at {trained})" if context != trained else ""
         print(f"{path}: {n_tokens(count)}{windows} | loss {loss:.4f} | perplexity "

@@ -227,6 +227,7 @@ def test_eval_json_gives_the_same_numbers_as_the_line(trained_run, tmp_path, cap
     assert main(["eval", "--checkpoint", str(trained_run), "--data", str(text_file), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["data"] == str(text_file) and result["checkpoint"] == str(trained_run)
+    assert result["weights"] == str((checkpoints_dir(trained_run) / "best").resolve())  # which of the run's
     assert line == f"{text_file}: {result['tokens']} tokens | loss {result['loss']:.4f} | perplexity " \
                    f"{result['perplexity']:.2f}\n"
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))

@@ -3,6 +3,8 @@
 import errno
 import json
 import os
+import re
+import shutil
 from dataclasses import asdict
 
 import pytest
@@ -152,3 +154,18 @@ def test_weights_to_start_from_come_from_a_run_or_an_export_and_refuse_another_s
         weights_to_start_from(run, debug_model_config(attention="mha", n_kv_head=1, n_layer=3))
     with pytest.raises(CheckpointError, match=r"another shape \(model.attention 'mha' there, 'mla' here\);"):
         check_start_from(exported, debug_model_config())  # read from the description alone
+
+
+def test_a_truncated_file_of_the_weights_to_start_from_is_refused_before_a_tensor_is_read(run, tmp_path):
+    from tml.pretrained import check_start_from
+
+    exported, _, _ = export(run, tmp_path / "model.pt")
+    copied = tmp_path / "run"
+    shutil.copytree(run, copied, symlinks=True)
+    weights = (checkpoints_dir(copied) / "last").resolve() / "model.pt"
+    for path, cut in ((exported, exported), (copied, weights)):  # an export, and a run's checkpoint
+        check_start_from(path, MODEL)
+        with open(cut, "r+b") as file:
+            file.truncate(cut.stat().st_size - 10)
+        with pytest.raises(CheckpointError, match=re.escape(f"{cut} is truncated or altered: ")):
+            check_start_from(path, MODEL)  # what launchers, sweeps and --dry-run ask before data or the queue

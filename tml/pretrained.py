@@ -24,12 +24,13 @@ from tml.data.tokenizer import TOKENIZER_NAME
 from tml.files import file_sha256, make_directory, replaced_on_success, write_failure, write_synced
 from tml.model import ModelConfig, ModelConfigError, Transformer
 from tml.train.checkpoint import (
+    WEIGHT_FILES,
     CheckpointError,
     find_checkpoint,
     load_model_weights,
-    read_meta,
     read_weights,
     safe_load,
+    verify_checkpoint,
 )
 
 EXPORT_FORMAT = "tml-export/1"
@@ -88,6 +89,7 @@ def export(checkpoint: str | Path, output: str | Path) -> tuple[Path, Path, int]
         "format": EXPORT_FORMAT,
         "weights": output.name,
         "weights_sha256": hashlib.sha256(weights).hexdigest(),
+        "weights_bytes": len(weights),  # what a launcher's pre-check compares, without hashing the file
         "model": asdict(config.model),
         "tokenizer": TOKENIZER_NAME,  # a record: every tml model uses it, so loading does not check it
         **source,
@@ -207,12 +209,16 @@ def check_start_from(path: str | Path, model: ModelConfig) -> None:
     CheckpointError."""
     path = _existing_init_from(path)
     if path.is_file():
-        source_model = _read_description(path)[0]
+        source_model, description = _read_description(path)
+        expected = description.get("weights_bytes")  # exports before it was recorded: the start's hash check only
+        if expected is not None and (size := path.stat().st_size) != expected:
+            raise CheckpointError(f"{path} is truncated or altered: {size} bytes, expected {expected} "
+                                  f"({description_path(path).name}): export the checkpoint again")
     else:
-        try:
-            meta = read_meta(find_checkpoint(path))
+        try:  # the files the start reads, each at its manifest size (a stat each; the start hashes them)
+            meta = verify_checkpoint(find_checkpoint(path), only=WEIGHT_FILES, hash_files=False)
         except CheckpointError:  # a training still running there replaced the checkpoint `last` named: once more
-            meta = read_meta(find_checkpoint(path))
+            meta = verify_checkpoint(find_checkpoint(path), only=WEIGHT_FILES, hash_files=False)
         source_model = Config.from_dict(meta["config"]).model
     _check_same_shape(path, source_model, model)
 

@@ -108,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(name, config) for (name, _), (config, _) in zip(runs, for_jobs, strict=True)]
 
     if args.dry_run:
+        from tml.data.gutenberg import GutenbergError
         from tml.train.checkpoint import CheckpointError
         from tml.train.preflight import check_run_can_start
 
@@ -115,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             for _, config in runs:
                 if not has_ended(config):
                     check_run_can_start(config)
-        except CheckpointError as error:
+        except (CheckpointError, GutenbergError) as error:
             print(f"launch/slurm.py: {error}", file=sys.stderr)
             return 1
         print(f"# {resources.describe()}; nothing submitted (--dry-run)", file=sys.stderr)

@@ -16,6 +16,7 @@ from tests.train.conftest import tiny_run_config, write_synthetic_shards
 from tml.cli import main
 from tml.compare import compare_runs
 from tml.config import Config, ConfigError, dump_yaml
+from tml.data.gutenberg import GutenbergError
 from tml.sweep import (
     SweepError,
     check_runs,
@@ -162,6 +163,21 @@ def test_a_directory_that_holds_another_run_under_the_same_name_is_refused_but_o
     shorter.train.max_steps, shorter.train.devices = 100, 2  # the same run, to be trained longer, on more devices
     (runs[0].out_dir / "config.yaml").write_text(dump_yaml(shorter))
     check_runs(runs)
+
+
+def test_a_run_whose_local_source_is_missing_or_empty_refuses_the_sweep_before_any_run(tmp_path, capsys):
+    (tmp_path / "poems").mkdir()
+    (tmp_path / "poems" / "a.txt").write_text("A poem.\n")
+    (tmp_path / "empty").mkdir()
+    out = ["--config", TINY, "--train.out_dir", str(tmp_path / "sweep"), "--data.shard_dir", str(tmp_path / "shards")]
+    for other, why in (("plays", "is neither 'gutenberg' nor an existing directory"), ("empty", "holds no .txt files")):
+        argv = [*out, "--sweep", f"data.source={tmp_path / 'poems'},{tmp_path / other}"]
+        with pytest.raises(GutenbergError, match=f"^sweep run source={other}: data.source=.*{why}"):
+            check_runs(expand(argv))
+        assert main(["train", *argv]) == 1 and f"tml: sweep run source={other}: " in capsys.readouterr().err
+        assert main(["train", *argv, "--dry-run"]) == 1  # as the sweep: refused as a whole
+        assert capsys.readouterr().out.endswith("no run starts\n")
+    assert not (tmp_path / "sweep").exists() and not list(tmp_path.glob("shards*"))
 
 
 def test_an_out_dir_that_cannot_be_made_and_ctrl_c_before_any_run_each_end_in_one_line(tmp_path, monkeypatch, capsys):

@@ -167,6 +167,7 @@ def sweep_main(argv: Sequence[str], prog: str | None, dry_run: bool = False) -> 
     """`... --sweep KEY=V1,V2`: every combination is checked first, then each is trained in turn (tml/sweep.py).
     With --dry-run, each run's line of what its start would do instead."""
     from tml.config import load_config
+    from tml.data.gutenberg import GutenbergError
     from tml.sweep import SweepError, check_runs, describe_sweep, expand_sweep, run_sweep_here, split_sweep_arguments
     from tml.train.checkpoint import CheckpointError
 
@@ -183,7 +184,7 @@ def sweep_main(argv: Sequence[str], prog: str | None, dry_run: bool = False) -> 
     except (SweepError, ConfigError) as error:
         print(f"tml: {error}", file=sys.stderr)
         return 2
-    except (CheckpointError, OSError) as error:  # a run that cannot resume; an out_dir that cannot be made
+    except (CheckpointError, GutenbergError, OSError) as error:  # a run that cannot start; an out_dir not made
         print(f"tml: {error}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:  # while checking, or between two runs: no training is under way

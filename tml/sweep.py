@@ -281,6 +281,7 @@ def check_runs(runs: Sequence[SweepRun]) -> None:
     """Before the first run starts: every directory the sweep names holds this run or none, and every run that is
     neither ended nor being trained by another process could start (its resume, its init_from). SweepError or
     CheckpointError, naming the run."""
+    from tml.data.gutenberg import GutenbergError
     from tml.train.checkpoint import CheckpointError
     from tml.train.preflight import check_run_can_start
 
@@ -289,8 +290,8 @@ def check_runs(runs: Sequence[SweepRun]) -> None:
             continue
         try:
             check_run_can_start(run.config)
-        except CheckpointError as error:
-            raise CheckpointError(f"sweep run {run.name}: {error}") from error
+        except (CheckpointError, GutenbergError) as error:
+            raise type(error)(f"sweep run {run.name}: {error}") from error
 
 
 def runs_counted(runs: Sequence[SweepRun]) -> str:
@@ -314,10 +315,10 @@ def describe_sweep(runs: Sequence[SweepRun]) -> tuple[list[str], int]:
         try:
             outcome = taken_elsewhere(run.name, run.config)
             plan = f"{outcome}, would be skipped" if outcome is not None else describe_start(run.config)
-        except (SweepError, CheckpointError) as error:  # check_runs refuses the whole sweep
+        except (SweepError, CheckpointError, GutenbergError) as error:  # check_runs refuses the whole sweep
             plan = f"refused: {str(error).removeprefix(f'sweep run {run.name}: ')}"
             refusal = refusal or (2 if isinstance(error, SweepError) else 1)
-        except (ConfigError, GutenbergError, PrepareError, RunLockError, ShardError, OSError) as error:
+        except (ConfigError, PrepareError, RunLockError, ShardError, OSError) as error:
             plan, failure = f"would fail at its start: {error}", 1  # that run alone: the others still run
         lines.append(f"  {position}/{len(runs)} {run.name}: {plan}")
     if refusal:

@@ -59,6 +59,9 @@ def test_a_start_that_would_be_refused_raises_what_the_start_would_raise_first(f
     fresh.data.source = str(tmp_path / "no-corpus")
     with pytest.raises(GutenbergError, match="no-corpus' is neither 'gutenberg' nor an existing directory"):
         describe_start(fresh)
+    (tmp_path / "no-corpus").mkdir()  # there, but holding no text
+    with pytest.raises(GutenbergError, match="no-corpus' holds no .txt files"):
+        describe_start(fresh)
     fresh = tiny_run_config(finished_run.data.shard_dir, tmp_path / "new", accelerator="cuda")
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="train.accelerator=cuda but no CUDA device"):

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from tml.config import Config, ConfigError, same_setting
+from tml.data.config import DataConfig
 from tml.data.shards import ShardIndex
 from tml.files import existing_ancestor
 from tml.pretrained import check_start_from
@@ -21,12 +22,24 @@ from tml.train.run_lock import RunLockError, training_in_progress
 
 
 def check_run_can_start(config: Config) -> tuple[Path | None, dict[str, Any], list[str]]:
-    """Raises CheckpointError, naming the file or setting, for a run that would be refused at its start; returns
-    resume_checkpoint's (checkpoint to resume or None, its meta.json, the settings changed since)."""
+    """Raises CheckpointError, naming the file or setting, for a run that would be refused at its start, and
+    GutenbergError for a local data.source that is not there or holds no text; returns resume_checkpoint's
+    (checkpoint to resume or None, its meta.json, the settings changed since)."""
+    check_data_source(config.data)
     resume = resume_checkpoint(config)
     if config.train.init_from and resume[0] is None:
         check_start_from(config.train.init_from, config.model)
     return resume
+
+
+def check_data_source(data: DataConfig) -> None:
+    """A local data.source must be there and hold .txt files (GutenbergError): the start's data preparation stops
+    at once otherwise, after the queue or, in a sweep, after the runs before it. Its files are listed, not read."""
+    from tml.data.gutenberg import GutenbergError, local_book_paths
+    from tml.data.prepare import is_local
+
+    if is_local(data) and not local_book_paths(data):
+        raise GutenbergError(f"data.source={data.source!r} holds no .txt files")
 
 
 def check_vocabulary(config: Config) -> None:
@@ -45,8 +58,7 @@ def describe_start(config: Config) -> str:
     PrepareError (a file where the shards would be), CheckpointError (its resume or init_from), GutenbergError (a
     local data.source that is not there), ConfigError (shards with more tokens than the model's vocabulary, an
     accelerator this machine lacks). Reads no tensor and writes nothing."""
-    from tml.data.gutenberg import source_root
-    from tml.data.prepare import PrepareError, data_is_ready, is_local
+    from tml.data.prepare import PrepareError, data_is_ready
     from tml.train.fabric import check_accelerator
 
     train = config.train
@@ -59,8 +71,6 @@ def describe_start(config: Config) -> str:
     check_accelerator(train)
     if ready := data_is_ready(config.data):
         check_vocabulary(config)
-    elif is_local(config.data):
-        source_root(config.data)  # a source that is not there: the start's data preparation stops at once
     if resume_dir is None:
         start = f"starts from the weights of {train.init_from}" if train.init_from else "starts fresh"
         start += f", {train.max_steps:,} steps"

@@ -36,6 +36,12 @@ def test_unknown_yaml_key_is_rejected_naming_the_file_and_the_key_it_is_close_to
     with pytest.raises(ConfigError) as error:
         load_config(["--config", str(path)])
     assert str(error.value) == f"{path}: {message}"
+    good = tmp_path / "good.yaml"
+    good.write_text("train:\n  max_steps: 5\n")
+    for files in ([good, path], [path, good]):  # of two files, the one that holds the key
+        with pytest.raises(ConfigError) as error:
+            load_config([part for file in files for part in ("--config", str(file))])
+        assert str(error.value) == f"{path}: {message}"
 
 
 @pytest.mark.parametrize(("argv", "guess"), [
@@ -46,6 +52,7 @@ def test_unknown_yaml_key_is_rejected_naming_the_file_and_the_key_it_is_close_to
     (["--colour=blue"], ""),  # nothing close enough: no guess
     (["--sweeep", "train.lr=1,2"], " (did you mean --sweep?)"),  # the entry points' own flags too
     (["--dry_run"], " (did you mean --dry-run?)"),
+    (["--train.n_layer", "2"], " (did you mean --model.n_layer?)"),  # the right key, in another section
 ])
 def test_unknown_cli_key_is_rejected_by_name_with_the_keys_it_is_close_to(argv, guess):
     with pytest.raises(ConfigError) as error:

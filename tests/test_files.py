@@ -68,4 +68,10 @@ def test_make_directory_names_the_file_that_stands_in_the_way(tmp_path):
         make_directory(tmp_path / "data" / "raw" / "books")
     make_directory(tmp_path / "runs" / "tiny")
     make_directory(tmp_path / "runs" / "tiny")  # already there: fine
+    (tmp_path / "moved").symlink_to(tmp_path / "gone")  # a link whose target was moved away
+    with pytest.raises(NotADirectoryError, match=f"{tmp_path / 'moved'} is a link to {tmp_path / 'gone'}, which does "
+                                                 "not exist"):
+        make_directory(tmp_path / "moved" / "run")
+    (tmp_path / "linked").symlink_to(tmp_path / "runs")  # a link to a directory is one
+    make_directory(tmp_path / "linked" / "tiny")
     assert (tmp_path / "runs" / "tiny").is_dir()

@@ -186,7 +186,10 @@ def test_an_out_dir_that_cannot_be_made_and_ctrl_c_before_any_run_each_end_in_on
             "train.lr=1e-3,3e-3"]
     assert main(argv) == 1
     err = capsys.readouterr().err
-    assert err.startswith("tml: ") and "file is a file, not a directory" in err and err.count("\n") == 1
+    assert err == f"tml: cannot make the sweep's train.out_dir {tmp_path / 'file' / 'sweep'}: {tmp_path / 'file'} " \
+                  "is a file, not a directory\n"
+    assert main([*argv, "--dry-run"]) == 1
+    assert capsys.readouterr().out.endswith(f"refused before its first run: {err.removeprefix('tml: ')}")
 
     def interrupted(runs):
         raise KeyboardInterrupt

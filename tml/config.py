@@ -150,13 +150,29 @@ def plain_parse_error(message: str, args: Sequence[str]) -> str:
     trian.lr (did you mean train.lr?)`, `unrecognized arguments: --train.max_step 5 (did you mean
     --train.max_steps?)`, `model.n_layer: expected an integer, got 'abc'`."""
     if (file_key := unknown_file_key(message)) is not None:  # jsonargparse does not say which file holds it
-        files = config_file_arguments(args)
-        return f"{files[0] + ': ' if len(files) == 1 else ''}unknown key {file_key}{did_you_mean([file_key])}"
+        holders = files_holding(file_key, config_file_arguments(args))
+        where = f"{holders[0]}: " if holders else ""
+        return f"{where}unknown key {file_key}{did_you_mean([file_key])}"
     if message.startswith("unrecognized arguments"):
         known = (*config_keys(), *SECTIONS, *ENTRY_FLAGS)
         options = [arg.partition("=")[0].removeprefix("--") for arg in args if arg.startswith("--")]
         return message + did_you_mean([option for option in options if option not in known], prefix="--")
     return plain_type_error(message)
+
+
+def files_holding(key: str, paths: Sequence[str]) -> list[str]:
+    """The config files (of `paths`) that set `key`: `train.max_step` under `train:`, or `max_steps` at the top."""
+    section, _, name = key.rpartition(".")
+    holders = []
+    for path in paths:
+        try:
+            values = yaml.safe_load(Path(path).read_text())
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            continue
+        keys = values.get(section) if section and isinstance(values, dict) else values
+        if isinstance(keys, dict) and name in keys:
+            holders.append(path)
+    return holders
 
 
 def unknown_file_key(message: str) -> str | None:
@@ -169,14 +185,17 @@ def unknown_file_key(message: str) -> str | None:
 
 def did_you_mean(unknown: Sequence[str], prefix: str = "") -> str:
     """` (did you mean --train.max_steps?)` naming the key or flag each unknown one is close to; '' for none. A key
-    of a real section is matched within that section (train.colour is not train.lr); one of a mistyped section
-    as a whole key (trian.lr), and a bare name by the keys' own names (lr, sweeep)."""
+    in the wrong section names the right one (train.n_layer: model.n_layer); one of a real section is matched
+    within that section (train.colour is not train.lr), one of a mistyped section as a whole key (trian.lr), and a
+    bare name by the keys' own names (lr, sweeep)."""
     keys = config_keys()
     by_name = {key.split(".")[-1]: key for key in (*keys, *ENTRY_FLAGS)}
     guesses = []
     for key in unknown:
         section, _, name = key.rpartition(".")
-        if section in SECTIONS:
+        if section and name in by_name and by_name[name] in keys:  # the right key in another section: train.n_layer
+            close = [by_name[name]]
+        elif section in SECTIONS:
             fields = [field.name for field in dataclasses.fields(SECTIONS[section])]
             close = [f"{section}.{match}" for match in difflib.get_close_matches(name, fields, n=1)]
         elif section:

@@ -85,11 +85,21 @@ def write_failure(error: BaseException, directory: Path) -> str:
     return f"{reason} ({free_space(directory)})"
 
 
+def what_blocks_directory(path: Path) -> str | None:
+    """Why `path` cannot be made a directory, when a file or a link to nothing stands where it or a parent would
+    be (mkdir itself only says "File exists"); None when nothing does."""
+    blocking = next((part for part in (path, *path.parents) if os.path.lexists(part)), None)
+    if blocking is None or blocking.is_dir():
+        return None
+    if blocking.is_symlink() and not blocking.exists():
+        return f"{blocking} is a link to {os.readlink(blocking)}, which does not exist"
+    return f"{blocking} is a file, not a directory"
+
+
 def make_directory(path: Path) -> None:
-    """mkdir -p, saying which path is a file when one stands in the way (mkdir itself only says "File exists")."""
-    blocking = existing_ancestor(path)
-    if blocking is not None and not blocking.is_dir():
-        raise NotADirectoryError(errno.ENOTDIR, f"{blocking} is a file, not a directory")
+    """mkdir -p, saying which path is a file (or a link to nothing) when one stands in the way."""
+    if (reason := what_blocks_directory(path)) is not None:
+        raise NotADirectoryError(errno.ENOTDIR, reason)
     path.mkdir(parents=True, exist_ok=True)
 
 

@@ -38,7 +38,7 @@ from tml.compare import (
 )
 from tml.config import PLACEMENT_KEYS, Config, ConfigError, load_config, same_setting
 from tml.data.config import SHARD_SETTINGS
-from tml.files import make_directory
+from tml.files import make_directory, what_blocks_directory
 from tml.run_dir import CONFIG_FILE
 from tml.train.parent_death import signal_when_parent_dies
 from tml.train.preemption import CTRL_C_EXIT_STATUS
@@ -285,6 +285,7 @@ def check_runs(runs: Sequence[SweepRun]) -> None:
     from tml.train.checkpoint import CheckpointError
     from tml.train.preflight import check_run_can_start
 
+    check_sweep_dir(runs)
     for run in runs:
         if taken_elsewhere(run.name, run.config) is not None:
             continue
@@ -292,6 +293,13 @@ def check_runs(runs: Sequence[SweepRun]) -> None:
             check_run_can_start(run.config)
         except (CheckpointError, GutenbergError) as error:
             raise type(error)(f"sweep run {run.name}: {error}") from error
+
+
+def check_sweep_dir(runs: Sequence[SweepRun]) -> None:
+    """NotADirectoryError, saying what stands in the way, when the sweep's out_dir cannot be made."""
+    sweep_dir = runs[0].out_dir.parent
+    if (reason := what_blocks_directory(sweep_dir)) is not None:
+        raise NotADirectoryError(f"cannot make the sweep's {OUT_DIR_KEY} {sweep_dir}: {reason}")
 
 
 def runs_counted(runs: Sequence[SweepRun]) -> str:
@@ -310,6 +318,10 @@ def describe_sweep(runs: Sequence[SweepRun]) -> tuple[list[str], int]:
     from tml.train.run_lock import RunLockError
 
     lines = [f"tml: sweep of {runs_counted(runs)} under {runs[0].out_dir.parent}"]
+    try:
+        check_sweep_dir(runs)
+    except NotADirectoryError as error:
+        return [*lines, f"tml: the sweep would be refused before its first run: {error}"], 1
     refusal = failure = 0
     for position, run in enumerate(runs, 1):
         try:

@@ -29,6 +29,11 @@ def test_a_new_run_starts_fresh_or_from_its_init_from_weights_and_says_whether_i
     fresh.train.init_from = finished_run.train.out_dir
     assert describe_start(fresh).startswith(f"starts from the weights of {finished_run.train.out_dir}, 5 steps")
     fresh.data.shard_dir = str(tmp_path / "no-shards")
+    with pytest.raises(GutenbergError, match="holds no .txt files"):  # shards to build, from a source without text
+        describe_start(fresh)
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("Some text.\n")
+    fresh.data.source = str(tmp_path / "corpus")
     assert describe_start(fresh).endswith(f"prepares its shards first ({tmp_path / 'no-shards'})")
     assert not (tmp_path / "new").exists() and not (tmp_path / "no-shards").exists()  # nothing written
 

@@ -15,7 +15,7 @@ from typing import Any
 from tml.config import Config, ConfigError, same_setting
 from tml.data.config import DataConfig
 from tml.data.shards import ShardIndex
-from tml.files import existing_ancestor
+from tml.files import what_blocks_directory
 from tml.pretrained import check_start_from
 from tml.train.checkpoint import resume_checkpoint
 from tml.train.run_lock import RunLockError, training_in_progress
@@ -33,12 +33,13 @@ def check_run_can_start(config: Config) -> tuple[Path | None, dict[str, Any], li
 
 
 def check_data_source(data: DataConfig) -> None:
-    """A local data.source must be there and hold .txt files (GutenbergError): the start's data preparation stops
-    at once otherwise, after the queue or, in a sweep, after the runs before it. Its files are listed, not read."""
+    """Shards to be built need a local data.source that is there and holds .txt files (GutenbergError): the start's
+    data preparation stops at once otherwise, after the queue or, in a sweep, after the runs before it. Its files
+    are listed, not read."""
     from tml.data.gutenberg import GutenbergError, local_book_paths
-    from tml.data.prepare import is_local
+    from tml.data.prepare import data_is_ready, is_local
 
-    if is_local(data) and not local_book_paths(data):
+    if is_local(data) and not data_is_ready(data) and not local_book_paths(data):
         raise GutenbergError(f"data.source={data.source!r} holds no .txt files")
 
 
@@ -65,8 +66,8 @@ def describe_start(config: Config) -> str:
     if (holder := training_in_progress(train.out_dir)) is not None:
         raise RunLockError(f"{train.out_dir} is in use by another training ({holder}): a start would be refused")
     for directory, error in ((train.out_dir, RunLockError), (config.data.shard_dir, PrepareError)):
-        if (blocking := existing_ancestor(Path(directory))) is not None and not blocking.is_dir():
-            raise error(f"cannot make {directory}: {blocking} is a file, not a directory")
+        if (reason := what_blocks_directory(Path(directory))) is not None:
+            raise error(f"cannot make {directory}: {reason}")
     resume_dir, meta, changed = check_run_can_start(config)
     check_accelerator(train)
     if ready := data_is_ready(config.data):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
 from tml.config import Config, ConfigError, load_config  # noqa: E402
+from tml.files import what_blocks_directory  # noqa: E402
 from tml.slurm import (  # noqa: E402
     DEFAULT_JOB_NAME,
     DEFAULT_TIME,
@@ -110,13 +111,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.dry_run:
         from tml.data.gutenberg import GutenbergError
         from tml.train.checkpoint import CheckpointError
-        from tml.train.preflight import check_run_can_start
 
         try:  # what the submission checks before the queue (a run that ended is not submitted: not checked)
             for _, config in runs:
                 if not has_ended(config):
-                    check_run_can_start(config)
-        except (CheckpointError, GutenbergError) as error:
+                    check_before_the_queue(config)
+        except (CheckpointError, GutenbergError, ConfigError, OSError) as error:
             print(f"launch/slurm.py: {error}", file=sys.stderr)
             return 1
         print(f"# {resources.describe()}; nothing submitted (--dry-run)", file=sys.stderr)
@@ -130,7 +130,6 @@ def main(argv: list[str] | None = None) -> int:
     from tml.data.prepare import PrepareError, data_is_ready, prepare_data
     from tml.data.shards import ShardError
     from tml.train.checkpoint import CheckpointError
-    from tml.train.preflight import check_run_can_start
 
     if is_sweep(experiment):  # maybe submitted again: queue only what is left to do
         try:
@@ -143,10 +142,10 @@ def main(argv: list[str] | None = None) -> int:
             return 0
     try:
         for _, config in runs:
-            check_run_can_start(config)  # a resume or init_from the run would refuse: here, before data or the queue
+            check_before_the_queue(config)
             if not data_is_ready(config.data):  # here, once, rather than racing in every task
                 prepare_data(config.data)
-    except (GutenbergError, PrepareError, ShardError, ConfigError, CheckpointError) as error:  # as `tml train`
+    except (GutenbergError, PrepareError, ShardError, ConfigError, CheckpointError, OSError) as error:  # as `tml train`
         print(f"launch/slurm.py: {error}", file=sys.stderr)
         return 1
     jobs = []
@@ -154,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         folder = log_folder(config)
         try:
             job = submit(make_executor(resources, folder), TrainTask(config))
-        except (SlurmSubmitError, RuntimeError) as error:  # RuntimeError: Submitit finds no srun here
+        except (SlurmSubmitError, RuntimeError, OSError) as error:  # RuntimeError: Submitit finds no srun here
             print(f"launch/slurm.py: {error}", file=sys.stderr)
             if jobs:
                 print(f"launch/slurm.py: jobs already submitted keep running: {' '.join(j.job_id for j in jobs)}",
@@ -180,6 +179,17 @@ def main(argv: list[str] | None = None) -> int:
                   f"stopped early {result.stopped_early}")
         statuses.append(status)
     return next((status for status in statuses if status != 0), 0)
+
+
+def check_before_the_queue(config: Config) -> None:
+    """What the run would refuse at its start, asked before data or the queue: a file (or a link to nothing) where
+    its folder would be (NotADirectoryError), and tml train's own pre-check (its resume, its init_from weights, a
+    local data.source without text)."""
+    from tml.train.preflight import check_run_can_start
+
+    if (reason := what_blocks_directory(log_folder(config))) is not None:
+        raise NotADirectoryError(f"cannot make {config.train.out_dir}: {reason}")
+    check_run_can_start(config)
 
 
 def left_out_of_the_queue(name: str, config: Config) -> bool:

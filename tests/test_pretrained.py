@@ -16,7 +16,7 @@ from tests.train.conftest import tiny_run_config, write_synthetic_shards
 from tml.files import file_sha256
 from tml.pretrained import EXPORT_FORMAT, ExportWriteError, description_path, export
 from tml.run_dir import checkpoints_dir
-from tml.train.checkpoint import CheckpointError, read_meta
+from tml.train.checkpoint import CheckpointError, find_checkpoint, read_meta
 from tml.train.loop import train
 
 # Grouped-query attention: the newest model kind goes through training, checkpoint, export and load end to end.
@@ -162,7 +162,7 @@ def test_a_truncated_file_of_the_weights_to_start_from_is_refused_before_a_tenso
     exported, _, _ = export(run, tmp_path / "model.pt")
     copied = tmp_path / "run"
     shutil.copytree(run, copied, symlinks=True)
-    weights = (checkpoints_dir(copied) / "last").resolve() / "model.pt"
+    weights = find_checkpoint(copied) / "model.pt"  # the run's best, else last: what it starts from
     for path, cut in ((exported, exported), (copied, weights)):  # an export, and a run's checkpoint
         check_start_from(path, MODEL)
         with open(cut, "r+b") as file:

@@ -387,8 +387,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--context {args.context}: a window needs at least 2 tokens (one to predict from)")
     text = read_text_file(path)  # before the model loads: a wrong file is refused at once
     device = default_device()
-    model = load(chosen_checkpoint("eval", args.checkpoint), device)
+    # The directory chosen_checkpoint names on stderr (a training pruning it in between would make load read the
+    # run's newer one: checkpoint.read_weights follows `best`/`last` again).
     used = args.checkpoint if Path(args.checkpoint).is_file() else str(find_checkpoint(args.checkpoint))
+    model = load(chosen_checkpoint("eval", args.checkpoint), device)
     tokens = get_tokenizer().encode_ordinary(text)
     check_token_ids(tokens, model.config.vocab_size, f"--data {path}")
     if len(tokens) < 2:

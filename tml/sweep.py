@@ -278,9 +278,10 @@ def refuse_another_run_in_its_place(name: str, config: Config) -> None:
 
 
 def check_runs(runs: Sequence[SweepRun]) -> None:
-    """Before the first run starts: every directory the sweep names holds this run or none, and every run that is
-    neither ended nor being trained by another process could start (its resume, its init_from). SweepError or
-    CheckpointError, naming the run."""
+    """Before the first run starts: the sweep's out_dir can be made (NotADirectoryError), every directory the sweep
+    names holds this run or none, and every run that is neither ended nor being trained by another process could
+    start (its resume, its init_from, its local data.source). SweepError, CheckpointError or GutenbergError, naming
+    the run."""
     from tml.data.gutenberg import GutenbergError
     from tml.train.checkpoint import CheckpointError
     from tml.train.preflight import check_run_can_start

@@ -222,6 +222,17 @@ def test_launcher_refuses_weights_it_cannot_start_from_before_data_or_the_queue(
     assert dry_run.returncode == 1 and dry_run.stderr == launched.stderr and dry_run.stdout == ""
 
 
+def test_a_file_where_the_runs_folder_would_be_is_refused_in_one_line_before_data_or_the_queue(tmp_path):
+    (tmp_path / "file").write_text("x")
+    for dry_run in ((), ("--dry-run",)):
+        launched = run_launcher("--train.out_dir", str(tmp_path / "file" / "run"), "--data.shard_dir",
+                                str(tmp_path / "shards"), *dry_run)
+        assert launched.returncode == 1 and launched.stdout == ""
+        assert launched.stderr == (f"launch/slurm.py: cannot make {tmp_path / 'file' / 'run'}: {tmp_path / 'file'} is "
+                                   "a file, not a directory\n")
+    assert not (tmp_path / "shards").exists()
+
+
 def test_a_sweep_submitted_again_queues_no_job_for_runs_in_training_and_refuses_another_run_in_a_runs_place(tmp_path):
     from tml.config import dump_yaml, load_config
     from tml.train.run_lock import hold_run_lock

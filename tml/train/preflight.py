@@ -2,8 +2,9 @@
 
 Launchers call `check_run_can_start` before they prepare data, queue a SLURM job or start the first run of a
 sweep: a resume that the checkpoint cannot continue (tml/train/checkpoint.py) and train.init_from weights of
-another shape (tml/pretrained.py) are then one line at once, not an error after minutes of data preparation or in
-a job's log. Nothing is written and no tensor is read; train() checks both again for itself. `describe_start`
+another shape or with a truncated file (tml/pretrained.py), and a local data.source that is not there or holds
+no text when shards are to be built, are then one line at once, not an error after minutes of data preparation or
+in a job's log. Nothing is written and no tensor is read; train() checks both again for itself. `describe_start`
 is the same check said as a line of what the start would do, for `tml train --dry-run`.
 """
 
@@ -57,7 +58,7 @@ def describe_start(config: Config) -> str:
     step N (with the settings changed since), or nothing left to train. Raises what the start itself would raise
     first: RunLockError (another training holds the run, or a file stands where its directory would be),
     PrepareError (a file where the shards would be), CheckpointError (its resume or init_from), GutenbergError (a
-    local data.source that is not there), ConfigError (shards with more tokens than the model's vocabulary, an
+    local data.source that is not there or holds no .txt files), ConfigError (shards with more tokens than the model's vocabulary, an
     accelerator this machine lacks). Reads no tensor and writes nothing."""
     from tml.data.prepare import PrepareError, data_is_ready
     from tml.train.fabric import check_accelerator

@@ -463,6 +463,9 @@ def test_ctrl_c_while_the_data_is_prepared_says_so(tmp_path, tiny_shards, capsys
     monkeypatch.setenv(RANK0_PID_VARIABLE, "")
     config = tiny_run_config(tiny_shards, tmp_path / "run")
     config.data.shard_dir = str(tmp_path / "not-built-yet")
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.txt").write_text("Text to prepare.\n")
+    config.data.source = str(tmp_path / "corpus")
     config_file = tmp_path / "run.yaml"
     config_file.write_text(dump_yaml(config))
 
@@ -577,6 +580,7 @@ def test_tml_train_refuses_init_from_weights_of_another_shape_in_one_line_before
     source = tmp_path / "source" / "checkpoints" / "step-0000001"
     source.mkdir(parents=True)
     (source / "meta.json").write_text(json.dumps({"config": Config(model=debug_model_config(n_layer=3)).to_dict()}))
+    checkpoint.write_manifest(source)
     argv = ["train", "--config", str(REPO_ROOT / "configs" / "tiny.yaml"), "--train.out_dir", str(tmp_path / "run"),
             "--data.shard_dir", str(tmp_path / "shards"), "--train.init_from", str(source)]
     assert main(argv) == 1

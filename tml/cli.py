@@ -278,8 +278,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     from tml.pretrained import default_device, load
 
     options = sampling_options(args)
+    check_context(args.context)
     device = default_device()
     model = load(chosen_checkpoint("generate", args.checkpoint), device)
+    if args.context is not None:
+        read_at_context(model, args.context, "generate")
     tokenizer = get_tokenizer()
     prompt = tokenizer.encode(args.prompt, allowed_special="all")
     if not prompt:  # an empty prompt: continue from a document boundary, as at the start of a book in training
@@ -288,16 +291,17 @@ def cmd_generate(args: argparse.Namespace) -> int:
     prompt = prompt or [tokenizer.eot_token]
     check_token_ids(prompt, model.config.vocab_size, "--prompt")
     block = model.config.block_size
+    limit = f"--context {block}" if args.context is not None else f"the model's block_size {block}"
     kept = prompt_tokens_kept(len(prompt), args.max_new_tokens, block)
     if kept < len(prompt):
         print(f"tml generate: dropped the first {n_tokens(len(prompt) - kept)} of the prompt's {len(prompt):,}, keeping "
-              f"its last {kept:,} so that {block - kept} new fit in the model's block_size {block}", file=sys.stderr)
+              f"its last {kept:,} so that {block - kept} new fit in {limit}", file=sys.stderr)
         prompt = prompt[-kept:]
     room = block - len(prompt)
     new_tokens = min(args.max_new_tokens, room)
     if new_tokens < args.max_new_tokens:
         print(f"tml generate: generating {n_tokens(new_tokens)}, not {args.max_new_tokens}: a prompt of "
-              f"{n_tokens(len(prompt))} leaves {room} of the model's block_size {block}", file=sys.stderr)
+              f"{n_tokens(len(prompt))} leaves {room} of {limit}", file=sys.stderr)
     idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)  # one batch, one cache
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(idx, new_tokens, generator=generator, vocab_limit=tokenizer.n_vocab, **options)
@@ -306,6 +310,21 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"--- sample {number} of {args.num_samples} ---")
         print(tokenizer.decode(sample[skip:].tolist()))
     return 0
+
+
+def check_context(context: int | None) -> None:
+    if context is not None and context < 2:
+        raise ValueError(f"--context {context}: a window needs at least 2 tokens (one to predict from)")
+
+
+def read_at_context(model, context: int, command: str) -> None:
+    """Let `model` read windows of `context` tokens, shorter or longer than it was trained on: RoPE has no learned
+    positions, so the same weights apply; positions past the trained block are said to be new to it."""
+    trained = model.config.block_size
+    if context > trained:
+        print(f"tml {command}: --context {context} is longer than the {trained} tokens the model was trained on: "
+              "positions past that are new to it", file=sys.stderr)
+    model.config = dataclasses.replace(model.config, block_size=context)
 
 
 def text_loss(model, tokens: list[int], device: torch.device, progress: Progress | None = None,
@@ -383,8 +402,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from tml.train.evaluate import format_perplexity, perplexity
 
     path = Path(args.data)
-    if args.context is not None and args.context < 2:
-        raise ValueError(f"--context {args.context}: a window needs at least 2 tokens (one to predict from)")
+    check_context(args.context)
     text = read_text_file(path)  # before the model loads: a wrong file is refused at once
     device = default_device()
     # The directory chosen_checkpoint names on stderr (a training pruning it in between would make load read the
@@ -397,10 +415,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         raise ValueError(f"--data {path}: needs at least two tokens of text")
     trained = model.config.block_size
     context = min(args.context or trained, len(tokens) - 1)  # the window really read: a short file is one
-    if context > trained:  # RoPE has no learned positions: the same weights read longer windows
-        model.config = dataclasses.replace(model.config, block_size=context)
-        print(f"tml eval: --context {context} is longer than the {trained} tokens the model was trained on: "
-              "positions past that are new to it", file=sys.stderr)
+    read_at_context(model, context, "eval")
     with eval_progress() as progress:
         loss, count = text_loss(model, tokens, device, progress, context)
     if args.json:
@@ -451,6 +466,9 @@ def build_parser() -> argparse.ArgumentParser:
                           "checkpoint give the same text")
     generate.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, sampled together "
                           "in one batch and printed one after another (default: %(default)s)")
+    generate.add_argument("--context", type=int, metavar="N",
+                          help="prompt + new tokens may fill N positions instead of the model's block_size; longer "
+                               "than it was trained on shows how its positions extrapolate (the latent cache holds N)")
 
     evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on a text file")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or a file tml export wrote")

@@ -89,6 +89,21 @@ def test_generate_with_defaults_fills_the_block_and_says_it_stopped_short(traine
     assert len(get_tokenizer().encode(captured.out.removesuffix("\n"), allowed_special="all")) >= block - 1
 
 
+def test_generate_context_lets_prompt_and_new_tokens_fill_more_or_fewer_positions_than_the_block(trained_run, capsys):
+    block = debug_model_config().block_size
+    argv = ["generate", "--checkpoint", str(trained_run), "--prompt", "Hi", "--temperature", "0"]
+    assert main([*argv, "--max-new-tokens", str(2 * block), "--context", str(3 * block)]) == 0
+    captured = capsys.readouterr()  # all 2 x block new tokens: the latent cache holds 3 x block positions
+    assert captured.err.splitlines()[-1] == (f"tml generate: --context {3 * block} is longer than the {block} tokens "
+                                             "the model was trained on: positions past that are new to it")
+    assert len(get_tokenizer().encode(captured.out.removesuffix("\n"), allowed_special="all")) > block  # past it
+    assert main([*argv, "--max-new-tokens", "10", "--context", "5"]) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == ("tml generate: generating 4 tokens, not 10: a prompt of 1 "
+                                                        "token leaves 4 of --context 5")
+    assert main([*argv, "--context", "1"]) == 1
+    assert "--context 1: a window needs at least 2 tokens" in capsys.readouterr().err
+
+
 def test_a_run_directory_says_which_of_its_checkpoints_is_used(trained_run, capsys):
     best = (checkpoints_dir(trained_run) / "best").resolve()
     assert main(["generate", "--checkpoint", str(trained_run), "--prompt", "Once", "--max-new-tokens", "2"]) == 0

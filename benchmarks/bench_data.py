@@ -29,7 +29,7 @@ import torch
 from tml.data.config import DataConfig
 from tml.data.gutenberg import gather_books
 from tml.data.packed import PackedDataset
-from tml.data.prepare import stripped_books, tokenized_books
+from tml.data.prepare import ReadNotes, book_texts, tokenized_books
 from tml.data.sampler import BatchStream
 from tml.data.shards import choose_val_books, write_shards
 from tml.data.tokenizer import get_tokenizer
@@ -55,8 +55,8 @@ def tokenization(pairs, threads: int, repeats: int, work_dir: Path) -> dict:
         del tokens
         started, started_cpu = time.perf_counter(), time.process_time()
         index = write_shards(
-            work_dir, tokenized_books(pairs, val_ids, threads), tokenizer="gpt2", vocab_size=encoding.n_vocab,
-            shard_tokens=PIPELINE_SHARD_TOKENS, fingerprint="benchmark", settings={},
+            work_dir, tokenized_books(pairs, "books", val_ids, 0.1, threads), tokenizer="gpt2",
+            vocab_size=encoding.n_vocab, shard_tokens=PIPELINE_SHARD_TOKENS, fingerprint="benchmark", settings={},
         )
         pipeline.append(time.perf_counter() - started)
         pipeline_cpu.append(time.process_time() - started_cpu)
@@ -173,7 +173,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    books = gather_books(DataConfig(source=str(args.corpus), max_books=args.max_books))
+    source = DataConfig(source=str(args.corpus), max_books=args.max_books)
+    books = gather_books(source)
     result = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores (shared), Python {platform.python_version()}",
         "corpus": {"dir": str(args.corpus), "books": len(books), "raw_mb": round(sum(b.bytes for b in books) / 1e6, 1)},
@@ -183,7 +184,7 @@ def main() -> None:
         if not args.skip_prepare:  # first, while this process is still small
             result["prepare"] = prepare_runs(args.corpus, len(books), work_dir)
             result["window_reads_one_shard"] = window_reads(work_dir / "prepare-all", 1024, 256, 20_000)
-        pairs = list(stripped_books(books))
+        pairs = list(book_texts(books, source, ReadNotes()))  # as tml-prepare reads them: Gutenberg's text stripped
         result["tokenize"] = [tokenization(pairs, t, args.repeats, work_dir / f"pipeline-{t}") for t in args.threads]
         del pairs
         result["window_reads_small_shards"] = window_reads(work_dir / f"pipeline-{args.threads[-1]}", 1024, 256, 20_000)

@@ -209,11 +209,11 @@ def chosen_checkpoint(command: str, path: str) -> str:
     """`path`, after saying which checkpoint a run directory means (its `best`, else `last`), since the user did not
     name one. The path itself is passed on, not the step directory: loading follows a `last` or `best` again when a
     training still running prunes its step mid-read (checkpoint.read_weights)."""
-    from tml.train.checkpoint import checkpoints_dir, find_checkpoint
+    from tml.train.checkpoint import checkpoints_dir
 
     if Path(path).is_file():  # weights written by tml export
         return path
-    directory = find_checkpoint(path)
+    directory = Path(weights_named(path))
     if directory != Path(path).resolve():
         best = checkpoints_dir(path) / "best"
         which = "best" if best.exists() and best.resolve() == directory else "last"
@@ -221,6 +221,14 @@ def chosen_checkpoint(command: str, path: str) -> str:
         print(f"tml {command}: using {directory} (the run's {which}{diverged}; name a checkpoint directory to use "
               "another)", file=sys.stderr)
     return path
+
+
+def weights_named(path: str) -> str:
+    """What loading `path` reads now: an exported file as named, else its checkpoint directory (a run's best, else
+    last)."""
+    from tml.train.checkpoint import find_checkpoint
+
+    return path if Path(path).is_file() else str(find_checkpoint(path))
 
 
 def run_diverged(run_dir: Path) -> bool:
@@ -398,7 +406,6 @@ def eval_progress() -> Progress:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tml.data.tokenizer import get_tokenizer
     from tml.pretrained import default_device, load
-    from tml.train.checkpoint import find_checkpoint
     from tml.train.evaluate import format_perplexity, perplexity
 
     path = Path(args.data)
@@ -407,7 +414,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     device = default_device()
     # The directory chosen_checkpoint names on stderr (a training pruning it in between would make load read the
     # run's newer one: checkpoint.read_weights follows `best`/`last` again).
-    used = args.checkpoint if Path(args.checkpoint).is_file() else str(find_checkpoint(args.checkpoint))
+    used = weights_named(args.checkpoint)
     model = load(chosen_checkpoint("eval", args.checkpoint), device)
     tokens = get_tokenizer().encode_ordinary(text)
     check_token_ids(tokens, model.config.vocab_size, f"--data {path}")

@@ -42,7 +42,6 @@ DEEPSPEED_ONLY = ("train.zero_stage", "train.zero_offload")
 MLA_ONLY = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 # ... and one only MHA reads (its key/value heads: fewer than n_head is GQA or MQA).
 MHA_ONLY = ("n_kv_head",)
-
 # attention_kind (MLA, MHA, GQA or MQA) is ModelConfig's name for the attention and n_kv_head together.
 SHAPE = ("attention", "attention_kind", "norm", "n_layer", "n_embd", "n_head", *MHA_ONLY, *MLA_ONLY, "block_size")
 NUMBERS_FROM_SUMMARY = ("final_step", "max_steps", "best_val_loss", "best_val_perplexity", "val_loss",

@@ -464,11 +464,17 @@ def dangling_links(cfg: DataConfig) -> list[Path]:
     return scan_local_source(cfg).dangling
 
 
-def books_from_directory(cfg: DataConfig) -> list[Book]:
-    """Every .txt file of local_book_paths, titled by its Gutenberg header, else by its path under data.source."""
+def local_corpus(cfg: DataConfig) -> dict[int, Path]:
+    """local_book_paths, refused (GutenbergError) when there are none: a corpus to build shards from."""
     paths = local_book_paths(cfg)
     if not paths:
         raise GutenbergError(f"data.source={cfg.source!r} holds no .txt files")
+    return paths
+
+
+def books_from_directory(cfg: DataConfig) -> list[Book]:
+    """Every .txt file of local_book_paths, titled by its Gutenberg header, else by its path under data.source."""
+    paths = local_corpus(cfg)
     root = source_root(cfg)
     books = []
     for book_id, path in paths.items():

@@ -29,7 +29,7 @@ import torch.distributed as dist
 from lightning import Fabric
 from lightning.fabric.utilities.seed import seed_everything
 
-from tml.config import Config, dump_yaml, same_setting
+from tml.config import Config, dump_yaml
 from tml.data.packed import PackedDataset
 from tml.data.sampler import BatchStream
 from tml.files import write_atomic
@@ -52,7 +52,7 @@ from tml.train.loggers import (
 )
 from tml.train.optim import build_optimizer, build_scheduler
 from tml.train.preemption import PreemptionFlag, install_preemption_handler
-from tml.train.preflight import check_vocabulary
+from tml.train.preflight import check_vocabulary, ignored_init_from
 from tml.train.ranks import is_first_local_process
 from tml.train.throughput import ThroughputMeter, peak_flops
 
@@ -390,7 +390,7 @@ def settle_init_from(config: Config, resume_dir: Path | None, meta: dict) -> Con
         started_from = os.path.abspath(os.path.expanduser(given)) if given else None
     else:
         started_from = meta["config"]["train"].get("init_from")
-        if given and not same_setting("train.init_from", started_from, given) and is_first_local_process():
+        if ignored_init_from(config, meta) and is_first_local_process():
             print(f"tml: train.init_from={given} ignored: this run resumes its own weights"
                   + (f" (it started from {started_from})" if started_from else ""), file=sys.stderr)
     return dataclasses.replace(config, train=dataclasses.replace(config.train, init_from=started_from))

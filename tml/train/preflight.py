@@ -33,15 +33,22 @@ def check_run_can_start(config: Config) -> tuple[Path | None, dict[str, Any], li
     return resume
 
 
+def ignored_init_from(config: Config, meta: dict[str, Any]) -> bool:
+    """True when a resumed run is given another train.init_from than it started from (meta: its checkpoint's):
+    the resume continues its own weights and ignores it."""
+    given = config.train.init_from
+    return bool(given) and not same_setting("train.init_from", meta["config"]["train"].get("init_from"), given)
+
+
 def check_data_source(data: DataConfig) -> None:
     """Shards to be built need a local data.source that is there and holds .txt files (GutenbergError): the start's
     data preparation stops at once otherwise, after the queue or, in a sweep, after the runs before it. Its files
     are listed, not read."""
-    from tml.data.gutenberg import GutenbergError, local_book_paths
+    from tml.data.gutenberg import local_corpus
     from tml.data.prepare import data_is_ready, is_local
 
-    if is_local(data) and not data_is_ready(data) and not local_book_paths(data):
-        raise GutenbergError(f"data.source={data.source!r} holds no .txt files")
+    if is_local(data) and not data_is_ready(data):
+        local_corpus(data)
 
 
 def check_vocabulary(config: Config) -> None:
@@ -58,8 +65,8 @@ def describe_start(config: Config) -> str:
     step N (with the settings changed since), or nothing left to train. Raises what the start itself would raise
     first: RunLockError (another training holds the run, or a file stands where its directory would be),
     PrepareError (a file where the shards would be), CheckpointError (its resume or init_from), GutenbergError (a
-    local data.source that is not there or holds no .txt files), ConfigError (shards with more tokens than the model's vocabulary, an
-    accelerator this machine lacks). Reads no tensor and writes nothing."""
+    local data.source that is not there or holds no .txt files), ConfigError (shards with more tokens than the
+    model's vocabulary, an accelerator this machine lacks). Reads no tensor and writes nothing."""
     from tml.data.prepare import PrepareError, data_is_ready
     from tml.train.fabric import check_accelerator
 
@@ -84,8 +91,7 @@ def describe_start(config: Config) -> str:
             start = f"resumes {resume_dir} at step {step:,} of {train.max_steps:,}"
             if changed:
                 start += f" (changed since: {'; '.join(changed)})"
-        started_from = meta["config"]["train"].get("init_from")
-        if train.init_from and not same_setting("train.init_from", started_from, train.init_from):
+        if ignored_init_from(config, meta):
             start += f"; train.init_from={train.init_from} ignored: the run resumes its own weights"
     data = "its shards are ready" if ready else "prepares its shards first"
     return f"{start}; {data} ({config.data.shard_dir})"

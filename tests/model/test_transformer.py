@@ -300,6 +300,33 @@ def test_flops_per_token_is_6n_plus_attention(attention):
     assert model.flops_per_token() == expected
 
 
+FLOP_COUNT_RTOL = 0.01  # the formula counts norm weights as matmul weights: 320 of 126k parameters here
+
+
+@pytest.mark.parametrize("overrides", [dict(), dict(v_head_dim=24), dict(q_lora_rank=16), dict(attention="mha"),
+                                       dict(attention="mha", n_kv_head=2)], ids=["mla", "mla-equal-dims",
+                                                                                 "mla-lowrank-q", "mha", "gqa"])
+def test_flops_per_token_matches_torch_flop_counter(overrides):
+    """An independent count: torch's FlopCounterMode over one forward + backward, with the math attention
+    kernel so the attention matmuls are visible to it. MLA's SDPA call pads v to the query/key width, real work
+    that flops_per_token leaves out on purpose, so it is added to the expectation here."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    from torch.utils.flop_counter import FlopCounterMode
+
+    config = debug_model_config(**overrides)
+    model = build(**overrides).train()
+    idx = torch.randint(0, config.vocab_size, (2, config.block_size))
+    with sdpa_kernel(SDPBackend.MATH), FlopCounterMode(display=False) as counter:
+        _, loss = model(idx, targets=idx)
+        loss.backward()
+    counted_per_token = counter.get_total_flops() / idx.numel()
+    expected = model.flops_per_token()
+    if config.attention == "mla":
+        qk_dim = config.qk_nope_head_dim + config.qk_rope_head_dim
+        expected += 6 * config.n_layer * config.n_head * config.block_size * abs(qk_dim - config.v_head_dim)
+    assert counted_per_token == pytest.approx(expected, rel=FLOP_COUNT_RTOL)
+
+
 def test_num_params_non_embedding_excludes_the_token_table():
     model = build(tie_embeddings=False)
     assert model.num_params(non_embedding=False) - model.num_params() == 256 * 64

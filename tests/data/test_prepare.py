@@ -357,8 +357,23 @@ def test_a_corpus_too_small_to_split_is_refused_instead_of_an_empty_split(tmp_pa
     with pytest.raises(PrepareError, match="val split of data.source=.* is empty"):
         prepare_data(config(tmp_path, source, val_frac=0.1), console=quiet())
     assert not (tmp_path / "shards" / INDEX_FILE).exists()
+    assert not list((tmp_path / "shards").glob("*.bin"))  # no shard of the refused build
     with pytest.raises(PrepareError, match="val_split=books holds out whole documents.*gives 1: use --data.val_split tail"):
         prepare_data(config(tmp_path, source, val_split="books"), console=quiet())
+
+
+def test_a_refused_empty_split_leaves_the_previous_shards_as_they_were(tmp_path):
+    source = own_corpus(tmp_path, {"story.txt": OWN_TEXT})
+    prepare_data(config(tmp_path, source), console=quiet())
+    shard_dir = tmp_path / "shards"
+    def data_set() -> dict[str, bytes]:  # not prepare.lock, which names its latest holder
+        return {path.name: path.read_bytes() for path in shard_dir.iterdir() if path.name != prepare.PREPARE_LOCK}
+
+    before = data_set()
+    (source / "story.txt").write_text("Hi there")
+    with pytest.raises(PrepareError, match="val split of data.source=.* is empty"):
+        prepare_data(config(tmp_path, source), console=quiet())
+    assert data_set() == before  # the index and the shards of the good corpus, not the refused one's (nor its build)
 
 
 PREPARE_IN_A_CHILD = """

@@ -66,6 +66,7 @@ from tml.data.shards import (
     SHARD_DTYPE,
     ShardError,
     ShardIndex,
+    SplitIndex,
     choose_val_books,
     remove_temporaries,
     write_shards,
@@ -423,11 +424,11 @@ def changed_files(old: list[dict[str, Any]], new: list[dict[str, Any]]) -> str |
     return ", ".join(parts) if parts else None
 
 
-def check_splits(index: ShardIndex, cfg: DataConfig) -> None:
-    """Training validates, so an empty split is refused here (its index removed) instead of crashing a run later."""
-    for name, split in index.splits.items():
+def check_splits(splits: dict[str, SplitIndex], cfg: DataConfig) -> None:
+    """Training validates, so an empty split is refused here, before the new shards replace any, instead of crashing
+    a run later."""
+    for name, split in splits.items():
         if split.tokens == 0:
-            (index.shard_dir / INDEX_FILE).unlink(missing_ok=True)
             raise PrepareError(f"the {name} split of data.source={cfg.source!r} is empty: every document is too short "
                                f"to hold out data.val_frac={cfg.val_frac:g} of its tokens; add text or raise val_frac")
 
@@ -532,8 +533,8 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
             settings=settings,
             content_fingerprint=content_fingerprint(books),
             source_files=files,
+            check=lambda splits: check_splits(splits, cfg),
         )
-        check_splits(index, cfg)
     print_summary(console, index, time.perf_counter() - started, "built", [*notes, *read_notes.lines()])
     return shard_dir
 

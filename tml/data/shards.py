@@ -17,7 +17,7 @@ import json
 import os
 import random
 import shutil
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -323,11 +323,13 @@ def write_shards(
     settings: dict[str, Any],
     content_fingerprint: str = "",
     source_files: Sequence[dict[str, Any]] = (),
+    check: Callable[[dict[str, SplitIndex]], None] | None = None,
 ) -> ShardIndex:
     """Stream (split, id, title, tokens) documents into shards and write the index last.
 
     The shards are written into a build directory and moved into shard_dir only when every one is complete (see
-    the module docstring), so the previous data set survives a failed build. A write error (a full disk) becomes a
+    the module docstring), so the previous data set survives a failed build. `check` sees the finished splits
+    before they replace anything: an exception it raises (an unusable split) leaves shard_dir as it was too. A write error (a full disk) becomes a
     ShardError naming shard_dir and its free space. Shards of a previous, larger build are deleted at the end.
     """
     shard_dir = Path(shard_dir)
@@ -342,6 +344,8 @@ def write_shards(
                 raise ValueError(f"unknown split {split!r} (known: {', '.join(SPLITS)})")
             writers[split].add(document_id, title, tokens)
         splits = {split: writer.close() for split, writer in writers.items()}
+        if check is not None:
+            check(splits)
     except BaseException as error:
         for writer in writers.values():
             writer.abort()

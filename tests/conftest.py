@@ -42,3 +42,11 @@ def debug_model_config(**overrides) -> ModelConfig:
 @pytest.fixture
 def debug_config() -> ModelConfig:
     return debug_model_config()
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """Synthetic shards with learnable structure (tests/train/conftest.py), shared by every test of a session."""
+    from tests.train.conftest import write_synthetic_shards
+
+    return write_synthetic_shards(tmp_path_factory.mktemp("shards"))

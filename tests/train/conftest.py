@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
-import pytest
 
 from tests.conftest import debug_model_config
 from tml.config import Config
@@ -38,11 +37,6 @@ def write_synthetic_shards(shard_dir: Path) -> Path:
     write_shards(shard_dir, synthetic_documents(), tokenizer="synthetic", vocab_size=VOCAB, shard_tokens=10_000,
                  fingerprint="synthetic-test", settings=data_settings(synthetic_data_config(shard_dir)))
     return shard_dir
-
-
-@pytest.fixture(scope="session")
-def tiny_shards(tmp_path_factory) -> Path:
-    return write_synthetic_shards(tmp_path_factory.mktemp("shards"))
 
 
 def tiny_run_config(shard_dir: Path, out_dir: Path, **train) -> Config:

@@ -18,7 +18,7 @@ import torch
 from rich.progress import Progress
 
 import tml
-from tests.conftest import debug_model_config
+from tests.conftest import REPO_ROOT, debug_model_config
 from tests.train.conftest import tiny_run_config
 from tml.cli import CTRL_C_EXIT_STATUS, EVAL_BATCH_TOKENS, main, prompt_tokens_kept, text_loss
 from tml.config import Config, dump_yaml
@@ -29,8 +29,6 @@ from tml.train import checkpoint
 from tml.train.checkpoint import checkpoints_dir, load_model_weights, read_meta
 from tml.train.loop import train
 from tml.train.parent_death import RANK0_PID_VARIABLE
-
-REPO_ROOT = Path(__file__).resolve().parents[2]
 
 TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 8
 

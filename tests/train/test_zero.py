@@ -6,6 +6,8 @@ DeepSpeed builds a C++ communication op on first use (about 40 s on 2 cores); TO
 in a stable cache so that cost is paid once per machine, not once per run.
 """
 
+import json
+import math
 import os
 import shutil
 import signal
@@ -26,8 +28,10 @@ from tml.data.packed import PackedDataset
 from tml.model import Transformer
 from tml.pretrained import export
 from tml.train.checkpoint import checkpoints_dir, load_model_weights, step_name
+from tml.train.config import TrainConfig
 from tml.train.evaluate import evaluate
-from tml.train.loop import train
+from tml.train.fabric import deepspeed_config
+from tml.train.loop import DEEPSPEED_MIN_SCALE_MESSAGE, MAX_OVERFLOWED_STEPS, train
 from tml.train.zero_export import ZeroCheckpointError, fp32_state_dict, verify_deepspeed_checkpoint
 
 RUN_TIMEOUT_S = 240  # one 2-process run incl. the first-use op build; usually 15-25 s once the op is cached
@@ -201,3 +205,100 @@ def test_a_shard_that_would_run_code_is_refused_before_deepspeed_unpickles_it(tm
     assert not marker.exists()
     torch.load(shard, weights_only=False)  # the unsafe load DeepSpeed would do: the payload runs
     assert marker.exists()
+
+
+# ------------------------------------------------------- DeepSpeed's own fp16 loss scaling (one CPU process each)
+
+# DeepSpeed's CPU accelerator declines fp16 and tml turns 16-mixed into bf16-mixed on CPU. The driver lifts both, so
+# the real fp16 engine, its DynamicLossScaler and the checkpoints holding it run here (CPU fp16 matmuls: slow, but
+# the debug model is small). `overflow` multiplies the training loss so its fp16 gradients overflow at any scale;
+# `max_overflowed` moves the loop's own limit out of the way, so DeepSpeed's scaler gives up first.
+DEEPSPEED_FP16_DRIVER = """
+import sys
+from deepspeed.accelerator import get_accelerator
+import tml.train.fabric, tml.train.loop
+from tml.config import load_yaml_config
+from tml.model import Transformer
+
+type(get_accelerator()).is_fp16_supported = lambda self: True
+keep_fp16 = lambda train, accelerator, notify=False: train.precision
+tml.train.fabric.resolve_precision = tml.train.loop.resolve_precision = keep_fp16
+config_path, mode, max_overflowed = sys.argv[1], sys.argv[2], int(sys.argv[3])
+if mode == "overflow":
+    forward = Transformer.forward
+    def overflowing(self, *args, **kwargs):
+        logits, loss = forward(self, *args, **kwargs)
+        return logits, (loss * 1e30 if self.training else loss)
+    Transformer.forward = overflowing
+tml.train.loop.MAX_OVERFLOWED_STEPS = max_overflowed or tml.train.loop.MAX_OVERFLOWED_STEPS
+try:
+    tml.train.loop.train(load_yaml_config(config_path))
+except tml.train.loop.TrainingDiverged as error:
+    print(f"diverged: {error}")
+    sys.exit(3)
+"""
+FP16_SETTINGS = dict(strategy="deepspeed", zero_stage=2, devices=1, precision="16-mixed", accelerator="cpu",
+                     grad_accum=2, batch_size=4, log_interval=1, lr=3e-3)
+
+
+def run_deepspeed_fp16(config, mode: str = "train", max_overflowed: int = 0) -> subprocess.CompletedProcess:
+    path = Path(config.train.out_dir + ".yaml")
+    path.write_text(dump_yaml(config))
+    done = subprocess.run([sys.executable, "-c", DEEPSPEED_FP16_DRIVER, str(path), mode, str(max_overflowed)],
+                          cwd=REPO_ROOT, env={**extensions_env(), "DS_ACCELERATOR": "cpu"}, capture_output=True,
+                          text=True, timeout=RUN_TIMEOUT_S)
+    assert done.returncode in (0, 3), done.stderr[-3000:]
+    return done
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * RUN_TIMEOUT_S)
+def test_deepspeed_fp16_checkpoints_resume_bit_identical_and_export(tiny_shards, tmp_path):
+    """Its optimizer shards hold DeepSpeed's DynamicLossScaler, which the weights-only check must accept."""
+    settings = dict(max_steps=4, val_interval=2, ckpt_interval=2, **FP16_SETTINGS)
+    run_deepspeed_fp16(tiny_run_config(tiny_shards, tmp_path / "full", **settings))
+    run_deepspeed_fp16(tiny_run_config(tiny_shards, tmp_path / "resumed", **settings,
+                                       resume=str(step_dir(tmp_path / "full", 2))))
+    uninterrupted, resumed = exported(tmp_path / "full", 4, tmp_path), exported(tmp_path / "resumed", 4, tmp_path)
+    assert all(torch.equal(resumed[name], value) for name, value in uninterrupted.items())
+    losses = [value for _, value in scalars(tmp_path / "full", "train/loss")]
+    assert len(losses) == 4 and all(map(math.isfinite, losses))
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(3 * RUN_TIMEOUT_S)
+@pytest.mark.parametrize("max_overflowed", [0, 100], ids=["tml-limit", "deepspeed-gives-up-first"])
+def test_deepspeed_fp16_overflow_at_every_scale_ends_the_run_as_diverged(tiny_shards, tmp_path, max_overflowed):
+    """tml's limit comes first (the scale is down to 1); where DeepSpeed's scaler raises, the run still ends as
+    diverged, with summary.json and the message, not a bare traceback."""
+    config = tiny_run_config(tiny_shards, tmp_path / "run", max_steps=60, val_interval=100, ckpt_interval=100,
+                             **FP16_SETTINGS)
+    done = run_deepspeed_fp16(config, "overflow", max_overflowed)
+    assert done.returncode == 3, done.stdout[-2000:] + done.stderr[-2000:]
+    if max_overflowed:
+        expected = "the fp16 gradients overflowed at DeepSpeed's minimum loss scale for 18 consecutive steps"
+    else:
+        expected = f"overflowed at every loss scale tried for {MAX_OVERFLOWED_STEPS} consecutive steps"
+    assert expected in done.stdout
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    # DeepSpeed raises inside step 18, which never completes: the run ends at step 17 either way.
+    assert summary["diverged"] and summary["final_step"] == 17 == MAX_OVERFLOWED_STEPS
+
+
+def test_the_overflow_limit_comes_before_deepspeeds_fp16_scaler_gives_up(monkeypatch):
+    """DeepSpeed's DynamicLossScaler, built from tml's fp16 config, raises at its minimum scale: the loop must have
+    declared the divergence by then, and torch's GradScaler must have tried a scale of 1."""
+    from deepspeed.runtime.fp16 import loss_scaler
+
+    monkeypatch.setattr(loss_scaler.dist, "get_rank", lambda: 0)  # only its log lines ask
+    fp16 = deepspeed_config(TrainConfig(strategy="deepspeed", accelerator="cuda", precision="16-mixed"))["fp16"]
+    scaler = loss_scaler.DynamicLossScaler(init_scale=2 ** fp16["initial_scale_power"],
+                                           scale_window=fp16["loss_scale_window"], min_scale=fp16["min_loss_scale"],
+                                           delayed_shift=fp16["hysteresis"], consecutive_hysteresis=False)
+    absorbed = 0
+    with pytest.raises(Exception, match=DEEPSPEED_MIN_SCALE_MESSAGE):
+        while True:
+            scaler.update_scale(True)
+            absorbed += 1
+    assert MAX_OVERFLOWED_STEPS <= absorbed
+    assert torch.amp.GradScaler("cpu").get_scale() / 2 ** (MAX_OVERFLOWED_STEPS - 1) == 1.0

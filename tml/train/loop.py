@@ -23,6 +23,7 @@ import warnings
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -39,7 +40,7 @@ from tml.run_dir import CONFIG_FILE, SUMMARY_FILE, checkpoints_dir
 from tml.train.checkpoint import Checkpointer, disk_space_warning, resume_checkpoint
 from tml.train.early_stopping import EarlyStopping
 from tml.train.evaluate import EvalResult, evaluate, format_perplexity, perplexity
-from tml.train.fabric import build_fabric, is_deepspeed, resolve_precision
+from tml.train.fabric import FP16_INITIAL_SCALE_POWER, build_fabric, is_deepspeed, resolve_precision
 from tml.train.loggers import (
     ConsoleReport,
     build_loggers,
@@ -58,9 +59,12 @@ from tml.train.throughput import ThroughputMeter, peak_flops
 
 GIB = 2**30
 MAX_NONFINITE_STEPS = 5  # consecutive non-finite losses before the run is declared diverged (fp16 skips are fine)
-# Consecutive fp16 overflows before the run is declared diverged: the loss scale (2**16 at the start, halved at
-# each overflow, DeepSpeed's every second one) is then below 1, so no scale lets fp16 hold these gradients.
-MAX_OVERFLOWED_STEPS = 40
+# Consecutive fp16 overflows before the run is declared diverged: torch's GradScaler (2**16 at the start, halved at
+# each overflow) has then tried a scale of 1, so no scale lets fp16 hold these gradients. DeepSpeed's scaler (halved
+# from the second overflow on: FP16_HYSTERESIS) is at 1 by then, and raises at its next overflow.
+MAX_OVERFLOWED_STEPS = FP16_INITIAL_SCALE_POWER + 1
+# DeepSpeed's fp16 scaler gives up with a bare Exception saying this when it overflows at its minimum scale.
+DEEPSPEED_MIN_SCALE_MESSAGE = "loss scale already at minimum"
 
 
 class TrainingDiverged(RuntimeError):
@@ -202,6 +206,20 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
             save(best=True)
         return result, stop
 
+    def diverge(bad_step: int, streak: int, what: str) -> NoReturn:
+        """Set aside the checkpoints made from the bad steps' weights and raise TrainingDiverged (every rank)."""
+        first_bad = bad_step - streak + 1
+        # The weights of step first_bad - 1 gave the first bad step: not a checkpoint to continue from.
+        kept, last_step = checkpointer.set_aside_from(first_bad - 1)
+        when = (f"for {streak} consecutive steps (steps {first_bad} to {bad_step})" if streak > 1
+                else f"at step {bad_step}")
+        raise TrainingDiverged(
+            f"{what} {when}; stopping. {kept} "
+            + damaged_warning(losses_at_saves.get(last_step), first_loss, out_dir)
+            + "Lower train.lr or raise train.warmup_frac"
+            + (", or use bf16-mixed (fp16's range is narrow)." if fp16_scaling else ".")
+        )
+
     val: EvalResult | None = None
     val_step = 0  # the step of that validation
     stopped_early = preempted = False
@@ -240,7 +258,13 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                         _, loss = model(x, y, return_logits=False)
                         fabric.backward(loss / loss_divisor)
                     if deepspeed:
-                        engine.step()  # every micro-batch: the engine counts them and updates on the last
+                        try:
+                            engine.step()  # every micro-batch: the engine counts them and updates on the last
+                        except Exception as error:  # raised on every rank alike: the overflow flag is all-reduced
+                            if DEEPSPEED_MIN_SCALE_MESSAGE not in str(error):
+                                raise
+                            diverge(step + 1, overflow_streak + 1,
+                                    "the fp16 gradients overflowed at DeepSpeed's minimum loss scale")
                     loss_sum += loss.detach()
                 norm_known = True
                 if deepspeed:  # the engine stepped on the last micro-batch; None when ZeRO skips the norm
@@ -295,20 +319,10 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                     report.print(f"step {step:>7d} | {status}" + (f" | MFU {mfu:.1%}" if mfu is not None else ""))
                     report.advance(step, status)
 
-                nonfinite_too_long = nonfinite_streak >= MAX_NONFINITE_STEPS
-                if nonfinite_too_long or overflow_streak >= MAX_OVERFLOWED_STEPS:
-                    streak = nonfinite_streak if nonfinite_too_long else overflow_streak
-                    what = ("the loss or the gradients were non-finite" if nonfinite_too_long
-                            else "the fp16 gradients overflowed at every loss scale tried")
-                    first_bad = step - streak + 1
-                    # The weights of step first_bad - 1 gave the first bad step: not a checkpoint to continue from.
-                    kept, last_step = checkpointer.set_aside_from(first_bad - 1)
-                    raise TrainingDiverged(
-                        f"{what} for {streak} consecutive steps (steps {first_bad} to {step}); stopping. {kept} "
-                        + damaged_warning(losses_at_saves.get(last_step), first_loss, out_dir)
-                        + "Lower train.lr or raise train.warmup_frac"
-                        + (", or use bf16-mixed (fp16's range is narrow)." if fp16_scaling else ".")
-                    )
+                if nonfinite_streak >= MAX_NONFINITE_STEPS:
+                    diverge(step, nonfinite_streak, "the loss or the gradients were non-finite")
+                if overflow_streak >= MAX_OVERFLOWED_STEPS:
+                    diverge(step, overflow_streak, "the fp16 gradients overflowed at every loss scale tried")
 
                 saved = False
                 if signalled_ranks > 0:

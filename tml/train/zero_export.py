@@ -20,6 +20,7 @@ import torch
 DEEPSPEED_DATA_CLASSES = (
     "deepspeed.utils.tensor_fragment.fragment_address",
     "deepspeed.runtime.fp16.loss_scaler.LossScaler",
+    "deepspeed.runtime.fp16.loss_scaler.DynamicLossScaler",  # fp16 with dynamic loss scaling (tml's fp16 config)
     "deepspeed.runtime.zero.config.ZeroStageEnum",
 )
 # Prefixes that wrappers add to parameter names and `Transformer.load_state_dict` does not expect.

@@ -160,6 +160,19 @@ def test_eval_of_a_zero_run_prints_only_its_result_on_stdout(zero_runs, tmp_path
     assert done.stdout.startswith(f"{text}: ") and done.stdout.count("\n") == 1, done.stdout
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(2 * RUN_TIMEOUT_S)
+def test_zero3_with_torch_compile_trains_like_the_plain_single_process_run(single_run, tiny_shards, tmp_path):
+    """Fabric compiles the DeepSpeed engine it wraps: ZeRO-3's parameter hooks run inside the compiled forward."""
+    run = tmp_path / "compiled"
+    launch_local(tiny_run_config(tiny_shards, run, strategy="deepspeed", zero_stage=3, devices=1, grad_accum=4,
+                                 compile=True, **COMMON))
+    weights = exported(run, STEPS, tmp_path)
+    reference, _ = load_model_weights(step_dir(single_run, STEPS))
+    for name, value in reference.items():
+        torch.testing.assert_close(weights[name], value, rtol=WEIGHT_RTOL, atol=WEIGHT_ATOL, msg=name)
+
+
 # ------------------------------------------------------------------------- export errors (fast, no processes)
 
 

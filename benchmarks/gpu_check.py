@@ -163,6 +163,12 @@ def decode_speed(run_dir: Path, device: torch.device) -> dict:
     return figures
 
 
+def prepare_shards(config: Config, prebuilt: bool) -> dict:
+    if not prebuilt:
+        prepare_data(config.data)
+    return {"shard_dir": str(config.data.shard_dir), "prepared_here": not prebuilt}
+
+
 def run_stage(report: dict, name: str, stage, json_path: str | None) -> bool:
     """Run one optional stage into report[name]; a failure is recorded (not raised), so the figures of the
     stages that worked still come back from a single GPU session. The JSON file is rewritten after each stage."""
@@ -188,8 +194,6 @@ def main(argv: list[str] | None = None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
 
     config = run_config(args, overrides, work, "fp16", args.steps)
-    if not args.shards:
-        prepare_data(config.data)
     device = torch.device("cuda" if cuda else "cpu")
     report = {
         "device": torch.cuda.get_device_name(0) if cuda else "cpu",
@@ -197,6 +201,11 @@ def main(argv: list[str] | None = None) -> dict:
         "model": {key: getattr(config.model, key) for key in ("n_layer", "n_head", "n_embd", "attention", "norm",
                                                                "kv_lora_rank", "block_size")},
     }
+    # A stage too, so a data problem (no books, no tokenizer files on an offline GPU machine) still comes back as JSON.
+    ok = run_stage(report, "data", lambda: prepare_shards(config, prebuilt=bool(args.shards)), args.json)
+    if not ok:
+        print(json.dumps(report, indent=1))
+        sys.exit("gpu_check: the data could not be prepared; the error and traceback are in the JSON above")
     clear_run(work, "fp16")
     ok = run_stage(report, "run", lambda: train_and_measure(config), args.json)
     if ok:

@@ -4,7 +4,8 @@
 # from its checkpoint with the latent KV cache, then 100 steps each compiled, as MHA and in bf16; prints JSON with
 # tokens/s, MFU (against the datasheet peak in tml/train/throughput.py) and peak GPU memory. Details: gpu_check.py.
 # Data: 20 books from ../shared/data/gutenberg or ./shared/data/gutenberg (or TML_GPU_CHECK_BOOKS=DIR): no network.
-#   bash benchmarks/gpu_check.sh [--json FILE] [--section.key value ...]
+#   bash benchmarks/gpu_check.sh [--section.key value ...]   (the JSON also goes to gpu_check.json, or
+#   TML_GPU_CHECK_JSON=FILE, rewritten after each stage: what finished survives a crash later on)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 BOOKS="${TML_GPU_CHECK_BOOKS:-}"
@@ -15,4 +16,4 @@ if [ -z "$BOOKS" ]; then echo "gpu_check: no Gutenberg books found; set TML_GPU_
 exec python benchmarks/gpu_check.py --books "$BOOKS" --variants "${TML_GPU_CHECK_VARIANTS:-compiled,mha,bf16}" \
   ${TML_GPU_CHECK_STEPS:+--steps "$TML_GPU_CHECK_STEPS"} \
   ${TML_GPU_CHECK_VARIANT_STEPS:+--variant-steps "$TML_GPU_CHECK_VARIANT_STEPS"} \
-  ${TML_GPU_CHECK_DIR:+--work "$TML_GPU_CHECK_DIR"} "$@"
+  ${TML_GPU_CHECK_DIR:+--work "$TML_GPU_CHECK_DIR"} --json "${TML_GPU_CHECK_JSON:-gpu_check.json}" "$@"

@@ -95,3 +95,13 @@ def test_a_failing_stage_is_reported_in_the_json_and_the_figures_before_it_are_k
     assert report["run"]["steps"] == 2
     assert report["decode"]["error"] == "RuntimeError: no kernel image is available for execution on the device"
     assert "decode_failing" in report["decode"]["traceback"]
+
+
+def test_a_data_problem_comes_back_as_json_naming_it(tmp_path):
+    """The likeliest failure on an offline GPU machine is the data: it is a stage of the report too."""
+    json_path = tmp_path / "result.json"
+    with pytest.raises(SystemExit, match="the data could not be prepared"):
+        load_script().main(["--books", str(tmp_path / "no-books"), "--work", str(tmp_path / "work"), "--json",
+                            str(json_path), "--allow-cpu", *debug_overrides(vocab_size=50304)])
+    report = json.loads(json_path.read_text())
+    assert "no-books" in report["data"]["error"] and "run" not in report

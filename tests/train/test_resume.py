@@ -80,3 +80,23 @@ def test_resume_with_another_rank_count_or_dropout_prints_one_line_notices_not_w
     assert out.count(notice) == 1
     assert "resuming with changed settings: model.dropout 0.0 -> 0.1, train.max_steps 2 -> 3" in out
     assert not [w for w in recwarn if "ranks, this run has" in str(w.message)]
+
+
+def test_a_run_with_dropout_stopped_and_resumed_matches_an_uninterrupted_run_bit_for_bit(tmp_path, tiny_shards):
+    """Dropout draws from torch's global generator, which the checkpoint restores: nothing in the resumed start
+    (the CPU speed probe, the data loader's first iterator) may draw from it before the first step."""
+    from tests.train.test_loop import PreemptAtStep
+
+    settings = dict(max_steps=6, ckpt_interval=100, val_interval=100, keep_checkpoints=1)
+    reference = tiny_run_config(tiny_shards, tmp_path / "reference", **settings)
+    reference.model = debug_model_config(dropout=0.1)
+    train(reference)
+    stopped = tiny_run_config(tiny_shards, tmp_path / "stopped", **settings)
+    stopped.model = debug_model_config(dropout=0.1)
+    assert train(stopped, preemption=PreemptAtStep(3)).final_step == 3
+    stopped.train.resume = "auto"
+    train(stopped)
+    model_ref, optim_ref, step_ref = final_state(reference.train.out_dir)
+    model_res, optim_res, step_res = final_state(stopped.train.out_dir)
+    assert step_ref == step_res == 6
+    assert all(torch.equal(model_res[name], value) for name, value in model_ref.items())

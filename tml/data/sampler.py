@@ -126,6 +126,10 @@ class BatchStream:
                 batch_sampler=_BatchesFrom(self.sampler, self.batch_size, self.epoch, self.batch),
                 num_workers=self.num_workers,
                 pin_memory=self.pin_memory,
+                # Its workers' base seed comes from here, not from torch's global generator: a resumed run builds
+                # its first iterator after the checkpoint restored that generator, which dropout must find as the
+                # uninterrupted run left it (exact resume).
+                generator=torch.Generator().manual_seed(self.sampler.seed),
             )
             self._iterator = iter(loader)
         x, y = next(self._iterator)

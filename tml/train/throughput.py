@@ -67,8 +67,11 @@ def measure_cpu_peak_flops(dtype: str = "fp32", seconds: float = CPU_PROBE_SECON
     the one that had the cores to itself.
     """
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.bfloat16, "fp32": torch.float32}[dtype]
-    a = torch.randn(CPU_PROBE_SIZE, CPU_PROBE_SIZE, dtype=torch_dtype)
-    b = torch.randn(CPU_PROBE_SIZE, CPU_PROBE_SIZE, dtype=torch_dtype)
+    # Its own generator: the global one was just restored from a checkpoint, and dropout must draw from it as the
+    # uninterrupted run did (exact resume).
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(CPU_PROBE_SIZE, CPU_PROBE_SIZE, dtype=torch_dtype, generator=generator)
+    b = torch.randn(CPU_PROBE_SIZE, CPU_PROBE_SIZE, dtype=torch_dtype, generator=generator)
     a @ b  # warm-up: first call pays for kernel selection
     fastest, calls = math.inf, 0
     start = time.perf_counter()

@@ -55,10 +55,13 @@ def test_tiny_run_lowers_the_loss_and_writes_tensorboard_scalars(tmp_path, tiny_
     assert (tmp_path / "config.yaml").is_file()
 
 
-def test_a_finished_run_writes_summary_json_with_numbers(tmp_path, tiny_shards):
+def test_a_finished_run_writes_summary_json_with_numbers(tmp_path, tiny_shards, capsys):
     config = tiny_run_config(tiny_shards, tmp_path, max_steps=4, val_interval=2)
     result = train(config)
     written = summary(tmp_path)
+    # MFU's denominator, measured on CPU at the start: on record, so two runs' MFUs can be compared
+    peak = written["peak_flops_per_device"]
+    assert peak > 1e9 and f"MFU against {peak / 1e12:,.2f} TFLOP/s per device" in capsys.readouterr().out
     assert written == {**written, "final_step": 4, "max_steps": 4, "stopped_early": False, "preempted": False,
                        "diverged": False,
                        "tokens_seen": 4 * config.train.batch_size * config.model.block_size,

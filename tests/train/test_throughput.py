@@ -6,6 +6,7 @@ from tml.train.throughput import (
     gpu_peak_flops,
     measure_cpu_peak_flops,
     mfu,
+    peak_flops,
     precision_dtype,
 )
 
@@ -83,3 +84,22 @@ def test_time_paused_for_validation_and_saving_is_not_counted(monkeypatch):
     meter.add(300)
     clock.now += 3.0  # the next window starts afresh: no pause carried over
     assert meter.measure()[0] == pytest.approx(100.0)
+
+
+@pytest.mark.parametrize(("name", "matmul_precision", "peak"), [
+    ("NVIDIA H200", "highest", 66.9e12),  # torch's default: full fp32, no tensor cores
+    ("NVIDIA H200", "high", 494.7e12),  # TF32 allowed: the tensor-core peak, or MFU would read far above 100%
+    ("NVIDIA A100-SXM4-40GB", "medium", 156e12),
+    ("Tesla V100-SXM2-16GB", "high", 15.7e12),  # no TF32 on Volta: the setting changes nothing
+])
+def test_fp32_runs_are_measured_against_the_tf32_peak_once_tf32_is_allowed(monkeypatch, name, matmul_precision, peak):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: name)
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(matmul_precision)
+    try:
+        assert peak_flops(torch.device("cuda", 0), "32-true") == peak
+        assert peak_flops(torch.device("cuda", 0), "bf16-mixed") == gpu_peak_flops(name, "bf16")  # unaffected
+    finally:
+        torch.set_float32_matmul_precision(before)

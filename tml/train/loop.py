@@ -165,10 +165,15 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
     if rank0 and (warning := disk_space_warning(out_dir, int(model_figures["model/params"]))):
         fabric.print(warning)
 
-    hparams = {**flat_hyperparameters(config), **model_figures}
+    peak = peak_flops(fabric.device, precision)  # MFU's denominator: recorded, as on CPU it is measured here
+    if peak:
+        fabric.print(f"MFU against {peak / 1e12:,.2f} TFLOP/s per device "
+                     + ("(this CPU's fastest matmul, measured now)" if fabric.device.type == "cpu" else
+                        f"({torch.cuda.get_device_name(fabric.device)}'s datasheet peak)"))
+    hparams = {**flat_hyperparameters(config), **model_figures, "train/peak_flops_per_device": peak or 0.0}
     log_hyperparameters(fabric.loggers, hparams)
     tensorboard_hparams: dict | None = hparams  # written with the first validation's metrics (see loggers.py)
-    meter = ThroughputMeter(flops_per_token, peak_flops(fabric.device, precision), fabric.world_size)
+    meter = ThroughputMeter(flops_per_token, peak, fabric.world_size)
     scaler = getattr(fabric.strategy.precision, "scaler", None)  # fp16 on GPU: skips overflowed steps itself
     fp16_scaling = scaler is not None or (deepspeed and precision == "16-mixed")  # DeepSpeed scales on its own
     skip_sync = fabric.world_size > 1 and not deepspeed
@@ -240,6 +245,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
             "diverged": diverged,
             "tokens_seen": tokens_seen,
             "wall_s": round(train_seconds(), 3),
+            "peak_flops_per_device": peak,  # what MFU was measured against (None: unknown device, no MFU)
             "params": model_figures["model/params"],
             "params_non_embedding": model_figures["model/params_non_embedding"],
             "checkpoints": str(checkpoints_dir(out_dir).resolve()),  # absolute: read from anywhere

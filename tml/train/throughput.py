@@ -16,27 +16,29 @@ from dataclasses import dataclass
 
 import torch
 
-# Dense peak FLOP/s per device by dtype, from the vendor datasheets. "fp32" is the non-tensor-core FP32 peak,
-# because torch runs fp32 matmuls in full precision unless TF32 is switched on. Order matters: the first
-# substring of the device name that matches wins, so "H100 PCIe" precedes "H100" and "A100" precedes "A10".
+# Dense peak FLOP/s per device by dtype, from the vendor datasheets. "fp32" is the non-tensor-core FP32 peak, what
+# torch's fp32 matmuls run at by default; "tf32" the tensor-core peak they run at once TF32 is allowed
+# (torch.set_float32_matmul_precision("high"), as Lightning suggests on every Ampere or newer GPU); None: no TF32.
+# Order matters: the first substring of the device name that matches wins, so "H100 PCIe" precedes "H100" and
+# "A100" precedes "A10".
 GPU_PEAK_FLOPS: tuple[tuple[str, dict[str, float | None]], ...] = (
-    ("GH200", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12}),
-    ("H200 NVL", {"bf16": 835.5e12, "fp16": 835.5e12, "fp32": 60.0e12}),
-    ("H200", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12}),  # SXM
-    ("H100 PCIe", {"bf16": 756.5e12, "fp16": 756.5e12, "fp32": 51.2e12}),
-    ("H100 NVL", {"bf16": 835.5e12, "fp16": 835.5e12, "fp32": 60.0e12}),
-    ("H100", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12}),  # SXM
-    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
-    ("L40S", {"bf16": 362.05e12, "fp16": 362.05e12, "fp32": 91.6e12}),
-    ("L40", {"bf16": 181.05e12, "fp16": 181.05e12, "fp32": 90.5e12}),
-    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12}),
-    ("RTX 4090", {"bf16": 165.2e12, "fp16": 165.2e12, "fp32": 82.6e12}),  # fp32 accumulate
-    ("RTX 3090", {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12}),
-    ("A6000", {"bf16": 154.8e12, "fp16": 154.8e12, "fp32": 38.7e12}),
-    ("A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 31.2e12}),
-    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12}),
-    ("V100", {"bf16": None, "fp16": 125e12, "fp32": 15.7e12}),  # no bf16 tensor cores
-    ("T4", {"bf16": None, "fp16": 65e12, "fp32": 8.1e12}),
+    ("GH200", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12, "tf32": 494.7e12}),
+    ("H200 NVL", {"bf16": 835.5e12, "fp16": 835.5e12, "fp32": 60.0e12, "tf32": 417.5e12}),
+    ("H200", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12, "tf32": 494.7e12}),  # SXM
+    ("H100 PCIe", {"bf16": 756.5e12, "fp16": 756.5e12, "fp32": 51.2e12, "tf32": 378e12}),
+    ("H100 NVL", {"bf16": 835.5e12, "fp16": 835.5e12, "fp32": 60.0e12, "tf32": 417.5e12}),
+    ("H100", {"bf16": 989.4e12, "fp16": 989.4e12, "fp32": 66.9e12, "tf32": 494.7e12}),  # SXM
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12, "tf32": 156e12}),
+    ("L40S", {"bf16": 362.05e12, "fp16": 362.05e12, "fp32": 91.6e12, "tf32": 183e12}),
+    ("L40", {"bf16": 181.05e12, "fp16": 181.05e12, "fp32": 90.5e12, "tf32": 90.5e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12, "tf32": 60e12}),
+    ("RTX 4090", {"bf16": 165.2e12, "fp16": 165.2e12, "fp32": 82.6e12, "tf32": 82.6e12}),  # fp32 accumulate
+    ("RTX 3090", {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12, "tf32": 35.6e12}),
+    ("A6000", {"bf16": 154.8e12, "fp16": 154.8e12, "fp32": 38.7e12, "tf32": 77.4e12}),
+    ("A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 31.2e12, "tf32": 35e12}),
+    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12, "tf32": 62.5e12}),
+    ("V100", {"bf16": None, "fp16": 125e12, "fp32": 15.7e12, "tf32": None}),  # no bf16 tensor cores
+    ("T4", {"bf16": None, "fp16": 65e12, "fp32": 8.1e12, "tf32": None}),
 )
 
 CPU_PROBE_SIZE = 1024  # square matmul side: as large as the big training matmuls, so the peak is a fair one
@@ -87,7 +89,10 @@ def peak_flops(device: torch.device, precision: str) -> float | None:
     """Peak FLOP/s of one device for this precision; None when unknown (MFU is then not reported)."""
     dtype = precision_dtype(precision)
     if device.type == "cuda":
-        return gpu_peak_flops(torch.cuda.get_device_name(device), dtype)
+        name = torch.cuda.get_device_name(device)
+        if dtype == "fp32" and torch.get_float32_matmul_precision() != "highest":  # fp32 matmuls run as TF32
+            return gpu_peak_flops(name, "tf32") or gpu_peak_flops(name, "fp32")  # no TF32 (V100, T4): plain fp32
+        return gpu_peak_flops(name, dtype)
     if device.type == "cpu":
         return measure_cpu_peak_flops(dtype)
     return None

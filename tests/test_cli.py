@@ -51,6 +51,20 @@ def test_generate_continues_the_prompt(trained_run, capsys):
     assert out.startswith("Once upon a time") and len(get_tokenizer().encode(out)) >= 5 + 4
 
 
+@pytest.mark.parametrize(("dtype", "itemsize"), [("float32", 4), ("bfloat16", 2)])
+def test_generate_says_what_its_kv_cache_holds_in_the_dtype_chosen(trained_run, capsys, dtype, itemsize):
+    assert main(["generate", "--checkpoint", str(trained_run), "--prompt", "Once upon a time", "--max-new-tokens",
+                 "5", "--num-samples", "2", "--dtype", dtype]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.count("Once upon a time") == 2
+    config = load_model_weights(trained_run)[1].model
+    per_token = config.n_layer * (config.kv_lora_rank + config.qk_rope_head_dim) * itemsize  # MLA: latent + rope key
+    positions = len(get_tokenizer().encode("Once upon a time")) + 5
+    assert (f"KV cache {config.kv_lora_rank + config.qk_rope_head_dim} numbers/token/layer in {dtype}: "
+            f"{per_token:,} B/token, {per_token * positions * 2 / 1024:,.1f} KiB for {positions} positions x 2 "
+            "samples") in captured.err
+
+
 def test_a_prompt_longer_than_the_block_keeps_its_last_tokens_and_says_how_many_were_dropped(trained_run, capsys):
     prompt = get_tokenizer().encode(TEXT)
     block = debug_model_config().block_size
@@ -59,9 +73,9 @@ def test_a_prompt_longer_than_the_block_keeps_its_last_tokens_and_says_how_many_
     captured = capsys.readouterr()
     assert code == 0
     kept = block - 5  # the new tokens' 5 positions, the prompt the rest
-    assert captured.err.splitlines()[-1] == (
+    assert (
         f"tml generate: dropped the first {len(prompt) - kept} tokens of the prompt's {len(prompt)}, keeping its "
-        f"last {kept} so that 5 new fit in the model's block_size {block}")
+        f"last {kept} so that 5 new fit in the model's block_size {block}") in captured.err.splitlines()
     assert captured.out.startswith(get_tokenizer().decode(prompt[-kept:]))
     assert not captured.out.startswith(get_tokenizer().decode(prompt[-kept - 1:]))
 
@@ -82,8 +96,8 @@ def test_generate_with_defaults_fills_the_block_and_says_it_stopped_short(traine
     captured = capsys.readouterr()
     block = debug_model_config().block_size
     assert code == 0
-    assert captured.err.splitlines()[-1] == (f"tml generate: generating {block - 1} tokens, not 100: a prompt of "
-                                             f"1 token leaves {block - 1} of the model's block_size {block}")
+    assert (f"tml generate: generating {block - 1} tokens, not 100: a prompt of 1 token leaves {block - 1} of the "
+            f"model's block_size {block}") in captured.err.splitlines()
     assert len(get_tokenizer().encode(captured.out.removesuffix("\n"), allowed_special="all")) >= block - 1
 
 
@@ -92,12 +106,12 @@ def test_generate_context_lets_prompt_and_new_tokens_fill_more_or_fewer_position
     argv = ["generate", "--checkpoint", str(trained_run), "--prompt", "Hi", "--temperature", "0"]
     assert main([*argv, "--max-new-tokens", str(2 * block), "--context", str(3 * block)]) == 0
     captured = capsys.readouterr()  # all 2 x block new tokens: the latent cache holds 3 x block positions
-    assert captured.err.splitlines()[-1] == (f"tml generate: --context {3 * block} is longer than the {block} tokens "
-                                             "the model was trained on: positions past that are new to it")
+    assert (f"tml generate: --context {3 * block} is longer than the {block} tokens the model was trained on: "
+            "positions past that are new to it") in captured.err.splitlines()
     assert len(get_tokenizer().encode(captured.out.removesuffix("\n"), allowed_special="all")) > block  # past it
     assert main([*argv, "--max-new-tokens", "10", "--context", "5"]) == 0
-    assert capsys.readouterr().err.splitlines()[-1] == ("tml generate: generating 4 tokens, not 10: a prompt of 1 "
-                                                        "token leaves 4 of --context 5")
+    assert ("tml generate: generating 4 tokens, not 10: a prompt of 1 token leaves 4 of --context 5"
+            in capsys.readouterr().err.splitlines())
     assert main([*argv, "--context", "1"]) == 1
     assert "--context 1: a window needs at least 2 tokens" in capsys.readouterr().err
 
@@ -230,6 +244,18 @@ def test_eval_prints_perplexity_equal_to_exp_of_the_token_mean_loss(trained_run,
     expected, count = text_loss(model.eval(), tokens, torch.device("cpu"))
     assert count == len(tokens) - 1  # every next-token prediction counted once, tail window included
     assert loss == pytest.approx(expected, abs=1e-4)
+
+
+def test_eval_in_bfloat16_weights_is_close_to_fp32(trained_run, tmp_path, capsys):
+    text_file = tmp_path / "sample.txt"
+    text_file.write_text(TEXT)
+    losses = {}
+    for dtype in ("float32", "bfloat16"):
+        assert main(["eval", "--checkpoint", str(trained_run), "--data", str(text_file), "--json", "--dtype",
+                     dtype]) == 0
+        losses[dtype] = json.loads(capsys.readouterr().out)["loss"]
+    assert losses["bfloat16"] != losses["float32"]  # the weights really were cast
+    assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
 
 
 def test_eval_json_gives_the_same_numbers_as_the_line(trained_run, tmp_path, capsys):
@@ -581,8 +607,8 @@ def test_text_with_token_ids_beyond_the_models_vocabulary_is_refused_in_one_line
     text = tmp_path / "book.txt"
     text.write_text("Once upon a time")  # "Once" is GPT-2 id 7454
     assert main(["eval", "--checkpoint", str(small_vocab_run), "--data", str(text)]) == 1
-    assert capsys.readouterr().err.splitlines()[-1] == (f"tml eval: --data {text} holds GPT-2 token id 7,454, "
-                                                        "beyond this model's vocab_size 256: the model cannot read it")
+    assert (f"tml eval: --data {text} holds GPT-2 token id 7,454, "
+                                                        "beyond this model's vocab_size 256: the model cannot read it") in capsys.readouterr().err.splitlines()
     assert main(["generate", "--checkpoint", str(small_vocab_run), "--prompt", "Once upon a time"]) == 1
     assert "--prompt holds GPT-2 token id 7,454, beyond this model's vocab_size 256" in capsys.readouterr().err
     text.write_text("x!y!z!" * 20)  # ids under 256: readable

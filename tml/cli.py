@@ -288,7 +288,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     options = sampling_options(args)
     check_context(args.context)
     device = default_device()
-    model = load(chosen_checkpoint("generate", args.checkpoint), device)
+    model = load(chosen_checkpoint("generate", args.checkpoint), device, weight_dtype(args.dtype))
     if args.context is not None:
         read_at_context(model, args.context, "generate")
     tokenizer = get_tokenizer()
@@ -310,6 +310,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if new_tokens < args.max_new_tokens:
         print(f"tml generate: generating {n_tokens(new_tokens)}, not {args.max_new_tokens}: a prompt of "
               f"{n_tokens(len(prompt))} leaves {room} of {limit}", file=sys.stderr)
+    print(cache_line(model, len(prompt) + new_tokens, args.num_samples), file=sys.stderr)
     idx = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=device)  # one batch, one cache
     generator = torch.Generator(device=device).manual_seed(args.seed)
     out = model.generate(idx, new_tokens, generator=generator, vocab_limit=tokenizer.n_vocab, **options)
@@ -318,6 +319,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"--- sample {number} of {args.num_samples} ---")
         print(tokenizer.decode(sample[skip:].tolist()))
     return 0
+
+
+WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # --dtype of generate and eval
+
+
+def weight_dtype(name: str):
+    import torch
+
+    return getattr(torch, name)
+
+
+def cache_line(model, positions: int, samples: int) -> str:
+    """What the KV cache of this generation holds: MLA's point, in bytes."""
+    from tml.model.kv_cache import cache_numbers_per_token
+
+    dtype = next(model.parameters()).dtype
+    per_token = model.kv_cache_bytes_per_token(dtype)
+    total = per_token * positions * samples
+    size = f"{total / 2**20:,.1f} MiB" if total >= 2**20 else f"{total / 2**10:,.1f} KiB"
+    return (f"tml generate: KV cache {cache_numbers_per_token(model.config)} numbers/token/layer in "
+            f"{str(dtype).removeprefix('torch.')}: {per_token:,} B/token, {size} for {positions:,} positions x "
+            f"{samples} sample{'s' if samples > 1 else ''}")
 
 
 def check_context(context: int | None) -> None:
@@ -415,7 +438,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # The directory chosen_checkpoint names on stderr (a training pruning it in between would make load read the
     # run's newer one: checkpoint.read_weights follows `best`/`last` again).
     used = weights_named(args.checkpoint)
-    model = load(chosen_checkpoint("eval", args.checkpoint), device)
+    model = load(chosen_checkpoint("eval", args.checkpoint), device, weight_dtype(args.dtype))
     tokens = get_tokenizer().encode_ordinary(text)
     check_token_ids(tokens, model.config.vocab_size, f"--data {path}")
     if len(tokens) < 2:
@@ -476,6 +499,9 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--context", type=int, metavar="N",
                           help="prompt + new tokens may fill N positions instead of the model's block_size; longer "
                                "than it was trained on shows how its positions extrapolate (the latent cache holds N)")
+    generate.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32",
+                          help="weights and KV cache in this dtype: bfloat16 halves the cache (what the training "
+                               "start quotes for a bf16 run) and its reads (default: %(default)s)")
 
     evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on a text file")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or a file tml export wrote")
@@ -485,6 +511,8 @@ def build_parser() -> argparse.ArgumentParser:
                                "measures how its positions extrapolate")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object (data, checkpoint, tokens, "
                           "context, trained_context, loss, perplexity) instead of the line")
+    evaluate.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32",
+                          help="weights in this dtype; the loss is taken over fp32 logits (default: %(default)s)")
 
     export = commands.add_parser("export", help="write one fp32 state dict (consolidates DeepSpeed ZeRO shards) and "
                                  "the JSON describing its model")

@@ -182,10 +182,11 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load(path: str | Path, device: str | torch.device | None = None) -> Transformer:
+def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Transformer:
     """The trained model at `path` (run directory, checkpoint directory or exported weights) in eval mode, on
-    `device` (default: CUDA when there is one, else the CPU). Generate with `model.generate(..., vocab_limit=50257)`
-    so the embedding's padding rows are never sampled."""
+    `device` (default: CUDA when there is one, else the CPU), in `dtype` (default: fp32, as saved; the KV cache
+    takes the weights' dtype). Generate with `model.generate(..., vocab_limit=50257)` so the embedding's padding
+    rows are never sampled."""
     path = Path(path)
     if path.is_file():
         state, model_config, _ = _read_export(path)
@@ -200,7 +201,7 @@ def load(path: str | Path, device: str | torch.device | None = None) -> Transfor
         raise CheckpointError(f"{path}: the weights do not fit the model its description or config names ({first})"
                               ) from error
     device = device if device is not None else default_device()
-    return model.to(device).eval()
+    return model.to(device=device, dtype=dtype).eval()
 
 
 def check_start_from(path: str | Path, model: ModelConfig) -> None:

@@ -552,6 +552,50 @@ def read_until(process: subprocess.Popen, wanted, seen: list[str]) -> str:
     pytest.fail("the run ended before the expected line:\n" + "".join(seen))
 
 
+SIGNALLED_WHILE_STARTING = """
+import os, signal, sys
+import tml.train.preflight as preflight
+from tml.cli import main
+
+original = preflight.check_run_can_start
+
+def signalled_while_starting(config):  # as SLURM preempting a job still importing or preparing its data
+    os.kill(os.getpid(), signal.SIGTERM)
+    return original(config)
+
+preflight.check_run_can_start = signalled_while_starting
+sys.exit(main(["train", "--config", sys.argv[1]]))
+"""
+
+
+@pytest.mark.timeout(120)
+def test_a_scheduler_signal_while_starting_stops_the_run_at_its_first_step_not_by_death(tmp_path, tiny_shards):
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(dump_yaml(tiny_run_config(tiny_shards, tmp_path / "run", max_steps=50)))
+    done = subprocess.run([sys.executable, "-c", SIGNALLED_WHILE_STARTING, str(config_file)], cwd=REPO_ROOT,
+                          capture_output=True, text=True, timeout=110)
+    assert done.returncode == 0, done.stderr[-2000:]  # not -15: the default action would have killed it
+    assert "tml: preempted by SIGTERM at step 1; resume with --train.resume auto" in done.stderr
+    assert read_meta(checkpoints_dir(tmp_path / "run") / "last")["step"] == 1
+
+
+def test_ctrl_c_during_the_last_validation_says_the_run_is_complete_and_exits_130(tmp_path, tiny_shards, capsys,
+                                                                                  monkeypatch):
+    import tml.train.loop as loop
+
+    def evaluate_pressed_at_the_end(fabric, model, dataset, batch_size, val_batches):
+        os.kill(os.getpid(), signal.SIGINT)  # the handler tml train installed takes it: a stop request
+        return evaluate(fabric, model, dataset, batch_size, val_batches)
+
+    evaluate = loop.evaluate
+    monkeypatch.setattr(loop, "evaluate", evaluate_pressed_at_the_end)
+    config_file = tmp_path / "run.yaml"
+    config_file.write_text(dump_yaml(tiny_run_config(tiny_shards, tmp_path / "run", max_steps=2, val_interval=2)))
+    assert main(["train", "--config", str(config_file)]) == CTRL_C_EXIT_STATUS  # `tml train && next` stops
+    assert "tml: Ctrl-C came as the run finished: it is complete at step 2" in capsys.readouterr().err
+    assert read_meta(checkpoints_dir(tmp_path / "run") / "last")["step"] == 2
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(180)
 def test_ctrl_c_saves_last_at_the_current_step_and_resume_continues(tmp_path, tiny_shards, capsys):

@@ -14,6 +14,7 @@ import dataclasses
 import json
 import math
 import os
+import signal
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -25,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tml.compare import DEFAULT_SORT, FIELDS, CompareError, compare_runs, print_table, read_summary
 from tml.config import ConfigError
 from tml.sweep import is_sweep
-from tml.train.preemption import CTRL_C_EXIT_STATUS
+from tml.train.preemption import CTRL_C_EXIT_STATUS, DEFAULT_SIGNALS, PreemptionFlag
 
 if TYPE_CHECKING:
     import torch
@@ -81,16 +82,22 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
         except RunLockError as error:
             print(f"tml: {error}", file=sys.stderr)
             return 1
-    # Imported after the config is known to be good: torch and Lightning take seconds to import.
-    from tml.data.gutenberg import GutenbergError
-    from tml.data.prepare import PrepareError, data_is_ready, prepare_data
-    from tml.data.shards import ShardError
-    from tml.train.checkpoint import CheckpointError
-    from tml.train.loop import TrainingDiverged, train
-    from tml.train.preemption import INTERACTIVE_SIGNALS, PreemptionFlag
-    from tml.train.preflight import check_run_can_start
-
-    stop = PreemptionFlag()
+    # A scheduler's signal from here on is a stop request too, not death by its default action; Ctrl-C still
+    # raises KeyboardInterrupt until training starts.
+    stop = PreemptionFlag().install(DEFAULT_SIGNALS)
+    try:
+        # Imported after the config is known to be good: torch and Lightning take seconds to import.
+        from tml.data.gutenberg import GutenbergError
+        from tml.data.prepare import PrepareError, data_is_ready, prepare_data
+        from tml.data.shards import ShardError
+        from tml.train.checkpoint import CheckpointError
+        from tml.train.loop import TrainingDiverged, train
+        from tml.train.preflight import check_run_can_start
+    except KeyboardInterrupt:
+        stop.uninstall()
+        run_lock.close()
+        print("tml: interrupted while starting; nothing was trained or written", file=sys.stderr)
+        return CTRL_C_EXIT_STATUS
     try:
         check_run_can_start(config)  # a refused resume must not first rebuild the shards the run was trained on
         if not data_is_ready(config.data):
@@ -100,7 +107,8 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
                 print(f"tml: interrupted while preparing {config.data.shard_dir}; the next run starts the unfinished "
                       "preparation again", file=sys.stderr)
                 return CTRL_C_EXIT_STATUS
-        result = train(config, stop.install(INTERACTIVE_SIGNALS))
+        # A scheduler's signal that came while starting stops the run at its first step, where every rank agrees.
+        result = train(config, stop.install([signal.SIGINT]))
     # Every rank of the machine raises the same error together (the loop agrees on its decisions): one prints it.
     except ConfigError as error:  # a setting this machine cannot run (train.accelerator=cuda without CUDA)
         if is_first_local_process():
@@ -118,6 +126,11 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
         stop.uninstall()  # the loop does it too, but not when it fails before its first step
         run_lock.close()
     if not result.preempted:
+        if stop.interrupted:  # pressed while the last step's validation or save ran: nothing was cut short
+            if is_first_local_process():
+                print(f"tml: Ctrl-C came as the run finished: it is complete at step {result.final_step}",
+                      file=sys.stderr)
+            return CTRL_C_EXIT_STATUS if is_first_local_process() else 0
         return 0
     if stop.interrupted:
         if is_first_local_process():

@@ -33,7 +33,8 @@ class TrainConfig:
         grad_accum: micro-batches accumulated into one optimizer step
         lr: peak learning rate, reached at the end of warm-up
         min_lr: learning rate at the last step, where the cosine decay ends
-        warmup_frac: fraction of max_steps over which the learning rate rises linearly from 0 to lr
+        warmup_frac: fraction of max_steps over which the learning rate rises linearly to lr (its first step uses
+            lr/(W+1) of W warm-up steps, never 0: tml/train/optim.py)
         weight_decay: AdamW weight decay, applied to the linear layers' weights only
         beta1: AdamW's decay rate for the gradient mean
         beta2: AdamW's decay rate for the squared gradient (0.95, GPT-3's choice for stability)

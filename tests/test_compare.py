@@ -64,8 +64,10 @@ def test_json_rows_carry_summary_json_numbers_and_the_shape_of_each_real_run(swe
         assert list(row) == [*FIELDS, "settings"]
         assert row["settings"]["train.lr"] == 3e-3 and "train.out_dir" not in row["settings"]  # placement: not compared
         for key in ("final_step", "max_steps", "best_val_loss", "best_val_perplexity", "val_loss", "val_perplexity",
-                    "tokens_seen", "wall_s", "params", "params_non_embedding"):
+                    "tokens_seen", "wall_s", "train_tokens_per_s", "params", "params_non_embedding"):
             assert row[key] == summary[key], key
+        # the steps' own speed: start-up, validation and saves count in the wall figure only
+        assert row["train_tokens_per_s"] > row["tokens_per_s"]
         assert row["status"] == "finished" and row["final_step"] == MAX_STEPS
         assert row["tokens_per_s"] == pytest.approx(summary["tokens_seen"] / summary["wall_s"])
         model = debug_model_config(attention=attention)

@@ -45,11 +45,12 @@ MHA_ONLY = ("n_kv_head",)
 # attention_kind (MLA, MHA, GQA or MQA) is ModelConfig's name for the attention and n_kv_head together.
 SHAPE = ("attention", "attention_kind", "norm", "n_layer", "n_embd", "n_head", *MHA_ONLY, *MLA_ONLY, "block_size")
 NUMBERS_FROM_SUMMARY = ("final_step", "max_steps", "best_val_loss", "best_val_perplexity", "val_loss",
-                        "val_perplexity", "tokens_seen", "wall_s", "params", "params_non_embedding")
+                        "val_perplexity", "tokens_seen", "wall_s", "train_tokens_per_s", "params",
+                        "params_non_embedding")
 # Every row's fields, in table order; `--json` gives all of them (and `settings`) and `--sort` takes any.
 FIELDS = ("run", *SHAPE, "params", "params_non_embedding", "kv_cache_bytes_per_token", "kv_cache_dtype",
           "final_step", "max_steps", "best_val_loss", "best_val_perplexity", "val_loss", "val_perplexity",
-          "tokens_seen", "wall_s", "tokens_per_s", "status")
+          "tokens_seen", "wall_s", "tokens_per_s", "train_tokens_per_s", "status")
 DEFAULT_SORT = "best_val_perplexity"
 # Settings that are not part of what a run computes, besides where its files go (PLACEMENT_KEYS): the data's
 # cache directory, how often it logs and saves, and the loggers. A sweep that differs only in these shows no
@@ -358,6 +359,8 @@ COLUMNS = (
     field("tokens_seen", "tokens", render=compact),
     field("wall_s", "wall", render=duration),
     field("tokens_per_s", "tok/s (wall)", render=lambda x: f"{x:,.0f}"),
+    # The speed to quote: steps only (the wall figure also counts start-up, validation and saves)
+    field("train_tokens_per_s", "tok/s (train)", render=lambda x: f"{x:,.0f}"),
     field("status", "status"),
 )
 # Settings the table's own columns already show: the shape's, and max_steps (the `steps` column's N/max).

@@ -306,6 +306,23 @@ def test_ctrl_c_stops_the_sweep_after_the_run_in_progress_saves_and_the_same_com
         assert json.loads((tmp_path / "sweep" / name / "summary.json").read_text())["final_step"] == int(end)
 
 
+def test_ctrl_c_as_a_run_finishes_calls_the_run_done_and_still_stops_the_sweep(tmp_path, capsys, monkeypatch):
+    import tml.sweep as sweep
+    from tml.train.loop import train
+
+    runs = expand(["--config", str(write_experiment(tmp_path, max_steps=2, val_interval=2, ckpt_interval=2)),
+                   "--sweep", "train.lr=1e-3,3e-3"])
+
+    def finished_as_ctrl_c_came(command):  # stands in for the child: it trains to the end, and says 130 (tml train's
+        train(runs[0].config)  # status when Ctrl-C came during the last validation), the sweep having seen SIGINT too
+        return CTRL_C_EXIT_STATUS, signal.SIGINT
+
+    monkeypatch.setattr(sweep, "run_one", finished_as_ctrl_c_came)
+    assert sweep.run_sweep_here(runs) == CTRL_C_EXIT_STATUS
+    assert "tml: sweep: lr=1e-3: done; 1 not started" in capsys.readouterr().out
+    assert not (tmp_path / "sweep" / "lr=3e-3").exists()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(240)
 def test_a_sweep_killed_outright_stops_its_training_which_saves_last_instead_of_going_on_alone(tmp_path):

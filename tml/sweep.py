@@ -452,8 +452,8 @@ def run_or_leave(run: SweepRun) -> tuple[str, int | None]:
         status, stopped_by = run_one([*train_command(), *run.argv])
         if status == CTRL_C_EXIT_STATUS and stopped_by is None:
             stopped_by = signal.SIGINT  # Ctrl-C sent to the training alone
-        if status == 0 and has_ended(run.config):
-            return "done", None  # a stop request that came as the run finished stops no run, nor the sweep
+        if status in (0, CTRL_C_EXIT_STATUS) and has_ended(run.config):
+            return "done", stopped_by  # a stop request that came as the run finished cut nothing short of it
         if stopped_by is not None or status == 0:  # 0 without ending: it saved and stopped on a signal of its own
             return "stopped", stopped_by if stopped_by is not None else signal.SIGTERM
         return taken_elsewhere(run.name, run.config) or f"failed (exit status {status})", None

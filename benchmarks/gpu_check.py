@@ -53,6 +53,8 @@ VARIANTS: dict[str, list[str]] = {
     # GQA at MLA's cache budget (2 of the reference's 12 heads: 256 numbers a token a layer against MLA's 288)
     "gqa": ["--model.attention=mha", "--model.n_kv_head=2"],
     "bf16": ["--train.precision=bf16-mixed"],
+    # DeepSpeed's own fp16 path (16-bit weights, its DynamicLossScaler) on one GPU, the reference's global batch
+    "zero2": ["--train.strategy=deepspeed", "--train.zero_stage=2"],
 }
 
 
@@ -118,6 +120,7 @@ def train_and_measure(config: Config) -> dict:
     return {
         "precision": resolve_precision(config.train, resolve_accelerator(config.train)),  # as run: bf16 on CPU
         "compile": config.train.compile,
+        "strategy": config.train.strategy if config.train.strategy != "deepspeed" else f"zero{config.train.zero_stage}",
         "attention": config.model.attention_kind,  # MLA, MHA, GQA or MQA
         "steps": result.final_step,
         "tokens_per_step": config.train.batch_size * config.train.grad_accum * config.model.block_size,

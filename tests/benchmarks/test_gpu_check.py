@@ -37,7 +37,7 @@ def test_gpu_check_trains_the_reference_config_decodes_and_writes_json_on_cpu(tm
     shards = write_synthetic_shards(tmp_path / "shards")
     json_path = tmp_path / "result.json"
     report = load_script().main(["--shards", str(shards), "--steps", "12", "--work", str(tmp_path / "work"),
-                                 "--json", str(json_path), "--variants", "mha,gqa,bf16", "--variant-steps", "2",
+                                 "--json", str(json_path), "--variants", "mha,gqa,bf16,zero2", "--variant-steps", "2",
                                  "--allow-cpu", *debug_overrides(vocab_size=256)])
     assert json.loads(json_path.read_text()) == report
     run = report["run"]
@@ -56,6 +56,8 @@ def test_gpu_check_trains_the_reference_config_decodes_and_writes_json_on_cpu(tm
     assert report["mha_run"]["attention"] == "MHA" and report["mha_run"]["steps"] == 2
     assert report["gqa_run"]["attention"] == "GQA"
     assert report["bf16_run"]["precision"] == "bf16-mixed" and report["bf16_run"]["attention"] == "MLA"
+    assert report["zero2_run"]["strategy"] == "zero2" and report["zero2_run"]["steps"] == 2  # DeepSpeed in-process
+    assert report["run"]["strategy"] == "auto"
     assert "compiled_run" not in report  # only the variants asked for
 
 

@@ -253,9 +253,14 @@ def test_eval_in_bfloat16_weights_is_close_to_fp32(trained_run, tmp_path, capsys
     for dtype in ("float32", "bfloat16"):
         assert main(["eval", "--checkpoint", str(trained_run), "--data", str(text_file), "--json", "--dtype",
                      dtype]) == 0
-        losses[dtype] = json.loads(capsys.readouterr().out)["loss"]
+        result = json.loads(capsys.readouterr().out)
+        assert result["dtype"] == dtype
+        losses[dtype] = result["loss"]
     assert losses["bfloat16"] != losses["float32"]  # the weights really were cast
     assert losses["bfloat16"] == pytest.approx(losses["float32"], rel=2e-2)
+    assert main(["eval", "--checkpoint", str(trained_run), "--data", str(text_file), "--dtype", "float8"]) == 1
+    assert "dtype 'float8': choose one of float32, bfloat16, float16" in capsys.readouterr().err
+    assert next(tml.load(trained_run, dtype="bfloat16").parameters()).dtype == torch.bfloat16  # a name or a dtype
 
 
 def test_eval_json_gives_the_same_numbers_as_the_line(trained_run, tmp_path, capsys):

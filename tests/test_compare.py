@@ -249,6 +249,8 @@ def test_settings_that_differ_besides_the_shape_get_columns_and_sort_by_them(swe
     header = next(line for line in out.splitlines() if "train.lr" in line)
     assert "train.out_dir" not in out and "train.min_lr" not in header  # placement, and what did not change
     assert "train.max_steps" not in header and f"{MAX_STEPS}/8" in out  # the steps column shows it
+    # the same status in all runs: the setting goes last, not between the figures
+    assert "status" not in header and header.rstrip().endswith("train.lr")
     assert "0.001" in out and "0.01" in out
     by_lr = compare_json(capsys, tmp_path, "--sort=-train.lr")  # with =: argparse reads "-x" as an option
     assert [row["settings"]["train.lr"] for row in by_lr] == [0.01, 0.001]

@@ -301,7 +301,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
     options = sampling_options(args)
     check_context(args.context)
     device = default_device()
-    model = load(chosen_checkpoint("generate", args.checkpoint), device, weight_dtype(args.dtype))
+    model = load(chosen_checkpoint("generate", args.checkpoint), device, args.dtype)
     if args.context is not None:
         read_at_context(model, args.context, "generate")
     tokenizer = get_tokenizer()
@@ -332,15 +332,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"--- sample {number} of {args.num_samples} ---")
         print(tokenizer.decode(sample[skip:].tolist()))
     return 0
-
-
-WEIGHT_DTYPES = ("float32", "bfloat16", "float16")  # --dtype of generate and eval
-
-
-def weight_dtype(name: str):
-    import torch
-
-    return getattr(torch, name)
 
 
 def cache_line(model, positions: int, samples: int) -> str:
@@ -451,7 +442,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     # The directory chosen_checkpoint names on stderr (a training pruning it in between would make load read the
     # run's newer one: checkpoint.read_weights follows `best`/`last` again).
     used = weights_named(args.checkpoint)
-    model = load(chosen_checkpoint("eval", args.checkpoint), device, weight_dtype(args.dtype))
+    model = load(chosen_checkpoint("eval", args.checkpoint), device, args.dtype)
     tokens = get_tokenizer().encode_ordinary(text)
     check_token_ids(tokens, model.config.vocab_size, f"--data {path}")
     if len(tokens) < 2:
@@ -464,7 +455,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         # "checkpoint" as given; "weights": the checkpoint directory (a run's best, else last) or export read
         print(json.dumps({"data": str(path), "checkpoint": args.checkpoint, "weights": used, "tokens": count,
-                          "context": context, "trained_context": trained, "loss": loss,
+                          "context": context, "trained_context": trained, "dtype": args.dtype, "loss": loss,
                           "perplexity": perplexity(loss)}))
     else:
         windows = f" | context {context} (trained at {trained})" if context != trained else ""
@@ -512,7 +503,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--context", type=int, metavar="N",
                           help="prompt + new tokens may fill N positions instead of the model's block_size; longer "
                                "than it was trained on shows how its positions extrapolate (the latent cache holds N)")
-    generate.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32",
+    generate.add_argument("--dtype", default="float32", metavar="{float32,bfloat16,float16}",
                           help="weights and KV cache in this dtype: bfloat16 halves the cache (what the training "
                                "start quotes for a bf16 run) and its reads (default: %(default)s)")
 
@@ -522,9 +513,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--context", type=int, metavar="N",
                           help="tokens per window (default: the model's block_size); longer than it was trained on "
                                "measures how its positions extrapolate")
-    evaluate.add_argument("--json", action="store_true", help="print one JSON object (data, checkpoint, tokens, "
-                          "context, trained_context, loss, perplexity) instead of the line")
-    evaluate.add_argument("--dtype", choices=WEIGHT_DTYPES, default="float32",
+    evaluate.add_argument("--json", action="store_true", help="print one JSON object (data, checkpoint, weights, "
+                          "tokens, context, trained_context, dtype, loss, perplexity) instead of the line")
+    evaluate.add_argument("--dtype", default="float32", metavar="{float32,bfloat16,float16}",
                           help="weights in this dtype; the loss is taken over fp32 logits (default: %(default)s)")
 
     export = commands.add_parser("export", help="write one fp32 state dict (consolidates DeepSpeed ZeRO shards) and "

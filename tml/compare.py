@@ -406,7 +406,9 @@ def print_table(rows: list[dict[str, Any]], console: Console) -> None:
     if shared:
         console.print("same in all runs: " + ", ".join(shared), highlight=False, soft_wrap=True)
     shown = [column for column in COLUMNS if column not in same]
-    shown[-1:-1] = differing_settings(rows)  # before status: what the runs were told to do differently
+    # What the runs were told to do differently: after the figures, before status (the last column, when shown).
+    at = len(shown) - 1 if shown[-1].header == "status" else len(shown)
+    shown[at:at] = differing_settings(rows)
     table = Table(show_edge=False, header_style="bold")
     for column in shown:
         table.add_column(column.header, justify="left" if column.render is str else "right", no_wrap=True)

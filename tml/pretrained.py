@@ -182,11 +182,20 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def load(path: str | Path, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> Transformer:
+LOAD_DTYPES = ("float32", "bfloat16", "float16")  # what `load` (and tml generate/eval --dtype) casts weights to
+
+
+def load(path: str | Path, device: str | torch.device | None = None,
+         dtype: torch.dtype | str | None = None) -> Transformer:
     """The trained model at `path` (run directory, checkpoint directory or exported weights) in eval mode, on
-    `device` (default: CUDA when there is one, else the CPU), in `dtype` (default: fp32, as saved; the KV cache
-    takes the weights' dtype). Generate with `model.generate(..., vocab_limit=50257)` so the embedding's padding
-    rows are never sampled."""
+    `device` (default: CUDA when there is one, else the CPU), in `dtype` (a torch dtype or its name; default: fp32,
+    as saved; the KV cache takes the weights' dtype). Generate with `model.generate(..., vocab_limit=50257)` so the
+    embedding's padding rows are never sampled."""
+    if dtype is not None:
+        name = str(dtype).removeprefix("torch.")
+        if name not in LOAD_DTYPES:
+            raise ValueError(f"dtype {name!r}: choose one of {', '.join(LOAD_DTYPES)}")
+        dtype = getattr(torch, name)
     path = Path(path)
     if path.is_file():
         state, model_config, _ = _read_export(path)

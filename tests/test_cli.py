@@ -557,6 +557,34 @@ def read_until(process: subprocess.Popen, wanted, seen: list[str]) -> str:
     pytest.fail("the run ended before the expected line:\n" + "".join(seen))
 
 
+def test_signals_are_stop_requests_from_train_mains_first_line_and_ctrl_c_too_in_ranks_fabric_started(monkeypatch):
+    """A group signal can reach a rank still reading its config: it must not die of it (Fabric would then kill every
+    rank, saving nothing). Only rank 0's Ctrl-C interrupts before training, where nothing needs saving."""
+    import tml.config
+    from tml.train.preemption import PreemptionFlag
+
+    seen: dict[int, object] = {}
+
+    def load_config_noting_handlers(argv, parser):
+        seen.update({sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)})
+        raise tml.config.ConfigError("stopped here by the test")
+
+    def is_the_flags(handler) -> bool:
+        return isinstance(getattr(handler, "__self__", None), PreemptionFlag)
+
+    monkeypatch.setattr(tml.config, "load_config", load_config_noting_handlers)
+    monkeypatch.delenv(RANK0_PID_VARIABLE, raising=False)  # rank 0 records its pid there; restored after the test
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    assert main(["train", "--config", "run.yaml"]) == 2
+    assert is_the_flags(seen[signal.SIGTERM]) and is_the_flags(seen[signal.SIGUSR1])
+    assert seen[signal.SIGINT] is before[signal.SIGINT]  # rank 0: Ctrl-C interrupts the start
+    monkeypatch.setenv("LOCAL_RANK", "1")  # a rank Fabric started
+    monkeypatch.delenv(RANK0_PID_VARIABLE)
+    assert main(["train", "--config", "run.yaml"]) == 2
+    assert is_the_flags(seen[signal.SIGTERM]) and is_the_flags(seen[signal.SIGINT])
+    assert {sig: signal.getsignal(sig) for sig in before} == before  # all given back
+
+
 SIGNALLED_WHILE_STARTING = """
 import os, signal, sys
 import tml.train.preflight as preflight

@@ -26,7 +26,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from tml.compare import DEFAULT_SORT, FIELDS, CompareError, compare_runs, print_table, read_summary
 from tml.config import ConfigError
 from tml.sweep import is_sweep
-from tml.train.preemption import CTRL_C_EXIT_STATUS, DEFAULT_SIGNALS, PreemptionFlag
+from tml.train.preemption import CTRL_C_EXIT_STATUS, DEFAULT_SIGNALS, INTERACTIVE_SIGNALS, PreemptionFlag
 
 if TYPE_CHECKING:
     import torch
@@ -54,12 +54,7 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
     Exit status: 0 when training ends or is stopped by a scheduler's signal (`last` saved; SLURM requeues),
     130 (the shell's "ended by Ctrl-C") when Ctrl-C stopped it, cleanly or not, 1 on an error, 2 on a bad config.
     """
-    from contextlib import ExitStack
-
-    from tml.config import load_config
-    from tml.train.parent_death import die_with_local_rank0
     from tml.train.ranks import is_first_local_process
-    from tml.train.run_lock import RunLockError, hold_run_lock, is_lock_holder
 
     dry_run = DRY_RUN_FLAG in argv
     argv = [arg for arg in argv if arg != DRY_RUN_FLAG]
@@ -67,25 +62,43 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
         return sweep_main(argv, prog, dry_run)
     if dry_run:
         return dry_run_main(argv, prog)
+    # From the first line on, a scheduler's signal is a stop request, never death by its default action; so is
+    # Ctrl-C in a rank Fabric started (one dying of it would take the others down): every rank stops at the first
+    # step together. Rank 0's Ctrl-C interrupts until training starts: nothing is begun that needs saving.
+    stop = PreemptionFlag().install(DEFAULT_SIGNALS if is_first_local_process() else INTERACTIVE_SIGNALS)
+    try:
+        return start_and_train(argv, prog, stop)
+    except KeyboardInterrupt:  # rank 0, while reading its config or importing torch and Lightning
+        print("tml: interrupted while starting; nothing was trained or written", file=sys.stderr)
+        return CTRL_C_EXIT_STATUS
+    finally:
+        stop.uninstall()  # the loop does it too, but not when it fails before its first step
+
+
+def start_and_train(argv: Sequence[str], prog: str | None, stop: PreemptionFlag) -> int:
+    """train_main's work once `stop` listens: config, run lock, data, training, and the exit status."""
+    from contextlib import ExitStack
+
+    from tml.config import load_config
+    from tml.train.parent_death import die_with_local_rank0
+    from tml.train.ranks import is_first_local_process
+    from tml.train.run_lock import RunLockError, hold_run_lock, is_lock_holder
+
     die_with_local_rank0()  # the extra local ranks Fabric starts end with this process, even under kill -9
     try:
         config = load_config(argv, train_parser(prog))
     except ConfigError as error:
         print(f"tml: {error}", file=sys.stderr)
         return 2
-    run_lock = ExitStack()  # held until training ends; before the imports, so a refusal comes at once
-    if is_lock_holder():
-        if not Path(config.train.out_dir).exists():  # a start that fails before training leaves no empty run dir
-            run_lock.callback(remove_if_only_lock, Path(config.train.out_dir))
-        try:
-            run_lock.enter_context(hold_run_lock(config.train.out_dir))
-        except RunLockError as error:
-            print(f"tml: {error}", file=sys.stderr)
-            return 1
-    # A scheduler's signal from here on is a stop request too, not death by its default action; Ctrl-C still
-    # raises KeyboardInterrupt until training starts.
-    stop = PreemptionFlag().install(DEFAULT_SIGNALS)
-    try:
+    with ExitStack() as run_lock:  # held until training ends; before the imports, so a refusal comes at once
+        if is_lock_holder():
+            if not Path(config.train.out_dir).exists():  # a start that fails before training leaves no empty run dir
+                run_lock.callback(remove_if_only_lock, Path(config.train.out_dir))
+            try:
+                run_lock.enter_context(hold_run_lock(config.train.out_dir))
+            except RunLockError as error:
+                print(f"tml: {error}", file=sys.stderr)
+                return 1
         # Imported after the config is known to be good: torch and Lightning take seconds to import.
         from tml.data.gutenberg import GutenbergError
         from tml.data.prepare import PrepareError, data_is_ready, prepare_data
@@ -93,38 +106,31 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
         from tml.train.checkpoint import CheckpointError
         from tml.train.loop import TrainingDiverged, train
         from tml.train.preflight import check_run_can_start
-    except KeyboardInterrupt:
-        stop.uninstall()
-        run_lock.close()
-        print("tml: interrupted while starting; nothing was trained or written", file=sys.stderr)
-        return CTRL_C_EXIT_STATUS
-    try:
-        check_run_can_start(config)  # a refused resume must not first rebuild the shards the run was trained on
-        if not data_is_ready(config.data):
-            try:
-                prepare_data(config.data)
-            except KeyboardInterrupt:  # before training: one process, and nothing of the run to speak of
-                print(f"tml: interrupted while preparing {config.data.shard_dir}; the next run starts the unfinished "
-                      "preparation again", file=sys.stderr)
-                return CTRL_C_EXIT_STATUS
-        # A scheduler's signal that came while starting stops the run at its first step, where every rank agrees.
-        result = train(config, stop.install([signal.SIGINT]))
-    # Every rank of the machine raises the same error together (the loop agrees on its decisions): one prints it.
-    except ConfigError as error:  # a setting this machine cannot run (train.accelerator=cuda without CUDA)
-        if is_first_local_process():
-            print(f"tml: {error}", file=sys.stderr)
-        return 2
-    except (GutenbergError, PrepareError, ShardError, TrainingDiverged, CheckpointError) as error:
-        if is_first_local_process():
-            print(f"tml: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:  # before the handler was installed, or the second Ctrl-C
-        if is_first_local_process():
-            print(f"tml: aborted; checkpoints in {config.train.out_dir} are as last saved", file=sys.stderr)
-        return CTRL_C_EXIT_STATUS
-    finally:
-        stop.uninstall()  # the loop does it too, but not when it fails before its first step
-        run_lock.close()
+
+        try:
+            check_run_can_start(config)  # a refused resume must not first rebuild the shards the run was trained on
+            if not data_is_ready(config.data):
+                try:
+                    prepare_data(config.data)
+                except KeyboardInterrupt:  # before training: one process, and nothing of the run to speak of
+                    print(f"tml: interrupted while preparing {config.data.shard_dir}; the next run starts the "
+                          "unfinished preparation again", file=sys.stderr)
+                    return CTRL_C_EXIT_STATUS
+            # A signal that came while starting stops the run at its first step, where every rank agrees.
+            result = train(config, stop.install([signal.SIGINT]))
+        # Every rank of the machine raises the same error together (the loop agrees on its decisions): one prints it.
+        except ConfigError as error:  # a setting this machine cannot run (train.accelerator=cuda without CUDA)
+            if is_first_local_process():
+                print(f"tml: {error}", file=sys.stderr)
+            return 2
+        except (GutenbergError, PrepareError, ShardError, TrainingDiverged, CheckpointError) as error:
+            if is_first_local_process():
+                print(f"tml: {error}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:  # the second Ctrl-C
+            if is_first_local_process():
+                print(f"tml: aborted; checkpoints in {config.train.out_dir} are as last saved", file=sys.stderr)
+            return CTRL_C_EXIT_STATUS
     if not result.preempted:
         if stop.interrupted:  # pressed while the last step's validation or save ran: nothing was cut short
             if is_first_local_process():

@@ -308,6 +308,14 @@ def test_a_run_stopped_between_validations_says_from_which_step_its_final_val_lo
     assert re.search(r"final val loss\W+\d+\.\d{4} \(step 2\)", row), row
 
 
+def test_a_stop_request_at_the_last_step_leaves_a_complete_run_not_a_preempted_one(tmp_path, tiny_shards):
+    """A scheduler that requeued it would only find nothing left to train."""
+    config = tiny_run_config(tiny_shards, tmp_path, max_steps=3, val_interval=3, ckpt_interval=100)
+    result = train(config, preemption=PreemptAtStep(3))
+    assert result.final_step == 3 and not result.preempted and math.isfinite(result.val_loss)
+    assert summary(tmp_path)["preempted"] is False and read_meta(checkpoints_dir(tmp_path) / "last")["step"] == 3
+
+
 def test_a_stop_request_on_a_skipped_step_still_saves_the_unchanged_weights(tmp_path, tiny_shards, monkeypatch):
     nan_gradients_from_step(monkeypatch, first_bad=3, last_bad=3)
     config = tiny_run_config(tiny_shards, tmp_path, max_steps=8, val_interval=100, ckpt_interval=100)

@@ -336,7 +336,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                     diverge(step, overflow_streak, "the fp16 gradients overflowed at every loss scale tried")
 
                 saved = False
-                if signalled_ranks > 0:
+                if signalled_ranks > 0 and step < tc.max_steps:  # at the last step the run ends, complete, anyway
                     preempted = True
                 with meter.paused():  # validation and saving are not training speed
                     if finite and (step % tc.val_interval == 0 or step == tc.max_steps):

@@ -68,6 +68,10 @@ class PreemptionFlag:
         if threading.current_thread() is not threading.main_thread():
             return self
         for sig in signals:
+            if sig in self._previous:  # already this flag's: keep the handler it replaced, to restore
+                continue
+            if sig == signal.SIGINT and self.interrupted:  # one Ctrl-C was seen: the next one aborts
+                continue
             if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
                 continue
             self._previous[sig] = signal.signal(sig, self._handle)

@@ -127,9 +127,10 @@ def start_and_train(argv: Sequence[str], prog: str | None, stop: PreemptionFlag)
             if is_first_local_process():
                 print(f"tml: {error}", file=sys.stderr)
             return 1
-        except KeyboardInterrupt:  # the second Ctrl-C
+        except KeyboardInterrupt:  # the second Ctrl-C, or rank 0's first before training
             if is_first_local_process():
-                print(f"tml: aborted; checkpoints in {config.train.out_dir} are as last saved", file=sys.stderr)
+                print(f"tml: aborted; checkpoints in {config.train.out_dir}, if any, are as last saved",
+                      file=sys.stderr)
             return CTRL_C_EXIT_STATUS
     if not result.preempted:
         if stop.interrupted:  # pressed while the last step's validation or save ran: nothing was cut short

@@ -436,9 +436,10 @@ def run_sweep_here(runs: Sequence[SweepRun]) -> int:
           + (f"; {left} not started" if left else ""), flush=True)
     print(f"tml: compare them with: tml compare {sweep_dir}", flush=True)
     if stopped_by is not None:
-        resume = "" if runs[0].config.train.resume == "auto" else " with --train.resume auto"
-        print(f"tml: sweep stopped; the same command{resume} continues it (ended runs are skipped, the stopped one "
-              "resumes)", file=sys.stderr, flush=True)
+        if left or outcomes[-1][1] != "done":  # something to continue
+            resume = "" if runs[0].config.train.resume == "auto" else " with --train.resume auto"
+            print(f"tml: sweep stopped; the same command{resume} continues it (ended runs are skipped, the stopped "
+                  "one resumes)", file=sys.stderr, flush=True)
         return CTRL_C_EXIT_STATUS if stopped_by == signal.SIGINT else 128 + stopped_by
     return 1 if any(outcome.startswith("failed") for _, outcome in outcomes) else 0
 

@@ -329,8 +329,9 @@ def write_shards(
 
     The shards are written into a build directory and moved into shard_dir only when every one is complete (see
     the module docstring), so the previous data set survives a failed build. `check` sees the finished splits
-    before they replace anything: an exception it raises (an unusable split) leaves shard_dir as it was too. A write error (a full disk) becomes a
-    ShardError naming shard_dir and its free space. Shards of a previous, larger build are deleted at the end.
+    before they replace anything: an exception it raises (an unusable split) leaves shard_dir as it was too. A
+    write error (a full disk) becomes a ShardError naming shard_dir and its free space. Shards of a previous,
+    larger build are deleted at the end.
     """
     shard_dir = Path(shard_dir)
     shard_dir.mkdir(parents=True, exist_ok=True)

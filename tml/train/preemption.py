@@ -19,8 +19,8 @@ from types import FrameType
 from tml.train.ranks import is_first_local_process
 
 DEFAULT_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGUSR1, signal.SIGUSR2, signal.SIGTERM)
-# What `tml train` listens to: the scheduler's signals plus Ctrl-C. SIGINT is left out of DEFAULT_SIGNALS so
-# that SLURM tasks and library callers of `train()` keep Python's usual KeyboardInterrupt.
+# What `tml train` listens to: the scheduler's signals plus Ctrl-C (tml/cli.py adds SIGINT). SIGINT is left out of
+# DEFAULT_SIGNALS so that library callers of `train()` keep Python's usual KeyboardInterrupt.
 INTERACTIVE_SIGNALS: tuple[signal.Signals, ...] = (*DEFAULT_SIGNALS, signal.SIGINT)
 CTRL_C_EXIT_STATUS = 130  # 128 + SIGINT: what shells report for a run ended by Ctrl-C, so `tml train && ...` stops
 CTRL_C_NOTICE = "tml: Ctrl-C: stopping after this step and saving `last` (press Ctrl-C again to abort at once)\n"

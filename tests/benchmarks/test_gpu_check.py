@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import math
+import os
 import shutil
 
 import pytest
@@ -33,7 +34,18 @@ def test_gpu_check_refuses_to_run_without_cuda_unless_allowed(tmp_path):
         load_script().main(["--shards", str(tmp_path), "--work", str(tmp_path)])
 
 
-def test_gpu_check_trains_the_reference_config_decodes_and_writes_json_on_cpu(tmp_path):
+@pytest.fixture
+def restored_environment():
+    """The zero2 variant runs DeepSpeed in this process, which sets MASTER_PORT, LOCAL_RANK, WORLD_SIZE, ... in
+    os.environ: left there, every later test's subprocess would inherit them (a taken port; a launcher that
+    believes its ranks are started by someone else)."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_gpu_check_trains_the_reference_config_decodes_and_writes_json_on_cpu(tmp_path, restored_environment):
     shards = write_synthetic_shards(tmp_path / "shards")
     json_path = tmp_path / "result.json"
     report = load_script().main(["--shards", str(shards), "--steps", "12", "--work", str(tmp_path / "work"),

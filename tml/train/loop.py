@@ -451,10 +451,13 @@ def finish_wandb(fabric: Fabric) -> None:
 
 
 def teardown(fabric: Fabric) -> None:
-    """Free the model before the process group: gloo on CPU aborted 3 runs in 8 without this order."""
+    """Free the model before the process group: gloo on CPU aborted 3 runs in 8 without this order. A group of one
+    (DeepSpeed makes one for a single process) goes too: left behind, it would hold its port in a process that goes
+    on to start other runs."""
     gc.collect()
-    if fabric.world_size > 1 and dist.is_available() and dist.is_initialized():
+    if dist.is_available() and dist.is_initialized():
         try:
-            fabric.barrier()
+            if fabric.world_size > 1:
+                fabric.barrier()
         finally:
             dist.destroy_process_group()

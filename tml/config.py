@@ -79,12 +79,15 @@ class Config:
         return cls(**sections)
 
 
-def build_parser(prog: str | None = None, description: str | None = None) -> ArgumentParser:
-    """The parser behind every entry point: `--config FILE` then `--section.key value` overrides."""
-    parser = ArgumentParser(prog=prog, description=description, exit_on_error=False, allow_abbrev=False)
+def build_parser(prog: str | None = None, description: str | None = None,
+                 sections: Sequence[str] = tuple(SECTIONS), epilog: str | None = None) -> ArgumentParser:
+    """The parser behind every entry point: `--config FILE` then `--section.key value` overrides. With fewer
+    `sections` it is for --help only (tml-prepare shows the data section it reads)."""
+    parser = ArgumentParser(prog=prog, description=description, epilog=epilog, exit_on_error=False,
+                            allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML experiment file (configs/*.yaml)")
-    for name, section_cls in SECTIONS.items():
-        parser.add_class_arguments(section_cls, name, help=f"{name} section")
+    for name in sections:
+        parser.add_class_arguments(SECTIONS[name], name, help=f"{name} section")
     return parser
 
 

@@ -534,3 +534,15 @@ def test_files_read_as_latin1_and_cp1252_share_one_notice(tmp_path):
     output = output_of(config(tmp_path, source))
     assert ("not UTF-8, so read as cp1252: 1 file (windows.txt); as Latin-1: 1 file (old.txt); convert them to UTF-8"
             in output)
+
+
+def test_help_shows_the_data_section_it_reads_and_says_the_others_are_accepted(capsys, tmp_path):
+    assert prepare.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    assert "--data.shard_dir" in out and "--force" in out
+    assert "--train." not in out and "--model." not in out
+    assert "model, train and log sections" in " ".join(out.split())
+    # ... and they are accepted: a run's own command line prepares its data (here: refused for its source only)
+    assert prepare.main(["--model.n_layer", "3", "--train.lr", "0.1", "--data.source",
+                         str(tmp_path / "absent")]) == 1
+    assert "absent" in capsys.readouterr().err

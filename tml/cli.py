@@ -27,6 +27,7 @@ from tml.compare import DEFAULT_SORT, FIELDS, CompareError, compare_runs, print_
 from tml.config import ConfigError
 from tml.sweep import is_sweep
 from tml.train.preemption import CTRL_C_EXIT_STATUS, DEFAULT_SIGNALS, INTERACTIVE_SIGNALS, PreemptionFlag
+from tml.train.ranks import is_first_local_process
 
 if TYPE_CHECKING:
     import torch
@@ -54,8 +55,6 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
     Exit status: 0 when training ends or is stopped by a scheduler's signal (`last` saved; SLURM requeues),
     130 (the shell's "ended by Ctrl-C") when Ctrl-C stopped it, cleanly or not, 1 on an error, 2 on a bad config.
     """
-    from tml.train.ranks import is_first_local_process
-
     dry_run = DRY_RUN_FLAG in argv
     argv = [arg for arg in argv if arg != DRY_RUN_FLAG]
     if is_sweep(argv):
@@ -81,7 +80,6 @@ def start_and_train(argv: Sequence[str], prog: str | None, stop: PreemptionFlag)
 
     from tml.config import load_config
     from tml.train.parent_death import die_with_local_rank0
-    from tml.train.ranks import is_first_local_process
     from tml.train.run_lock import RunLockError, hold_run_lock, is_lock_holder
 
     die_with_local_rank0()  # the extra local ranks Fabric starts end with this process, even under kill -9

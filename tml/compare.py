@@ -407,7 +407,7 @@ def print_table(rows: list[dict[str, Any]], console: Console) -> None:
         console.print("same in all runs: " + ", ".join(shared), highlight=False, soft_wrap=True)
     shown = [column for column in COLUMNS if column not in same]
     # What the runs were told to do differently: after the figures, before status (the last column, when shown).
-    at = len(shown) - 1 if shown[-1].header == "status" else len(shown)
+    at = len(shown) - 1 if shown[-1] is COLUMNS[-1] else len(shown)  # COLUMNS ends with status
     shown[at:at] = differing_settings(rows)
     table = Table(show_edge=False, header_style="bold")
     for column in shown:

@@ -80,13 +80,13 @@ class Config:
 
 
 def build_parser(prog: str | None = None, description: str | None = None,
-                 sections: Sequence[str] = tuple(SECTIONS), epilog: str | None = None) -> ArgumentParser:
+                 sections: Sequence[str] | None = None, epilog: str | None = None) -> ArgumentParser:
     """The parser behind every entry point: `--config FILE` then `--section.key value` overrides. With fewer
-    `sections` it is for --help only (tml-prepare shows the data section it reads)."""
+    `sections` than all (None) it is for --help only (tml-prepare shows the data section it reads)."""
     parser = ArgumentParser(prog=prog, description=description, epilog=epilog, exit_on_error=False,
                             allow_abbrev=False)
     parser.add_argument("--config", action=ActionConfigFile, help="YAML experiment file (configs/*.yaml)")
-    for name in sections:
+    for name in sections or SECTIONS:
         parser.add_class_arguments(SECTIONS[name], name, help=f"{name} section")
     return parser
 

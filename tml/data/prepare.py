@@ -539,22 +539,18 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
     return shard_dir
 
 
-FORCE_HELP = "rebuild even when the shards are up to date"
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     """`tml-prepare --config FILE [--data.key value ...] [--force]`; only the data section is used."""
     args = list(sys.argv[1:] if argv is None else argv)
-    description = "Download, clean, tokenize and shard the corpus."
-    if "-h" in args or "--help" in args:  # the section it reads, not the 300 lines of every section
-        parser = build_parser(prog="tml-prepare", description=description, sections=["data"],
-                              epilog="The model, train and log sections of a config file or the command line are "
-                                     "accepted and ignored, so a run's own command and config prepare its data.")
-        parser.add_argument("--force", action="store_true", help=FORCE_HELP)
+    asking_help = "-h" in args or "--help" in args  # shows the section it reads, not the 300 lines of every section
+    parser = build_parser(prog="tml-prepare", description="Download, clean, tokenize and shard the corpus.",
+                          sections=["data"] if asking_help else None,
+                          epilog="The model, train and log sections of a config file or the command line are "
+                                 "accepted and ignored, so a run's own command and config prepare its data.")
+    parser.add_argument("--force", action="store_true", help="rebuild even when the shards are up to date")
+    if asking_help:
         parser.print_help()
         return 0
-    parser = build_parser(prog="tml-prepare", description=description)
-    parser.add_argument("--force", action="store_true", help=FORCE_HELP)
     errors = Console(stderr=True)
     try:
         config = load_config(args, parser=parser)

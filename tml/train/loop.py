@@ -17,7 +17,6 @@ import gc
 import json
 import math
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -230,7 +229,6 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
     val_step = 0  # the step of that validation
     stopped_early = preempted = False
     nonfinite_streak = overflow_streak = 0
-    speeds: list[float] = []  # tokens/s of each log window
 
     def run_summary(diverged: bool) -> dict[str, float | int | bool | str | None]:
         """What summary.json holds: the run's final numbers, for scripts that compare runs."""
@@ -248,7 +246,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
             "tokens_seen": tokens_seen,
             "wall_s": round(train_seconds(), 3),
             # Training speed alone (validation, saves and start-up left out), median over this process's log windows
-            "train_tokens_per_s": round(statistics.median(speeds), 1) if speeds else None,
+            "train_tokens_per_s": round(speed, 1) if (speed := meter.median_tokens_per_s()) is not None else None,
             "peak_flops_per_device": peak,  # what MFU was measured against (None: unknown device, no MFU)
             "params": model_figures["model/params"],
             "params_non_embedding": model_figures["model/params_non_embedding"],
@@ -315,7 +313,6 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                 overflow_streak = overflow_streak + 1 if overflowed else 0
                 if step % tc.log_interval == 0 or step == tc.max_steps:
                     tokens_per_s, mfu = meter.measure()
-                    speeds.append(tokens_per_s)
                     metrics = {"train/loss": step_loss, "train/lr": lr,
                                "train/grad_norm": step_grad_norm,
                                "train/tokens_per_s": tokens_per_s, "train/tokens": tokens_seen}

@@ -70,9 +70,8 @@ class PreemptionFlag:
         for sig in signals:
             if sig in self._previous:  # already this flag's: keep the handler it replaced, to restore
                 continue
-            if sig == signal.SIGINT and self.interrupted:  # one Ctrl-C was seen: the next one aborts
-                continue
-            if sig == signal.SIGINT and signal.getsignal(sig) is signal.SIG_IGN:
+            # After one Ctrl-C the next one aborts; a SIGINT ignored from the start stays ignored.
+            if sig == signal.SIGINT and (self.interrupted or signal.getsignal(sig) is signal.SIG_IGN):
                 continue
             self._previous[sig] = signal.signal(sig, self._handle)
         return self

@@ -9,10 +9,11 @@ can do, not to a marketing figure.
 from __future__ import annotations
 
 import math
+import statistics
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -112,6 +113,7 @@ class ThroughputMeter:
     _tokens: int = 0
     _start: float | None = None
     _paused_seconds: float = 0.0
+    _windows: list[float] = field(default_factory=list)  # tokens/s of every window measured
 
     def start(self) -> None:
         self._tokens = 0
@@ -137,8 +139,14 @@ class ThroughputMeter:
             return 0.0, None
         elapsed = max(time.perf_counter() - self._start - self._paused_seconds, 1e-9)
         tokens_per_s = self._tokens / elapsed
+        self._windows.append(tokens_per_s)
         self.start()
         return tokens_per_s, mfu(tokens_per_s, self.flops_per_token, self.peak_flops_per_device, self.world_size)
+
+
+    def median_tokens_per_s(self) -> float | None:
+        """The training speed to quote: the median window (None before the first)."""
+        return statistics.median(self._windows) if self._windows else None
 
 
 def mfu(tokens_per_s: float, flops_per_token: int, peak_per_device: float | None, world_size: int = 1) -> float | None:

@@ -445,6 +445,16 @@ def test_shards_that_no_longer_match_their_index_are_rebuilt_saying_why(tmp_path
     ShardIndex.load(tmp_path / "shards", verify=True)
 
 
+def test_a_garbled_index_is_rebuilt_saying_why(tmp_path):
+    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
+    cfg = config(tmp_path, source)
+    prepare_data(cfg, console=quiet())
+    (tmp_path / "shards" / INDEX_FILE).write_bytes(b"\xff" * 64)  # not even UTF-8
+    output = " ".join(output_of(cfg).split())
+    assert "rebuilt because the shards there were unusable:" in output and "is not a tml shard index" in output
+    ShardIndex.load(tmp_path / "shards", verify=True)
+
+
 def test_an_index_listed_without_ctimes_is_rehashed_once_and_keeps_its_shards(tmp_path):
     source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
     cfg = config(tmp_path, source)

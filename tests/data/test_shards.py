@@ -221,6 +221,20 @@ def test_unreadable_index_is_refused_by_name(shards):
         ShardIndex.load(shards)
 
 
+def test_an_index_that_is_not_utf8_is_refused_by_name(shards):
+    (shards / INDEX_FILE).write_bytes(b"\xff\xfe{}")
+    with pytest.raises(ShardError, match="index.json is not a tml shard index.*tml-prepare --force"):
+        ShardIndex.load(shards)
+    assert ShardIndex.load_or_none(shards) is None
+
+
+def test_an_index_value_of_the_wrong_type_is_refused_by_name(shards):
+    edit_index(shards, lambda v: v.update(vocab_size="x"))
+    with pytest.raises(ShardError, match="index.json is not a tml shard index.*tml-prepare --force"):
+        ShardIndex.load(shards)
+    assert ShardIndex.load_or_none(shards) is None
+
+
 def test_document_that_exactly_fills_a_shard_starts_the_next_one_cleanly(tmp_path):
     index = build(tmp_path, [("train", 1, "a", [1, 2, 3, 4]), ("train", 2, "b", [5, 6, 7, 8, 9])], shard_tokens=4)
     train = index.splits["train"]

@@ -126,11 +126,13 @@ class ShardIndex:
         if not index_path.is_file():
             raise ShardError(f"{index_path} not found: run `tml-prepare --config FILE` to build the shards")
         try:
-            values = json.loads(index_path.read_text())
-            index = cls.from_json(shard_dir, values)
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as error:
+            index = cls.from_json(shard_dir, json.loads(index_path.read_text()))
+            index.check(verify=verify, scan_tokens=scan_tokens)
+        except ShardError:
+            raise
+        # ValueError covers bad JSON and bytes that are not UTF-8; TypeError a value of the wrong type (met in check).
+        except (ValueError, KeyError, TypeError, AttributeError) as error:
             raise ShardError(f"{index_path} is not a tml shard index ({error}); rebuild with tml-prepare --force") from error
-        index.check(verify=verify, scan_tokens=scan_tokens)
         return index
 
     def check(self, verify: bool = False, scan_tokens: bool = True) -> None:

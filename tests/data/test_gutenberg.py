@@ -6,7 +6,10 @@ import csv
 import hashlib
 import json
 import os
+import re
 import socket
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -165,6 +168,36 @@ def test_a_forbidden_answer_is_not_retried(tmp_path, server):
     with pytest.raises(GutenbergError, match=r"pg1\.txt answered HTTP 403.*data.mirror"):
         gather_books(config(tmp_path, server.base_url, [1]))
     assert len(server.requests_for(cache_path(1))) == 1
+
+
+def test_a_download_that_cannot_be_written_fails_at_once_naming_the_file(tmp_path, server):
+    """A local write failure is the disk's, not the server's: no retries, no "run again later"."""
+    (tmp_path / "raw" / "pg1.txt.part").mkdir(parents=True)  # the temp file cannot be opened
+    with pytest.raises(GutenbergError, match=r"cannot write .*pg1\.txt\.part: Is a directory \(.* free\)"):
+        gather_books(config(tmp_path, server.base_url, [1]))
+    assert len(server.requests_for(cache_path(1))) == 1
+
+
+def test_a_full_disk_mid_download_fails_at_once_naming_the_file(tmp_path, server):
+    """Writes past a file-size limit fail with EFBIG, as a full disk fails with ENOSPC: in a child process, so
+    the limit binds only the download."""
+    script = (
+        "import resource, signal, sys\n"
+        "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))\n"
+        "from tml.data.config import DataConfig\n"
+        "from tml.data.gutenberg import GutenbergError, gather_books\n"
+        "try:\n"
+        f"    gather_books(DataConfig(mirror={server.base_url!r}, book_ids=[1], raw_dir={str(tmp_path / 'raw')!r},"
+        " requests_per_second=0, max_retries=3))\n"
+        "except GutenbergError as error:\n"
+        "    sys.exit(str(error))\n"
+    )
+    child = subprocess.run([sys.executable, "-c", script], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert child.returncode == 1
+    assert re.fullmatch(r"cannot write .*pg1\.txt\.part: File too large \(.* free\)\n", child.stderr), child.stderr
+    assert len(server.requests_for(cache_path(1))) == 1
+    assert not list((tmp_path / "raw").glob("pg1.txt*"))
 
 
 def test_an_interrupted_run_resumes_and_skips_finished_books(tmp_path, server):

@@ -12,6 +12,7 @@ Downloads land in `{raw_dir}/pg{id}.txt.part` and are renamed only when complete
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import hashlib
 import http.client
@@ -28,7 +29,7 @@ import urllib.parse
 import urllib.request
 import warnings
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -37,7 +38,7 @@ from rich.progress import Progress
 
 from tml.data.clean import normalize_text
 from tml.data.config import DataConfig
-from tml.files import file_sha256, make_directory, replaced_on_success, write_atomic
+from tml.files import file_sha256, make_directory, replaced_on_success, write_atomic, write_failure
 
 log = logging.getLogger(__name__)
 
@@ -272,16 +273,23 @@ class Downloader:
         raise AssertionError("unreachable")  # the loop always returns or raises
 
     def _fetch_once(self, url: str, partial: Path) -> str:
+        """One download into `partial`. What the network does wrong is _Retryable or GutenbergError; what the
+        local disk does wrong (full, read-only) is a GutenbergError at once, never retried and blamed on the server."""
         request = urllib.request.Request(url, headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"})
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:
                 expected = response.headers.get("Content-Length")
                 digest, received = hashlib.sha256(), 0
-                with open(partial, "wb") as file:
+                with _local_write(partial):
+                    file = open(partial, "wb")
+                with file:
                     for chunk in iter(lambda: response.read(CHUNK_BYTES), b""):
-                        file.write(chunk)
+                        with _local_write(partial):
+                            file.write(chunk)
                         digest.update(chunk)
                         received += len(chunk)
+                    with _local_write(partial):
+                        file.flush()  # a full disk may only show here; closing then has nothing left to write
         except urllib.error.HTTPError as error:
             error.close()
             if error.code in MISSING_STATUSES:
@@ -301,6 +309,16 @@ class Downloader:
         if expected is not None and expected.isdigit() and received != int(expected):
             raise _Retryable(f"truncated body: {received} of {expected} bytes")
         return digest.hexdigest()
+
+
+@contextlib.contextmanager
+def _local_write(partial: Path) -> Iterator[None]:
+    """Turn an OSError of the block (opening or writing the download's temp file) into a GutenbergError, so
+    the network handler around it does not take a full disk for a connection problem."""
+    try:
+        yield
+    except OSError as error:
+        raise GutenbergError(f"cannot write {partial}: {write_failure(error, partial.parent)}") from None
 
 
 # --------------------------------------------------------------------------------------------- sources
@@ -495,8 +513,6 @@ def _check_settings(cfg: DataConfig) -> None:
         raise GutenbergError(f"data.requests_per_second must be >= 0 (0 = unlimited), got {cfg.requests_per_second}")
     if cfg.request_timeout <= 0:
         raise GutenbergError(f"data.request_timeout must be > 0 seconds, got {cfg.request_timeout}")
-    if cfg.max_books is not None and cfg.max_books < 0:
-        raise GutenbergError(f"data.max_books must be >= 0 or null, got {cfg.max_books}")
 
 
 def _run_all(fetch: Callable[[int], Book | None], book_ids: list[int], threads: int,
@@ -552,7 +568,7 @@ def gather_books(cfg: DataConfig, progress: Progress | None = None) -> list[Book
         return books_from_directory(cfg)
     book_ids = list(dict.fromkeys(int(book_id) for book_id in cfg.book_ids))[: cfg.max_books]
     if not book_ids:
-        raise GutenbergError("no books selected: data.book_ids is empty or data.max_books is 0")
+        raise GutenbergError("no books selected: data.book_ids is empty")
     mirror, origin = mirror_setting(cfg)
     directory = mirror_directory(mirror, origin)
     raw_dir = Path(cfg.raw_dir)

@@ -74,8 +74,8 @@ class DataConfig:
         self.validate()
 
     def validate(self) -> None:
-        """The download settings (book_ids, max_books, rates, retries) are checked by tml/data/gutenberg.py,
-        which alone uses them, and only when it downloads."""
+        """The download settings (book_ids, rates, retries) are checked by tml/data/gutenberg.py, which alone uses
+        them, and only when it downloads; max_books also caps a local source, so it is checked here."""
 
         def fail(key: str, why: str) -> None:
             raise DataConfigError(f"data.{key}={getattr(self, key)!r}: {why}")
@@ -88,6 +88,8 @@ class DataConfig:
         for key in ("shard_tokens", "stride"):
             if getattr(self, key) < 1:
                 fail(key, "must be at least 1")
+        if self.max_books is not None and self.max_books < 1:
+            fail("max_books", "must be at least 1, or null for all of them")
         if self.encode_threads < 0:
             fail("encode_threads", "must be >= 0 (0 = all cores)")
         if self.num_workers < 0:

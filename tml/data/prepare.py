@@ -77,7 +77,7 @@ from tml.locks import NO_FLOCK_ERRNOS, open_lock_file, read_holder, write_holder
 
 PREPARE_VERSION = 1  # bump when the way documents become tokens changes (e.g. the separator), to force rebuilds
 # Text encoded per tiktoken batch: large enough that every thread stays busy (the batch's longest book is
-# encoded first), small enough that the batch's Python token lists (~36 bytes a token) stay near 100 MB.
+# encoded first), small enough to bound the text and tokens held at once (~2M tokens, ~8 MB of uint32).
 ENCODE_BATCH_CHARS = 8_000_000
 # Names listed in a one-line notice before "and N more": enough to find the files, short enough to read.
 SHOWN_NAMES = 5
@@ -174,7 +174,7 @@ def listed_stats(source_files: Iterable[dict[str, Any]]) -> list[dict[str, Any]]
 
 def data_is_ready(cfg: DataConfig) -> bool:
     """Cheap check for launchers: a valid index built from these settings, and (local source) from files with
-    the same names, sizes and mtimes, exists (no book is read)."""
+    the same names, sizes, mtimes and ctimes, exists (no book is read)."""
     index = ShardIndex.load_or_none(cfg.shard_dir)
     if index is None:
         return False
@@ -490,9 +490,7 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
         notes.append(f"not .txt, so skipped: {plural(len(skipped), 'file')} ({shown([path.name for path in skipped])})")
     with hold_prepare_lock(shard_dir, console), progress_bars(console) as progress:
         listing = source_listing(cfg)  # stat before hashing: a file edited in between is seen as changed next time
-        books = gather_books(cfg, progress)
-        if not books:
-            raise PrepareError(f"no books found in data.source={cfg.source!r}")
+        books = gather_books(cfg, progress)  # never empty: GutenbergError says why
         settings = data_settings(cfg, listing)
         fingerprint = inputs_fingerprint(settings, books)
         files = source_files(listing, books, cfg)

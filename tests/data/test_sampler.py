@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from tml.data.sampler import BatchStream, ResumableDistributedSampler
+from tml.data.sampler import BatchStream, RankShares
 
 BLOCK = 4
 
@@ -30,9 +30,7 @@ class IndexDataset(Dataset):
 def shares(length: int, world_size: int, epoch: int, seed: int = 5) -> list[list[int]]:
     result = []
     for rank in range(world_size):
-        sampler = ResumableDistributedSampler(length, rank, world_size, seed)
-        sampler.set_epoch(epoch)
-        result.append(list(sampler))
+        result.append(RankShares(length, rank, world_size, seed).share(epoch).tolist())
     return result
 
 
@@ -59,20 +57,8 @@ def test_reshuffled_per_epoch_and_reproducible_from_the_seed():
     assert shares(50, 2, epoch=0) == shares(50, 2, epoch=0)
     assert shares(50, 2, epoch=0) != shares(50, 2, epoch=1)
     assert shares(50, 2, epoch=0, seed=1) != shares(50, 2, epoch=0, seed=2)
-    ordered = ResumableDistributedSampler(10, rank=1, world_size=2, seed=0, shuffle=False)
-    assert list(ordered) == [1, 3, 5, 7, 9]
-
-
-def test_sampler_state_resumes_inside_an_epoch():
-    sampler = ResumableDistributedSampler(30, rank=1, world_size=3, seed=9)
-    sampler.set_epoch(2, start=4)
-    restored = ResumableDistributedSampler(30, rank=1, world_size=3, seed=9)
-    restored.load_state_dict(json.loads(json.dumps(sampler.state_dict())))
-    full = ResumableDistributedSampler(30, rank=1, world_size=3, seed=9)
-    full.set_epoch(2)
-    assert list(restored) == list(full)[4:]
-    with pytest.raises(ValueError, match="seed 9"):
-        ResumableDistributedSampler(30, rank=1, world_size=3, seed=10).load_state_dict(sampler.state_dict())
+    ordered = RankShares(10, rank=1, world_size=2, seed=0, shuffle=False)
+    assert ordered.share(epoch=3).tolist() == [1, 3, 5, 7, 9]
 
 
 def windows(batch) -> list[int]:
@@ -91,11 +77,10 @@ def test_stream_rolls_over_epochs_with_whole_batches():
     x, y = next(batches)
     assert x.shape == y.shape == (4, BLOCK) and x.dtype == torch.int64
     epoch0 = windows((x, y)) + [i for batch in itertools.islice(batches, 3) for i in windows(batch)]
-    sampler = ResumableDistributedSampler(37, 0, 2, 3)
-    assert epoch0 == list(sampler)[:16]
+    shares = RankShares(37, 0, 2, 3)
+    assert epoch0 == shares.share(epoch=0).tolist()[:16]
     assert batches.state_dict()["epoch"] == 1 and batches.state_dict()["batches"] == 0
-    sampler.set_epoch(1)
-    assert windows(next(batches)) == list(sampler)[:4]
+    assert windows(next(batches)) == shares.share(epoch=1).tolist()[:4]
 
 
 @pytest.mark.parametrize("num_workers", [0, 2])

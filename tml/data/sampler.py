@@ -16,9 +16,7 @@ from collections.abc import Iterator, Sized
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
-
-ITER_CHUNK = 65_536  # indices converted to Python ints at a time when iterating a share
+from torch.utils.data import DataLoader, Dataset
 
 
 def epoch_permutation(length: int, seed: int, epoch: int, shuffle: bool) -> torch.Tensor:
@@ -28,8 +26,8 @@ def epoch_permutation(length: int, seed: int, epoch: int, shuffle: bool) -> torc
     return torch.randperm(length, generator=generator)
 
 
-class ResumableDistributedSampler(Sampler[int]):
-    """This rank's disjoint share of the dataset for the current epoch, from `start` on."""
+class RankShares:
+    """Each epoch's permutation of the dataset, and this rank's disjoint, equal share of it."""
 
     def __init__(self, dataset: Sized | int, rank: int, world_size: int, seed: int, shuffle: bool = True):
         length = dataset if isinstance(dataset, int) else len(dataset)
@@ -39,38 +37,20 @@ class ResumableDistributedSampler(Sampler[int]):
             raise ValueError(f"{length} windows cannot give each of {world_size} ranks one")
         self.length, self.rank, self.world_size = length, rank, world_size
         self.seed, self.shuffle = seed, shuffle
-        self.epoch = 0
-        self.start = 0  # windows of this rank's share already consumed in this epoch
 
     def __len__(self) -> int:
         return self.length // self.world_size
 
-    def set_epoch(self, epoch: int, start: int = 0) -> None:
-        self.epoch, self.start = epoch, start
-
     def share(self, epoch: int) -> torch.Tensor:
+        """This rank's window indices for `epoch`, in the order it reads them."""
         used = len(self) * self.world_size
         return epoch_permutation(self.length, self.seed, epoch, self.shuffle)[:used][self.rank :: self.world_size]
-
-    def __iter__(self) -> Iterator[int]:
-        share = self.share(self.epoch)
-        for first in range(self.start, len(share), ITER_CHUNK):  # no list of every index of a huge epoch
-            yield from share[first : first + ITER_CHUNK].tolist()
-
-    def state_dict(self) -> dict[str, int]:
-        return {"epoch": self.epoch, "start": self.start, "seed": self.seed, "world_size": self.world_size}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["seed"] != self.seed or state["world_size"] != self.world_size:
-            raise ValueError(f"sampler state is for seed {state['seed']} and world size {state['world_size']}, "
-                             f"this sampler has seed {self.seed} and world size {self.world_size}")
-        self.set_epoch(state["epoch"], state["start"])
 
 
 class _BatchesFrom:
     """Index batches from (epoch, batch) onwards, forever: the batch_sampler behind BatchStream's DataLoader."""
 
-    def __init__(self, sampler: ResumableDistributedSampler, batch_size: int, epoch: int, batch: int):
+    def __init__(self, sampler: RankShares, batch_size: int, epoch: int, batch: int):
         self.sampler, self.batch_size, self.epoch, self.batch = sampler, batch_size, epoch, batch
 
     def __iter__(self) -> Iterator[list[int]]:
@@ -103,7 +83,7 @@ class BatchStream:
         num_workers: int = 0,
         pin_memory: bool = False,
     ):
-        self.sampler = ResumableDistributedSampler(dataset, rank, world_size, seed, shuffle)
+        self.sampler = RankShares(dataset, rank, world_size, seed, shuffle)
         if batch_size < 1 or len(self.sampler) < batch_size:
             raise ValueError(
                 f"batch_size {batch_size} does not fit this rank's {len(self.sampler)} windows per epoch "

@@ -21,7 +21,7 @@ from rich.measure import Measurement
 from rich.table import Table
 
 from tml.config import PLACEMENT_KEYS, Config, check_config_mapping
-from tml.model.config import ModelConfig
+from tml.model.config import MHA_ONLY, MLA_ONLY, ModelConfig
 from tml.run_dir import CHECKPOINTS, CONFIG_FILE, SUMMARY_FILE, saved_steps
 from tml.train.run_lock import training_in_progress
 
@@ -38,10 +38,7 @@ GUTENBERG_ONLY = ("data.book_ids", "data.max_books")
 # ... and settings only DeepSpeed reads: a DDP or one-process run shows no ZeRO stage.
 DEEPSPEED_ONLY = ("train.zero_stage", "train.zero_offload")
 
-# Settings only MLA reads: an MHA row shows none rather than defaults that shaped nothing.
-MLA_ONLY = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
-# ... and one only MHA reads (its key/value heads: fewer than n_head is GQA or MQA).
-MHA_ONLY = ("n_kv_head",)
+# MLA_ONLY settings show none in an MHA row rather than defaults that shaped nothing, and MHA_ONLY none in an MLA row.
 # attention_kind (MLA, MHA, GQA or MQA) is ModelConfig's name for the attention and n_kv_head together.
 SHAPE = ("attention", "attention_kind", "norm", "n_layer", "n_embd", "n_head", *MHA_ONLY, *MLA_ONLY, "block_size")
 NUMBERS_FROM_SUMMARY = ("final_step", "max_steps", "best_val_loss", "best_val_perplexity", "val_loss",
@@ -67,11 +64,6 @@ class CompareError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ finding runs
-
-
-def unread_model_fields(model: ModelConfig) -> tuple[str, ...]:
-    """The other attention kind's fields: MLA's ranks for an MHA model, n_kv_head for an MLA one."""
-    return MHA_ONLY if model.attention == "mla" else MLA_ONLY
 
 
 def is_run(directory: Path) -> bool:
@@ -127,9 +119,9 @@ def one_line(error: BaseException) -> str:
 
 
 def parse_config(text: str) -> Config:
-    """config.yaml's text as a Config. Parsed as Config.from_dict, which checkpoints are rebuilt with (the same
-    unknown-key and value checks as the CLI, at a tenth of jsonargparse's cost per file: 50 runs in well under
-    a second)."""
+    """config.yaml's text as a Config. Parsed as Config.from_dict, which checkpoints are rebuilt with: unknown keys
+    refused by name and each section's own validation, at a tenth of jsonargparse's cost per file (50 runs in well
+    under a second); types are not checked, as tml wrote the file."""
     values = yaml.safe_load(text)
     check_config_mapping(values, CONFIG_FILE)
     return Config.from_dict(values)
@@ -224,7 +216,7 @@ def read_run(name: str, directory: Path) -> dict[str, Any]:
     if config is not None:
         row["settings"] = compared_settings(config)
         model = config.model
-        unread = unread_model_fields(model)  # left None: no default pretending otherwise
+        unread = model.unread_fields  # left None: no default pretending otherwise
         row.update({key: getattr(model, key) for key in SHAPE if key not in unread})
         if model.attention != "mla":
             row["n_kv_head"] = model.kv_heads  # 0 in the config means one per query head

@@ -18,7 +18,6 @@ from typing import Any
 
 import torch
 
-from tml.compare import unread_model_fields
 from tml.config import Config
 from tml.data.tokenizer import TOKENIZER_NAME
 from tml.files import file_sha256, make_directory, replaced_on_success, write_failure, write_synced
@@ -241,7 +240,7 @@ def _existing_init_from(path: str | Path) -> Path:
 
 
 def _check_same_shape(path: Path, source: ModelConfig, model: ModelConfig) -> None:
-    unread = unread_model_fields(model)  # when both are of one kind; else model.attention differs
+    unread = model.unread_fields  # when both are of one kind; else model.attention differs
     differing = [f"model.{field.name} {getattr(source, field.name)!r} there, {getattr(model, field.name)!r} here"
                  for field in fields(ModelConfig) if field.name not in (*SHAPELESS_MODEL_FIELDS, *unread)
                  and getattr(source, field.name) != getattr(model, field.name)]

@@ -34,7 +34,6 @@ from tml.compare import (
     is_run,
     parse_config,
     read_run,
-    unread_model_fields,
 )
 from tml.config import PLACEMENT_KEYS, Config, ConfigError, load_config, same_setting
 from tml.data.config import SHARD_SETTINGS
@@ -220,7 +219,7 @@ def expand_sweep(experiment: Sequence[str], axes: Sequence[SweepAxis],
 
 def what_it_computes(config: Config) -> dict:
     """The settings that shape a run's numbers, less the model fields its attention does not read."""
-    unread = unread_model_fields(config.model)
+    unread = config.model.unread_fields
     return {key: value for key, value in compared_settings(config).items()
             if key.removeprefix("model.") not in unread}
 

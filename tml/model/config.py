@@ -9,6 +9,9 @@ from dataclasses import dataclass
 from typing import Literal
 
 GPT2_PADDED_VOCAB = 50304  # GPT-2's 50,257 tokens rounded up to a multiple of 128 for fast matmuls
+# Fields only MLA reads, and the one only the mha baseline reads (its key/value heads: below n_head, GQA or MQA).
+MLA_ONLY = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
+MHA_ONLY = ("n_kv_head",)
 
 
 class ModelConfigError(ValueError):
@@ -113,6 +116,12 @@ class ModelConfig:
     def kv_heads(self) -> int:
         """Key/value heads the mha baseline really has (n_kv_head, or n_head when it is 0)."""
         return self.n_kv_head or self.n_head
+
+    @property
+    def unread_fields(self) -> tuple[str, ...]:
+        """The other attention kind's fields, which shape nothing here: MLA's ranks for an mha model, n_kv_head
+        for an MLA one (tables show them empty, comparisons skip them)."""
+        return MHA_ONLY if self.attention == "mla" else MLA_ONLY
 
     @property
     def attention_kind(self) -> str:

@@ -269,11 +269,12 @@ def config_for_job(config: Config, resources: SlurmResources) -> tuple[Config, l
     source = data.source if data.source == "gutenberg" else _absolute(data.source)
     resume = train.resume if train.resume in RESUME_WORDS else _absolute(train.resume)
     init_from = _absolute(train.init_from) if train.init_from else train.init_from
+    mirror = _absolute(data.mirror) if data.mirror and "://" not in data.mirror else data.mirror  # a directory
     new = dataclasses.replace(
         config,
         train=dataclasses.replace(train, out_dir=_absolute(train.out_dir), resume=resume, init_from=init_from,
                                   **layout),
-        data=dataclasses.replace(data, source=source, raw_dir=_absolute(data.raw_dir),
+        data=dataclasses.replace(data, source=source, mirror=mirror, raw_dir=_absolute(data.raw_dir),
                                  shard_dir=_absolute(data.shard_dir)),
     )
     return new, notices

@@ -92,6 +92,10 @@ def test_relative_paths_become_absolute_without_dot_dot(tmp_path, monkeypatch):
     for word in ("auto", "none"):  # not paths
         config.train.resume = word
         assert config_for_job(config, SlurmResources(nodes=1, gpus_per_node=0, tasks_per_node=1))[0].train.resume == word
+    for mirror, for_job in (("../mirror", str(tmp_path / "mirror")), ("https://example.org/pg", "https://example.org/pg"),
+                            ("file:///srv/pg", "file:///srv/pg"), (None, None)):  # a directory, or a URL as it is
+        config.data.mirror = mirror
+        assert config_for_job(config, SlurmResources(nodes=1, gpus_per_node=0, tasks_per_node=1))[0].data.mirror == for_job
 
 
 @pytest.mark.parametrize(

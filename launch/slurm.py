@@ -140,6 +140,9 @@ def main(argv: list[str] | None = None) -> int:
         if not runs:
             print("launch/slurm.py: every run of the sweep has ended or is being trained: nothing to submit")
             return 0
+    elif (taken := already_taken(runs[0][1])) is not None:  # a second job would only be refused by the first's lock
+        print(f"launch/slurm.py: {runs[0][1].train.out_dir} {taken}: not submitted", file=sys.stderr)
+        return 1
     try:
         for _, config in runs:
             check_before_the_queue(config)
@@ -195,19 +198,26 @@ def check_before_the_queue(config: Config) -> None:
 def left_out_of_the_queue(name: str, config: Config) -> bool:
     """A sweep's run that ended, that a job is training, or whose job is still in the queue gets no job (said so);
     another run under its name is refused (SweepError)."""
-    from tml.train.run_lock import training_in_progress
-
     refuse_another_run_in_its_place(name, config)
     if has_ended(config):
         print(f"run {name}: {config.train.out_dir} already ended at its max_steps: not submitted")
         return True
-    if (holder := training_in_progress(config.train.out_dir)) is not None:
-        print(f"run {name}: {config.train.out_dir} is being trained ({holder}): not submitted")
-        return True
-    if (job_id := queued_job(log_folder(config))) is not None:
-        print(f"run {name}: its job {job_id} is still queued or running: not submitted")
+    if (taken := already_taken(config)) is not None:
+        print(f"run {name}: {config.train.out_dir} {taken}: not submitted")
         return True
     return False
+
+
+def already_taken(config: Config) -> str | None:
+    """Why the run already has a job (`is being trained (pid ...)`, `has job 12 still queued or running`), or None.
+    A job waiting in the queue holds no run lock yet, so SLURM is asked too."""
+    from tml.train.run_lock import training_in_progress
+
+    if (holder := training_in_progress(config.train.out_dir)) is not None:
+        return f"is being trained ({holder})"
+    if (job_id := queued_job(log_folder(config))) is not None:
+        return f"has job {job_id} still queued or running (scancel {job_id} first to replace it)"
+    return None
 
 
 def print_submitted(job: SlurmJob, resources: SlurmResources, config: Config, folder: Path, name: str | None) -> None:

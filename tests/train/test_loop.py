@@ -406,6 +406,21 @@ def test_resume_with_another_model_or_a_fresh_run_over_a_run_is_refused_before_a
     assert {path: path.read_bytes() for path in tmp_path.rglob("*") if path.is_file()} == before
 
 
+def test_a_start_refused_after_fabric_started_gives_the_caller_its_signals_back(tmp_path, tiny_shards):
+    """A corrupted `last` is found while the checkpoint loads, after the stop handlers are in: they come off again."""
+    config = tiny_run_config(tiny_shards, tmp_path, max_steps=2, val_interval=2, ckpt_interval=2)
+    train(config)
+    weights = checkpoints_dir(tmp_path) / "last" / "model.pt"
+    data = bytearray(weights.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only the sha256 check at load time sees it
+    weights.write_bytes(bytes(data))
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)}
+    config.train.resume, config.train.max_steps = "auto", 4
+    with pytest.raises(CheckpointError, match="model.pt is corrupted"):
+        train(config)
+    assert {sig: signal.getsignal(sig) for sig in before} == before
+
+
 def test_a_run_stopped_before_its_first_validation_shows_no_best_val_loss(tmp_path, tiny_shards, capsys):
     config = tiny_run_config(tiny_shards, tmp_path, max_steps=6, val_interval=100, ckpt_interval=100)
     flag = PreemptAtStep(1)
@@ -500,6 +515,7 @@ def test_two_process_ddp_matches_one_process_with_doubled_accumulation(tmp_path,
 
 def test_wandb_runs_offline_without_a_key_and_a_restart_continues_the_same_run(tmp_path, tiny_shards, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))  # nor a key that `wandb login` stored
     monkeypatch.setenv("WANDB_SILENT", "true")
     config = tiny_run_config(tiny_shards, tmp_path, max_steps=2, val_interval=2, ckpt_interval=2)
     config.log.wandb, config.log.run_name, config.log.wandb_group = True, "lr=3e-3", "lr-sweep"
@@ -567,3 +583,21 @@ def test_starting_from_weights_of_another_shape_is_refused_before_anything_is_wr
     with pytest.raises(CheckpointError, match=r"its model has another shape \(model.n_layer 2 there, 3 here\)"):
         train(other)
     assert not (tmp_path / "other").exists()
+
+
+class ReportsNorm:
+    """What DeepSpeed's engine answers for the last step's gradient norm: None (not computed), a float or a tensor."""
+
+    def __init__(self, norm):
+        self.norm = norm
+
+    def get_global_grad_norm(self):
+        return self.norm
+
+
+@pytest.mark.parametrize("reported, expected, known", [(None, math.nan, False), (2.5, 2.5, True),
+                                                       (torch.tensor([1.5], dtype=torch.float16), 1.5, True)])
+def test_deepspeeds_reported_grad_norm_becomes_a_float32_scalar_on_the_device(reported, expected, known):
+    norm, norm_known = loop_module.deepspeed_grad_norm(ReportsNorm(reported), torch.device("cpu"))
+    assert norm.shape == () and norm.dtype == torch.float32 and norm_known is known
+    assert math.isnan(norm.item()) if math.isnan(expected) else norm.item() == expected

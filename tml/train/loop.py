@@ -103,159 +103,164 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
     fabric = build_fabric(tc, build_loggers(config, wandb_run_id))
     fabric.launch()
     preemption = preemption or install_preemption_handler()
-    deepspeed = is_deepspeed(fabric)
-    rank0 = fabric.global_rank == 0
-
-    # Same seed everywhere for identical initial weights, then a per-rank seed for dropout and sampling.
-    seed_everything(tc.seed, verbose=False)
-    # Not under DeepSpeed's zero.Init (what fabric.init_module enters for ZeRO-3): it partitions each submodule's
-    # parameters as soon as it is built, so the model's own init afterwards would miss them. setup partitions.
-    with nullcontext() if deepspeed else fabric.init_module():
-        model = Transformer(config.model)
-    if initial is not None:
-        model.load_state_dict(initial[0])
-        fabric.print(f"initial weights from {initial[1]}")
-        del initial
-    model.activation_checkpointing = tc.activation_checkpointing
-    precision = resolve_precision(tc, fabric.device.type)  # as it runs: 16-mixed is bf16 on CPU
-    model_figures = model_hyperparameters(model, precision)  # before setup: ZeRO-3 then partitions the parameters
-    flops_per_token = int(model_figures["model/flops_per_token"])
-    seed_everything(tc.seed + fabric.global_rank, verbose=False)
-
-    if tc.compile:
-        model = torch.compile(model)  # Fabric unwraps it for the strategy and compiles the wrapped module again
-    optimizer = build_optimizer(model, tc)
-    scheduler = build_scheduler(optimizer, tc)  # before setup: DeepSpeed's wrapper is no torch Optimizer
-    if deepspeed:
-        model, optimizer = fabric.setup(model, optimizer)  # DeepSpeed builds its engine from both at once
-    else:
-        model = fabric.setup(model)
-        optimizer = fabric.setup_optimizers(optimizer)
-
-    batches = BatchStream(train_set, tc.batch_size, fabric.global_rank, fabric.world_size, tc.seed,
-                          num_workers=config.data.num_workers, pin_memory=fabric.device.type == "cuda")
-
-    checkpointer = Checkpointer(fabric, out_dir, tc.keep_checkpoints, deepspeed)
-    early_stopping = EarlyStopping(tc.early_stop_patience, tc.early_stop_min_delta)
-    tokens_per_step = tc.batch_size * block * tc.grad_accum * fabric.world_size
-    step = tokens_seen = 0
-    seconds_before = 0.0  # training time of the run's earlier segments (before a resume)
-    if resume_dir is not None:
-        restored = checkpointer.load(resume_dir, model, optimizer, scheduler, batches)
-        step = restored["loop"]["step"]
-        early_stopping.load_state_dict(restored["loop"]["early_stopping"])
-        # Counted, not step * tokens_per_step: the batch size or rank count may have changed on an earlier resume.
-        tokens_seen = restored["loop"].get("tokens_seen", step * tokens_per_step)  # older checkpoints: estimated
-        seconds_before = restored["loop"].get("train_seconds", 0.0)
-        fabric.print(f"resumed from {resume_dir} at step {step}")
-        for notice in restored["notices"]:
-            fabric.print(notice)
-        if changed:
-            fabric.print(f"resuming with changed settings: {', '.join(changed)}")
-    if rank0:  # only now: a refused resume leaves the run's config.yaml describing its checkpoints
-        out_dir.mkdir(parents=True, exist_ok=True)
-        # The model's cost as a comment: the file stays a config that `--config` loads.
-        write_atomic(out_dir / CONFIG_FILE, f"# {describe_model(model_figures)}\n{dump_yaml(config)}".encode())
-    fabric.print(describe_model(model_figures))
-    fabric.print(f"global batch: {tc.batch_size} sequences x {tc.grad_accum} accumulation x {fabric.world_size} "
-                 f"ranks of {block} tokens = {tokens_per_step:,} tokens per optimizer step")
-    if step >= tc.max_steps:
-        fabric.print(f"already at step {step:,} of train.max_steps {tc.max_steps:,}: nothing to train "
-                     "(a larger --train.max_steps continues the run); validating once")
-    if rank0 and (warning := disk_space_warning(out_dir, int(model_figures["model/params"]))):
-        fabric.print(warning)
-
-    peak = peak_flops(fabric.device, precision)  # MFU's denominator: recorded, as on CPU it is measured here
-    if peak:
-        fabric.print(f"MFU against {peak / 1e12:,.2f} TFLOP/s per device "
-                     + ("(this CPU's fastest matmul, measured now)" if fabric.device.type == "cpu" else
-                        f"({torch.cuda.get_device_name(fabric.device)}'s datasheet peak)"))
-    hparams = {**flat_hyperparameters(config), **model_figures, "train/peak_flops_per_device": peak or 0.0}
-    log_hyperparameters(fabric.loggers, hparams)
-    tensorboard_hparams: dict | None = hparams  # written with the first validation's metrics (see loggers.py)
-    meter = ThroughputMeter(flops_per_token, peak, fabric.world_size)
-    scaler = getattr(fabric.strategy.precision, "scaler", None)  # fp16 on GPU: skips overflowed steps itself
-    fp16_scaling = scaler is not None or (deepspeed and precision == "16-mixed")  # DeepSpeed scales on its own
-    skip_sync = fabric.world_size > 1 and not deepspeed
-    engine = fabric.strategy.model if deepspeed else None  # the DeepSpeedEngine (Fabric's optimizer.step bypasses it)
-    loss_divisor = 1 if deepspeed else tc.grad_accum  # the DeepSpeed engine divides by grad_accum itself
-
-    def train_seconds() -> float:
-        """Wall seconds of the whole run: this process's and those of the segments it resumed."""
-        return seconds_before + time.perf_counter() - started
-
-    losses_at_saves: dict[int, float] = {}  # the train loss logged at each step saved: how sound its weights were
-    first_loss: float | None = None  # the first step's train loss in this process: where training started from
-    step_loss = math.nan  # the latest step's train loss (none yet: a run resumed at its end only validates)
-
-    def save(best: bool = False) -> None:
-        loop_state = {"step": step, "early_stopping": early_stopping.state_dict(), "tokens_seen": tokens_seen,
-                      "train_seconds": train_seconds()}
-        checkpointer.save(step, model, optimizer, scheduler, batches, loop_state, config, wandb_run_id, best=best)
-        losses_at_saves[step] = step_loss
-
-    def validate() -> tuple[EvalResult, bool]:
-        """Validate, log, save `best` on improvement; True when early stopping says stop (rank 0 decides)."""
-        nonlocal tensorboard_hparams, val_step
-        val_step = step
-        result = evaluate(fabric, model, val_set, tc.batch_size, tc.val_batches)
-        # Rank 0 decides both, so a last-bit difference in a reduction can never leave one rank out of a save.
-        stop, improved = fabric.broadcast((early_stopping.update(result.loss), early_stopping.improved), src=0)
-        metrics = {"val/loss": result.loss, "val/perplexity": result.perplexity,
-                   "val/best_perplexity": perplexity(early_stopping.best)}
-        log_validation(fabric.loggers, metrics, step, tensorboard_hparams)
-        tensorboard_hparams = None
-        report.print(f"step {step:>7d} | val loss {result.loss:.4f} | "
-                     f"val ppl {format_perplexity(result.perplexity)}")
-        if improved:
-            save(best=True)
-        return result, stop
-
-    def diverge(bad_step: int, streak: int, what: str) -> NoReturn:
-        """Set aside the checkpoints made from the bad steps' weights and raise TrainingDiverged (every rank)."""
-        first_bad = bad_step - streak + 1
-        # The weights of step first_bad - 1 gave the first bad step: not a checkpoint to continue from.
-        kept, last_step = checkpointer.set_aside_from(first_bad - 1)
-        when = (f"for {streak} consecutive steps (steps {first_bad} to {bad_step})" if streak > 1
-                else f"at step {bad_step}")
-        raise TrainingDiverged(
-            f"{what} {when}; stopping. {kept} "
-            + damaged_warning(losses_at_saves.get(last_step), first_loss, out_dir)
-            + "Lower train.lr or raise train.warmup_frac"
-            + (", or use bf16-mixed (fp16's range is narrow)." if fp16_scaling else ".")
-        )
-
-    val: EvalResult | None = None
-    val_step = 0  # the step of that validation
-    stopped_early = preempted = False
-    nonfinite_streak = overflow_streak = 0
-
-    def run_summary(diverged: bool) -> dict[str, float | int | bool | str | None]:
-        """What summary.json holds: the run's final numbers, for scripts that compare runs."""
-        return {
-            "final_step": step,
-            "max_steps": tc.max_steps,
-            "best_val_loss": early_stopping.best,
-            "best_val_perplexity": perplexity(early_stopping.best),
-            "val_loss": val.loss if val else None,
-            "val_perplexity": val.perplexity if val else None,
-            "stopped_early": stopped_early,
-            "preempted": preempted,
-            "stop_reason": preemption.describe() if preempted else None,  # "Ctrl-C", "SIGUSR1", ...
-            "diverged": diverged,
-            "tokens_seen": tokens_seen,
-            "wall_s": round(train_seconds(), 3),
-            # Training speed alone (validation, saves and start-up left out), median over this process's log windows
-            "train_tokens_per_s": round(speed, 1) if (speed := meter.median_tokens_per_s()) is not None else None,
-            "peak_flops_per_device": peak,  # what MFU was measured against (None: unknown device, no MFU)
-            "params": model_figures["model/params"],
-            "params_non_embedding": model_figures["model/params_non_embedding"],
-            "checkpoints": str(checkpoints_dir(out_dir).resolve()),  # absolute: read from anywhere
-        }
-
-    model.train()
-    meter.start()
+    # Everything after the handler is installed and the process group started is undone by the `finally`, a
+    # refused resume or a full disk at start-up included: the caller keeps its signals, the group goes.
+    batches: BatchStream | None = None
+    model = optimizer = scheduler = engine = None
     try:
+        deepspeed = is_deepspeed(fabric)
+        rank0 = fabric.global_rank == 0
+
+        # Same seed everywhere for identical initial weights, then a per-rank seed for dropout and sampling.
+        seed_everything(tc.seed, verbose=False)
+        # Not under DeepSpeed's zero.Init (what fabric.init_module enters for ZeRO-3): it partitions each submodule's
+        # parameters as soon as it is built, so the model's own init afterwards would miss them. setup partitions.
+        with nullcontext() if deepspeed else fabric.init_module():
+            model = Transformer(config.model)
+        if initial is not None:
+            model.load_state_dict(initial[0])
+            fabric.print(f"initial weights from {initial[1]}")
+            del initial
+        model.activation_checkpointing = tc.activation_checkpointing
+        precision = resolve_precision(tc, fabric.device.type)  # as it runs: 16-mixed is bf16 on CPU
+        model_figures = model_hyperparameters(model, precision)  # before setup: ZeRO-3 then partitions the parameters
+        flops_per_token = int(model_figures["model/flops_per_token"])
+        seed_everything(tc.seed + fabric.global_rank, verbose=False)
+
+        if tc.compile:
+            model = torch.compile(model)  # Fabric unwraps it for the strategy and compiles the wrapped module again
+        optimizer = build_optimizer(model, tc)
+        scheduler = build_scheduler(optimizer, tc)  # before setup: DeepSpeed's wrapper is no torch Optimizer
+        if deepspeed:
+            model, optimizer = fabric.setup(model, optimizer)  # DeepSpeed builds its engine from both at once
+        else:
+            model = fabric.setup(model)
+            optimizer = fabric.setup_optimizers(optimizer)
+
+        batches = BatchStream(train_set, tc.batch_size, fabric.global_rank, fabric.world_size, tc.seed,
+                              num_workers=config.data.num_workers, pin_memory=fabric.device.type == "cuda")
+
+        checkpointer = Checkpointer(fabric, out_dir, tc.keep_checkpoints, deepspeed)
+        early_stopping = EarlyStopping(tc.early_stop_patience, tc.early_stop_min_delta)
+        tokens_per_step = tc.batch_size * block * tc.grad_accum * fabric.world_size
+        step = tokens_seen = 0
+        seconds_before = 0.0  # training time of the run's earlier segments (before a resume)
+        if resume_dir is not None:
+            restored = checkpointer.load(resume_dir, model, optimizer, scheduler, batches)
+            step = restored["loop"]["step"]
+            early_stopping.load_state_dict(restored["loop"]["early_stopping"])
+            # Counted, not step * tokens_per_step: the batch size or rank count may have changed on an earlier resume.
+            tokens_seen = restored["loop"].get("tokens_seen", step * tokens_per_step)  # older checkpoints: estimated
+            seconds_before = restored["loop"].get("train_seconds", 0.0)
+            fabric.print(f"resumed from {resume_dir} at step {step}")
+            for notice in restored["notices"]:
+                fabric.print(notice)
+            if changed:
+                fabric.print(f"resuming with changed settings: {', '.join(changed)}")
+        if rank0:  # only now: a refused resume leaves the run's config.yaml describing its checkpoints
+            out_dir.mkdir(parents=True, exist_ok=True)
+            # The model's cost as a comment: the file stays a config that `--config` loads.
+            write_atomic(out_dir / CONFIG_FILE, f"# {describe_model(model_figures)}\n{dump_yaml(config)}".encode())
+        fabric.print(describe_model(model_figures))
+        fabric.print(f"global batch: {tc.batch_size} sequences x {tc.grad_accum} accumulation x {fabric.world_size} "
+                     f"ranks of {block} tokens = {tokens_per_step:,} tokens per optimizer step")
+        if step >= tc.max_steps:
+            fabric.print(f"already at step {step:,} of train.max_steps {tc.max_steps:,}: nothing to train "
+                         "(a larger --train.max_steps continues the run); validating once")
+        if rank0 and (warning := disk_space_warning(out_dir, int(model_figures["model/params"]))):
+            fabric.print(warning)
+
+        peak = peak_flops(fabric.device, precision)  # MFU's denominator: recorded, as on CPU it is measured here
+        if peak:
+            fabric.print(f"MFU against {peak / 1e12:,.2f} TFLOP/s per device "
+                         + ("(this CPU's fastest matmul, measured now)" if fabric.device.type == "cpu" else
+                            f"({torch.cuda.get_device_name(fabric.device)}'s datasheet peak)"))
+        hparams = {**flat_hyperparameters(config), **model_figures, "train/peak_flops_per_device": peak or 0.0}
+        log_hyperparameters(fabric.loggers, hparams)
+        tensorboard_hparams: dict | None = hparams  # written with the first validation's metrics (see loggers.py)
+        meter = ThroughputMeter(flops_per_token, peak, fabric.world_size)
+        scaler = getattr(fabric.strategy.precision, "scaler", None)  # fp16 on GPU: skips overflowed steps itself
+        fp16_scaling = scaler is not None or (deepspeed and precision == "16-mixed")  # DeepSpeed scales on its own
+        skip_sync = fabric.world_size > 1 and not deepspeed
+        # The DeepSpeedEngine: Fabric's optimizer.step bypasses it, so the loop steps the engine itself.
+        engine = fabric.strategy.model if deepspeed else None
+        loss_divisor = 1 if deepspeed else tc.grad_accum  # the DeepSpeed engine divides by grad_accum itself
+
+        def train_seconds() -> float:
+            """Wall seconds of the whole run: this process's and those of the segments it resumed."""
+            return seconds_before + time.perf_counter() - started
+
+        losses_at_saves: dict[int, float] = {}  # the train loss logged at each step saved: how sound its weights were
+        first_loss: float | None = None  # the first step's train loss in this process: where training started from
+        step_loss = math.nan  # the latest step's train loss (none yet: a run resumed at its end only validates)
+
+        def save(best: bool = False) -> None:
+            loop_state = {"step": step, "early_stopping": early_stopping.state_dict(), "tokens_seen": tokens_seen,
+                          "train_seconds": train_seconds()}
+            checkpointer.save(step, model, optimizer, scheduler, batches, loop_state, config, wandb_run_id, best=best)
+            losses_at_saves[step] = step_loss
+
+        def validate() -> tuple[EvalResult, bool]:
+            """Validate, log, save `best` on improvement; True when early stopping says stop (rank 0 decides)."""
+            nonlocal tensorboard_hparams, val_step
+            val_step = step
+            result = evaluate(fabric, model, val_set, tc.batch_size, tc.val_batches)
+            # Rank 0 decides both, so a last-bit difference in a reduction can never leave one rank out of a save.
+            stop, improved = fabric.broadcast((early_stopping.update(result.loss), early_stopping.improved), src=0)
+            metrics = {"val/loss": result.loss, "val/perplexity": result.perplexity,
+                       "val/best_perplexity": perplexity(early_stopping.best)}
+            log_validation(fabric.loggers, metrics, step, tensorboard_hparams)
+            tensorboard_hparams = None
+            report.print(f"step {step:>7d} | val loss {result.loss:.4f} | "
+                         f"val ppl {format_perplexity(result.perplexity)}")
+            if improved:
+                save(best=True)
+            return result, stop
+
+        def diverge(bad_step: int, streak: int, what: str) -> NoReturn:
+            """Set aside the checkpoints made from the bad steps' weights and raise TrainingDiverged (every rank)."""
+            first_bad = bad_step - streak + 1
+            # The weights of step first_bad - 1 gave the first bad step: not a checkpoint to continue from.
+            kept, last_step = checkpointer.set_aside_from(first_bad - 1)
+            when = (f"for {streak} consecutive steps (steps {first_bad} to {bad_step})" if streak > 1
+                    else f"at step {bad_step}")
+            raise TrainingDiverged(
+                f"{what} {when}; stopping. {kept} "
+                + damaged_warning(losses_at_saves.get(last_step), first_loss, out_dir)
+                + "Lower train.lr or raise train.warmup_frac"
+                + (", or use bf16-mixed (fp16's range is narrow)." if fp16_scaling else ".")
+            )
+
+        val: EvalResult | None = None
+        val_step = 0  # the step of that validation
+        stopped_early = preempted = False
+        nonfinite_streak = overflow_streak = 0
+
+        def run_summary(diverged: bool) -> dict[str, float | int | bool | str | None]:
+            """What summary.json holds: the run's final numbers, for scripts that compare runs."""
+            return {
+                "final_step": step,
+                "max_steps": tc.max_steps,
+                "best_val_loss": early_stopping.best,
+                "best_val_perplexity": perplexity(early_stopping.best),
+                "val_loss": val.loss if val else None,
+                "val_perplexity": val.perplexity if val else None,
+                "stopped_early": stopped_early,
+                "preempted": preempted,
+                "stop_reason": preemption.describe() if preempted else None,  # "Ctrl-C", "SIGUSR1", ...
+                "diverged": diverged,
+                "tokens_seen": tokens_seen,
+                "wall_s": round(train_seconds(), 3),
+                # Training speed alone (validation, saves and start-up left out), median over this process's log windows
+                "train_tokens_per_s": round(speed, 1) if (speed := meter.median_tokens_per_s()) is not None else None,
+                "peak_flops_per_device": peak,  # what MFU was measured against (None: unknown device, no MFU)
+                "params": model_figures["model/params"],
+                "params_non_embedding": model_figures["model/params_non_embedding"],
+                "checkpoints": str(checkpoints_dir(out_dir).resolve()),  # absolute: read from anywhere
+            }
+
+        model.train()
+        meter.start()
         with ConsoleReport(rank0, tc.max_steps, step) as report:
             while step < tc.max_steps:
                 loss_sum = torch.zeros((), device=fabric.device)
@@ -274,17 +279,12 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                             diverge(step + 1, overflow_streak + 1,
                                     "the fp16 gradients overflowed at DeepSpeed's minimum loss scale")
                     loss_sum += loss.detach()
-                norm_known = True
-                if deepspeed:  # the engine stepped on the last micro-batch; None when ZeRO skips the norm
-                    reported = engine.get_global_grad_norm()
-                    norm_known = reported is not None
-                    if torch.is_tensor(reported):  # kept on the device: float() here would wait for the engine
-                        grad_norm = reported.detach().to(fabric.device, torch.float32).reshape(())
-                    else:
-                        grad_norm = torch.full((), float(reported) if norm_known else math.nan, device=fabric.device)
+                if deepspeed:  # the engine stepped (and clipped) on the last micro-batch
+                    grad_norm, norm_known = deepspeed_grad_norm(engine, fabric.device)
                 else:  # the pre-clip norm of gradients DDP has already averaged: the same on every rank
                     max_norm = tc.grad_clip if tc.grad_clip > 0 else math.inf
                     grad_norm = fabric.clip_gradients(model, optimizer, max_norm=max_norm, error_if_nonfinite=False)
+                    norm_known = True
                 # torch.full, not torch.tensor: filling on the device needs no blocking copy from the host.
                 signalled = torch.full((), float(preemption.requested), device=fabric.device)
                 # The loop's one wait for the device per step (fp16's GradScaler adds one inside optimizer.step).
@@ -339,13 +339,14 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                     if finite and (step % tc.val_interval == 0 or step == tc.max_steps):
                         val, stopped_early = validate()
                         saved = checkpointer.has_saved(step)
-                    if preempted:
-                        report.print(f"step {step:>7d} | stop requested ({preemption.describe()}): "
-                                     "saving `last` and stopping")
-                    due = step % tc.ckpt_interval == 0 or step == tc.max_steps or stopped_early
                     # A stop request saves even after a skipped step (its update was not applied, so the weights
                     # are the previous step's), unless DeepSpeed applied it: a requeued job then loses nothing.
                     weights_sound = finite or not deepspeed
+                    if preempted:
+                        report.print(f"step {step:>7d} | stop requested ({preemption.describe()}): " + (
+                            "saving `last` and stopping" if weights_sound or saved else
+                            "stopping without a save: DeepSpeed applied this non-finite step; `last` is as before"))
+                    due = step % tc.ckpt_interval == 0 or step == tc.max_steps or stopped_early
                     if not saved and ((finite and due) or (preempted and weights_sound)):
                         save()
                 if stopped_early:
@@ -379,7 +380,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         raise
     finally:
         preemption.uninstall()
-        batches.close()
+        if batches is not None:
+            batches.close()
         model = optimizer = scheduler = engine = None  # drop every reference before the process group goes
         teardown(fabric)
 
@@ -392,6 +394,17 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         preempted=preempted,
         out_dir=out_dir,
     )
+
+
+def deepspeed_grad_norm(engine, device: torch.device) -> tuple[torch.Tensor, bool]:
+    """The engine's pre-clip gradient norm of the step it just took, kept on the device (float() would wait for
+    the engine), and whether it is known: (nan, False) when ZeRO did not compute one."""
+    reported = engine.get_global_grad_norm()
+    if reported is None:
+        return torch.full((), math.nan, device=device), False
+    if torch.is_tensor(reported):
+        return reported.detach().to(device, torch.float32).reshape(()), True
+    return torch.full((), float(reported), device=device), True
 
 
 def damaged_warning(loss_at_last: float | None, first_loss: float | None, out_dir: Path) -> str:

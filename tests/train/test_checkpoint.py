@@ -134,6 +134,21 @@ def test_altered_bytes_are_refused_naming_the_file(tmp_path, tiny_shards):
         verify_checkpoint(target.parent)
 
 
+def test_a_checkpoint_that_cannot_be_read_is_a_checkpoint_error_every_rank_raises(tmp_path, tiny_shards, monkeypatch):
+    """Rank 0 checks the files for all: an I/O error there must reach the other ranks as a refusal, not a hang."""
+    saved_run(tmp_path, tiny_shards, steps=(2,))
+    fabric, model, optimizer, scheduler, stream = training_objects(tiny_shards)
+
+    def unreadable(path):
+        raise OSError(errno.EIO, os.strerror(errno.EIO), str(path))
+
+    monkeypatch.setattr(checkpoint, "file_sha256", unreadable)
+    directory = resolve_resume("auto", tmp_path)
+    with pytest.raises(CheckpointError, match=re.escape(f"cannot read checkpoint {directory}: [Errno 5] "
+                                                        "Input/output error")):
+        Checkpointer(fabric, tmp_path, keep=1).load(directory, model, optimizer, scheduler, stream)
+
+
 def test_a_corrupted_last_is_refused_naming_the_newest_older_checkpoint_to_resume_from(tmp_path, tiny_shards):
     saved_run(tmp_path, tiny_shards, steps=(2, 4, 6), keep=3, best_at=())
     root = tmp_path / "checkpoints"
@@ -175,6 +190,45 @@ def test_a_truncated_weights_file_is_refused_before_the_start_reads_a_tensor(tmp
         file.truncate(100)
     with pytest.raises(CheckpointError, match=re.escape(f"{weights} is truncated or altered: 100 bytes")):
         resume_checkpoint(config)  # what launchers, sweeps and --dry-run ask before data or a queued job
+
+
+def test_a_link_that_cannot_be_pointed_is_one_clear_error_on_every_rank(tmp_path, tiny_shards, monkeypatch):
+    """Pointing `last` is a phase the ranks agree on too: raised here, not left for a barrier to wait on."""
+    fabric, model, optimizer, scheduler, stream = saved_run(tmp_path, tiny_shards, steps=(2,), best_at=())
+    root = tmp_path / "checkpoints"
+
+    def symlink_on_a_full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "symlink", symlink_on_a_full_disk)
+    with pytest.raises(CheckpointError, match=re.escape(f"cannot write checkpoint {root / 'step-0000004'}: "
+                                                        "No space left on device")):
+        Checkpointer(fabric, tmp_path, keep=1).save(4, model, optimizer, scheduler, stream, {"step": 4},
+                                                    Config(model=debug_model_config()), "run123")
+    assert os.readlink(root / "last") == "step-0000002"  # still the last complete checkpoint it points at
+
+
+def test_a_pruned_checkpoint_a_reader_holds_open_does_not_fail_the_save(tmp_path, tiny_shards, monkeypatch):
+    """On NFS a file open elsewhere (`tml eval` on an old step) cannot be deleted (EBUSY): pruning leaves the rest
+    for the next start instead of failing the run."""
+    fabric, model, optimizer, scheduler, stream = saved_run(tmp_path, tiny_shards, steps=(2,), best_at=())
+    root = tmp_path / "checkpoints"
+    real_unlink = os.unlink
+
+    def unlink_busy(path, *args, **kwargs):
+        if os.fspath(path) == "optimizer.pt":
+            raise OSError(errno.EBUSY, os.strerror(errno.EBUSY), path)
+        return real_unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "unlink", unlink_busy)
+    take_steps(model, optimizer, scheduler, stream, 2)
+    Checkpointer(fabric, tmp_path, keep=1).save(4, model, optimizer, scheduler, stream, {"step": 4},
+                                                Config(model=debug_model_config()), "run123")
+    assert os.readlink(root / "last") == "step-0000004" and not (root / "step-0000002").exists()
+    assert (root / ".stale-step-0000002" / "optimizer.pt").exists()  # what could not be deleted
+    monkeypatch.setattr(os, "unlink", real_unlink)
+    Checkpointer(fabric, tmp_path, keep=1)  # the next start
+    assert not (root / ".stale-step-0000002").exists()
 
 
 def test_a_full_disk_while_saving_is_one_clear_error_and_the_previous_checkpoint_stays_last(
@@ -253,6 +307,28 @@ def test_pickled_code_is_refused_even_with_a_valid_manifest(tmp_path, tiny_shard
         load_model_weights(directory)
 
 
+def test_a_deepspeed_checkpoint_that_cannot_be_consolidated_is_a_checkpoint_error(tmp_path, tiny_shards):
+    """generate, eval, export and init_from all catch CheckpointError: ZeRO's own refusals arrive as one."""
+    saved_run(tmp_path, tiny_shards, steps=(2,))
+    directory = tmp_path / "checkpoints" / "step-0000002"
+    meta = json.loads((directory / "meta.json").read_text())
+    (directory / "meta.json").write_text(json.dumps({**meta, "deepspeed": True}))
+    (directory / "deepspeed").mkdir()  # no `latest` tag file: not a ZeRO checkpoint
+    (directory / "deepspeed" / "notes.txt").write_text("not a shard")
+    write_manifest(directory)
+    with pytest.raises(CheckpointError, match="latest is missing"):
+        load_model_weights(directory)
+
+
+@pytest.mark.parametrize("files", [[], {"meta.json": {"size": 3}}, {"meta.json": "sha"}, "files"])
+def test_a_manifest_of_the_wrong_shape_is_refused_as_corrupted(tmp_path, tiny_shards, files):
+    saved_run(tmp_path, tiny_shards, steps=(2,))
+    directory = tmp_path / "checkpoints" / "step-0000002"
+    (directory / "MANIFEST.json").write_text(json.dumps({"format": 1, "files": files}))
+    with pytest.raises(CheckpointError, match="MANIFEST.json is corrupted"):
+        verify_checkpoint(directory)
+
+
 def test_model_weights_and_config_load_from_a_run_directory(tmp_path, tiny_shards):
     _, model, *_ = saved_run(tmp_path, tiny_shards, steps=(2, 4), best_at=(2,))
     state, config = load_model_weights(tmp_path)  # a run directory means its best checkpoint
@@ -310,6 +386,14 @@ def test_resume_setting_is_resolved_or_refused(tmp_path):
     assert resolve_resume("auto", tmp_path) is None  # nothing saved yet: start fresh
     with pytest.raises(CheckpointError, match="no such checkpoint"):
         resolve_resume(str(tmp_path / "missing"), tmp_path)
+
+
+def test_a_run_directory_given_as_resume_continues_from_its_last_not_its_best(tmp_path, tiny_shards):
+    run = tmp_path / "run"
+    saved_run(run, tiny_shards, steps=(2, 4), keep=2, best_at=(2,))
+    root = checkpoints_dir(run)
+    assert resolve_resume(str(run), tmp_path / "elsewhere") == (root / "step-0000004").resolve()
+    assert resolve_resume(str(root / "best"), tmp_path / "elsewhere") == (root / "step-0000002").resolve()
 
 
 def test_a_fresh_run_over_an_existing_run_is_refused_naming_its_last_step(tmp_path, tiny_shards):

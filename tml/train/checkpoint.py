@@ -91,7 +91,8 @@ CHECKPOINT_BYTES_PER_PARAM = 12
 
 
 def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
-    """`none` -> None; `auto` -> `checkpoints/last` when present; anything else is a checkpoint path that must exist.
+    """`none` -> None; `auto` -> `checkpoints/last` when present; anything else is a checkpoint path that must exist
+    (a run directory means its `last`).
 
     `none` over an out_dir that already holds checkpoints is refused: the new run would repoint `last` and `best`
     at its own (worse) models and orphan the old step directories.
@@ -117,6 +118,9 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
     path = Path(resume)
     if not path.exists():
         raise CheckpointError(f"train.resume={resume!r}: no such checkpoint")
+    is_checkpoint = (path / META).exists() or (path / MANIFEST).exists()
+    if not is_checkpoint and checkpoints_dir(path).is_dir() and (last := resolve_resume("auto", path)) is not None:
+        return last  # a run directory continues from its `last`, as `auto` does (find_checkpoint would pick `best`)
     return find_checkpoint(path)
 
 
@@ -211,7 +215,8 @@ def _files(directory: Path) -> list[Path]:
 
 
 def write_manifest(directory: Path) -> None:
-    entries = {str(p.relative_to(directory)): {"bytes": p.stat().st_size, "sha256": file_sha256(p)} for p in _files(directory)}
+    entries = {str(path.relative_to(directory)): {"bytes": path.stat().st_size, "sha256": file_sha256(path)}
+               for path in _files(directory)}
     manifest = {"format": FORMAT_VERSION, "files": entries}
     write_atomic(directory / MANIFEST, json.dumps(manifest, indent=1).encode())
 
@@ -226,20 +231,20 @@ def verify_checkpoint(directory: str | Path, only: tuple[str, ...] | None = None
     if not manifest_path.is_file():
         raise CheckpointError(f"{manifest_path} is missing: {directory} is not a complete tml checkpoint")
     try:
-        manifest = json.loads(manifest_path.read_text())
-        entries = manifest["files"]
-    except (ValueError, KeyError) as error:
-        raise CheckpointError(f"{manifest_path} is corrupted ({error})") from error
-    for relative, expected in entries.items():
+        entries = {relative: (int(expected["bytes"]), str(expected["sha256"]))
+                   for relative, expected in json.loads(manifest_path.read_text())["files"].items()}
+    except (ValueError, KeyError, TypeError, AttributeError) as error:  # not JSON, or not a manifest's shape
+        raise CheckpointError(f"{manifest_path} is corrupted ({error!r})") from error
+    for relative, (size_expected, sha256_expected) in entries.items():
         if only is not None and not relative.startswith(only):
             continue
         path = directory / relative
         if not path.is_file():
             raise CheckpointError(f"{path} is missing from the checkpoint")
         size = path.stat().st_size
-        if size != expected["bytes"]:
-            raise CheckpointError(f"{path} is truncated or altered: {size} bytes, expected {expected['bytes']}")
-        if hash_files and file_sha256(path) != expected["sha256"]:
+        if size != size_expected:
+            raise CheckpointError(f"{path} is truncated or altered: {size} bytes, expected {size_expected}")
+        if hash_files and file_sha256(path) != sha256_expected:
             raise CheckpointError(f"{path} is corrupted: its sha256 does not match {MANIFEST}")
     return read_meta(directory)
 
@@ -520,8 +525,8 @@ class Checkpointer:
     ) -> Path:
         """Write `step-N` (unless this run already wrote it), then point `last` (and `best`) at it.
 
-        Three phases (make the temporary directory, write every rank's part, publish it), and after each the ranks
-        agree whether all of them succeeded: a rank that cannot write (a full disk) makes every rank raise the same
+        Four phases (make the temporary directory, write every rank's part, publish it, point the links and prune),
+        and after each the ranks agree whether all of them succeeded: a rank that cannot write (a full disk) makes every rank raise the same
         CheckpointError at the same point, instead of the others waiting in a barrier it never reaches.
         """
         fabric = self.fabric
@@ -540,13 +545,16 @@ class Checkpointer:
                     shutil.rmtree(tmp, ignore_errors=True)
                 raise
             self._saved_steps.add(step)
-        if fabric.global_rank == 0:
-            _point_link(self.root / "last", name)
-            if best:
-                _point_link(self.root / "best", name)
-            self._prune()
-        fabric.barrier()
+        # Agreed like the phases above (and their barrier): a link or prune that fails raises on every rank.
+        self._agree(attempt(lambda: self._point_links(name, best)) if rank0 else None, final)
         return final
+
+    def _point_links(self, name: str, best: bool) -> None:
+        """Point `last` (and `best`) at the step just saved, then drop the step checkpoints no longer kept."""
+        _point_link(self.root / "last", name)
+        if best:
+            _point_link(self.root / "best", name)
+        self._prune()
 
     def _write_parts(self, tmp: Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                      scheduler: torch.optim.lr_scheduler.LRScheduler, stream, loop_state: dict[str, Any],
@@ -588,7 +596,8 @@ class Checkpointer:
         between leaves `.stale-*`, removed at the next start (remove_unfinished_saves)."""
         stale = self.root / f".stale-{directory.name}"
         os.replace(directory, stale)
-        shutil.rmtree(stale)
+        # A file still open in it (a reader on NFS) can make the delete fail: the next start removes the rest.
+        shutil.rmtree(stale, ignore_errors=True)
 
     def _agree(self, failure: BaseException | None, final: Path) -> None:
         """Raise the same CheckpointError on every rank when any rank's phase failed, with the reason of the first
@@ -676,6 +685,8 @@ class Checkpointer:
                 meta = self._verify(directory)
             except CheckpointError as caught:
                 error = str(caught)
+            except OSError as caught:  # unreadable (permissions, a stale NFS handle): said on every rank, no hang
+                error = f"cannot read checkpoint {directory}: {caught}"
         error, meta = fabric.broadcast((error, meta), src=0)
         if error:
             raise CheckpointError(error)
@@ -725,7 +736,7 @@ def read_weights(path: str | Path) -> CheckpointWeights:
     directory = find_checkpoint(path)
     try:
         return _read_weights(directory)
-    except (CheckpointError, ZeroCheckpointError) as error:
+    except CheckpointError as error:
         if directory.exists():
             raise
         if Path(path).resolve() != directory and (replacement := find_checkpoint(path)) != directory:
@@ -745,7 +756,10 @@ def _read_weights(directory: Path) -> CheckpointWeights:
     meta = verify_checkpoint(directory, only=WEIGHT_FILES)
     config = Config.from_dict(meta["config"])
     if meta.get("deepspeed"):
-        state = fp32_state_dict(directory / "deepspeed")
+        try:
+            state = fp32_state_dict(directory / "deepspeed")
+        except ZeroCheckpointError as error:  # one error type for every caller (generate, eval, export, init_from)
+            raise CheckpointError(str(error)) from error
     else:
         state = safe_load(directory / "model.pt")
     return CheckpointWeights(state, config, directory, int(meta["step"]))

@@ -44,7 +44,7 @@ class TrainConfig:
         early_stop_patience: validations without improvement before stopping; 0 disables
         early_stop_min_delta: how much lower a validation loss must be to count as an improvement
         ckpt_interval: optimizer steps between `last` checkpoints
-        keep_checkpoints: step checkpoints kept besides `last` and `best`
+        keep_checkpoints: newest step checkpoints kept (`last` is one of them), plus `best`; 0 keeps only those two
         precision: 16-mixed (fp16 with loss scaling; bf16-mixed on CPU), bf16-mixed or 32-true
         strategy: auto (one process), ddp, or deepspeed (ZeRO, see zero_stage)
         zero_stage: DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters
@@ -53,7 +53,7 @@ class TrainConfig:
         devices: processes per node, one per GPU (launch/slurm.py sets it from the SLURM request)
         num_nodes: nodes (launch/slurm.py sets it from --nodes)
         out_dir: run directory: checkpoints, config.yaml and TensorBoard logs
-        resume: "none", "auto" (latest checkpoint in out_dir) or a checkpoint path
+        resume: "none", "auto" (latest checkpoint in out_dir) or a checkpoint path (a run directory: its latest)
         init_from: start a new run from these weights (a run directory, a checkpoint or a `tml export` file) with a
             fresh optimizer, schedule and data order, on any data: fine-tuning, or continued pre-training. Its model
             must have this run's shape (model.dropout, block_size and rope_theta may differ). Unused on resume
@@ -146,7 +146,7 @@ class LogConfig:
 
     Attributes:
         tensorboard: write TensorBoard event files to {out_dir}/tensorboard
-        wandb: also log to Weights & Biases (offline under {out_dir}/wandb when WANDB_API_KEY is unset)
+        wandb: also log to Weights & Biases (offline under {out_dir}/wandb without WANDB_API_KEY or a `wandb login`)
         wandb_project: Weights & Biases project
         wandb_entity: Weights & Biases team or user (null = your default entity)
         run_name: run name shown by the loggers (null = chosen by the logger)

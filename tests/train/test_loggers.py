@@ -20,6 +20,7 @@ from tml.train.loggers import (
     flat_hyperparameters,
     model_hyperparameters,
     new_wandb_run_id,
+    wandb_credentials_found,
 )
 from tml.train.loop import train
 
@@ -105,6 +106,7 @@ def test_model_figures_count_parameters_cache_and_flops_at_the_runs_precision():
 
 def test_loggers_are_built_as_configured(tmp_path, tiny_shards, monkeypatch):
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     config = tiny_run_config(tiny_shards, tmp_path)
     config.log.tensorboard, config.log.wandb = True, False
     [tensorboard] = build_loggers(config, "abc")
@@ -114,6 +116,17 @@ def test_loggers_are_built_as_configured(tmp_path, tiny_shards, monkeypatch):
     assert type(wandb).__name__ == "WandbLogger" and wandb.version == "run12345"
     config.log.tensorboard = config.log.wandb = False
     assert build_loggers(config, None) == []
+
+
+def test_wandb_goes_online_with_a_key_from_the_environment_or_from_wandb_login(tmp_path):
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine api.wandb.ai\n  login user\n  password 0123456789abcdef\n")  # as `wandb login`
+    assert wandb_credentials_found({"WANDB_API_KEY": "0123"})
+    assert wandb_credentials_found({"NETRC": str(netrc_file)})
+    assert not wandb_credentials_found({"NETRC": str(netrc_file), "WANDB_BASE_URL": "https://wandb.example.org"})
+    assert not wandb_credentials_found({"NETRC": str(tmp_path / "absent")})
+    netrc_file.write_text("not netrc syntax")  # unparsable: offline rather than a crash at start-up
+    assert not wandb_credentials_found({"NETRC": str(netrc_file)})
 
 
 def test_wandb_run_ids_use_wandbs_alphabet_and_differ():

@@ -12,10 +12,12 @@ nothing; so the placeholder is off and TensorBoard gets the hyper-parameters at 
 
 from __future__ import annotations
 
+import netrc
 import os
 import secrets
 import sys
-from collections.abc import Sequence
+import urllib.parse
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from lightning.fabric.loggers import Logger, TensorBoardLogger
@@ -34,11 +36,26 @@ from tml.model.kv_cache import (
 
 WANDB_ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"  # wandb's own id alphabet
 WANDB_ID_LENGTH = 8
+WANDB_DEFAULT_HOST = "https://api.wandb.ai"  # where `wandb login` stores its key when WANDB_BASE_URL is unset
 
 
 def new_wandb_run_id() -> str:
     """Chosen before wandb starts so the checkpoint can carry it and a restart resumes the same run."""
     return "".join(secrets.choice(WANDB_ID_ALPHABET) for _ in range(WANDB_ID_LENGTH))
+
+
+def wandb_credentials_found(environ: Mapping[str, str] = os.environ) -> bool:
+    """Whether wandb can log in without asking: WANDB_API_KEY, or the key `wandb login` stored in the netrc file
+    (NETRC, else ~/.netrc) for the wandb host (WANDB_BASE_URL). Without one a run logs offline, for `wandb sync`
+    later, rather than stopping every rank at a login prompt."""
+    if environ.get("WANDB_API_KEY"):
+        return True
+    host = urllib.parse.urlparse(environ.get("WANDB_BASE_URL") or WANDB_DEFAULT_HOST).hostname
+    path = environ.get("NETRC") or os.path.expanduser("~/.netrc")
+    try:
+        return netrc.netrc(path).authenticators(host) is not None
+    except (OSError, netrc.NetrcParseError):  # no such file, or one wandb could not read either
+        return False
 
 
 def build_loggers(config: Config, wandb_run_id: str | None) -> list[Logger]:
@@ -59,7 +76,7 @@ def build_loggers(config: Config, wandb_run_id: str | None) -> list[Logger]:
                 group=config.log.wandb_group,
                 id=wandb_run_id,
                 save_dir=out_dir,
-                offline=not os.environ.get("WANDB_API_KEY"),
+                offline=not wandb_credentials_found(),
                 resume="allow",
             )
         )

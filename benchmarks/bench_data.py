@@ -23,16 +23,18 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-from tml.data.config import DataConfig
-from tml.data.gutenberg import gather_books
-from tml.data.packed import PackedDataset
-from tml.data.prepare import ReadNotes, book_texts, tokenized_books
-from tml.data.sampler import BatchStream
-from tml.data.shards import choose_val_books, write_shards
-from tml.data.tokenizer import get_tokenizer
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from tml.data.config import DataConfig  # noqa: E402
+from tml.data.gutenberg import gather_books  # noqa: E402
+from tml.data.packed import PackedDataset  # noqa: E402
+from tml.data.prepare import ReadNotes, book_texts, tokenized_books  # noqa: E402
+from tml.data.sampler import BatchStream  # noqa: E402
+from tml.data.shards import choose_val_books, write_shards  # noqa: E402
+from tml.data.tokenizer import get_tokenizer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_CORPUS = REPO.parent / "shared" / "data" / "gutenberg"

@@ -18,16 +18,19 @@ import argparse
 import json
 import platform
 import statistics
+import sys
 import time
 from dataclasses import asdict, replace
 from functools import partial
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a checkout without installing
 
-from tml.config import ConfigError, load_yaml_config
-from tml.model import ModelConfig, ModelConfigError, Transformer
-from tml.model.kv_cache import KVCache, LatentCache, mha_numbers_per_token
+import torch  # noqa: E402
+
+from tml.config import ConfigError, load_yaml_config  # noqa: E402
+from tml.model import ModelConfig, ModelConfigError, Transformer  # noqa: E402
+from tml.model.kv_cache import KVCache, LatentCache, mha_numbers_per_token  # noqa: E402
 
 # The reference model of the issue: GPT-2 small's shape, MLA with a 256-wide latent and a 32-dim RoPE key.
 REFERENCE_SHAPE = dict(n_layer=12, n_head=12, n_embd=768, kv_lora_rank=256, qk_rope_head_dim=32,

@@ -5,9 +5,10 @@ pinned-memory loading), its speed, and its memory. Runs `tml.train.loop.train` u
 (12x768 post-LN MLA, block 512, batch 20 x 4 accumulation, 16-mixed) for `--steps` optimizer steps, reads the
 figures back from the run's TensorBoard scalars, times `generate` from the saved checkpoint (absorbed and naive
 latent-cache decode), and prints one JSON object. `--variants` adds shorter runs that each change one thing:
-torch.compile, the MHA baseline at the same width, GQA at MLA's cache, or bf16 instead of fp16.
+torch.compile, the MHA baseline at the same width, GQA at MLA's cache, bf16 instead of fp16, or DeepSpeed ZeRO-2
+(its own fp16 engine).
 
-    python benchmarks/gpu_check.py --books DIR [--steps 200] [--variants compiled,mha,bf16] [--json FILE]
+    python benchmarks/gpu_check.py --books DIR [--steps 200] [--variants compiled,mha,bf16,zero2] [--json FILE]
     python benchmarks/gpu_check.py --shards DIR ...   # already tokenized shards: no tokenizer files needed
 
 `--allow-cpu` with small `--model.*` overrides runs the same code on CPU (the test suite does), so the script
@@ -142,9 +143,8 @@ def synchronize(device: torch.device) -> None:
 
 def decode_speed(run_dir: Path, device: torch.device) -> dict:
     """Tokens/s of greedy decode from the saved `last` checkpoint, absorbed vs naive latent-cache attention."""
-    model = load(checkpoints_dir(run_dir) / "last", device)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model = model.to(dtype)
+    model = load(checkpoints_dir(run_dir) / "last", device, dtype)
     new_tokens = min(DECODE_NEW_TOKENS, model.config.block_size - DECODE_PROMPT_TOKENS)
     prompt = torch.randint(0, model.config.vocab_size, (1, DECODE_PROMPT_TOKENS),
                            generator=torch.Generator().manual_seed(0)).to(device)

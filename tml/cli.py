@@ -121,7 +121,8 @@ def start_and_train(argv: Sequence[str], prog: str | None, stop: PreemptionFlag)
             if is_first_local_process():
                 print(f"tml: {error}", file=sys.stderr)
             return 2
-        except (GutenbergError, PrepareError, ShardError, TrainingDiverged, CheckpointError) as error:
+        # OSError: a disk that is full or read-only where the run writes (config.yaml, checkpoints, summary.json).
+        except (GutenbergError, PrepareError, ShardError, TrainingDiverged, CheckpointError, OSError) as error:
             if is_first_local_process():
                 print(f"tml: {error}", file=sys.stderr)
             return 1
@@ -227,7 +228,7 @@ def chosen_checkpoint(command: str, path: str) -> str:
     """`path`, after saying which checkpoint a run directory means (its `best`, else `last`), since the user did not
     name one. The path itself is passed on, not the step directory: loading follows a `last` or `best` again when a
     training still running prunes its step mid-read (checkpoint.read_weights)."""
-    from tml.train.checkpoint import checkpoints_dir
+    from tml.run_dir import checkpoints_dir
 
     if Path(path).is_file():  # weights written by tml export
         return path
@@ -320,8 +321,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     limit = f"--context {block}" if args.context is not None else f"the model's block_size {block}"
     kept = prompt_tokens_kept(len(prompt), args.max_new_tokens, block)
     if kept < len(prompt):
-        print(f"tml generate: dropped the first {n_tokens(len(prompt) - kept)} of the prompt's {len(prompt):,}, keeping "
-              f"its last {kept:,} so that {block - kept} new fit in {limit}", file=sys.stderr)
+        print(f"tml generate: dropped the first {n_tokens(len(prompt) - kept)} of the prompt's {len(prompt):,}, "
+              f"keeping its last {kept:,} so that {block - kept} new fit in {limit}", file=sys.stderr)
         prompt = prompt[-kept:]
     room = block - len(prompt)
     new_tokens = min(args.max_new_tokens, room)

@@ -26,7 +26,8 @@ HOLDER_READ_BYTES = 4096  # far more than one holder record
 
 def open_lock_file(path: Path) -> int:
     """The lock file's descriptor, creating the file and its directory. Not inheritable (Python's default): a
-    process the holder starts never keeps the lock after the holder dies."""
+    program the holder starts never keeps the lock after the holder dies. A forked child (a DataLoader worker)
+    shares it until it exits, seconds after the holder (PyTorch's workers watch their parent)."""
     make_directory(path.parent)
     return os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
 

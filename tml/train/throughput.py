@@ -143,7 +143,6 @@ class ThroughputMeter:
         self.start()
         return tokens_per_s, mfu(tokens_per_s, self.flops_per_token, self.peak_flops_per_device, self.world_size)
 
-
     def median_tokens_per_s(self) -> float | None:
         """The training speed to quote: the median window (None before the first)."""
         return statistics.median(self._windows) if self._windows else None

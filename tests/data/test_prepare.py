@@ -6,6 +6,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from tml.data.prepare import (
     main,
     prepare_data,
     read_book,
+    shards_without_source,
     source_content_fingerprint,
     split_lines,
 )
@@ -443,6 +445,33 @@ def test_shards_that_no_longer_match_their_index_are_rebuilt_saying_why(tmp_path
     output = " ".join(output_of(cfg).split())
     assert f"rebuilt because the shards there were unusable: {shard} is 100 bytes but index.json says" in output
     ShardIndex.load(tmp_path / "shards", verify=True)
+
+
+def test_a_corpus_moved_to_another_path_keeps_its_shards(tmp_path):
+    """Where the text lies is no input: a copy elsewhere (another machine's path, new ctimes) is hashed, found to
+    be the same books and kept, and the index remembers the new place."""
+    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
+    prepare_data(config(tmp_path, source), console=quiet())
+    shards = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards").glob("*.bin")}
+    moved = tmp_path / "cluster" / "own"
+    shutil.copytree(source, moved)
+    cfg = config(tmp_path, moved)
+    assert not data_is_ready(cfg)  # the listing's ctimes differ: hashing decides
+    assert "up to date" in output_of(cfg)
+    assert {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards").glob("*.bin")} == shards
+    assert ShardIndex.load(tmp_path / "shards").source_path == str(moved) and data_is_ready(cfg)
+
+
+def test_shards_whose_corpus_is_not_here_are_ready_and_say_so(tmp_path):
+    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
+    cfg = config(tmp_path, source)
+    prepare_data(cfg, console=quiet())
+    assert shards_without_source(cfg) is None  # the text is here
+    shutil.rmtree(source)
+    assert data_is_ready(cfg)
+    assert shards_without_source(cfg) == (f"data.source {source} is not on this machine: training on the shards in "
+                                          f"{cfg.shard_dir}, built from {source}")
+    assert not data_is_ready(config(tmp_path, source, val_frac=0.5))  # shards built another way are not these
 
 
 def test_a_garbled_index_is_rebuilt_saying_why(tmp_path):

@@ -75,6 +75,7 @@ from tml.data.tokenizer import GPT2_FILES, TOKENIZER_NAME, TokenizerError, encod
 from tml.files import file_sha256, write_failure
 from tml.locks import NO_FLOCK_ERRNOS, open_lock_file, read_holder, write_holder
 
+LOCAL_SOURCE = "local"  # data_settings' source for a directory or file of your own text
 PREPARE_VERSION = 1  # bump when the way documents become tokens changes (e.g. the separator), to force rebuilds
 # Text encoded per tiktoken batch: large enough that every thread stays busy (the batch's longest book is
 # encoded first), small enough to bound the text and tokens held at once (~2M tokens, ~8 MB of uint32).
@@ -126,6 +127,11 @@ def source_listing(cfg: DataConfig) -> list[dict[str, Any]]:
     return sorted(listing, key=lambda entry: entry["path"])
 
 
+def source_path(cfg: DataConfig) -> str:
+    """Where a local source was read from, absolute ("" for downloads): kept in the index for messages only."""
+    return str(Path(cfg.source).expanduser().resolve()) if is_local(cfg) else ""
+
+
 def resolved_val_split(cfg: DataConfig, documents: int) -> str:
     """"books" or "tail": auto holds out whole books only when there are enough for their share to land near val_frac."""
     if cfg.val_split != "auto":
@@ -140,7 +146,9 @@ def data_settings(cfg: DataConfig, listing: list[dict[str, Any]] | None = None) 
     from_network = not is_local(cfg)
     listing = source_listing(cfg) if listing is None else listing
     return {
-        "source": "gutenberg" if from_network else str(Path(cfg.source).expanduser().resolve()),
+        # Where local text lies is no input: a corpus moved or copied elsewhere is the same data (its files' names
+        # and bytes are compared, and hashed into the fingerprint, instead).
+        "source": "gutenberg" if from_network else LOCAL_SOURCE,
         "book_ids": [int(book_id) for book_id in cfg.book_ids] if from_network else None,
         "max_books": cfg.max_books,
         "val_frac": cfg.val_frac,
@@ -174,12 +182,28 @@ def listed_stats(source_files: Iterable[dict[str, Any]]) -> list[dict[str, Any]]
 
 def data_is_ready(cfg: DataConfig) -> bool:
     """Cheap check for launchers: a valid index built from these settings, and (local source) from files with
-    the same names, sizes, mtimes and ctimes, exists (no book is read)."""
+    the same names, sizes, mtimes and ctimes, exists (no book is read). Shards copied to a machine without the
+    text they were built from stand alone (shards_without_source says so)."""
     index = ShardIndex.load_or_none(cfg.shard_dir)
     if index is None:
         return False
+    if source_is_elsewhere(cfg):
+        return index.settings == data_settings(cfg, index.source_files)
     listing = source_listing(cfg)
     return index.settings == data_settings(cfg, listing) and listed_stats(index.source_files) == listing
+
+
+def source_is_elsewhere(cfg: DataConfig) -> bool:
+    """A local data.source that is not on this machine (shards copied without it, or a path mistyped)."""
+    return is_local(cfg) and not Path(cfg.source).expanduser().exists()
+
+
+def shards_without_source(cfg: DataConfig) -> str | None:
+    """The line a start says when it trains on ready shards whose local data.source is not here, else None."""
+    if not source_is_elsewhere(cfg) or (index := ShardIndex.load_or_none(cfg.shard_dir)) is None:
+        return None
+    built_from = f", built from {index.source_path}" if index.source_path else ""
+    return f"data.source {cfg.source} is not on this machine: training on the shards in {cfg.shard_dir}{built_from}"
 
 
 def source_content_fingerprint(cfg: DataConfig) -> str | None:
@@ -189,10 +213,8 @@ def source_content_fingerprint(cfg: DataConfig) -> str | None:
     (a `touch` keeps it). None when neither tells (no index, or no source directory to read).
     """
     index = ShardIndex.load_or_none(cfg.shard_dir)
-    listing = source_listing(cfg)
     if index is not None and index.content_fingerprint and (
-        not is_local(cfg) or (index.settings.get("source") == data_settings(cfg, listing)["source"]
-                              and listed_stats(index.source_files) == listing)
+        not is_local(cfg) or source_is_elsewhere(cfg) or listed_stats(index.source_files) == source_listing(cfg)
     ):
         return index.content_fingerprint
     if not is_local(cfg):
@@ -502,8 +524,8 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
             if (shard_dir / INDEX_FILE).exists():
                 unusable = str(error)
         if existing is not None and existing.fingerprint == fingerprint and not force:
-            if existing.source_files != files:  # touched, not changed: record the new times, keep the shards
-                existing.source_files = files
+            if (existing.source_files, existing.source_path) != (files, source_path(cfg)):  # touched or moved,
+                existing.source_files, existing.source_path = files, source_path(cfg)  # not changed: keep the shards
                 existing.save()
             progress.stop()
             print_summary(console, existing, time.perf_counter() - started, "up to date", notes)
@@ -531,6 +553,7 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
             settings=settings,
             content_fingerprint=content_fingerprint(books),
             source_files=files,
+            source_path=source_path(cfg),
             check=lambda splits: check_splits(splits, cfg),
         )
     print_summary(console, index, time.perf_counter() - started, "built", [*notes, *read_notes.lines()])

@@ -83,6 +83,8 @@ class ShardIndex:
     content_fingerprint: str = ""
     # a local source's files ({path, bytes, mtime_ns, sha256}): data_is_ready sees an edit without reading them
     source_files: list[dict[str, Any]] = field(default_factory=list)
+    # where a local source was read from, for messages only (moving the text changes nothing else)
+    source_path: str = ""
 
     def to_json(self) -> dict[str, Any]:
         values = asdict(self)
@@ -325,6 +327,7 @@ def write_shards(
     settings: dict[str, Any],
     content_fingerprint: str = "",
     source_files: Sequence[dict[str, Any]] = (),
+    source_path: str = "",
     check: Callable[[dict[str, SplitIndex]], None] | None = None,
 ) -> ShardIndex:
     """Stream (split, id, title, tokens) documents into shards and write the index last.
@@ -360,7 +363,7 @@ def write_shards(
     index = ShardIndex(
         shard_dir=shard_dir, tokenizer=tokenizer, vocab_size=vocab_size, shard_tokens=shard_tokens,
         fingerprint=fingerprint, settings=settings, splits=splits, content_fingerprint=content_fingerprint,
-        source_files=list(source_files),
+        source_files=list(source_files), source_path=source_path,
     )
     kept = {shard.file for split in splits.values() for shard in split.shards}
     (shard_dir / INDEX_FILE).unlink(missing_ok=True)  # from here until save() the directory holds no data set

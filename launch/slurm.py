@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
     from tml.data.gutenberg import GutenbergError
-    from tml.data.prepare import PrepareError, data_is_ready, prepare_data
+    from tml.data.prepare import PrepareError, data_is_ready, prepare_data, shards_without_source
     from tml.data.shards import ShardError
     from tml.train.checkpoint import CheckpointError
 
@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> int:
             check_before_the_queue(config)
             if not data_is_ready(config.data):  # here, once, rather than racing in every task
                 prepare_data(config.data)
+            elif standing_alone := shards_without_source(config.data):
+                print(f"launch/slurm.py: {standing_alone}", file=sys.stderr)
     except (GutenbergError, PrepareError, ShardError, ConfigError, CheckpointError, OSError) as error:  # as `tml train`
         print(f"launch/slurm.py: {error}", file=sys.stderr)
         return 1

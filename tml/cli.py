@@ -88,6 +88,8 @@ def start_and_train(argv: Sequence[str], prog: str | None, stop: PreemptionFlag)
     except ConfigError as error:
         print(f"tml: {error}", file=sys.stderr)
         return 2
+    if (notice := another_runs_config(argv, config.train.out_dir)) and is_first_local_process():
+        print(f"tml: {notice}", file=sys.stderr)
     with ExitStack() as run_lock:  # held until training ends; before the imports, so a refusal comes at once
         if is_lock_holder():
             if not Path(config.train.out_dir).exists():  # a start that fails before training leaves no empty run dir
@@ -99,7 +101,7 @@ def start_and_train(argv: Sequence[str], prog: str | None, stop: PreemptionFlag)
                 return 1
         # Imported after the config is known to be good: torch and Lightning take seconds to import.
         from tml.data.gutenberg import GutenbergError
-        from tml.data.prepare import PrepareError, data_is_ready, prepare_data
+        from tml.data.prepare import PrepareError, data_is_ready, prepare_data, shards_without_source
         from tml.data.shards import ShardError
         from tml.train.checkpoint import CheckpointError
         from tml.train.loop import TrainingDiverged, train
@@ -114,6 +116,8 @@ def start_and_train(argv: Sequence[str], prog: str | None, stop: PreemptionFlag)
                     print(f"tml: interrupted while preparing {config.data.shard_dir}; the next run starts the "
                           "unfinished preparation again", file=sys.stderr)
                     return CTRL_C_EXIT_STATUS
+            elif (standing_alone := shards_without_source(config.data)) and is_first_local_process():
+                print(f"tml: {standing_alone}", file=sys.stderr)
             # A signal that came while starting stops the run at its first step, where every rank agrees.
             result = train(config, stop.install([signal.SIGINT]))
         # Every rank of the machine raises the same error together (the loop agrees on its decisions): one prints it.
@@ -157,6 +161,29 @@ def train_parser(prog: str | None) -> ArgumentParser:
     return build_parser(prog=prog, description=TRAIN_DESCRIPTION)
 
 
+def another_runs_config(argv: Sequence[str], out_dir: str) -> str | None:
+    """A line when `--config` is a run's own config.yaml, in another directory than train.out_dir (which came from
+    that file, not the command line): a run copied or renamed and started this way trains afresh where it was made,
+    rather than continuing where it is now."""
+    from tml.run_dir import CONFIG_FILE, checkpoints_dir
+
+    config_file = None
+    for position, arg in enumerate(argv):
+        if arg == "--config" and position + 1 < len(argv):
+            config_file = argv[position + 1]
+        elif arg.startswith("--config="):
+            config_file = arg.split("=", 1)[1]
+        elif arg == "--train.out_dir" or arg.startswith("--train.out_dir="):
+            return None  # chosen on the command line: nothing to point out
+    if config_file is None or Path(config_file).name != CONFIG_FILE:
+        return None
+    run_dir = Path(config_file).expanduser().resolve().parent
+    if not checkpoints_dir(run_dir).is_dir() or run_dir == Path(out_dir).expanduser().resolve():
+        return None
+    return (f"--config {config_file} is the config of the run in {run_dir}, whose train.out_dir says {out_dir}: "
+            f"this run goes there; --train.out_dir {run_dir} continues the run in {run_dir}")
+
+
 def dry_run_main(argv: Sequence[str], prog: str | None) -> int:
     """`tml train ... --dry-run`: the run's checks and what a start would do (fresh, resumed at step N, ...), in a
     line; nothing is trained, prepared or written. A start that would be refused is, with `tml train`'s exit
@@ -171,6 +198,8 @@ def dry_run_main(argv: Sequence[str], prog: str | None) -> int:
 
     try:
         config = load_config(argv, train_parser(prog))
+        if notice := another_runs_config(argv, config.train.out_dir):
+            print(f"tml: {notice}", file=sys.stderr)
         print(f"tml: {config.train.out_dir}: {describe_start(config)}")
     except ConfigError as error:
         print(f"tml: {error}", file=sys.stderr)

@@ -18,7 +18,7 @@ from tests.train.conftest import tiny_run_config
 from tml.config import Config
 from tml.data.config import DataConfig
 from tml.data.packed import PackedDataset
-from tml.data.prepare import prepare_data
+from tml.data.prepare import data_is_ready, prepare_data, shards_without_source
 from tml.data.sampler import BatchStream
 from tml.model import Transformer
 from tml.train import checkpoint
@@ -416,7 +416,8 @@ def test_a_dangling_last_names_the_newest_complete_step_and_how_auto_reaches_it(
     saved_run(tmp_path, tiny_shards, steps=(2, 4), keep=2, best_at=())
     root = tmp_path / "checkpoints"
     shutil.rmtree(root / "step-0000004")  # `last` now points at nothing
-    with pytest.raises(CheckpointError, match=r"last points to a missing checkpoint \(step-0000004\); the newest "
+    with pytest.raises(CheckpointError, match=r"last points to a missing checkpoint \(step-0000004\); if the run was "
+                                              r"copied without step-0000004, copy it too; otherwise the newest "
                                               r"complete checkpoint is step-0000002: remove the last link and "
                                               r"--train.resume auto continues from it"):
         resolve_resume("auto", tmp_path)
@@ -588,6 +589,60 @@ def test_a_resume_onto_changed_corpus_files_is_refused_but_not_after_a_touch(tmp
         in message
     (source / "a.txt").write_text(original)
     assert resume_checkpoint(config)[0] is not None
+
+
+def test_a_corpus_moved_elsewhere_resumes_with_a_notice_and_other_text_there_is_refused(tmp_path, tiny_shards):
+    """Copied to another machine, the same files at another path are the same data: the position still fits."""
+    source, config = run_on_own_corpus(tmp_path, tiny_shards)
+    moved = tmp_path / "cluster" / "corpus"
+    shutil.copytree(source, moved)  # new path, new ctimes: the shard index no longer vouches for the files
+    config.data.source = str(moved)
+    directory, _, changed = resume_checkpoint(config)
+    assert directory is not None and changed == [f"data.source {source} -> {moved}"]
+    (moved / "b.txt").write_text("Other text at the new place.\n")
+    with pytest.raises(CheckpointError, match=re.escape(f"changed data.source {source} -> {moved}")):
+        resume_checkpoint(config)
+
+
+def test_shards_copied_without_their_corpus_resume_from_the_shards_alone(tmp_path, tiny_shards):
+    source, config = run_on_own_corpus(tmp_path, tiny_shards)
+    shutil.rmtree(source)  # the text stayed on the workstation; the shards came along
+    assert data_is_ready(config.data)
+    assert shards_without_source(config.data) == (f"data.source {source} is not on this machine: training on the "
+                                                  f"shards in {config.data.shard_dir}, built from {source}")
+    assert resume_checkpoint(config)[0] is not None
+
+
+def test_a_run_copied_with_its_links_followed_gets_its_links_back_and_saves_on(tmp_path, tiny_shards):
+    """cp -rL, rsync -L and scp -r turn `last` and `best` into directories, which a save could not repoint."""
+    run = tmp_path / "run"
+    saved_run(run, tiny_shards, steps=(2, 4), keep=2, best_at=(2,))
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, symlinks=False)
+    root = checkpoints_dir(copy)
+    shutil.rmtree(root / "step-0000004")  # `last` copied alone: the copy is then the only step 4
+    assert not (root / "last").is_symlink() and resolve_resume("auto", copy) == (root / "last").resolve()
+    fabric, model, optimizer, scheduler, stream = training_objects(tiny_shards)
+    checkpointer = Checkpointer(fabric, copy, keep=2)
+    assert os.readlink(root / "last") == "step-0000004" and os.readlink(root / "best") == "step-0000002"
+    assert sorted(path.name for path in root.iterdir()) == ["best", "last", "step-0000002", "step-0000004"]
+    checkpointer.load(resolve_resume("auto", copy), model, optimizer, scheduler, stream)
+    take_steps(model, optimizer, scheduler, stream, 2)
+    checkpointer.save(6, model, optimizer, scheduler, stream, {"step": 6}, Config(model=debug_model_config()), "r")
+    assert os.readlink(root / "last") == "step-0000006"
+
+
+def test_a_link_copied_without_its_checkpoint_is_named_as_such(tmp_path, tiny_shards):
+    saved_run(tmp_path, tiny_shards, steps=(2,), best_at=(2,))
+    root = checkpoints_dir(tmp_path)
+    copy = tmp_path / "laptop"
+    copy.mkdir()
+    shutil.copy(root / "best", copy / "best", follow_symlinks=False)  # the link, not the checkpoint
+    with pytest.raises(CheckpointError, match=re.escape(f"{copy / 'best'}: no such checkpoint or run directory: it "
+                                                        "links to step-0000002, which is not there")):
+        load_model_weights(copy / "best")
+    with pytest.raises(CheckpointError, match="links to step-0000002, which is not there .*cp -L"):
+        resolve_resume(str(copy / "best"), tmp_path / "elsewhere")
 
 
 def test_a_checkpoint_without_a_data_fingerprint_resumes_as_before(tmp_path, tiny_shards):

@@ -44,7 +44,7 @@ import numpy as np
 import torch
 from lightning import Fabric
 
-from tml.config import PLACEMENT_KEYS, Config, same_setting
+from tml.config import GUTENBERG_SOURCE, PLACEMENT_KEYS, Config, same_setting
 from tml.data.config import VAL_SPLITS, DataConfig
 from tml.data.gutenberg import GutenbergError, books_from_directory
 from tml.data.prepare import (
@@ -117,7 +117,7 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
         return last.resolve()
     path = Path(resume)
     if not path.exists():
-        raise CheckpointError(f"train.resume={resume!r}: no such checkpoint")
+        raise CheckpointError(f"train.resume={resume!r}: no such checkpoint{_dangling(path)}")
     is_checkpoint = (path / META).exists() or (path / MANIFEST).exists()
     if not is_checkpoint and checkpoints_dir(path).is_dir() and (last := resolve_resume("auto", path)) is not None:
         return last  # a run directory continues from its `last`, as `auto` does (find_checkpoint would pick `best`)
@@ -127,10 +127,19 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
 def _dangling_last_advice(dangling_last: Path) -> str:
     """What `--train.resume auto` does once a dangling `last` is removed (it falls back to the newest step)."""
     newest = newest_checkpoint(dangling_last.parent.parent)
+    copied = f"if the run was copied without {os.readlink(dangling_last)}, copy it too; otherwise "
     if newest:
-        return (f"the newest complete checkpoint is {newest.name}: remove the {dangling_last.name} link "
+        return (f"{copied}the newest complete checkpoint is {newest.name}: remove the {dangling_last.name} link "
                 "and --train.resume auto continues from it")
-    return f"no complete checkpoint is left: remove the {dangling_last.name} link to start the run afresh"
+    return f"{copied}no complete checkpoint is left: remove the {dangling_last.name} link to start the run afresh"
+
+
+def _dangling(path: Path) -> str:
+    """`: it links to step-0000020, which is not there (...)` for a link whose target is missing, else ""."""
+    if not path.is_symlink():
+        return ""
+    return (f": it links to {os.readlink(path)}, which is not there (a copy without what the link named? `cp -L` "
+            "copies the checkpoint itself)")
 
 
 def older_checkpoint_advice(refused: Path) -> str:
@@ -147,6 +156,27 @@ def remove_unfinished_saves(root: Path) -> None:
     later save of the same step may come to replace them. Only one training uses an out_dir (its run lock)."""
     for leftover in [*root.glob(".tmp-step-*"), *root.glob(".stale-step-*")]:
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def relink_copied_checkpoints(root: Path) -> None:
+    """Turn a `last` or `best` that is a directory (a run copied with its links followed: `cp -rL`, `rsync -L`,
+    `scp -r`) back into a link to its step directory, so the next save can repoint it. The copy becomes that step
+    directory when there is none; otherwise it is the step's duplicate and goes."""
+    for link in (root / "last", root / "best"):
+        if link.is_symlink() or not link.is_dir():
+            continue
+        try:
+            step = step_name(int(read_meta(link)["step"]))
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            continue  # not a checkpoint tml can name: left for resolve_resume and the loader to refuse
+        target = root / step
+        if target.exists():
+            stale = root / f".stale-step-copy-{link.name}"  # removed at the next start if this delete stops
+            os.replace(link, stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            os.replace(link, target)
+        _point_link(link, step)
 
 
 def disk_space_warning(out_dir: str | Path, params: int) -> str | None:
@@ -187,7 +217,7 @@ def find_checkpoint(path: str | Path) -> Path:
     """A checkpoint directory, or a run directory (its `best`, else `last`)."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"{path}: no such checkpoint or run directory")
+        raise CheckpointError(f"{path}: no such checkpoint or run directory{_dangling(path)}")
     if (path / META).exists() or (path / MANIFEST).exists():
         return path.resolve()
     for name in ("best", "last"):
@@ -312,17 +342,20 @@ def _shown(value: Any) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-def check_resume_config(resume_dir: Path, saved: dict[str, Any], current: Config, resume: str) -> list[str]:
+def check_resume_config(resume_dir: Path, saved: dict[str, Any], current: Config, resume: str,
+                        source_moved: bool = False) -> list[str]:
     """Refuse a config the checkpoint cannot continue under; return the other changes as `key old -> new`.
 
     `saved` is the checkpoint's config (meta.json). A different model cannot take the saved weights, and the
     DATA_POSITION_KEYS above make the saved data position meaningless: both raise CheckpointError naming each key
     with both values. Everything else (max_steps, lr, dropout, devices, ...) may change on resume and is returned
-    for a notice. Called before anything is written, so a refused resume leaves the run directory as it was.
+    for a notice, and so is data.source when `source_moved` (moved_source_holds_the_saved_text). Called before
+    anything is written, so a refused resume leaves the run directory as it was.
     """
     changes = [c for c in changed_settings(saved, current) if c[0] not in PLACEMENT_KEYS]
-    refused = [c for c in changes if _changes_weights(c[0]) or (c[0] in DATA_POSITION_KEYS
-                                                                and not _same_val_split(c, current.data))]
+    refused = [c for c in changes if _changes_weights(c[0]) or (
+        c[0] in DATA_POSITION_KEYS and not _same_val_split(c, current.data)
+        and not (c[0] == "data.source" and source_moved))]
     if refused:
         reasons = []
         if any(_changes_weights(key) for key, _, _ in refused):
@@ -341,6 +374,17 @@ def check_resume_config(resume_dir: Path, saved: dict[str, Any], current: Config
             f"{fresh}, or continue this one with {old_values}"
         )
     return [f"{key} {_shown(old)} -> {_shown(new)}" for key, old, new in changes]
+
+
+def moved_source_holds_the_saved_text(meta: dict[str, Any], data: DataConfig) -> bool:
+    """True when a local data.source at another path than the checkpoint's holds the very text its shards were
+    built from (the same files by name and bytes): a corpus moved or copied to another machine, whose windows the
+    saved data position still counts. Hashes the files when no current shard index vouches for them."""
+    saved_source = meta.get("config", {}).get("data", {}).get("source")
+    saved_text = meta.get(DATA_CONTENT)
+    if not saved_text or not is_local(data) or saved_source in (None, GUTENBERG_SOURCE):
+        return False
+    return source_content_fingerprint(data) == saved_text
 
 
 def _same_val_split(change: tuple[str, Any, Any], data: DataConfig) -> bool:
@@ -463,7 +507,10 @@ def resume_checkpoint(config: Config, shards_built: bool = False) -> tuple[Path 
         meta = verify_checkpoint(resume_dir, hash_files=False)  # every file at its size; loading hashes them too
     except CheckpointError as error:
         raise CheckpointError(f"{error}; {older_checkpoint_advice(resume_dir)}") from error
-    changed = check_resume_config(resume_dir, meta["config"], config, train.resume)
+    saved_source = meta["config"].get("data", {}).get("source", config.data.source)
+    source_moved = not same_setting("data.source", saved_source, config.data.source) and (
+        moved_source_holds_the_saved_text(meta, config.data))
+    changed = check_resume_config(resume_dir, meta["config"], config, train.resume, source_moved)
     check_resume_layout(resume_dir, meta, train.strategy == "deepspeed", train.devices * train.num_nodes)
     check_resume_data(resume_dir, meta, config.data, shards_built)
     return resume_dir, meta, changed
@@ -510,6 +557,7 @@ class Checkpointer:
         self._saved_steps: set[int] = set()
         if fabric.global_rank == 0:
             remove_unfinished_saves(self.root)
+            relink_copied_checkpoints(self.root)
 
     def save(
         self,
@@ -526,8 +574,9 @@ class Checkpointer:
         """Write `step-N` (unless this run already wrote it), then point `last` (and `best`) at it.
 
         Four phases (make the temporary directory, write every rank's part, publish it, point the links and prune),
-        and after each the ranks agree whether all of them succeeded: a rank that cannot write (a full disk) makes every rank raise the same
-        CheckpointError at the same point, instead of the others waiting in a barrier it never reaches.
+        and after each the ranks agree whether all of them succeeded: a rank that cannot write (a full disk) makes
+        every rank raise the same CheckpointError at the same point, instead of the others waiting in a barrier it
+        never reaches.
         """
         fabric = self.fabric
         rank0 = fabric.global_rank == 0

@@ -67,7 +67,7 @@ def describe_start(config: Config) -> str:
     PrepareError (a file where the shards would be), CheckpointError (its resume or init_from), GutenbergError (a
     local data.source that is not there or holds no .txt files), ConfigError (shards with more tokens than the
     model's vocabulary, an accelerator this machine lacks). Reads no tensor and writes nothing."""
-    from tml.data.prepare import PrepareError, data_is_ready
+    from tml.data.prepare import PrepareError, data_is_ready, shards_without_source
     from tml.train.fabric import check_accelerator
 
     train = config.train
@@ -94,4 +94,6 @@ def describe_start(config: Config) -> str:
         if ignored_init_from(config, meta):
             start += f"; train.init_from={train.init_from} ignored: the run resumes its own weights"
     data = "its shards are ready" if ready else "prepares its shards first"
+    if ready and (standing_alone := shards_without_source(config.data)):
+        return f"{start}; {standing_alone}"
     return f"{start}; {data} ({config.data.shard_dir})"

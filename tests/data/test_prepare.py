@@ -467,11 +467,32 @@ def test_shards_whose_corpus_is_not_here_are_ready_and_say_so(tmp_path):
     cfg = config(tmp_path, source)
     prepare_data(cfg, console=quiet())
     assert shards_without_source(cfg) is None  # the text is here
+    typo = config(tmp_path, tmp_path / "onw")  # a mistyped path while the text the shards hold is here
+    assert not data_is_ready(typo) and shards_without_source(typo) is None
     shutil.rmtree(source)
     assert data_is_ready(cfg)
     assert shards_without_source(cfg) == (f"data.source {source} is not on this machine: training on the shards in "
                                           f"{cfg.shard_dir}, built from {source}")
     assert not data_is_ready(config(tmp_path, source, val_frac=0.5))  # shards built another way are not these
+    assert "up to date" in output_of(cfg) and "is not on this machine" in output_of(cfg)  # tml-prepare agrees
+
+
+def test_an_index_written_before_paths_stopped_being_inputs_is_recorded_anew_not_rebuilt(tmp_path):
+    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
+    cfg = config(tmp_path, source)
+    prepare_data(cfg, console=quiet())
+    index_path = tmp_path / "shards" / INDEX_FILE
+    values = json.loads(index_path.read_text())
+    values["settings"]["source"] = str(source)  # as earlier versions recorded it, with their fingerprint
+    values["fingerprint"] = prepare.inputs_fingerprint(values["settings"], prepare.gather_books(cfg))
+    del values["source_path"]
+    index_path.write_text(json.dumps(values))
+    assert data_is_ready(cfg)  # the same files, read the new way
+    shards = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards").glob("*.bin")}
+    assert "up to date" in output_of(cfg, force=False)
+    assert {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards").glob("*.bin")} == shards
+    index = ShardIndex.load(tmp_path / "shards")
+    assert index.settings["source"] == "local" and index.source_path == str(source)
 
 
 def test_a_garbled_index_is_rebuilt_saying_why(tmp_path):

@@ -44,7 +44,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from tml.config import ConfigError, build_parser, load_config
+from tml.config import GUTENBERG_SOURCE, ConfigError, build_parser, load_config
 from tml.data import clean
 from tml.data.clean import has_gutenberg_header, strip_gutenberg
 from tml.data.config import AUTO_MIN_BOOKS, DataConfig
@@ -187,23 +187,41 @@ def data_is_ready(cfg: DataConfig) -> bool:
     index = ShardIndex.load_or_none(cfg.shard_dir)
     if index is None:
         return False
-    if source_is_elsewhere(cfg):
-        return index.settings == data_settings(cfg, index.source_files)
+    settings = settings_recorded_now(index.settings)
+    if shards_stand_alone(cfg, index):
+        return settings == data_settings(cfg, index.source_files)
     listing = source_listing(cfg)
-    return index.settings == data_settings(cfg, listing) and listed_stats(index.source_files) == listing
+    return settings == data_settings(cfg, listing) and listed_stats(index.source_files) == listing
 
 
-def source_is_elsewhere(cfg: DataConfig) -> bool:
-    """A local data.source that is not on this machine (shards copied without it, or a path mistyped)."""
-    return is_local(cfg) and not Path(cfg.source).expanduser().exists()
+def settings_recorded_now(settings: dict[str, Any]) -> dict[str, Any]:
+    """An index's settings in today's form: an index written before a local source's path stopped being an input
+    holds that path as its `source`."""
+    if settings.get("source") in (GUTENBERG_SOURCE, LOCAL_SOURCE):
+        return settings
+    return {**settings, "source": LOCAL_SOURCE}
+
+
+def built_from(index: ShardIndex) -> str:
+    """Where the index's local text was read from ("" when downloaded or not recorded)."""
+    recorded = index.settings.get("source")
+    return index.source_path or (recorded if recorded not in (None, GUTENBERG_SOURCE, LOCAL_SOURCE) else "")
+
+
+def shards_stand_alone(cfg: DataConfig, index: ShardIndex) -> bool:
+    """Shards copied to a machine without their text: neither the local data.source nor the text they were built
+    from is here. (When that text is here, a data.source that is not is a wrong path, which prepare refuses.)"""
+    origin = built_from(index)
+    return is_local(cfg) and not Path(cfg.source).expanduser().exists() and not (origin and Path(origin).exists())
 
 
 def shards_without_source(cfg: DataConfig) -> str | None:
-    """The line a start says when it trains on ready shards whose local data.source is not here, else None."""
-    if not source_is_elsewhere(cfg) or (index := ShardIndex.load_or_none(cfg.shard_dir)) is None:
+    """The line a start says when it trains on ready shards that stand alone (shards_stand_alone), else None."""
+    index = ShardIndex.load_or_none(cfg.shard_dir)
+    if index is None or not shards_stand_alone(cfg, index):
         return None
-    built_from = f", built from {index.source_path}" if index.source_path else ""
-    return f"data.source {cfg.source} is not on this machine: training on the shards in {cfg.shard_dir}{built_from}"
+    origin = f", built from {built_from(index)}" if built_from(index) else ""
+    return f"data.source {cfg.source} is not on this machine: training on the shards in {cfg.shard_dir}{origin}"
 
 
 def source_content_fingerprint(cfg: DataConfig) -> str | None:
@@ -214,7 +232,7 @@ def source_content_fingerprint(cfg: DataConfig) -> str | None:
     """
     index = ShardIndex.load_or_none(cfg.shard_dir)
     if index is not None and index.content_fingerprint and (
-        not is_local(cfg) or source_is_elsewhere(cfg) or listed_stats(index.source_files) == source_listing(cfg)
+        not is_local(cfg) or shards_stand_alone(cfg, index) or listed_stats(index.source_files) == source_listing(cfg)
     ):
         return index.content_fingerprint
     if not is_local(cfg):
@@ -511,6 +529,11 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
     if is_local(cfg) and Path(cfg.source).expanduser().is_dir() and (skipped := skipped_files(cfg)):
         notes.append(f"not .txt, so skipped: {plural(len(skipped), 'file')} ({shown([path.name for path in skipped])})")
     with hold_prepare_lock(shard_dir, console), progress_bars(console) as progress:
+        if not force and data_is_ready(cfg) and (standing_alone := shards_without_source(cfg)):
+            progress.stop()  # nothing to read the shards against: they are what there is
+            print_summary(console, ShardIndex.load(shard_dir), time.perf_counter() - started, "up to date",
+                          [standing_alone, *notes])
+            return shard_dir
         listing = source_listing(cfg)  # stat before hashing: a file edited in between is seen as changed next time
         books = gather_books(cfg, progress)  # never empty: GutenbergError says why
         settings = data_settings(cfg, listing)
@@ -523,9 +546,15 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
             existing = None
             if (shard_dir / INDEX_FILE).exists():
                 unusable = str(error)
+        # An index from before a local source's path stopped being an input, for the same data: recorded anew.
+        written_before = existing is not None and existing.settings != settings_recorded_now(existing.settings)
+        if written_before and inputs_fingerprint({**settings, "source": existing.settings["source"]},
+                                                 books) == existing.fingerprint:
+            existing.settings, existing.fingerprint = settings, fingerprint
         if existing is not None and existing.fingerprint == fingerprint and not force:
-            if (existing.source_files, existing.source_path) != (files, source_path(cfg)):  # touched or moved,
-                existing.source_files, existing.source_path = files, source_path(cfg)  # not changed: keep the shards
+            if written_before or (existing.source_files, existing.source_path) != (files, source_path(cfg)):
+                # touched, moved or recorded anew, not changed: keep the shards
+                existing.source_files, existing.source_path = files, source_path(cfg)
                 existing.save()
             progress.stop()
             print_summary(console, existing, time.perf_counter() - started, "up to date", notes)

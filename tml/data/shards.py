@@ -81,9 +81,10 @@ class ShardIndex:
     format_version: int = FORMAT_VERSION
     # hash of the books' ids and bytes alone: checkpoints keep it, so a resume notices that the text changed
     content_fingerprint: str = ""
-    # a local source's files ({path, bytes, mtime_ns, sha256}): data_is_ready sees an edit without reading them
+    # a local source's files ({path, bytes, mtime_ns, ctime_ns, sha256}): data_is_ready sees an edit without reading
     source_files: list[dict[str, Any]] = field(default_factory=list)
-    # where a local source was read from, for messages only (moving the text changes nothing else)
+    # where a local source was read from: not an input (moved text is the same data); it tells shards copied without
+    # their text from a mistyped data.source (tml/data/prepare.py shards_stand_alone)
     source_path: str = ""
 
     def to_json(self) -> dict[str, Any]:

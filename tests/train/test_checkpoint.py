@@ -632,6 +632,21 @@ def test_a_run_copied_with_its_links_followed_gets_its_links_back_and_saves_on(t
     assert os.readlink(root / "last") == "step-0000006"
 
 
+def test_relinking_keeps_the_complete_copy_when_an_interrupted_copy_cut_the_step_directory_short(
+        tmp_path, tiny_shards):
+    """rsync -rL copies best/ and last/ before step-*/: interrupted, the step directory is the partial one."""
+    run = tmp_path / "run"
+    saved_run(run, tiny_shards, steps=(2, 4), keep=2, best_at=())
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, symlinks=False)
+    root = checkpoints_dir(copy)
+    (root / "step-0000004" / "optimizer.pt").unlink()
+    Checkpointer(training_objects(tiny_shards)[0], copy, keep=2)
+    assert os.readlink(root / "last") == "step-0000004"
+    verify_checkpoint(root / "step-0000004")  # the whole copy, hashes and all
+    assert not list(root.glob(".stale-*"))
+
+
 def test_a_link_copied_without_its_checkpoint_is_named_as_such(tmp_path, tiny_shards):
     saved_run(tmp_path, tiny_shards, steps=(2,), best_at=(2,))
     root = checkpoints_dir(tmp_path)

@@ -35,6 +35,7 @@ import os
 import random
 import shlex
 import shutil
+import warnings
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -160,8 +161,8 @@ def remove_unfinished_saves(root: Path) -> None:
 
 def relink_copied_checkpoints(root: Path) -> None:
     """Turn a `last` or `best` that is a directory (a run copied with its links followed: `cp -rL`, `rsync -L`,
-    `scp -r`) back into a link to its step directory, so the next save can repoint it. The copy becomes that step
-    directory when there is none; otherwise it is the step's duplicate and goes."""
+    `scp -r`) back into a link to its step directory, so the next save can repoint it. Of the copy and the step
+    directory, the complete one is kept as the step (an interrupted copy may have cut either short)."""
     for link in (root / "last", root / "best"):
         if link.is_symlink() or not link.is_dir():
             continue
@@ -169,14 +170,24 @@ def relink_copied_checkpoints(root: Path) -> None:
             step = step_name(int(read_meta(link)["step"]))
         except (CheckpointError, KeyError, TypeError, ValueError):
             continue  # not a checkpoint tml can name: left for resolve_resume and the loader to refuse
-        target = root / step
-        if target.exists():
-            stale = root / f".stale-step-copy-{link.name}"  # removed at the next start if this delete stops
+        target, stale = root / step, root / f".stale-step-copy-{link.name}"  # removed at the next start if left
+        if _is_complete(target):  # the copy is the step's duplicate
             os.replace(link, stale)
-            shutil.rmtree(stale, ignore_errors=True)
-        else:
+        else:  # no step directory, or a partial one: the copy becomes the step
+            if target.exists():
+                os.replace(target, stale)
             os.replace(link, target)
+        shutil.rmtree(stale, ignore_errors=True)
         _point_link(link, step)
+
+
+def _is_complete(directory: Path) -> bool:
+    """Every file of the checkpoint's manifest there, at its size (a stat each)."""
+    try:
+        verify_checkpoint(directory, hash_files=False)
+    except CheckpointError:
+        return False
+    return True
 
 
 def disk_space_warning(out_dir: str | Path, params: int) -> str | None:
@@ -384,6 +395,8 @@ def moved_source_holds_the_saved_text(meta: dict[str, Any], data: DataConfig) ->
     saved_text = meta.get(DATA_CONTENT)
     if not saved_text or not is_local(data) or saved_source in (None, GUTENBERG_SOURCE):
         return False
+    if same_setting("data.source", saved_source, data.source):  # not moved
+        return False
     return source_content_fingerprint(data) == saved_text
 
 
@@ -507,9 +520,7 @@ def resume_checkpoint(config: Config, shards_built: bool = False) -> tuple[Path 
         meta = verify_checkpoint(resume_dir, hash_files=False)  # every file at its size; loading hashes them too
     except CheckpointError as error:
         raise CheckpointError(f"{error}; {older_checkpoint_advice(resume_dir)}") from error
-    saved_source = meta["config"].get("data", {}).get("source", config.data.source)
-    source_moved = not same_setting("data.source", saved_source, config.data.source) and (
-        moved_source_holds_the_saved_text(meta, config.data))
+    source_moved = moved_source_holds_the_saved_text(meta, config.data)
     changed = check_resume_config(resume_dir, meta["config"], config, train.resume, source_moved)
     check_resume_layout(resume_dir, meta, train.strategy == "deepspeed", train.devices * train.num_nodes)
     check_resume_data(resume_dir, meta, config.data, shards_built)
@@ -557,7 +568,10 @@ class Checkpointer:
         self._saved_steps: set[int] = set()
         if fabric.global_rank == 0:
             remove_unfinished_saves(self.root)
-            relink_copied_checkpoints(self.root)
+            try:
+                relink_copied_checkpoints(self.root)
+            except OSError as error:  # rank 0 alone: raising would leave the others waiting; the next save says it
+                warnings.warn(f"cannot turn the copied last/best in {self.root} back into links: {error}", stacklevel=2)
 
     def save(
         self,

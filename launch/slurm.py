@@ -18,6 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable from a 
 
 from tml.config import Config, ConfigError, load_config  # noqa: E402
 from tml.files import what_blocks_directory  # noqa: E402
+from tml.run_dir import another_runs_config  # noqa: E402
 from tml.slurm import (  # noqa: E402
     DEFAULT_JOB_NAME,
     DEFAULT_TIME,
@@ -103,6 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, SlurmRequestError, SweepError) as error:
         print(f"launch/slurm.py: {error}", file=sys.stderr)
         return 2
+    if not is_sweep(experiment) and (notice := another_runs_config(experiment, runs[0][1].train.out_dir)):
+        print(f"launch/slurm.py: {notice}", file=sys.stderr)
     for_jobs = [config_for_job(config, resources) for _, config in runs]
     for notice in dict.fromkeys(notice for _, notices in for_jobs for notice in notices):  # a sweep's: said once
         print(f"launch/slurm.py: {notice}", file=sys.stderr)

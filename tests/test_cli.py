@@ -20,7 +20,7 @@ from rich.progress import Progress
 import tml
 from tests.conftest import REPO_ROOT, debug_model_config
 from tests.train.conftest import tiny_run_config
-from tml.cli import CTRL_C_EXIT_STATUS, EVAL_BATCH_TOKENS, another_runs_config, main, prompt_tokens_kept, text_loss
+from tml.cli import CTRL_C_EXIT_STATUS, EVAL_BATCH_TOKENS, main, prompt_tokens_kept, text_loss
 from tml.config import Config, dump_yaml
 from tml.data.tokenizer import get_tokenizer
 from tml.model import Transformer
@@ -704,18 +704,3 @@ def test_tml_train_refuses_init_from_weights_of_another_shape_in_one_line_before
     assert err.startswith(f"tml: train.init_from={source}: its model has another shape (model.vocab_size 256 there, "
                           "50304 here;") and err.count("\n") == 1
     assert not (tmp_path / "shards").exists() and not (tmp_path / "run").exists()
-
-
-def test_a_copied_runs_own_config_says_where_the_run_will_go_and_how_to_continue_the_copy(tmp_path):
-    run = tmp_path / "renamed"
-    (run / "checkpoints").mkdir(parents=True)
-    (run / "config.yaml").write_text("train:\n  out_dir: runs/a\n")
-    config_file = str(run / "config.yaml")
-    assert another_runs_config(["--config", config_file], "runs/a") == (
-        f"--config {config_file} is the config of the run in {run}, whose train.out_dir says runs/a: this run goes "
-        f"there; --train.out_dir {run} continues the run in {run}")
-    assert another_runs_config([f"--config={config_file}", "--train.lr", "1e-3"], "runs/a") is not None
-    assert another_runs_config(["--config", config_file, "--train.out_dir", "runs/b"], "runs/b") is None
-    assert another_runs_config(["--config", config_file], str(run)) is None  # the run's own place
-    (run / "experiment.yaml").write_text("")
-    assert another_runs_config(["--config", str(run / "experiment.yaml")], "runs/a") is None  # not a run's config

@@ -25,6 +25,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from tml.compare import DEFAULT_SORT, FIELDS, CompareError, compare_runs, print_table, read_summary
 from tml.config import ConfigError
+from tml.run_dir import another_runs_config
 from tml.sweep import is_sweep
 from tml.train.preemption import CTRL_C_EXIT_STATUS, DEFAULT_SIGNALS, INTERACTIVE_SIGNALS, PreemptionFlag
 from tml.train.ranks import is_first_local_process
@@ -159,29 +160,6 @@ def train_parser(prog: str | None) -> ArgumentParser:
     from tml.config import build_parser
 
     return build_parser(prog=prog, description=TRAIN_DESCRIPTION)
-
-
-def another_runs_config(argv: Sequence[str], out_dir: str) -> str | None:
-    """A line when `--config` is a run's own config.yaml, in another directory than train.out_dir (which came from
-    that file, not the command line): a run copied or renamed and started this way trains afresh where it was made,
-    rather than continuing where it is now."""
-    from tml.run_dir import CONFIG_FILE, checkpoints_dir
-
-    config_file = None
-    for position, arg in enumerate(argv):
-        if arg == "--config" and position + 1 < len(argv):
-            config_file = argv[position + 1]
-        elif arg.startswith("--config="):
-            config_file = arg.split("=", 1)[1]
-        elif arg == "--train.out_dir" or arg.startswith("--train.out_dir="):
-            return None  # chosen on the command line: nothing to point out
-    if config_file is None or Path(config_file).name != CONFIG_FILE:
-        return None
-    run_dir = Path(config_file).expanduser().resolve().parent
-    if not checkpoints_dir(run_dir).is_dir() or run_dir == Path(out_dir).expanduser().resolve():
-        return None
-    return (f"--config {config_file} is the config of the run in {run_dir}, whose train.out_dir says {out_dir}: "
-            f"this run goes there; --train.out_dir {run_dir} continues the run in {run_dir}")
 
 
 def dry_run_main(argv: Sequence[str], prog: str | None) -> int:

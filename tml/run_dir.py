@@ -13,6 +13,7 @@ Kept free of torch and Lightning so that commands which only read a run director
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 
 CONFIG_FILE = "config.yaml"
@@ -40,3 +41,24 @@ def newest_checkpoint(out_dir: str | Path, before: int | None = None) -> Path | 
     back to, and what the messages about a missing or refused checkpoint point at."""
     steps = [step for step in saved_steps(out_dir) if before is None or step < before]
     return checkpoints_dir(out_dir) / step_name(max(steps)) if steps else None
+
+
+def another_runs_config(argv: Sequence[str], out_dir: str) -> str | None:
+    """A line when `--config` is a run's own config.yaml, in another directory than train.out_dir (which came from
+    that file, not the command line): a run copied or renamed and started this way trains afresh where it was made,
+    rather than continuing where it is now."""
+    config_file = None
+    for position, arg in enumerate(argv):
+        if arg == "--config" and position + 1 < len(argv):
+            config_file = argv[position + 1]
+        elif arg.startswith("--config="):
+            config_file = arg.split("=", 1)[1]
+        elif arg == "--train.out_dir" or arg.startswith("--train.out_dir="):
+            return None  # chosen on the command line: nothing to point out
+    if config_file is None or Path(config_file).name != CONFIG_FILE:
+        return None
+    run_dir = Path(config_file).expanduser().resolve().parent
+    if not checkpoints_dir(run_dir).is_dir() or run_dir == Path(out_dir).expanduser().resolve():
+        return None
+    return (f"--config {config_file} is the config of the run in {run_dir}, whose train.out_dir says {out_dir}: "
+            f"this run goes there; --train.out_dir {run_dir} continues the run in {run_dir}")

@@ -205,10 +205,7 @@ def test_a_sweep_submitted_again_while_its_jobs_wait_or_run_queues_nothing(slurm
     first = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
     assert first.returncode == 0, first.stdout + first.stderr
     job_ids = re.findall(r"^submitted job (\d+)", first.stdout, flags=re.MULTILINE)
-    again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
-    assert again.returncode == 0, again.stdout + again.stderr
-    assert "submitted job" not in again.stdout  # each run still queued, training or (if quick) ended: no second job
-    assert again.stdout.count("not submitted") == 2
+    subprocess.run(["scontrol", "hold", job_ids[0]], capture_output=True)  # kept waiting (when it has not started)
     one_run = [arg for arg in command if arg not in ("--sweep", "train.lr=1e-3,3e-3")]
     one_run[one_run.index(str(tmp_path / "sweep"))] = str(tmp_path / "sweep" / "lr=1e-3")
     single = subprocess.run(one_run, cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
@@ -218,6 +215,11 @@ def test_a_sweep_submitted_again_while_its_jobs_wait_or_run_queues_nothing(slurm
                          single.stderr), single.stderr
         assert "submitted job" not in single.stdout
     job_ids += re.findall(r"^submitted job (\d+)", single.stdout, flags=re.MULTILINE)  # the job had ended: a new one
+    subprocess.run(["scontrol", "release", job_ids[0]], capture_output=True)
+    again = subprocess.run(command, cwd=REPO_ROOT, capture_output=True, text=True, timeout=JOB_TIMEOUT_S)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "submitted job" not in again.stdout  # each run still queued, training or (if quick) ended: no second job
+    assert again.stdout.count("not submitted") == 2
     deadline = time.monotonic() + JOB_TIMEOUT_S  # let them finish before the cluster is taken down
     while any(slurm_job_state(job_id).get("JobState") in QUEUED_STATES for job_id in job_ids):
         assert time.monotonic() < deadline, f"jobs {job_ids} did not end"

@@ -174,6 +174,17 @@ def own_corpus(tmp_path, files: dict[str, str]):
     return source
 
 
+def two_file_corpus(tmp_path) -> tuple[Path, DataConfig]:
+    """A two-file corpus of your own and its config (shards in tmp_path/shards), not prepared yet."""
+    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
+    return source, config(tmp_path, source)
+
+
+def shard_mtimes(tmp_path) -> dict[str, int]:
+    """Each shard file's mtime: unchanged means the shards were kept, not written again."""
+    return {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards").glob("*.bin")}
+
+
 def document_tokens(index: ShardIndex, split: str) -> dict[str, list[int]]:
     """Each document's tokens in one split, by title."""
     stream, starts = split_tokens(index, split), shard_starts(index.splits[split])
@@ -243,17 +254,16 @@ def test_gutenberg_downloads_still_hold_out_whole_stripped_books(tmp_path, books
 
 
 def test_a_touched_file_is_up_to_date_without_a_rebuild(tmp_path):
-    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
-    cfg = config(tmp_path, source)
+    source, cfg = two_file_corpus(tmp_path)
     prepare_data(cfg, console=quiet())
-    shards = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards").glob("*.bin")}
+    shards = shard_mtimes(tmp_path)
     before = ShardIndex.load(cfg.shard_dir)
     stat = (source / "a.txt").stat()
     os.utime(source / "a.txt", ns=(stat.st_atime_ns, stat.st_mtime_ns + 5_000_000_000))
     assert not data_is_ready(cfg)  # a stat differs: launchers call prepare_data
     assert source_content_fingerprint(cfg) == before.content_fingerprint  # the bytes did not change
     assert "up to date" in output_of(cfg)
-    assert {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards").glob("*.bin")} == shards
+    assert shard_mtimes(tmp_path) == shards
     assert data_is_ready(cfg)
     assert ShardIndex.load(cfg.shard_dir).fingerprint == before.fingerprint
 
@@ -412,8 +422,7 @@ def test_two_preparations_of_one_shard_dir_take_turns_and_the_second_finds_it_up
 
 
 def test_a_same_size_edit_that_keeps_the_mtime_is_noticed_by_its_ctime(tmp_path):
-    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
-    cfg = config(tmp_path, source)
+    source, cfg = two_file_corpus(tmp_path)
     prepare_data(cfg, console=quiet())
     before = (source / "b.txt").stat()
     (source / "b.txt").write_text(OWN_TEXT[:1999] + "!", encoding="utf-8")  # sed, then touch -r
@@ -426,8 +435,7 @@ def test_a_same_size_edit_that_keeps_the_mtime_is_noticed_by_its_ctime(tmp_path)
 
 
 def test_a_build_directory_left_by_a_killed_rebuild_goes_even_when_the_shards_are_up_to_date(tmp_path):
-    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
-    cfg = config(tmp_path, source)
+    source, cfg = two_file_corpus(tmp_path)
     prepare_data(cfg, console=quiet())
     leftover = tmp_path / "shards" / ".build-999999"  # a rebuild killed with SIGKILL
     leftover.mkdir()
@@ -437,8 +445,7 @@ def test_a_build_directory_left_by_a_killed_rebuild_goes_even_when_the_shards_ar
 
 
 def test_shards_that_no_longer_match_their_index_are_rebuilt_saying_why(tmp_path):
-    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
-    cfg = config(tmp_path, source)
+    source, cfg = two_file_corpus(tmp_path)
     prepare_data(cfg, console=quiet())
     shard = tmp_path / "shards" / "train_00000.bin"
     shard.write_bytes(shard.read_bytes()[:100])  # truncated by a full disk or a bad copy
@@ -450,21 +457,20 @@ def test_shards_that_no_longer_match_their_index_are_rebuilt_saying_why(tmp_path
 def test_a_corpus_moved_to_another_path_keeps_its_shards(tmp_path):
     """Where the text lies is no input: a copy elsewhere (another machine's path, new ctimes) is hashed, found to
     be the same books and kept, and the index remembers the new place."""
-    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
-    prepare_data(config(tmp_path, source), console=quiet())
-    shards = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards").glob("*.bin")}
+    source, cfg = two_file_corpus(tmp_path)
+    prepare_data(cfg, console=quiet())
+    shards = shard_mtimes(tmp_path)
     moved = tmp_path / "cluster" / "own"
     shutil.copytree(source, moved)
     cfg = config(tmp_path, moved)
     assert not data_is_ready(cfg)  # the listing's ctimes differ: hashing decides
     assert "up to date" in output_of(cfg)
-    assert {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards").glob("*.bin")} == shards
+    assert shard_mtimes(tmp_path) == shards
     assert ShardIndex.load(tmp_path / "shards").source_path == str(moved) and data_is_ready(cfg)
 
 
 def test_shards_whose_corpus_is_not_here_are_ready_and_say_so(tmp_path):
-    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
-    cfg = config(tmp_path, source)
+    source, cfg = two_file_corpus(tmp_path)
     prepare_data(cfg, console=quiet())
     assert shards_without_source(cfg) is None  # the text is here
     typo = config(tmp_path, tmp_path / "onw")  # a mistyped path while the text the shards hold is here
@@ -478,8 +484,7 @@ def test_shards_whose_corpus_is_not_here_are_ready_and_say_so(tmp_path):
 
 
 def test_an_index_written_before_paths_stopped_being_inputs_is_recorded_anew_not_rebuilt(tmp_path):
-    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
-    cfg = config(tmp_path, source)
+    source, cfg = two_file_corpus(tmp_path)
     prepare_data(cfg, console=quiet())
     index_path = tmp_path / "shards" / INDEX_FILE
     values = json.loads(index_path.read_text())
@@ -488,16 +493,15 @@ def test_an_index_written_before_paths_stopped_being_inputs_is_recorded_anew_not
     del values["source_path"]
     index_path.write_text(json.dumps(values))
     assert data_is_ready(cfg)  # the same files, read the new way
-    shards = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards").glob("*.bin")}
+    shards = shard_mtimes(tmp_path)
     assert "up to date" in output_of(cfg, force=False)
-    assert {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards").glob("*.bin")} == shards
+    assert shard_mtimes(tmp_path) == shards
     index = ShardIndex.load(tmp_path / "shards")
     assert index.settings["source"] == "local" and index.source_path == str(source)
 
 
 def test_a_garbled_index_is_rebuilt_saying_why(tmp_path):
-    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
-    cfg = config(tmp_path, source)
+    source, cfg = two_file_corpus(tmp_path)
     prepare_data(cfg, console=quiet())
     (tmp_path / "shards" / INDEX_FILE).write_bytes(b"\xff" * 64)  # not even UTF-8
     output = " ".join(output_of(cfg).split())
@@ -506,19 +510,18 @@ def test_a_garbled_index_is_rebuilt_saying_why(tmp_path):
 
 
 def test_an_index_listed_without_ctimes_is_rehashed_once_and_keeps_its_shards(tmp_path):
-    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
-    cfg = config(tmp_path, source)
+    source, cfg = two_file_corpus(tmp_path)
     prepare_data(cfg, console=quiet())
     index_path = tmp_path / "shards" / INDEX_FILE
     values = json.loads(index_path.read_text())
     for entry in values["source_files"]:
         del entry["ctime_ns"]  # as written before the listing had ctimes
     index_path.write_text(json.dumps(values))
-    shards = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards").glob("*.bin")}
+    shards = shard_mtimes(tmp_path)
     assert not data_is_ready(cfg)
     assert source_content_fingerprint(cfg) == values["content_fingerprint"]
     assert "up to date" in output_of(cfg)
-    assert {path.name: path.stat().st_mtime_ns for path in (tmp_path / "shards").glob("*.bin")} == shards
+    assert shard_mtimes(tmp_path) == shards
     assert data_is_ready(cfg)
 
 

@@ -5,6 +5,7 @@ import os
 import random
 import re
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -604,6 +605,30 @@ def test_a_corpus_moved_elsewhere_resumes_with_a_notice_and_other_text_there_is_
         resume_checkpoint(config)
 
 
+def test_a_moved_corpus_holding_other_text_is_refused_naming_the_files(tmp_path, tiny_shards):
+    source, config = run_on_own_corpus(tmp_path, tiny_shards)
+    moved = tmp_path / "cluster" / "corpus"
+    shutil.copytree(source, moved)
+    (moved / "b.txt").write_text("Edited on the way.\n")
+    config.data.source = str(moved)
+    with pytest.raises(CheckpointError, match=re.escape(f"changed data.source {source} -> {moved} (other text: 1 "
+                                                        "changed (b.txt) against the checkpoint's)")):
+        resume_checkpoint(config)
+
+
+def test_shards_standing_alone_with_other_text_are_refused_naming_where_they_came_from(tmp_path, tiny_shards):
+    source, config = run_on_own_corpus(tmp_path, tiny_shards)
+    other = tmp_path / "other"
+    shutil.copytree(source, other)
+    (other / "b.txt").write_text("Other text.\n")
+    prepare_data(replace(config.data, source=str(other)), console=Console(file=io.StringIO()))  # rebuilt from it
+    shutil.rmtree(source), shutil.rmtree(other)  # neither corpus on this machine
+    with pytest.raises(CheckpointError, match=re.escape(f"the shards in {config.data.shard_dir} hold other text than "
+                                                        f"it was trained on (built from {other}; data.source "
+                                                        f"{source} is not on this machine)")):
+        resume_checkpoint(config)
+
+
 def test_shards_copied_without_their_corpus_resume_from_the_shards_alone(tmp_path, tiny_shards):
     source, config = run_on_own_corpus(tmp_path, tiny_shards)
     shutil.rmtree(source)  # the text stayed on the workstation; the shards came along
@@ -645,6 +670,53 @@ def test_relinking_keeps_the_complete_copy_when_an_interrupted_copy_cut_the_step
     assert os.readlink(root / "last") == "step-0000004"
     verify_checkpoint(root / "step-0000004")  # the whole copy, hashes and all
     assert not list(root.glob(".stale-*"))
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size: only a hash tells
+    path.write_bytes(bytes(data))
+
+
+def test_relinking_never_deletes_the_copy_that_hashes_right(tmp_path, tiny_shards):
+    run = tmp_path / "run"
+    saved_run(run, tiny_shards, steps=(2, 4), keep=2, best_at=())
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, symlinks=False)
+    root = checkpoints_dir(copy)
+    flip_a_byte(root / "step-0000004" / "model.pt")  # the step directory damaged, the `last` copy whole
+    Checkpointer(training_objects(tiny_shards)[0], copy, keep=2)
+    assert os.readlink(root / "last") == "step-0000004"
+    verify_checkpoint(root / "step-0000004")
+
+
+def test_relinking_leaves_both_copies_when_neither_hashes_right_and_the_refusal_names_an_older_step(
+        tmp_path, tiny_shards):
+    run = tmp_path / "run"
+    saved_run(run, tiny_shards, steps=(2, 4), keep=2, best_at=())
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, symlinks=False)
+    root = checkpoints_dir(copy)
+    flip_a_byte(root / "step-0000004" / "model.pt")
+    flip_a_byte(root / "last" / "model.pt")
+    fabric, model, optimizer, scheduler, stream = training_objects(tiny_shards)
+    checkpointer = Checkpointer(fabric, copy, keep=2)
+    assert (root / "last").is_dir() and not (root / "last").is_symlink() and (root / "step-0000004").is_dir()
+    with pytest.raises(CheckpointError, match=re.escape(f"an older checkpoint is there: --train.resume "
+                                                        f"{root / 'step-0000002'}")):
+        checkpointer.load(resolve_resume("auto", copy), model, optimizer, scheduler, stream)
+
+
+def test_a_copied_last_cut_short_resumes_from_its_whole_step_directory(tmp_path, tiny_shards):
+    run = tmp_path / "run"
+    saved_run(run, tiny_shards, steps=(2, 4), keep=2, best_at=())
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy, symlinks=False)
+    root = checkpoints_dir(copy)
+    weights = root / "last" / "model.pt"
+    weights.write_bytes(weights.read_bytes()[:100])  # an interrupted copy
+    config = Config(model=debug_model_config(), train=TrainConfig(out_dir=str(copy), resume="auto"))
+    assert resume_checkpoint(config)[0] == (root / "step-0000004").resolve()
 
 
 def test_a_link_copied_without_its_checkpoint_is_named_as_such(tmp_path, tiny_shards):

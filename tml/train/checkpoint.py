@@ -49,9 +49,11 @@ from tml.config import GUTENBERG_SOURCE, PLACEMENT_KEYS, Config, same_setting
 from tml.data.config import VAL_SPLITS, DataConfig
 from tml.data.gutenberg import GutenbergError, books_from_directory
 from tml.data.prepare import (
+    built_from,
     changed_files,
     is_local,
     resolved_val_split,
+    shards_stand_alone,
     source_content_fingerprint,
     source_files,
     source_listing,
@@ -115,6 +117,8 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
         if not last.exists():
             raise CheckpointError(
                 f"{last} points to a missing checkpoint ({os.readlink(last)}); {_dangling_last_advice(last)}")
+        if not last.is_symlink():  # copied with links followed: its step directory may be the whole copy
+            return _whole_looking_copy(last)
         return last.resolve()
     path = Path(resume)
     if not path.exists():
@@ -135,6 +139,18 @@ def _dangling_last_advice(dangling_last: Path) -> str:
     return f"{copied}no complete checkpoint is left: remove the {dangling_last.name} link to start the run afresh"
 
 
+def _whole_looking_copy(copied_last: Path) -> Path:
+    """A `last` directory, or its step directory when only that one has every file at its size (an interrupted
+    copy): what the resume loads once relink_copied_checkpoints has made `last` a link again."""
+    if _passes(copied_last, hash_files=False):
+        return copied_last.resolve()
+    try:
+        step_dir = copied_last.parent / step_name(int(read_meta(copied_last)["step"]))
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return copied_last.resolve()  # refused by the checks that follow, naming it
+    return (step_dir if _passes(step_dir, hash_files=False) else copied_last).resolve()
+
+
 def _dangling(path: Path) -> str:
     """`: it links to step-0000020, which is not there (...)` for a link whose target is missing, else ""."""
     if not path.is_symlink():
@@ -146,7 +162,11 @@ def _dangling(path: Path) -> str:
 def older_checkpoint_advice(refused: Path) -> str:
     """How to go on from a refused checkpoint: the newest complete step directory before it, if any."""
     match = STEP_DIR.fullmatch(refused.name)
-    older = newest_checkpoint(refused.parent.parent, before=int(match[1]) if match else None)
+    try:  # `last` or `best` copied as a directory has no step in its name: its meta.json has it
+        step = int(match[1]) if match else int(read_meta(refused)["step"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        step = None
+    older = newest_checkpoint(refused.parent.parent, before=step)
     if older is None:
         return "no older checkpoint is left in this run"
     return f"an older checkpoint is there: --train.resume {older}"
@@ -161,8 +181,9 @@ def remove_unfinished_saves(root: Path) -> None:
 
 def relink_copied_checkpoints(root: Path) -> None:
     """Turn a `last` or `best` that is a directory (a run copied with its links followed: `cp -rL`, `rsync -L`,
-    `scp -r`) back into a link to its step directory, so the next save can repoint it. Of the copy and the step
-    directory, the complete one is kept as the step (an interrupted copy may have cut either short)."""
+    `scp -r`) back into a link to its step directory, so the next save can repoint it. A copy is only deleted once
+    the step directory it duplicates has passed the full hash check; when the step directory fails it and the copy
+    passes, the copy becomes the step; when neither passes, both are left for the loader to refuse."""
     for link in (root / "last", root / "best"):
         if link.is_symlink() or not link.is_dir():
             continue
@@ -171,20 +192,23 @@ def relink_copied_checkpoints(root: Path) -> None:
         except (CheckpointError, KeyError, TypeError, ValueError):
             continue  # not a checkpoint tml can name: left for resolve_resume and the loader to refuse
         target, stale = root / step, root / f".stale-step-copy-{link.name}"  # removed at the next start if left
-        if _is_complete(target):  # the copy is the step's duplicate
+        if not target.exists():
+            os.replace(link, target)  # the copy is the only one: it becomes the step, nothing is deleted
+        elif _passes(target):  # the copy is the step's duplicate
             os.replace(link, stale)
-        else:  # no step directory, or a partial one: the copy becomes the step
-            if target.exists():
-                os.replace(target, stale)
+        elif _passes(link):  # the step directory is cut short or damaged (an interrupted copy): the copy replaces it
+            os.replace(target, stale)
             os.replace(link, target)
+        else:
+            continue
         shutil.rmtree(stale, ignore_errors=True)
         _point_link(link, step)
 
 
-def _is_complete(directory: Path) -> bool:
-    """Every file of the checkpoint's manifest there, at its size (a stat each)."""
+def _passes(directory: Path, hash_files: bool = True) -> bool:
+    """Every file of the checkpoint's manifest there, at its size (and with its sha256 when `hash_files`)."""
     try:
-        verify_checkpoint(directory, hash_files=False)
+        verify_checkpoint(directory, hash_files=hash_files)
     except CheckpointError:
         return False
     return True
@@ -354,14 +378,15 @@ def _shown(value: Any) -> str:
 
 
 def check_resume_config(resume_dir: Path, saved: dict[str, Any], current: Config, resume: str,
-                        source_moved: bool = False) -> list[str]:
+                        source_moved: bool = False, source_differences: str | None = None) -> list[str]:
     """Refuse a config the checkpoint cannot continue under; return the other changes as `key old -> new`.
 
     `saved` is the checkpoint's config (meta.json). A different model cannot take the saved weights, and the
     DATA_POSITION_KEYS above make the saved data position meaningless: both raise CheckpointError naming each key
     with both values. Everything else (max_steps, lr, dropout, devices, ...) may change on resume and is returned
-    for a notice, and so is data.source when `source_moved` (moved_source_holds_the_saved_text). Called before
-    anything is written, so a refused resume leaves the run directory as it was.
+    for a notice, and so is data.source when `source_moved` (moved_source_holds_the_saved_text); otherwise a
+    refused data.source names `source_differences` (`1 changed (a.txt)`) when known. Called before anything is
+    written, so a refused resume leaves the run directory as it was.
     """
     changes = [c for c in changed_settings(saved, current) if c[0] not in PLACEMENT_KEYS]
     refused = [c for c in changes if _changes_weights(c[0]) or (
@@ -373,7 +398,9 @@ def check_resume_config(resume_dir: Path, saved: dict[str, Any], current: Config
             reasons.append("its weights are for the saved model")
         if any(key in DATA_POSITION_KEYS for key, _, _ in refused):
             reasons.append("its data position counts windows of the saved data and seed")
-        listed = ", ".join(f"{key} {_shown(old)} -> {_shown(new)}" for key, old, new in refused)
+        listed = ", ".join(f"{key} {_shown(old)} -> {_shown(new)}" + (
+            f" (other text: {source_differences} against the checkpoint's)"
+            if key == "data.source" and source_differences else "") for key, old, new in refused)
         old_values = " ".join(f"--{key} {shlex.quote(_shown(old))}" for key, old, _ in refused)
         if resume == "auto":
             fresh = "another --train.out_dir"
@@ -496,6 +523,14 @@ def check_resume_data(directory: Path, meta: dict[str, Any], data: DataConfig, s
         return
     current = source_content_fingerprint(data)
     if current is not None and current != saved:
+        index = ShardIndex.load_or_none(data.shard_dir)
+        if index is not None and shards_stand_alone(data, index):  # the shards are all the text there is here
+            raise CheckpointError(
+                f"cannot resume {directory}: the shards in {data.shard_dir} hold other text than it was trained on "
+                f"(built from {built_from(index) or 'another corpus'}; data.source {data.source} is not on this "
+                "machine): copy the corpus it was trained on to data.source, or start a new run with another "
+                "--train.out_dir"
+            )
         changes = source_changes_since(data, saved) or "files added, removed or edited"
         raise CheckpointError(
             f"cannot resume {directory}: its shards in {data.shard_dir} were built from other text than "
@@ -521,7 +556,12 @@ def resume_checkpoint(config: Config, shards_built: bool = False) -> tuple[Path 
     except CheckpointError as error:
         raise CheckpointError(f"{error}; {older_checkpoint_advice(resume_dir)}") from error
     source_moved = moved_source_holds_the_saved_text(meta, config.data)
-    changed = check_resume_config(resume_dir, meta["config"], config, train.resume, source_moved)
+    saved_source = meta["config"].get("data", {}).get("source", config.data.source)
+    differences = None  # named only for a data.source that changed (hashing the corpus costs a read of it)
+    if not source_moved and meta.get(DATA_CONTENT) and not same_setting("data.source", saved_source,
+                                                                        config.data.source):
+        differences = source_changes_since(config.data, meta[DATA_CONTENT])
+    changed = check_resume_config(resume_dir, meta["config"], config, train.resume, source_moved, differences)
     check_resume_layout(resume_dir, meta, train.strategy == "deepspeed", train.devices * train.num_nodes)
     check_resume_data(resume_dir, meta, config.data, shards_built)
     return resume_dir, meta, changed

@@ -251,9 +251,10 @@ def test_requests_respect_the_rate_limit(tmp_path, server):
     gather_books(config(tmp_path, server.base_url, [1, 2, 3, 4, 5], requests_per_second=10, download_concurrency=4))
     starts = sorted(request.started for request in server.state.requests)
     gaps = [later - earlier for earlier, later in zip(starts, starts[1:], strict=False)]
-    # Sent 0.1 s apart; the server sees them with its own delays (one request late by 12 ms under load made the
-    # next gap 0.088 s). Unlimited, four threads would send the first four at once: gaps of about 0.
-    assert len(starts) == 5 and min(gaps) >= 0.05 and starts[-1] - starts[0] >= 0.35
+    # Sent 0.1 s apart; the server sees them with its own delays (on a loaded machine one request seen 60 ms late
+    # left the next gap at 0.04 s). Unlimited, four threads would send the first four at once: gaps of about 0,
+    # and all five within a few milliseconds.
+    assert len(starts) == 5 and min(gaps) >= 0.02 and starts[-1] - starts[0] >= 0.35
 
 
 def test_concurrency_is_bounded(tmp_path, server):

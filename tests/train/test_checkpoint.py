@@ -638,13 +638,19 @@ def test_shards_copied_without_their_corpus_resume_from_the_shards_alone(tmp_pat
     assert resume_checkpoint(config)[0] is not None
 
 
-def test_a_run_copied_with_its_links_followed_gets_its_links_back_and_saves_on(tmp_path, tiny_shards):
-    """cp -rL, rsync -L and scp -r turn `last` and `best` into directories, which a save could not repoint."""
+def run_copied_with_links_followed(tmp_path, tiny_shards, best_at=()) -> tuple[Path, Path]:
+    """A run (steps 2 and 4, `last` at 4) copied as `cp -rL` would: `last` (and `best`) a directory beside its step
+    directory. Returns the copy and its checkpoints directory."""
     run = tmp_path / "run"
-    saved_run(run, tiny_shards, steps=(2, 4), keep=2, best_at=(2,))
+    saved_run(run, tiny_shards, steps=(2, 4), keep=2, best_at=best_at)
     copy = tmp_path / "copy"
     shutil.copytree(run, copy, symlinks=False)
-    root = checkpoints_dir(copy)
+    return copy, checkpoints_dir(copy)
+
+
+def test_a_run_copied_with_its_links_followed_gets_its_links_back_and_saves_on(tmp_path, tiny_shards):
+    """cp -rL, rsync -L and scp -r turn `last` and `best` into directories, which a save could not repoint."""
+    copy, root = run_copied_with_links_followed(tmp_path, tiny_shards, best_at=(2,))
     shutil.rmtree(root / "step-0000004")  # `last` copied alone: the copy is then the only step 4
     assert not (root / "last").is_symlink() and resolve_resume("auto", copy) == (root / "last").resolve()
     fabric, model, optimizer, scheduler, stream = training_objects(tiny_shards)
@@ -660,11 +666,7 @@ def test_a_run_copied_with_its_links_followed_gets_its_links_back_and_saves_on(t
 def test_relinking_keeps_the_complete_copy_when_an_interrupted_copy_cut_the_step_directory_short(
         tmp_path, tiny_shards):
     """rsync -rL copies best/ and last/ before step-*/: interrupted, the step directory is the partial one."""
-    run = tmp_path / "run"
-    saved_run(run, tiny_shards, steps=(2, 4), keep=2, best_at=())
-    copy = tmp_path / "copy"
-    shutil.copytree(run, copy, symlinks=False)
-    root = checkpoints_dir(copy)
+    copy, root = run_copied_with_links_followed(tmp_path, tiny_shards)
     (root / "step-0000004" / "optimizer.pt").unlink()
     Checkpointer(training_objects(tiny_shards)[0], copy, keep=2)
     assert os.readlink(root / "last") == "step-0000004"
@@ -679,11 +681,7 @@ def flip_a_byte(path: Path) -> None:
 
 
 def test_relinking_never_deletes_the_copy_that_hashes_right(tmp_path, tiny_shards):
-    run = tmp_path / "run"
-    saved_run(run, tiny_shards, steps=(2, 4), keep=2, best_at=())
-    copy = tmp_path / "copy"
-    shutil.copytree(run, copy, symlinks=False)
-    root = checkpoints_dir(copy)
+    copy, root = run_copied_with_links_followed(tmp_path, tiny_shards)
     flip_a_byte(root / "step-0000004" / "model.pt")  # the step directory damaged, the `last` copy whole
     Checkpointer(training_objects(tiny_shards)[0], copy, keep=2)
     assert os.readlink(root / "last") == "step-0000004"
@@ -692,11 +690,7 @@ def test_relinking_never_deletes_the_copy_that_hashes_right(tmp_path, tiny_shard
 
 def test_relinking_leaves_both_copies_when_neither_hashes_right_and_the_refusal_names_an_older_step(
         tmp_path, tiny_shards):
-    run = tmp_path / "run"
-    saved_run(run, tiny_shards, steps=(2, 4), keep=2, best_at=())
-    copy = tmp_path / "copy"
-    shutil.copytree(run, copy, symlinks=False)
-    root = checkpoints_dir(copy)
+    copy, root = run_copied_with_links_followed(tmp_path, tiny_shards)
     flip_a_byte(root / "step-0000004" / "model.pt")
     flip_a_byte(root / "last" / "model.pt")
     fabric, model, optimizer, scheduler, stream = training_objects(tiny_shards)
@@ -708,11 +702,7 @@ def test_relinking_leaves_both_copies_when_neither_hashes_right_and_the_refusal_
 
 
 def test_a_copied_last_cut_short_resumes_from_its_whole_step_directory(tmp_path, tiny_shards):
-    run = tmp_path / "run"
-    saved_run(run, tiny_shards, steps=(2, 4), keep=2, best_at=())
-    copy = tmp_path / "copy"
-    shutil.copytree(run, copy, symlinks=False)
-    root = checkpoints_dir(copy)
+    copy, root = run_copied_with_links_followed(tmp_path, tiny_shards)
     weights = root / "last" / "model.pt"
     weights.write_bytes(weights.read_bytes()[:100])  # an interrupted copy
     config = Config(model=debug_model_config(), train=TrainConfig(out_dir=str(copy), resume="auto"))

@@ -128,7 +128,8 @@ def source_listing(cfg: DataConfig) -> list[dict[str, Any]]:
 
 
 def source_path(cfg: DataConfig) -> str:
-    """Where a local source was read from, absolute ("" for downloads): kept in the index for messages only."""
+    """Where a local source was read from, absolute ("" for downloads): kept in the index, not an input
+    (shards_stand_alone and the messages read it)."""
     return str(Path(cfg.source).expanduser().resolve()) if is_local(cfg) else ""
 
 
@@ -148,7 +149,7 @@ def data_settings(cfg: DataConfig, listing: list[dict[str, Any]] | None = None) 
     return {
         # Where local text lies is no input: a corpus moved or copied elsewhere is the same data (its files' names
         # and bytes are compared, and hashed into the fingerprint, instead).
-        "source": "gutenberg" if from_network else LOCAL_SOURCE,
+        "source": GUTENBERG_SOURCE if from_network else LOCAL_SOURCE,
         "book_ids": [int(book_id) for book_id in cfg.book_ids] if from_network else None,
         "max_books": cfg.max_books,
         "val_frac": cfg.val_frac,

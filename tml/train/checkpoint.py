@@ -142,13 +142,18 @@ def _dangling_last_advice(dangling_last: Path) -> str:
 def _whole_looking_copy(copied_last: Path) -> Path:
     """A `last` directory, or its step directory when only that one has every file at its size (an interrupted
     copy): what the resume loads once relink_copied_checkpoints has made `last` a link again."""
-    if _passes(copied_last, hash_files=False):
-        return copied_last.resolve()
-    try:
-        step_dir = copied_last.parent / step_name(int(read_meta(copied_last)["step"]))
-    except (CheckpointError, KeyError, TypeError, ValueError):
-        return copied_last.resolve()  # refused by the checks that follow, naming it
+    if _passes(copied_last, hash_files=False) or (step := _meta_step(copied_last)) is None:
+        return copied_last.resolve()  # whole, or refused by the checks that follow, naming it
+    step_dir = copied_last.parent / step_name(step)
     return (step_dir if _passes(step_dir, hash_files=False) else copied_last).resolve()
+
+
+def _meta_step(directory: Path) -> int | None:
+    """The step a checkpoint's meta.json records, or None when it cannot be read."""
+    try:
+        return int(read_meta(directory)["step"])
+    except (CheckpointError, KeyError, TypeError, ValueError):
+        return None
 
 
 def _dangling(path: Path) -> str:
@@ -162,11 +167,8 @@ def _dangling(path: Path) -> str:
 def older_checkpoint_advice(refused: Path) -> str:
     """How to go on from a refused checkpoint: the newest complete step directory before it, if any."""
     match = STEP_DIR.fullmatch(refused.name)
-    try:  # `last` or `best` copied as a directory has no step in its name: its meta.json has it
-        step = int(match[1]) if match else int(read_meta(refused)["step"])
-    except (CheckpointError, KeyError, TypeError, ValueError):
-        step = None
-    older = newest_checkpoint(refused.parent.parent, before=step)
+    # `last` or `best` copied as a directory has no step in its name: its meta.json has it
+    older = newest_checkpoint(refused.parent.parent, before=int(match[1]) if match else _meta_step(refused))
     if older is None:
         return "no older checkpoint is left in this run"
     return f"an older checkpoint is there: --train.resume {older}"
@@ -175,8 +177,17 @@ def older_checkpoint_advice(refused: Path) -> str:
 def remove_unfinished_saves(root: Path) -> None:
     """Delete the `.tmp-step-*` and `.stale-*` directories of saves that were killed (SIGKILL, a node lost): no
     later save of the same step may come to replace them. Only one training uses an out_dir (its run lock)."""
-    for leftover in [*root.glob(".tmp-step-*"), *root.glob(".stale-step-*")]:
+    for leftover in [*root.glob(".tmp-step-*"), *root.glob(".stale-*")]:
         shutil.rmtree(leftover, ignore_errors=True)
+
+
+def remove_whole(directory: Path) -> None:
+    """Rename away, then delete: a reader (tml eval on `last` during training) sees it whole or gone. A kill in
+    between leaves `.stale-*`, removed at the next start (remove_unfinished_saves)."""
+    stale = directory.with_name(f".stale-{directory.name}")
+    os.replace(directory, stale)
+    # A file still open in it (a reader on NFS) can make the delete fail: the next start removes the rest.
+    shutil.rmtree(stale, ignore_errors=True)
 
 
 def relink_copied_checkpoints(root: Path) -> None:
@@ -185,23 +196,19 @@ def relink_copied_checkpoints(root: Path) -> None:
     the step directory it duplicates has passed the full hash check; when the step directory fails it and the copy
     passes, the copy becomes the step; when neither passes, both are left for the loader to refuse."""
     for link in (root / "last", root / "best"):
-        if link.is_symlink() or not link.is_dir():
-            continue
-        try:
-            step = step_name(int(read_meta(link)["step"]))
-        except (CheckpointError, KeyError, TypeError, ValueError):
-            continue  # not a checkpoint tml can name: left for resolve_resume and the loader to refuse
-        target, stale = root / step, root / f".stale-step-copy-{link.name}"  # removed at the next start if left
+        if link.is_symlink() or not link.is_dir() or (saved_step := _meta_step(link)) is None:
+            continue  # a link, nothing, or not a checkpoint tml can name (left for the loader to refuse)
+        step = step_name(saved_step)
+        target = root / step
         if not target.exists():
             os.replace(link, target)  # the copy is the only one: it becomes the step, nothing is deleted
         elif _passes(target):  # the copy is the step's duplicate
-            os.replace(link, stale)
+            remove_whole(link)
         elif _passes(link):  # the step directory is cut short or damaged (an interrupted copy): the copy replaces it
-            os.replace(target, stale)
+            remove_whole(target)
             os.replace(link, target)
         else:
             continue
-        shutil.rmtree(stale, ignore_errors=True)
         _point_link(link, step)
 
 
@@ -384,7 +391,7 @@ def check_resume_config(resume_dir: Path, saved: dict[str, Any], current: Config
     `saved` is the checkpoint's config (meta.json). A different model cannot take the saved weights, and the
     DATA_POSITION_KEYS above make the saved data position meaningless: both raise CheckpointError naming each key
     with both values. Everything else (max_steps, lr, dropout, devices, ...) may change on resume and is returned
-    for a notice, and so is data.source when `source_moved` (moved_source_holds_the_saved_text); otherwise a
+    for a notice, and so is data.source when `source_moved` (moved_source); otherwise a
     refused data.source names `source_differences` (`1 changed (a.txt)`) when known. Called before anything is
     written, so a refused resume leaves the run directory as it was.
     """
@@ -414,17 +421,19 @@ def check_resume_config(resume_dir: Path, saved: dict[str, Any], current: Config
     return [f"{key} {_shown(old)} -> {_shown(new)}" for key, old, new in changes]
 
 
-def moved_source_holds_the_saved_text(meta: dict[str, Any], data: DataConfig) -> bool:
-    """True when a local data.source at another path than the checkpoint's holds the very text its shards were
-    built from (the same files by name and bytes): a corpus moved or copied to another machine, whose windows the
-    saved data position still counts. Hashes the files when no current shard index vouches for them."""
+def moved_source(meta: dict[str, Any], data: DataConfig) -> tuple[bool, str | None]:
+    """For a local data.source at another path than the checkpoint's: (True, None) when it holds the very text its
+    shards were built from (the same files by name and bytes: a corpus moved or copied to another machine, whose
+    windows the saved data position still counts), else (False, how it differs, when the shards still tell:
+    `1 changed (a.txt)`). (False, None) when data.source did not move. Hashes the files only when it moved."""
     saved_source = meta.get("config", {}).get("data", {}).get("source")
     saved_text = meta.get(DATA_CONTENT)
-    if not saved_text or not is_local(data) or saved_source in (None, GUTENBERG_SOURCE):
-        return False
-    if same_setting("data.source", saved_source, data.source):  # not moved
-        return False
-    return source_content_fingerprint(data) == saved_text
+    if (not saved_text or not is_local(data) or saved_source in (None, GUTENBERG_SOURCE)
+            or same_setting("data.source", saved_source, data.source)):
+        return False, None
+    if source_content_fingerprint(data) == saved_text:
+        return True, None
+    return False, source_changes_since(data, saved_text)
 
 
 def _same_val_split(change: tuple[str, Any, Any], data: DataConfig) -> bool:
@@ -555,12 +564,7 @@ def resume_checkpoint(config: Config, shards_built: bool = False) -> tuple[Path 
         meta = verify_checkpoint(resume_dir, hash_files=False)  # every file at its size; loading hashes them too
     except CheckpointError as error:
         raise CheckpointError(f"{error}; {older_checkpoint_advice(resume_dir)}") from error
-    source_moved = moved_source_holds_the_saved_text(meta, config.data)
-    saved_source = meta["config"].get("data", {}).get("source", config.data.source)
-    differences = None  # named only for a data.source that changed (hashing the corpus costs a read of it)
-    if not source_moved and meta.get(DATA_CONTENT) and not same_setting("data.source", saved_source,
-                                                                        config.data.source):
-        differences = source_changes_since(config.data, meta[DATA_CONTENT])
+    source_moved, differences = moved_source(meta, config.data)
     changed = check_resume_config(resume_dir, meta["config"], config, train.resume, source_moved, differences)
     check_resume_layout(resume_dir, meta, train.strategy == "deepspeed", train.devices * train.num_nodes)
     check_resume_data(resume_dir, meta, config.data, shards_built)
@@ -691,16 +695,8 @@ class Checkpointer:
         """Hash every file into the manifest, then rename the directory into place (rank 0)."""
         write_manifest(tmp)
         if final.exists():  # from an earlier trajectory of this run (resumed from an older step)
-            self._remove_whole(final)
+            remove_whole(final)
         os.replace(tmp, final)
-
-    def _remove_whole(self, directory: Path) -> None:
-        """Rename away, then delete: a reader (tml eval on `last` during training) sees it whole or gone. A kill in
-        between leaves `.stale-*`, removed at the next start (remove_unfinished_saves)."""
-        stale = self.root / f".stale-{directory.name}"
-        os.replace(directory, stale)
-        # A file still open in it (a reader on NFS) can make the delete fail: the next start removes the rest.
-        shutil.rmtree(stale, ignore_errors=True)
 
     def _agree(self, failure: BaseException | None, final: Path) -> None:
         """Raise the same CheckpointError on every rank when any rank's phase failed, with the reason of the first
@@ -755,7 +751,7 @@ class Checkpointer:
         keep = set(steps[-self.keep :]) if self.keep > 0 else set()
         for name in steps:
             if name not in keep and name not in protected:
-                self._remove_whole(self.root / name)
+                remove_whole(self.root / name)
 
     def _verify(self, directory: Path) -> dict[str, Any]:
         """The manifest and (DeepSpeed) the shards' safety; returns meta.json. (The strategy and rank count were

@@ -1,6 +1,7 @@
 """`tml generate|eval|export` on a tiny trained run, and `tml train` stopped with Ctrl-C in a real subprocess."""
 
 import errno
+import importlib.metadata
 import json
 import math
 import os
@@ -20,8 +21,8 @@ from rich.progress import Progress
 import tml
 from tests.conftest import REPO_ROOT, debug_model_config
 from tests.train.conftest import tiny_run_config
-from tml.cli import CTRL_C_EXIT_STATUS, EVAL_BATCH_TOKENS, main, prompt_tokens_kept, text_loss
-from tml.config import Config, dump_yaml
+from tml.cli import CTRL_C_EXIT_STATUS, EVAL_BATCH_TOKENS, main, prompt_tokens_kept, text_loss, with_default_config
+from tml.config import Config, dump_yaml, load_config
 from tml.data.tokenizer import get_tokenizer
 from tml.model import Transformer
 from tml.model.config import GPT2_PADDED_VOCAB
@@ -704,3 +705,33 @@ def test_tml_train_refuses_init_from_weights_of_another_shape_in_one_line_before
     assert err.startswith(f"tml: train.init_from={source}: its model has another shape (model.vocab_size 256 there, "
                           "50304 here;") and err.count("\n") == 1
     assert not (tmp_path / "shards").exists() and not (tmp_path / "run").exists()
+
+
+def test_tml_help_lists_the_slurm_launcher(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--help"])
+    assert exit_info.value.code == 0
+    assert re.search(r"^\s+slurm\s+submit training to SLURM", capsys.readouterr().out, flags=re.MULTILINE)
+
+
+def test_tml_version_is_the_installed_packages(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"tml {importlib.metadata.version('tml')}"
+
+
+def test_tml_prepare_names_itself_as_run(capsys, tmp_path):
+    assert main(["prepare", "--config", str(tmp_path / "absent.yaml")]) != 0
+    assert "tml prepare: error:" in capsys.readouterr().err
+
+
+def test_tml_train_without_a_config_runs_the_reference_setup():
+    config = load_config(with_default_config(["--train.max_steps", "7"]))
+    assert config == load_config(["--config", str(REPO_ROOT / "configs" / "reference.yaml"), "--train.max_steps", "7"])
+    assert config.train.out_dir == "runs/reference" and config.train.early_stop_patience == 5
+
+
+@pytest.mark.parametrize("argv", [["--config", "configs/tiny.yaml"], ["--config=configs/tiny.yaml"], ["--help"]])
+def test_a_named_config_or_help_is_left_alone(argv):
+    assert with_default_config(argv) == argv

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
-from tml.config import SECTIONS, Config, ConfigError, build_parser, load_config, load_yaml_config
+from tml.config import SECTIONS, Config, ConfigError, build_parser, dump_yaml, load_config, load_yaml_config
 from tml.data.config import DataConfig, DataConfigError
 from tml.model.config import ModelConfigError
 from tml.train.config import TrainConfig, TrainConfigError
@@ -249,3 +249,70 @@ def test_help_explains_every_key(section):
     undocumented = [f"{section}.{field.name}" for field in dataclasses.fields(SECTIONS[section])
                     if not helps.get(f"{section}.{field.name}")]
     assert undocumented == []
+
+
+BUDGET_EXPERIMENT = """\
+model: {block_size: 32, n_layer: 2, n_head: 4, n_embd: 64, kv_lora_rank: 32, qk_nope_head_dim: 16,
+        qk_rope_head_dim: 8, v_head_dim: 16, vocab_size: 256}
+train: {batch_size: 4, grad_accum: 2, max_steps: 5, max_tokens: 10000}
+"""  # 4 x 2 x 32 = 256 tokens a step
+
+
+def test_a_budget_in_the_file_or_on_the_command_line_decides_max_steps(tmp_path):
+    path = write(tmp_path, BUDGET_EXPERIMENT)
+    assert load_yaml_config(path).train.max_steps == 10000 // 256  # the file's max_steps: 5 is not used
+    assert load_yaml_config(path, ["--train.devices=2"]).train.max_steps == 10000 // 512
+    by_flops = load_yaml_config(path, ["--train.max_tokens=null", "--train.max_flops=1e12"])
+    mha = load_yaml_config(path, ["--train.max_tokens=null", "--train.max_flops=1e12", "--model.attention=mha"])
+    assert (by_flops.train.max_steps, mha.train.max_steps) == (5155, 5287)  # tests/train/test_budget.py's figures
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["--train.max_flops=1e12"], r"train\.max_tokens=10000 and train\.max_flops=1e\+12 are both set"),
+    (["--train.max_tokens=100"], r"train\.max_tokens=100 is less than one optimizer step, which costs 256 tokens"),
+    (["--train.max_tokens=0"], r"train\.max_tokens=0: must be a number > 0"),
+    (["--train.max_tokens=null", "--train.max_flops=-1"], r"train\.max_flops=-1\.0: must be a number > 0"),
+])
+def test_a_budget_no_run_can_use_is_refused_at_load_time_naming_the_key(tmp_path, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_yaml_config(write(tmp_path, BUDGET_EXPERIMENT), overrides)
+
+
+def test_a_saved_config_with_a_budget_rebuilds_with_the_same_max_steps(tmp_path):
+    for overrides in ([], ["--train.max_tokens=null", "--train.max_flops=3e11"]):
+        config = load_yaml_config(write(tmp_path, BUDGET_EXPERIMENT), overrides)
+        saved = config.to_dict()
+        assert Config.from_dict(saved) == config
+        (tmp_path / "config.yaml").write_text(dump_yaml(config))  # what a run directory holds
+        assert load_config(["--config", str(tmp_path / "config.yaml")]) == config
+        saved["train"]["max_steps"] = 1  # a stale max_steps beside the budget: the budget still decides
+        assert Config.from_dict(saved).train.max_steps == config.train.max_steps
+
+
+@pytest.mark.parametrize("value", ["tiny", "tiny.yaml", "configs/tiny.yaml"])
+def test_a_shipped_config_is_found_by_name_from_any_directory(tmp_path, monkeypatch, value):
+    """Installed from a wheel there is no configs/ beside the user: the package carries the shipped ones."""
+    monkeypatch.chdir(tmp_path)
+    assert load_config(["--config", value]) == load_config(["--config", str(REPO_ROOT / "configs" / "tiny.yaml")])
+    assert load_config([f"--config={value}", "--train.lr", "0.01"]).train.lr == 0.01
+
+
+def test_a_file_here_wins_over_the_shipped_config_of_its_name(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "tiny.yaml").write_text("train:\n  max_steps: 3\n")
+    assert load_config(["--config", "configs/tiny.yaml"]).train.max_steps == 3
+
+
+def test_a_config_that_is_neither_a_file_nor_shipped_names_the_shipped_ones(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"^--config tinyy: no such file; tml ships books, ddp, reference, small, "
+                                          r"tiny, zero2, zero3 \(e\.g\. --config tiny\)$"):
+        load_config(["--config", "tinyy"])
+
+
+def test_the_package_ships_every_config_of_the_checkout():
+    from tml.config import SHIPPED_CONFIGS
+
+    assert sorted(p.name for p in SHIPPED_CONFIGS.glob("*.yaml")) == sorted(
+        p.name for p in (REPO_ROOT / "configs").glob("*.yaml"))

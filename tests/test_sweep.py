@@ -20,6 +20,7 @@ from tml.data.gutenberg import GutenbergError
 from tml.sweep import (
     SweepError,
     check_runs,
+    child_environment,
     expand_sweep,
     has_ended,
     split_sweep_arguments,
@@ -163,6 +164,24 @@ def test_a_directory_that_holds_another_run_under_the_same_name_is_refused_but_o
     shorter.train.max_steps, shorter.train.devices = 100, 2  # the same run, to be trained longer, on more devices
     (runs[0].out_dir / "config.yaml").write_text(dump_yaml(shorter))
     check_runs(runs)
+
+
+def test_an_attention_sweep_under_one_flops_budget_gives_each_run_its_own_steps_and_dry_run_says_them(tmp_path, capsys):
+    argv = ["--config", TINY, "--train.out_dir", str(tmp_path / "sweep"), "--data.shard_dir", str(tmp_path / "shards"),
+            "--train.max_flops", "1e14", "--sweep", "model.attention=mla,mha"]
+    mla, mha = expand(argv)
+    assert mla.config.train.max_steps != mha.config.train.max_steps  # other FLOPs per token, one budget
+    assert main(["train", *argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    for position, run in enumerate((mla, mha), 1):
+        assert (f"{position}/2 {run.name}: starts fresh; max_steps {run.config.train.max_steps:,} from "
+                "train.max_flops=1e+14 (flops_per_token ") in out
+
+    # A rerun with a bigger budget continues the sweep's own runs, as one with a bigger max_steps does.
+    mla.out_dir.mkdir(parents=True)
+    smaller = Config.from_dict({**mla.config.to_dict(), "train": {**mla.config.to_dict()["train"], "max_flops": 5e13}})
+    (mla.out_dir / "config.yaml").write_text(dump_yaml(smaller))
+    check_runs([mla, mha])
 
 
 def test_a_run_whose_local_source_is_missing_or_empty_refuses_the_sweep_before_any_run(tmp_path, capsys):
@@ -365,3 +384,13 @@ def test_two_sweeps_started_together_over_one_out_dir_share_the_runs_and_train_e
     for name in ("lr=1e-3", "lr=2e-3", "lr=3e-3"):
         summary = json.loads((tmp_path / "sweep" / name / "summary.json").read_text())
         assert summary["final_step"] == 3 and summary["tokens_seen"] == 3 * 4 * 32  # trained once, not resumed
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="PYTHONSAFEPATH is Python 3.11's")
+def test_a_sweeps_runs_import_this_tml_not_a_tml_folder_where_the_sweep_runs(tmp_path):
+    (tmp_path / "tml").mkdir()
+    (tmp_path / "tml" / "__init__.py").write_text("raise ImportError('the tml folder in the working directory')\n")
+    done = subprocess.run([sys.executable, "-m", "tml.cli", "--version"], cwd=tmp_path, env=child_environment(),
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("tml ")

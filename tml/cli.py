@@ -1,8 +1,8 @@
-"""`tml train|prepare|generate|eval|export|compare`: the user-facing commands over a trained run.
+"""`tml train|prepare|slurm|generate|eval|export|compare`: the user-facing commands over a trained run.
 
-`train` and `prepare` take the experiment options (`--config FILE --section.key value`); generate, eval and export
-work from a checkpoint directory (or a run directory, meaning its `best`, else `last`), whose saved config rebuilds
-the model; `compare` tabulates the final numbers of run directories (tml/compare.py).
+`train`, `prepare` and `slurm` take the experiment options (`--config FILE --section.key value`); generate, eval and
+export work from a checkpoint directory (or a run directory, meaning its `best`, else `last`), whose saved config
+rebuilds the model; `compare` tabulates the final numbers of run directories (tml/compare.py).
 torch and Lightning are imported inside the commands that use them, so `tml prepare` and a config error in
 `tml train` answer without paying the seconds their import takes.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.metadata
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from tml.compare import DEFAULT_SORT, FIELDS, CompareError, compare_runs, print_table, read_summary
-from tml.config import ConfigError
+from tml.config import SHIPPED_CONFIGS, ConfigError
 from tml.run_dir import another_runs_config
 from tml.sweep import is_sweep
 from tml.train.preemption import CTRL_C_EXIT_STATUS, DEFAULT_SIGNALS, INTERACTIVE_SIGNALS, PreemptionFlag
@@ -47,7 +48,19 @@ TRAIN_DESCRIPTION = (
     "says what a start would do, training nothing."
 )
 DRY_RUN_FLAG = "--dry-run"
+HELP_FLAGS = ("-h", "--help")
+DEFAULT_CONFIG = "reference"  # the shipped config `tml train` runs without --config
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
+
+
+def with_default_config(argv: Sequence[str]) -> list[str]:
+    """Without `--config` (and help not asked for), the reference setup: the run this toolkit exists to reproduce,
+    with its early stopping, resume and loggers (the dataclasses' defaults hold its model and schedule only)."""
+    if any(arg == "--config" or arg.startswith("--config=") or arg in HELP_FLAGS for arg in argv):
+        return list(argv)
+    if is_first_local_process():  # Fabric re-runs the command, with these arguments, for each extra rank
+        print(f"tml: no --config given: using configs/{DEFAULT_CONFIG}.yaml (the reference setup)", file=sys.stderr)
+    return ["--config", str(SHIPPED_CONFIGS / f"{DEFAULT_CONFIG}.yaml"), *argv]
 
 
 def train_main(argv: Sequence[str], prog: str | None = None) -> int:
@@ -56,6 +69,7 @@ def train_main(argv: Sequence[str], prog: str | None = None) -> int:
     Exit status: 0 when training ends or is stopped by a scheduler's signal (`last` saved; SLURM requeues),
     130 (the shell's "ended by Ctrl-C") when Ctrl-C stopped it, cleanly or not, 1 on an error, 2 on a bad config.
     """
+    argv = with_default_config(argv)
     dry_run = DRY_RUN_FLAG in argv
     argv = [arg for arg in argv if arg != DRY_RUN_FLAG]
     if is_sweep(argv):
@@ -490,11 +504,22 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def installed_version() -> str:
+    """The version pip installed (pyproject.toml's), for `tml --version` and bug reports."""
+    try:
+        return importlib.metadata.version("tml")
+    except importlib.metadata.PackageNotFoundError:  # a checkout on sys.path, never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="tml", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"tml {installed_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("train", help="train: --config FILE [--section.key value ...]", add_help=False)
     commands.add_parser("prepare", help="build token shards: --config FILE [--data.key value ...]", add_help=False)
+    commands.add_parser("slurm", help="submit training to SLURM: --config FILE --nodes N [SLURM options] [--section.key "
+                        "value ...]", add_help=False)
 
     generate = commands.add_parser("generate", help="sample text from a checkpoint (latent KV cache)")
     generate.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or a file tml export wrote")
@@ -569,7 +594,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "prepare":
         from tml.data.prepare import main as prepare_main
 
-        return prepare_main(argv[1:])
+        return prepare_main(argv[1:], prog="tml prepare")
+    if argv and argv[0] == "slurm":  # Submitit is imported only by this command
+        from tml.slurm_submit import main as slurm_main
+
+        return slurm_main(argv[1:], prog="tml slurm")
     args = build_parser().parse_args(argv)
     if args.command == "compare":  # before the checkpoint import below, which costs torch and Lightning
         return run_reporting_errors(cmd_compare, args, (CompareError, OSError))

@@ -20,6 +20,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from tml.data.config import DataConfig
 from tml.model.config import ModelConfig
+from tml.train.budget import steps_for_budget
 from tml.train.config import LogConfig, TrainConfig
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "log": LogConfig}
@@ -30,7 +31,7 @@ PLACEMENT_KEYS = frozenset({
     "data.download_concurrency", "data.requests_per_second", "data.request_timeout", "data.max_retries",
 })
 
-# Settings that name a file or directory: launch/slurm.py makes them absolute, so `data/shards` and
+# Settings that name a file or directory: tml slurm (launch/slurm.py) makes them absolute, so `data/shards` and
 # `/home/me/run/data/shards` are the same setting. The saved run's working directory is not recorded; relative
 # values are taken from this one's, where a resumed run is normally started too.
 PATH_KEYS = frozenset({"data.source", "data.raw_dir", "data.shard_dir", "train.out_dir", "train.init_from"})
@@ -58,6 +59,12 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
+
+    def __post_init__(self) -> None:
+        # A budget (train.max_tokens or max_flops) decides max_steps here, where every config is built: the CLI's,
+        # a sweep's runs, the SLURM layout's dataclasses.replace (its devices and nodes) and from_dict of a saved one.
+        if (steps := steps_for_budget(self)) is not None and steps != self.train.max_steps:
+            self.train = dataclasses.replace(self.train, max_steps=steps)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -103,9 +110,9 @@ def config_from_namespace(parser: ArgumentParser, namespace: Namespace) -> Confi
 
 
 def load_config(args: Sequence[str] | None = None, parser: ArgumentParser | None = None) -> Config:
-    """Parse `--config FILE --section.key value ...` into a validated Config."""
+    """Parse `--config FILE --section.key value ...` into a validated Config (FILE may name a shipped config)."""
     parser = parser or build_parser()
-    args = list(args) if args is not None else sys.argv[1:]
+    args = with_shipped_configs(list(args) if args is not None else sys.argv[1:])
     for path in config_file_arguments(args):
         check_config_file(path)
     try:
@@ -218,6 +225,43 @@ def config_file_arguments(args: Sequence[str]) -> list[str]:
         elif arg.startswith("--config="):
             paths.append(arg.removeprefix("--config="))
     return paths
+
+
+# The shipped experiments, installed with the package (tml/configs, a link to the checkout's configs/ there).
+SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
+
+
+def shipped_config(name: str) -> Path | None:
+    """The shipped config that a `--config` value which is no file here means: `tiny`, `tiny.yaml` or
+    `configs/tiny.yaml` (the README's spelling, followed outside a checkout, where tml was installed from a wheel)."""
+    path = Path(name)
+    if path.exists() or path.parent not in (Path("."), Path("configs")) or path.suffix not in ("", ".yaml"):
+        return None
+    shipped = SHIPPED_CONFIGS / f"{path.stem}.yaml"
+    return shipped if shipped.is_file() else None
+
+
+def shipped_config_names() -> list[str]:
+    return sorted(path.stem for path in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def with_shipped_configs(args: list[str]) -> list[str]:
+    """args with each `--config` value that names a shipped config (shipped_config) replaced by its path; a value that
+    is neither a file nor a shipped name is refused naming the shipped ones (ConfigError)."""
+    resolved = list(args)
+    for position, arg in enumerate(args):
+        if arg == "--config" and position + 1 < len(args):
+            where, value, prefix = position + 1, args[position + 1], ""
+        elif arg.startswith("--config="):
+            where, value, prefix = position, arg.removeprefix("--config="), "--config="
+        else:
+            continue
+        if (shipped := shipped_config(value)) is not None:
+            resolved[where] = prefix + str(shipped)
+        elif not Path(value).exists() and not any(mark in value for mark in "{:\n"):  # not inline YAML either
+            raise ConfigError(f"--config {value}: no such file; tml ships {', '.join(shipped_config_names())} "
+                              "(e.g. --config tiny)")
+    return resolved
 
 
 def check_config_file(path: str) -> None:

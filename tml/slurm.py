@@ -215,6 +215,7 @@ def executor_parameters(resources: SlurmResources) -> dict[str, Any]:
     }
     if resources.gpus_per_node:
         params["gpus_per_node"] = resources.gpus_per_node
+    params["setup"] = [python_path_setup()]
     optional = {
         "partition": resources.partition,
         "account": resources.account,
@@ -225,6 +226,13 @@ def executor_parameters(resources: SlurmResources) -> dict[str, Any]:
     }
     params.update({key: value for key, value in optional.items() if value is not None})
     return params
+
+
+def python_path_setup() -> str:
+    """The sbatch line that makes every task import the tml that submitted the job, installed or a checkout, and
+    (Python 3.11+) not a tml/ folder in the submission directory, which Submitit's `python -m` would put first."""
+    package_root = shlex.quote(str(Path(__file__).resolve().parents[1]))
+    return f'export PYTHONSAFEPATH=1 PYTHONPATH={package_root}"${{PYTHONPATH:+:$PYTHONPATH}}"'
 
 
 def submitit_command(folder: str | Path) -> str:

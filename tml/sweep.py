@@ -8,8 +8,8 @@ check it before the first one runs or is queued: a sweep never stops half-way on
 
 `launch/local.py` (`tml train`) runs the combinations one after the other, each as its own `tml train` process
 (Fabric re-runs a process's command line for extra local ranks, which must be one run's, not the sweep's);
-`launch/slurm.py` submits one job per combination. Running the same command again continues the sweep: finished
-runs are skipped, stopped ones resume from `last`.
+`tml slurm` (launch/slurm.py) submits one job per combination. Running the same command again continues the sweep:
+finished runs are skipped, stopped ones resume from `last`.
 """
 
 from __future__ import annotations
@@ -49,8 +49,8 @@ SET_BY_THE_SWEEP = (OUT_DIR_KEY, "log.run_name", "log.wandb_group")
 WANDB_GROUP_MAX_CHARS = 128  # wandb refuses longer group names
 # What a rerun of a sweep may change for runs it already holds: train longer, or on other hardware. Anything else
 # would make the directory's run another run than the one the sweep names by that directory.
-CONTINUABLE_CHANGES = ("train.max_steps", "train.devices", "train.num_nodes", "train.accelerator", "train.compile",
-                       "train.activation_checkpointing")
+CONTINUABLE_CHANGES = ("train.max_steps", "train.max_tokens", "train.max_flops", "train.devices", "train.num_nodes",
+                       "train.accelerator", "train.compile", "train.activation_checkpointing")
 # Signals a scheduler sends the sweep's process; each is passed on to the run in progress, which saves `last`.
 FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2)
 
@@ -272,8 +272,8 @@ def refuse_another_run_in_its_place(name: str, config: Config) -> None:
     if differing:
         raise SweepError(f"sweep run {name}: {out_dir} holds a run with other settings "
                          f"({'; '.join(differing)}): give this sweep its own --{OUT_DIR_KEY}, or sweep those settings "
-                         f"too so the runs' names differ (a sweep continues its own runs with a new train.max_steps, "
-                         "or on other devices, only)")
+                         f"too so the runs' names differ (a sweep continues its own runs with a new train.max_steps "
+                         "or budget, or on other devices, only)")
 
 
 def check_runs(runs: Sequence[SweepRun]) -> None:
@@ -369,9 +369,12 @@ def train_command() -> list[str]:
 
 
 def child_environment() -> dict[str, str]:
+    """This tml first on the search path, and (Python 3.11+) not the working directory, which `python -m` would put
+    before it: a tml/ folder where the sweep runs (a checkout, beside an installed tml) is not what the runs import."""
     package_root = str(Path(__file__).resolve().parents[1])
     search_path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONPATH": package_root + (os.pathsep + search_path if search_path else "")}
+    return {**os.environ, "PYTHONSAFEPATH": "1",
+            "PYTHONPATH": package_root + (os.pathsep + search_path if search_path else "")}
 
 
 def stop_with(sweep_pid: int) -> Callable[[], None] | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shlex
 import stat
 import subprocess
 import sys
@@ -22,6 +23,7 @@ from tml.slurm import (
     job_state_line,
     make_executor,
     parse_time_limit,
+    python_path_setup,
     render_sbatch,
     rendezvous_port,
     restart_count,
@@ -296,3 +298,15 @@ def test_job_state_line_shows_a_reason_only_when_slurm_gives_one():
 def test_a_bare_time_limit_is_described_in_minutes():
     assert SlurmResources(nodes=1, time="30").describe().endswith("time limit 30 min")
     assert SlurmResources(nodes=1, time="4:00:00").describe().endswith("time limit 4:00:00")
+
+
+@pytest.mark.skipif(sys.version_info < (3, 11), reason="PYTHONSAFEPATH is Python 3.11's")
+def test_a_jobs_tasks_import_the_submitting_tml_not_a_tml_folder_in_the_submission_directory(tmp_path):
+    (tmp_path / "tml").mkdir()
+    (tmp_path / "tml" / "__init__.py").write_text("raise ImportError('the tml folder in the submission directory')\n")
+    script = f"{python_path_setup()}\n{shlex.quote(sys.executable)} -m tml.cli --version\n"
+    done = subprocess.run(["bash", "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=60,
+                          env={key: value for key, value in os.environ.items() if key != "PYTHONPATH"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.startswith("tml ")
+    assert python_path_setup() in render_sbatch(SlurmResources(nodes=1), tmp_path)

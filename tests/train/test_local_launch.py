@@ -1,6 +1,5 @@
 """launch/local.py end to end: prepares real Gutenberg shards when missing, trains, and refuses bad keys."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,7 +8,7 @@ import pytest
 
 from tests.conftest import GUTENBERG_DIR, REPO_ROOT, debug_model_config
 from tests.train.test_loop import launch
-from tml.config import Config, load_config
+from tml.config import Config
 from tml.data.config import DataConfig
 from tml.model.config import GPT2_PADDED_VOCAB
 from tml.train.checkpoint import checkpoints_dir, read_meta
@@ -50,22 +49,3 @@ def test_unknown_key_is_rejected_by_name_before_anything_runs():
     assert "train.bogus_key" in done.stderr
     assert "no --config given: using configs/reference.yaml" in done.stderr
 
-
-def load_launcher():
-    spec = importlib.util.spec_from_file_location("tml_launch_local", REPO_ROOT / "launch" / "local.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_without_a_config_the_reference_setup_runs():
-    launcher = load_launcher()
-    argv = launcher.with_default_config(["--train.max_steps", "7"])
-    config = load_config(argv)
-    assert config == load_config(["--config", str(REPO_ROOT / "configs" / "reference.yaml"), "--train.max_steps", "7"])
-    assert config.train.out_dir == "runs/reference" and config.train.early_stop_patience == 5
-
-
-@pytest.mark.parametrize("argv", [["--config", "configs/tiny.yaml"], ["--config=configs/tiny.yaml"], ["--help"]])
-def test_a_named_config_or_help_is_left_alone(argv):
-    assert load_launcher().with_default_config(argv) == argv

@@ -601,3 +601,23 @@ def test_deepspeeds_reported_grad_norm_becomes_a_float32_scalar_on_the_device(re
     norm, norm_known = loop_module.deepspeed_grad_norm(ReportsNorm(reported), torch.device("cpu"))
     assert norm.shape == () and norm.dtype == torch.float32 and norm_known is known
     assert math.isnan(norm.item()) if math.isnan(expected) else norm.item() == expected
+
+
+def test_a_wsd_runs_checkpoint_branched_to_a_shorter_length_is_a_run_of_that_length(tmp_path, tiny_shards, capsys):
+    """WSD's promise: a long run's checkpoint before its decay, continued with a shorter max_steps in a directory of
+    its own, ends with exactly the weights of a run trained for that length from the start (and is a new run in
+    wandb: its own id, while the long run keeps its own)."""
+    wsd = dict(schedule="wsd", warmup_frac=0.0, decay_frac=0.25, val_interval=100, ckpt_interval=2, keep_checkpoints=9)
+    train(tiny_run_config(tiny_shards, tmp_path / "long", max_steps=8, **wsd))  # decays over steps 6 and 7
+    train(tiny_run_config(tiny_shards, tmp_path / "six", max_steps=6, **wsd))  # decays over step 5
+    capsys.readouterr()
+    from_step_4 = checkpoints_dir(tmp_path / "long") / "step-0000004"
+    train(tiny_run_config(tiny_shards, tmp_path / "branch", max_steps=6, resume=str(from_step_4), **wsd))
+    assert f"resumed from {from_step_4} at step 4: a branch of that run" in capsys.readouterr().out
+    branch, _ = load_model_weights(tmp_path / "branch" / "checkpoints" / "last")
+    six, _ = load_model_weights(tmp_path / "six" / "checkpoints" / "last")
+    for name, value in six.items():
+        assert torch.equal(branch[name], value), name
+    long_id = read_meta(from_step_4)["wandb_run_id"]
+    assert read_meta(tmp_path / "branch" / "checkpoints" / "last")["wandb_run_id"] != long_id
+    assert read_meta(tmp_path / "long" / "checkpoints" / "last")["wandb_run_id"] == long_id

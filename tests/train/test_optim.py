@@ -6,9 +6,10 @@ from torch import nn
 
 from tests.conftest import debug_model_config
 from tml.model import Transformer
-from tml.train.config import TrainConfig
+from tml.train.config import TrainConfig, TrainConfigError
 from tml.train.optim import (
     CosineWithWarmup,
+    WarmupStableDecay,
     build_optimizer,
     build_scheduler,
     decay_groups,
@@ -153,3 +154,47 @@ def test_restored_schedule_with_an_unchanged_config_is_exactly_the_uninterrupted
     train = TrainConfig(max_steps=30, warmup_frac=0.2)
     optimizer, scheduler = scheduler_after(train, 4)
     assert resumed_lrs(scheduler.state_dict(), train, optimizer.param_groups[0]["lr"]) == lrs_over_run(train)[4:]
+
+
+def test_wsd_warms_up_holds_the_peak_then_decays_to_min_lr_at_the_last_step():
+    train = TrainConfig(max_steps=100, lr=3e-4, min_lr=3e-5, warmup_frac=0.1, schedule="wsd", decay_frac=0.2)
+    lrs = lrs_over_run(train)
+    assert lrs[:10] == pytest.approx(lrs_over_run(TrainConfig(max_steps=100, warmup_frac=0.1))[:10])  # cosine's
+    assert lrs[10:80] == [pytest.approx(3e-4)] * 70  # the stable phase: steps 10 .. 79 at the peak
+    assert lrs[80] == pytest.approx(3e-5 + (3e-4 - 3e-5) * (1 - math.sqrt(1 / 20)))  # 1-sqrt decay over 20 steps
+    assert lrs[89] == pytest.approx(3e-5 + (3e-4 - 3e-5) * (1 - math.sqrt(10 / 20)))
+    assert all(a > b for a, b in zip(lrs[79:], lrs[80:], strict=False))  # strictly falling to the end
+    assert lrs[-1] == pytest.approx(3e-5)
+
+
+def test_wsd_lr_before_its_decay_does_not_depend_on_max_steps():
+    """Why WSD: a checkpoint of a long run is, up to its decay, a checkpoint of any shorter run with this warm-up."""
+    short = WarmupStableDecay(max_steps=100, warmup_steps=10, decay_steps=20, min_ratio=0.1)
+    long = WarmupStableDecay(max_steps=1000, warmup_steps=10, decay_steps=200, min_ratio=0.1)
+    assert [short(step) for step in range(80)] == [long(step) for step in range(80)]
+
+
+def test_a_wsd_run_resumed_with_a_longer_max_steps_decays_at_its_new_end():
+    train = TrainConfig(max_steps=100, warmup_frac=0.1, schedule="wsd", decay_frac=0.2)
+    optimizer, scheduler = scheduler_after(train, 60)  # still in the stable phase
+    longer = TrainConfig(max_steps=200, warmup_frac=0.05, schedule="wsd", decay_frac=0.1)  # the same 10 warm-up steps
+    lrs = resumed_lrs(scheduler.state_dict(), longer, optimizer.param_groups[0]["lr"])
+    assert lrs == pytest.approx(lrs_over_run(longer)[60:])
+    assert lrs[:120] == [pytest.approx(train.lr)] * 120 and lrs[-1] == pytest.approx(train.min_lr)
+
+
+def test_wsd_schedule_settings_are_checked():
+    with pytest.raises(TrainConfigError, match=r"train.decay_frac=0.95: with warmup_frac=0.1 must be at most 0.9"):
+        TrainConfig(schedule="wsd", decay_frac=0.95)
+    TrainConfig(schedule="wsd", warmup_frac=0.3, decay_frac=0.7)  # warm-up, then decay at once: allowed
+    with pytest.raises(TrainConfigError, match=r"train.decay_frac=0: must be in \(0, 1\]"):
+        TrainConfig(decay_frac=0)
+    with pytest.raises(TrainConfigError, match=r"train.schedule='linear': must be one of cosine, wsd"):
+        TrainConfig(schedule="linear")
+
+
+@pytest.mark.parametrize("max_steps", [1, 2, 3, 7])
+def test_wsd_on_a_few_steps_still_ends_at_min_lr(max_steps):
+    train = TrainConfig(max_steps=max_steps, lr=1e-3, min_lr=1e-4, warmup_frac=0.3, schedule="wsd", decay_frac=0.7)
+    lrs = lrs_over_run(train)
+    assert lrs[-1] == pytest.approx(1e-4) and all(0 < lr <= 1e-3 for lr in lrs)

@@ -590,11 +590,12 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
     return shard_dir
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    """`tml-prepare --config FILE [--data.key value ...] [--force]`; only the data section is used."""
+def main(argv: Sequence[str] | None = None, prog: str = "tml-prepare") -> int:
+    """`tml-prepare --config FILE [--data.key value ...] [--force]` (also `tml prepare`); only the data section is
+    used."""
     args = list(sys.argv[1:] if argv is None else argv)
     asking_help = "-h" in args or "--help" in args  # shows the section it reads, not the 300 lines of every section
-    parser = build_parser(prog="tml-prepare", description="Download, clean, tokenize and shard the corpus.",
+    parser = build_parser(prog=prog, description="Download, clean, tokenize and shard the corpus.",
                           sections=["data"] if asking_help else None,
                           epilog="The model, train and log sections of a config file or the command line are "
                                  "accepted and ignored, so a run's own command and config prepare its data.")
@@ -607,10 +608,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         config = load_config(args, parser=parser)
         prepare_data(config.data, console=Console(), force="--force" in args)
     except (ConfigError, GutenbergError, PrepareError, ShardError, TokenizerError, OSError, ValueError) as error:
-        errors.print(f"[bold red]tml-prepare: error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]{prog}: error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         return 1
     except KeyboardInterrupt:
-        errors.print("tml-prepare: interrupted; the next run starts the unfinished work again")
+        errors.print(f"{prog}: interrupted; the next run starts the unfinished work again")
         return 130
     return 0
 

@@ -125,8 +125,21 @@ def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
         raise CheckpointError(f"train.resume={resume!r}: no such checkpoint{_dangling(path)}")
     is_checkpoint = (path / META).exists() or (path / MANIFEST).exists()
     if not is_checkpoint and checkpoints_dir(path).is_dir() and (last := resolve_resume("auto", path)) is not None:
-        return last  # a run directory continues from its `last`, as `auto` does (find_checkpoint would pick `best`)
-    return find_checkpoint(path)
+        found = last  # a run directory continues from its `last`, as `auto` does (find_checkpoint would pick `best`)
+    else:
+        found = find_checkpoint(path)
+    if branches_another_run(found, out_dir) and (existing := describe_saved_run(out_dir)):
+        # The same command run twice: starting the branch again would retrain it over its own checkpoints.
+        raise CheckpointError(
+            f"{out_dir} already holds a run ({existing}) and train.resume names a checkpoint of another run "
+            f"({found}): --train.resume auto continues {out_dir}, another --train.out_dir starts a new branch")
+    return found
+
+
+def branches_another_run(resume_dir: Path, out_dir: str | Path) -> bool:
+    """True when a run resumes a checkpoint of another out_dir: a branch (another length of a WSD run, say), which
+    continues the weights, optimizer and data position but is a run of its own in wandb, not more of the old one."""
+    return resume_dir.resolve().parent != checkpoints_dir(out_dir).resolve()
 
 
 def _dangling_last_advice(dangling_last: Path) -> str:
@@ -380,7 +393,9 @@ def changed_settings(saved: dict[str, Any], current: Config) -> list[tuple[str, 
 
 
 def _shown(value: Any) -> str:
-    """A value as it is written on the command line (`mla`, `0.003`, `[11, 12]`, `null`)."""
+    """A value as it is written on the command line (`mla`, `0.003`, `[11, 12]`, `null`, `3e+18`)."""
+    if isinstance(value, float) and abs(value) >= 1e6:  # a FLOPs budget: 3e+18, not 3000000000000000000.0
+        return f"{value:g}"
     return value if isinstance(value, str) else json.dumps(value)
 
 

@@ -9,6 +9,7 @@ device?) is checked later, where the Fabric is built (tml/train/fabric.py).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
 
@@ -16,6 +17,7 @@ Precision = Literal["16-mixed", "bf16-mixed", "32-true"]
 Strategy = Literal["auto", "ddp", "deepspeed"]
 ZeroOffload = Literal["none", "optimizer", "optimizer+params"]
 Accelerator = Literal["auto", "cpu", "cuda"]
+Schedule = Literal["cosine", "wsd"]
 ZERO_STAGES = (1, 2, 3)  # DeepSpeed's stage 0 is plain data parallelism: use strategy=ddp for that
 
 
@@ -28,13 +30,23 @@ class TrainConfig:
     """How to train: schedule, optimizer, validation, checkpoints and distribution.
 
     Attributes:
-        max_steps: optimizer steps to train for
+        max_steps: optimizer steps to train for; set from max_tokens or max_flops when one is given (a max_steps
+            given too is not used)
+        max_tokens: a training budget in tokens: max_steps becomes the most whole optimizer steps within it
+            (tokens a step = batch_size x grad_accum x devices x num_nodes x model.block_size); null = none
+        max_flops: a training budget in FLOPs: max_steps becomes the most whole optimizer steps within it (a step
+            = the model's training FLOPs per token x its tokens), so runs of other shapes train at equal
+            compute; null = none. At most one of max_tokens and max_flops (tml/train/budget.py)
         batch_size: sequences per micro-batch, on each device
         grad_accum: micro-batches accumulated into one optimizer step
         lr: peak learning rate, reached at the end of warm-up
-        min_lr: learning rate at the last step, where the cosine decay ends
+        min_lr: learning rate at the last step, where the decay ends
         warmup_frac: fraction of max_steps over which the learning rate rises linearly to lr (its first step uses
             lr/(W+1) of W warm-up steps, never 0: tml/train/optim.py)
+        schedule: after warm-up, "cosine" decays from lr to min_lr over all the remaining steps (the reference);
+            "wsd" (warm-up, stable, decay) holds lr, then decays to min_lr over the last decay_frac of max_steps, so
+            its checkpoints before the decay can be continued to any longer horizon (README: branching a run)
+        decay_frac: schedule "wsd" only: the fraction of max_steps at the end over which lr falls to min_lr
         weight_decay: AdamW weight decay, applied to the linear layers' weights only
         beta1: AdamW's decay rate for the gradient mean
         beta2: AdamW's decay rate for the squared gradient (0.95, GPT-3's choice for stability)
@@ -50,8 +62,8 @@ class TrainConfig:
         zero_stage: DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters
         zero_offload: DeepSpeed CPU offload: none, optimizer, or optimizer+params (ZeRO-3 only)
         accelerator: auto (CUDA when present, else CPU with a notice), cpu or cuda
-        devices: processes per node, one per GPU (launch/slurm.py sets it from the SLURM request)
-        num_nodes: nodes (launch/slurm.py sets it from --nodes)
+        devices: processes per node, one per GPU (tml slurm, launch/slurm.py, sets it from the SLURM request)
+        num_nodes: nodes (tml slurm, launch/slurm.py, sets it from --nodes)
         out_dir: run directory: checkpoints, config.yaml and TensorBoard logs
         resume: "none", "auto" (latest checkpoint in out_dir) or a checkpoint path (a run directory: its latest)
         init_from: start a new run from these weights (a run directory, a checkpoint or a `tml export` file) with a
@@ -65,11 +77,15 @@ class TrainConfig:
     """
 
     max_steps: int = 18_370
+    max_tokens: int | float | None = None  # a float too: 1e9 on the command line
+    max_flops: float | None = None
     batch_size: int = 20
     grad_accum: int = 4
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_frac: float = 0.1
+    schedule: Schedule = "cosine"
+    decay_frac: float = 0.2
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -106,6 +122,13 @@ class TrainConfig:
                     "ckpt_interval", "log_interval"):
             if getattr(self, key) < 1:
                 fail(key, "must be at least 1")
+        for key in ("max_tokens", "max_flops"):
+            value = getattr(self, key)
+            if value is not None and not (math.isfinite(value) and value > 0):  # isfinite: NaN and inf refused
+                fail(key, "must be a number > 0 (or null: no budget)")
+        if self.max_tokens is not None and self.max_flops is not None:
+            raise TrainConfigError(f"train.max_tokens={self.max_tokens!r} and train.max_flops={self.max_flops:g} are "
+                                   "both set: a run has one budget, give one of them")
         for key in ("keep_checkpoints", "early_stop_patience", "weight_decay", "early_stop_min_delta"):
             if getattr(self, key) < 0:
                 fail(key, "must be >= 0")
@@ -118,11 +141,16 @@ class TrainConfig:
         # 1.0 is allowed: the whole run warms up, reaching lr at the last step.
         if not 0 <= self.warmup_frac <= 1:
             fail("warmup_frac", "must be in [0, 1] (a fraction of max_steps)")
+        if not 0 < self.decay_frac <= 1:
+            fail("decay_frac", "must be in (0, 1] (a fraction of max_steps)")
+        if self.schedule == "wsd" and self.warmup_frac + self.decay_frac > 1 + 1e-9:  # 1e-9: 0.7 + 0.3 in floats
+            fail("decay_frac", f"with warmup_frac={self.warmup_frac} must be at most {1 - self.warmup_frac:g}: warm-up "
+                               "and decay together cannot last longer than the run")
         for key in ("beta1", "beta2"):
             if not 0 <= getattr(self, key) < 1:
                 fail(key, "must be in [0, 1) (AdamW's moment decay)")
         for key, allowed in (("precision", Precision), ("strategy", Strategy), ("zero_offload", ZeroOffload),
-                             ("accelerator", Accelerator)):
+                             ("accelerator", Accelerator), ("schedule", Schedule)):
             if getattr(self, key) not in get_args(allowed):
                 fail(key, f"must be one of {', '.join(get_args(allowed))}")
         if self.strategy == "deepspeed" and self.zero_stage not in ZERO_STAGES:

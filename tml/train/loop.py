@@ -37,7 +37,8 @@ from tml.files import write_atomic
 from tml.model import Transformer
 from tml.pretrained import weights_to_start_from
 from tml.run_dir import CONFIG_FILE, SUMMARY_FILE, checkpoints_dir
-from tml.train.checkpoint import Checkpointer, disk_space_warning, resume_checkpoint
+from tml.train.budget import describe_budget, horizon_key
+from tml.train.checkpoint import Checkpointer, branches_another_run, disk_space_warning, resume_checkpoint
 from tml.train.early_stopping import EarlyStopping
 from tml.train.evaluate import EvalResult, evaluate, format_perplexity, perplexity
 from tml.train.fabric import FP16_INITIAL_SCALE_POWER, build_fabric, is_deepspeed, resolve_precision
@@ -96,7 +97,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
     block = config.model.block_size
     train_set = PackedDataset(config.data.shard_dir, "train", block, config.data.stride)
     val_set = PackedDataset(config.data.shard_dir, "val", block, block)  # non-overlapping: every token counts once
-    wandb_run_id = meta.get("wandb_run_id") or new_wandb_run_id()
+    branch = resume_dir is not None and branches_another_run(resume_dir, out_dir)
+    wandb_run_id = (None if branch else meta.get("wandb_run_id")) or new_wandb_run_id()
     # A new run may start from trained weights; a resumed one has its own. Read (and refused) before Fabric starts.
     initial = weights_to_start_from(tc.init_from, config.model) if tc.init_from and resume_dir is None else None
 
@@ -152,7 +154,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
             # Counted, not step * tokens_per_step: the batch size or rank count may have changed on an earlier resume.
             tokens_seen = restored["loop"].get("tokens_seen", step * tokens_per_step)  # older checkpoints: estimated
             seconds_before = restored["loop"].get("train_seconds", 0.0)
-            fabric.print(f"resumed from {resume_dir} at step {step}")
+            fabric.print(f"resumed from {resume_dir} at step {step}"
+                         + (f": a branch of that run, logged as a run of its own in {out_dir}" if branch else ""))
             for notice in restored["notices"]:
                 fabric.print(notice)
             if changed:
@@ -164,9 +167,11 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         fabric.print(describe_model(model_figures))
         fabric.print(f"global batch: {tc.batch_size} sequences x {tc.grad_accum} accumulation x {fabric.world_size} "
                      f"ranks of {block} tokens = {tokens_per_step:,} tokens per optimizer step")
+        if budget := describe_budget(config):
+            fabric.print(budget)
         if step >= tc.max_steps:
             fabric.print(f"already at step {step:,} of train.max_steps {tc.max_steps:,}: nothing to train "
-                         "(a larger --train.max_steps continues the run); validating once")
+                         f"(a larger --{horizon_key(tc)} continues the run); validating once")
         if rank0 and (warning := disk_space_warning(out_dir, int(model_figures["model/params"]))):
             fabric.print(warning)
 

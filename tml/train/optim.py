@@ -1,4 +1,4 @@
-"""AdamW with GPT-style grouped weight decay, and a cosine learning-rate schedule with linear warm-up.
+"""AdamW with GPT-style grouped weight decay, and a learning-rate schedule with linear warm-up: cosine or WSD.
 
 Decay rule (minGPT's and early nanoGPT's, decided by module type so it never depends on parameter names; today's
 nanoGPT decays every tensor of 2+ dims, embeddings included):
@@ -92,10 +92,39 @@ class CosineWithWarmup:
         return self.min_ratio + (1.0 - self.min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+@dataclass
+class WarmupStableDecay:
+    """Multiplier on the base lr: the same linear warm-up, then the peak held, then a 1-sqrt decay to min_lr over the
+    last `decay_steps` steps, reaching it at the last step.
+
+    The lr before the decay does not depend on max_steps, so one long run's checkpoints can each be continued with a
+    shorter or longer max_steps and a decay of their own: one run, many training lengths (Hägele et al. 2024, "Scaling
+    Laws and Compute-Optimal Training Beyond Fixed Training Durations"; 1-sqrt matched cosine there, linear did not).
+    """
+
+    max_steps: int
+    warmup_steps: int
+    decay_steps: int
+    min_ratio: float  # min_lr / lr
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / (self.warmup_steps + 1)
+        decay_start = self.max_steps - self.decay_steps
+        if step < decay_start:
+            return 1.0
+        progress = min(1.0, (step - decay_start + 1) / self.decay_steps)  # 1 at the last step, max_steps - 1
+        return self.min_ratio + (1.0 - self.min_ratio) * (1.0 - math.sqrt(progress))
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> LambdaLR:
     """warmup = warmup_frac * max_steps; lr reaches train.lr right after warm-up and train.min_lr at the last step."""
     warmup_steps = int(train.warmup_frac * train.max_steps)
     min_ratio = train.min_lr / train.lr if train.lr > 0 else 0.0
+    if train.schedule == "wsd":
+        decay_steps = max(1, int(train.decay_frac * train.max_steps))
+        decay_steps = min(decay_steps, train.max_steps - warmup_steps)  # a 1-step run with decay_frac 1 and warm-up
+        return LambdaLR(optimizer, WarmupStableDecay(train.max_steps, warmup_steps, decay_steps, min_ratio))
     return LambdaLR(optimizer, CosineWithWarmup(train.max_steps, warmup_steps, min_ratio))
 
 

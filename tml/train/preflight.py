@@ -18,6 +18,7 @@ from tml.data.config import DataConfig
 from tml.data.shards import ShardIndex
 from tml.files import what_blocks_directory
 from tml.pretrained import check_start_from
+from tml.train.budget import describe_budget, horizon_key
 from tml.train.checkpoint import resume_checkpoint
 from tml.train.run_lock import RunLockError, training_in_progress
 
@@ -80,19 +81,22 @@ def describe_start(config: Config) -> str:
     check_accelerator(train)
     if ready := data_is_ready(config.data):
         check_vocabulary(config)
+    budget = describe_budget(config)
     if resume_dir is None:
         start = f"starts from the weights of {train.init_from}" if train.init_from else "starts fresh"
-        start += f", {train.max_steps:,} steps"
+        start += "" if budget else f", {train.max_steps:,} steps"  # else said with the budget it comes from
     else:
         if (step := int(meta["step"])) >= train.max_steps:
             start = (f"already at step {step:,} of train.max_steps {train.max_steps:,}: validates once, trains "
-                     "nothing (a larger --train.max_steps continues it)")
+                     f"nothing (a larger --{horizon_key(train)} continues it)")
         else:
             start = f"resumes {resume_dir} at step {step:,} of {train.max_steps:,}"
             if changed:
                 start += f" (changed since: {'; '.join(changed)})"
         if ignored_init_from(config, meta):
             start += f"; train.init_from={train.init_from} ignored: the run resumes its own weights"
+    if budget:
+        start += f"; {budget}"
     data = "its shards are ready" if ready else "prepares its shards first"
     if ready and (standing_alone := shards_without_source(config.data)):
         return f"{start}; {standing_alone}"

@@ -1,0 +1,71 @@
+"""`tml slurm` (tml/slurm_submit.py), the launcher an installed tml has: the same submission as launch/slurm.py,
+under its own name. No cluster needed: --dry-run and refusals submit nothing."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.slurm.conftest import LAUNCHER, REPO_ROOT
+from tml.cli import main
+
+TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
+
+
+def test_tml_slurm_dry_run_prints_the_same_sbatch_script_as_launch_slurm_py(tmp_path, capsys, monkeypatch):
+    args = ["--config", TINY_CONFIG, "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--time",
+            "2-00:00:00", "--train.out_dir", str(tmp_path / "run"), "--dry-run"]
+    launched = subprocess.run([sys.executable, str(LAUNCHER), *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=60)
+    assert launched.returncode == 0, launched.stderr
+    monkeypatch.chdir(REPO_ROOT)
+    assert main(["slurm", *args]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == launched.stdout
+    assert "#SBATCH --nodes=2" in captured.out and f"{tmp_path / 'run' / 'slurm'}" in captured.out
+    # The same notices, each under the name it was run by.
+    assert "launch/slurm.py: train.accelerator='cpu' replaced by 'cuda'" in launched.stderr
+    assert captured.err == launched.stderr.replace("launch/slurm.py: ", "tml slurm: ")
+
+
+def test_a_sweep_dry_run_names_every_run_as_launch_slurm_py_does(tmp_path, capsys, monkeypatch):
+    args = ["--config", TINY_CONFIG, "--gpus-per-node", "0", "--tasks-per-node", "2", "--train.out_dir",
+            str(tmp_path / "sweep"), "--sweep", "train.lr=1e-3,3e-3", "--dry-run"]
+    launched = subprocess.run([sys.executable, str(LAUNCHER), *args], cwd=REPO_ROOT, capture_output=True, text=True,
+                              timeout=60)
+    assert launched.returncode == 0, launched.stderr
+    monkeypatch.chdir(REPO_ROOT)
+    assert main(["slurm", *args]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == launched.stdout
+    assert "# a sweep of 2 jobs, this script for each with its run's folder: lr=1e-3, lr=3e-3" in captured.err
+    assert captured.err == launched.stderr.replace("launch/slurm.py: ", "tml slurm: ")
+
+
+def test_tml_slurm_reports_a_bad_request_under_its_own_name(capsys):
+    argv = ["slurm", "--config", TINY_CONFIG, "--gpus-per-node", "8", "--tasks-per-node", "2", "--dry-run"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tml slurm: ") and "--tasks-per-node 2 with --gpus-per-node 8" in err
+
+
+def test_tml_slurm_help_is_the_launchers_under_the_name_tml_slurm(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["slurm", "--help"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: tml slurm ") and "launch/slurm.py" not in out
+    assert "--gpus-per-node" in out and "--dry-run" in out and "--sweep KEY=V1,V2" in out
+
+
+def test_the_installed_tml_command_runs_slurm_outside_the_checkout(tmp_path):
+    console_script = Path(sys.executable).parent / "tml"
+    if not console_script.exists():
+        pytest.skip(f"no tml console script beside {sys.executable}: tml is not installed in this environment")
+    helped = subprocess.run([str(console_script), "slurm", "--help"], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=60)
+    assert helped.returncode == 0, helped.stderr
+    assert helped.stdout.startswith("usage: tml slurm ")

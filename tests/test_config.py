@@ -3,9 +3,19 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import REPO_ROOT
-from tml.config import SECTIONS, Config, ConfigError, build_parser, dump_yaml, load_config, load_yaml_config
+from tml.config import (
+    SECTIONS,
+    Config,
+    ConfigError,
+    build_parser,
+    dump_yaml,
+    load_config,
+    load_yaml_config,
+    with_default_config,
+)
 from tml.data.config import DataConfig, DataConfigError
 from tml.model.config import ModelConfigError
 from tml.train.config import TrainConfig, TrainConfigError
@@ -311,8 +321,53 @@ def test_a_config_that_is_neither_a_file_nor_shipped_names_the_shipped_ones(tmp_
         load_config(["--config", "tinyy"])
 
 
-def test_the_package_ships_every_config_of_the_checkout():
+def test_the_package_ships_the_checkouts_configs_not_a_copy_of_them():
+    """tml/configs is a link to configs/ (pyproject's package-data takes the files through it): never two copies
+    that drift apart."""
     from tml.config import SHIPPED_CONFIGS
 
-    assert sorted(p.name for p in SHIPPED_CONFIGS.glob("*.yaml")) == sorted(
-        p.name for p in (REPO_ROOT / "configs").glob("*.yaml"))
+    assert SHIPPED_CONFIGS.is_symlink() and SHIPPED_CONFIGS.resolve() == (REPO_ROOT / "configs").resolve()
+    assert {p.stem for p in SHIPPED_CONFIGS.glob("*.yaml")} >= {"tiny", "small", "reference", "ddp", "zero2", "zero3"}
+
+
+def test_tml_train_without_a_config_runs_the_reference_setup():
+    config = load_config(with_default_config(["--train.max_steps", "7"]))
+    assert config == load_config(["--config", str(REPO_ROOT / "configs" / "reference.yaml"), "--train.max_steps", "7"])
+    assert config.train.out_dir == "runs/reference" and config.train.early_stop_patience == 5
+
+
+@pytest.mark.parametrize("argv", [["--config", "configs/tiny.yaml"], ["--config=configs/tiny.yaml"], ["--help"]])
+def test_a_named_config_or_help_is_left_alone(argv):
+    assert with_default_config(argv) == argv
+
+
+def test_a_max_steps_typed_beside_a_budget_is_refused_not_silently_unused():
+    tiny = ["--config", str(REPO_ROOT / "configs" / "tiny.yaml"), "--train.max_tokens", "1e5"]
+    with pytest.raises(ConfigError, match=r"^--train.max_steps is not used while train.max_tokens=100000 decides the "
+                                          r"steps \(max_steps 195\): change --train.max_tokens, or give "
+                                          r"--train.max_tokens null to train for --train.max_steps$"):
+        load_config([*tiny, "--train.max_steps=30"])
+    assert load_config([*tiny, "--train.max_steps", "30", "--train.max_tokens", "null"]).train.max_steps == 30
+
+
+def test_print_config_prints_the_config_the_run_uses(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_config(["--config", str(REPO_ROOT / "configs" / "tiny.yaml"), "--train.max_tokens", "1e5",
+                     "--print_config"])
+    assert exit_info.value.code == 0
+    printed = capsys.readouterr().out
+    assert "  max_steps: 195\n" in printed  # the budget's steps, not the file's 400
+    assert Config.from_dict(yaml.safe_load(printed)).train.max_steps == 195
+
+
+def test_using_a_shipped_config_for_a_path_or_over_a_file_of_its_name_here_is_said_once(tmp_path, monkeypatch,
+                                                                                         capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("tml.config._SAID_SHIPPED", set())
+    load_config(["--config", "configs/small.yaml"])
+    load_config(["--config", "configs/small.yaml"])  # a sweep loads each run's config: said once
+    (tmp_path / "small.yaml").write_text("train:\n  max_steps: 3\n")
+    assert load_config(["--config", "small"]).train.max_steps != 3  # a bare name is the shipped config
+    assert capsys.readouterr().err.splitlines() == [
+        f"tml: configs/small.yaml is not here: using the one tml ships ({REPO_ROOT / 'tml' / 'configs' / 'small.yaml'})",
+        "tml: --config small is tml's small.yaml, not ./small.yaml (--config small.yaml reads that)"]

@@ -1,5 +1,6 @@
 """--sweep: expanding the combinations up front, and running them one after the other with `tml train`."""
 
+import dataclasses
 import json
 import os
 import re
@@ -20,6 +21,7 @@ from tml.data.gutenberg import GutenbergError
 from tml.sweep import (
     SweepError,
     check_runs,
+    checkout_root,
     child_environment,
     expand_sweep,
     has_ended,
@@ -27,6 +29,7 @@ from tml.sweep import (
     split_values,
 )
 from tml.train.checkpoint import checkpoints_dir, read_meta
+from tml.train.loop import train
 from tml.train.preemption import CTRL_C_EXIT_STATUS
 from tml.train.run_lock import hold_run_lock, training_in_progress
 
@@ -394,3 +397,30 @@ def test_a_sweeps_runs_import_this_tml_not_a_tml_folder_where_the_sweep_runs(tmp
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.startswith("tml ")
+
+
+def test_a_sweep_of_branches_run_again_continues_the_branches_it_started(tmp_path, capsys):
+    """`--train.resume STEP --sweep train.max_steps=...`: one branch per length. Run again, a branch with checkpoints
+    of its own continues them (branching it again over them is refused); one not started yet still branches."""
+    experiment = write_experiment(tmp_path, max_steps=4, val_interval=100, ckpt_interval=2, keep_checkpoints=9)
+    train(tiny_run_config(tmp_path / "shards", tmp_path / "long", max_steps=4, ckpt_interval=2, keep_checkpoints=9))
+    step_2 = str(checkpoints_dir(tmp_path / "long") / "step-0000002")
+    argv = ["--config", str(experiment), "--train.resume", step_2, "--sweep", "train.max_steps=4,6"]
+    first, _ = expand(argv)
+    train(dataclasses.replace(first.config, train=dataclasses.replace(first.config.train, max_steps=3)))  # stopped
+    runs = expand(argv)
+    assert [run.config.train.resume for run in runs] == ["auto", step_2]
+    check_runs(runs)
+    assert main(["train", *argv, "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "1/2 max_steps=4: resumes" in out and "at step 3 of 4" in out
+    assert f"2/2 max_steps=6: resumes {step_2} at step 2 of 6" in out
+
+
+def test_an_installed_tml_is_not_put_on_pythonpath_a_checkout_is(monkeypatch):
+    """Installed, its directory is all of site-packages: on PYTHONPATH it would come before the standard library."""
+    monkeypatch.delenv("PYTHONPATH", raising=False)
+    assert child_environment()["PYTHONPATH"] == str(REPO_ROOT) and checkout_root() == str(REPO_ROOT)
+    monkeypatch.setattr("site.getsitepackages", lambda: [str(REPO_ROOT)])
+    assert checkout_root() is None
+    assert "PYTHONPATH" not in child_environment() and child_environment()["PYTHONSAFEPATH"] == "1"

@@ -1,8 +1,8 @@
-"""`tml train|prepare|slurm|generate|eval|export|compare`: the user-facing commands over a trained run.
+"""`tml train|prepare|slurm|generate|eval|inspect|export|compare`: the user-facing commands over a trained run.
 
-`train`, `prepare` and `slurm` take the experiment options (`--config FILE --section.key value`); generate, eval and
-export work from a checkpoint directory (or a run directory, meaning its `best`, else `last`), whose saved config
-rebuilds the model; `compare` tabulates the final numbers of run directories (tml/compare.py).
+`train`, `prepare` and `slurm` take the experiment options (`--config FILE --section.key value`); generate, eval,
+inspect and export work from a checkpoint directory (or a run directory, meaning its `best`, else `last`), whose saved
+config rebuilds the model; `compare` tabulates the final numbers of run directories (tml/compare.py).
 torch and Lightning are imported inside the commands that use them, so `tml prepare` and a config error in
 `tml train` answer without paying the seconds their import takes.
 """
@@ -23,9 +23,10 @@ from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
 
 from tml.compare import DEFAULT_SORT, FIELDS, CompareError, compare_runs, print_table, read_summary
-from tml.config import SHIPPED_CONFIGS, ConfigError
+from tml.config import ConfigError, with_default_config
 from tml.run_dir import another_runs_config
 from tml.sweep import is_sweep
 from tml.train.preemption import CTRL_C_EXIT_STATUS, DEFAULT_SIGNALS, INTERACTIVE_SIGNALS, PreemptionFlag
@@ -35,10 +36,15 @@ if TYPE_CHECKING:
     import torch
     from jsonargparse import ArgumentParser
 
+    from tml.model.config import ModelConfig
+
 # Tokens per forward pass in `tml eval` (8 windows at block size 512), whatever --context is: a longer window goes
 # through alone. The model projects a pass's positions onto the vocabulary in chunks (NO_GRAD_LOSS_CHUNK), so no
 # window is too long for memory; its attention's time grows with the square of its length.
 EVAL_BATCH_TOKENS = 4096
+# Windows `tml inspect` reads by default: 8 x 512 tokens give each layer's cache 4,096 rows, more than the widest cache
+# of the reference shapes has columns (MHA's 1,536), so the rank measured is not capped by the number of tokens.
+INSPECT_WINDOWS = 8
 # The share of the block new tokens may claim from a long prompt: enough to generate, while keeping most context.
 GENERATE_ROOM_FRACTION = 0.5
 TRAIN_DESCRIPTION = (
@@ -48,19 +54,7 @@ TRAIN_DESCRIPTION = (
     "says what a start would do, training nothing."
 )
 DRY_RUN_FLAG = "--dry-run"
-HELP_FLAGS = ("-h", "--help")
-DEFAULT_CONFIG = "reference"  # the shipped config `tml train` runs without --config
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
-
-
-def with_default_config(argv: Sequence[str]) -> list[str]:
-    """Without `--config` (and help not asked for), the reference setup: the run this toolkit exists to reproduce,
-    with its early stopping, resume and loggers (the dataclasses' defaults hold its model and schedule only)."""
-    if any(arg == "--config" or arg.startswith("--config=") or arg in HELP_FLAGS for arg in argv):
-        return list(argv)
-    if is_first_local_process():  # Fabric re-runs the command, with these arguments, for each extra rank
-        print(f"tml: no --config given: using configs/{DEFAULT_CONFIG}.yaml (the reference setup)", file=sys.stderr)
-    return ["--config", str(SHIPPED_CONFIGS / f"{DEFAULT_CONFIG}.yaml"), *argv]
 
 
 def train_main(argv: Sequence[str], prog: str | None = None) -> int:
@@ -424,7 +418,7 @@ def text_loss(model, tokens: list[int], device: torch.device, progress: Progress
     return total / count, count
 
 
-def read_text_file(path: Path) -> str:
+def read_text_file(path: Path, command: str = "eval") -> str:
     """The file's text, read as tml-prepare reads a corpus file (byte-order marks, UTF-8, else cp1252 or Latin-1,
     said on stderr; a Project Gutenberg file without its header and footer, said too), so held-out text evaluates
     as it would train. A binary file is refused: decoding it "with replacement" would evaluate the model on noise
@@ -441,10 +435,10 @@ def read_text_file(path: Path) -> str:
     except NotText as error:
         raise ValueError(f"--data {path} is not a text file: {error}") from None
     if encoding not in ("utf-8", "utf-8-sig"):
-        print(f"tml eval: --data {path} is not UTF-8: read as {encoding}", file=sys.stderr)
+        print(f"tml {command}: --data {path} is not UTF-8: read as {encoding}", file=sys.stderr)
     if has_gutenberg_header(text):  # the licence is not the book: tml-prepare trains without it too
         text = strip_gutenberg(text, name=str(path))
-        print(f"tml eval: --data {path} is a Project Gutenberg file: its header and footer are left out, as "
+        print(f"tml {command}: --data {path} is a Project Gutenberg file: its header and footer are left out, as "
               "tml-prepare leaves them out", file=sys.stderr)
     return text
 
@@ -488,6 +482,77 @@ def cmd_eval(args: argparse.Namespace) -> int:
         windows = f" | context {context} (trained at {trained})" if context != trained else ""
         print(f"{path}: {n_tokens(count)}{windows} | loss {loss:.4f} | perplexity "
               f"{format_perplexity(perplexity(loss))}")
+    return 0
+
+
+def window_starts(total: int, context: int, windows: int) -> list[int]:
+    """Where `windows` windows of `context` tokens start, spread evenly from a text's first token to its last full
+    window: a book's statistics come from all of it, not its opening. They overlap when the text is short."""
+    last = total - context
+    return [round(i * last / (windows - 1)) for i in range(windows)] if windows > 1 else [0]
+
+
+def cache_description(config: ModelConfig) -> str:
+    """What one layer caches per token, in words: the columns `tml inspect` measures the rank of."""
+    if config.attention == "mla":
+        return (f"a {config.kv_lora_rank}-wide latent (its {config.qk_rope_head_dim}-wide shared RoPE key is cached "
+                "too, left out of the rank)")
+    return (f"keys and values of {config.kv_heads} kv head{'s' if config.kv_heads > 1 else ''} x "
+            f"{config.mha_head_dim} dims, {2 * config.kv_heads * config.mha_head_dim} wide")
+
+
+def uniform_entropy(context: int) -> float:
+    """The mean entropy of attention spread evenly over every key a query sees: query t has t+1, so ln(T!)/T."""
+    return math.lgamma(context + 1) / context
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    """Per layer: the effective rank of the KV cache, the largest attention logit and the attention entropy, on
+    windows of a text file (tml/model/diagnostics.py)."""
+    import torch
+
+    from tml.data.tokenizer import get_tokenizer
+    from tml.model.diagnostics import attention_statistics
+    from tml.pretrained import default_device, load
+
+    path = Path(args.data)
+    check_context(args.context)
+    if args.windows < 1:
+        raise ValueError(f"--windows {args.windows} must be >= 1")
+    text = read_text_file(path, "inspect")  # before the model loads: a wrong file is refused at once
+    device = default_device()
+    used = weights_named(args.checkpoint)
+    model = load(chosen_checkpoint("inspect", args.checkpoint), device, args.dtype)
+    tokens = get_tokenizer().encode_ordinary(text)
+    check_token_ids(tokens, model.config.vocab_size, f"--data {path}")
+    trained = model.config.block_size
+    context = args.context or trained
+    if len(tokens) < context:
+        raise ValueError(f"--data {path}: {n_tokens(len(tokens))}, shorter than one window of {context} (a longer "
+                         "text, or a shorter --context)")
+    read_at_context(model, context, "inspect")
+    data = torch.tensor(tokens, dtype=torch.long)
+    idx = torch.stack([data[start : start + context] for start in window_starts(len(tokens), context, args.windows)])
+    layers = attention_statistics(model, idx.to(device))
+    kind, cache = model.config.attention_kind, cache_description(model.config)
+    if args.json:
+        print(json.dumps({"data": str(path), "checkpoint": args.checkpoint, "weights": used, "attention": kind,
+                          "cache": cache, "windows": args.windows, "context": context, "trained_context": trained,
+                          "dtype": args.dtype, "uniform_entropy": uniform_entropy(context),
+                          "layers": [dataclasses.asdict(layer) | {"cache_rank_fraction": layer.cache_rank_fraction}
+                                     for layer in layers]}))
+        return 0
+    console = Console(highlight=False)
+    console.print(f"{used}: {kind}, caching per token and layer {cache}; {args.windows} window"
+                  f"{'s' if args.windows > 1 else ''} of {context} tokens of {path} (uniform attention: entropy "
+                  f"{uniform_entropy(context):.2f} nats)", soft_wrap=True)
+    table = Table(show_edge=False, header_style="bold")
+    for header in ("layer", "cache rank used", "of width", "%", "max logit", "entropy (nats)"):
+        table.add_column(header, justify="right", no_wrap=True)
+    for layer in layers:
+        table.add_row(str(layer.layer), f"{layer.cache_effective_rank:.1f}", str(layer.cache_width),
+                      f"{100 * layer.cache_rank_fraction:.0f}%", f"{layer.max_logit:.2f}", f"{layer.mean_entropy:.2f}")
+    console.print(table)
     return 0
 
 
@@ -556,6 +621,19 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--dtype", default="float32", metavar="{float32,bfloat16,float16}",
                           help="weights in this dtype; the loss is taken over fp32 logits (default: %(default)s)")
 
+    inspect = commands.add_parser("inspect", help="per layer: how much of its KV cache a checkpoint uses (effective "
+                                  "rank), its largest attention logit and its attention entropy, on a text file")
+    inspect.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or a file tml export wrote")
+    inspect.add_argument("--data", required=True, help="a UTF-8 text file, at least one window long")
+    inspect.add_argument("--windows", type=int, default=INSPECT_WINDOWS, metavar="N",
+                         help="windows read, spread evenly over the text (default: %(default)s)")
+    inspect.add_argument("--context", type=int, metavar="T", help="tokens per window (default: the model's block_size)")
+    inspect.add_argument("--json", action="store_true", help="print one JSON object (the header's fields and a list "
+                         "of layers) instead of the table")
+    inspect.add_argument("--dtype", default="float32", metavar="{float32,bfloat16,float16}",
+                         help="weights in this dtype; scores are taken in fp32, spectra in fp64 (default: "
+                              "%(default)s)")
+
     export = commands.add_parser("export", help="write one fp32 state dict (consolidates DeepSpeed ZeRO shards) and "
                                  "the JSON describing its model")
     export.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or a file tml export wrote")
@@ -604,7 +682,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return run_reporting_errors(cmd_compare, args, (CompareError, OSError))
     from tml.train.checkpoint import CheckpointError
 
-    handlers = {"generate": cmd_generate, "eval": cmd_eval, "export": cmd_export}
+    handlers = {"generate": cmd_generate, "eval": cmd_eval, "inspect": cmd_inspect, "export": cmd_export}
     return run_reporting_errors(handlers[args.command], args, (CheckpointError, ConfigError, ValueError, OSError))
 
 

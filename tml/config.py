@@ -22,6 +22,7 @@ from tml.data.config import DataConfig
 from tml.model.config import ModelConfig
 from tml.train.budget import steps_for_budget
 from tml.train.config import LogConfig, TrainConfig
+from tml.train.ranks import is_first_local_process
 
 SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "log": LogConfig}
 # Settings that only say where a run's files go or how the raw books are fetched: they never change what a run
@@ -115,12 +116,31 @@ def load_config(args: Sequence[str] | None = None, parser: ArgumentParser | None
     args = with_shipped_configs(list(args) if args is not None else sys.argv[1:])
     for path in config_file_arguments(args):
         check_config_file(path)
+    # --print_config prints the config the run would use (a budget's max_steps included), not jsonargparse's view.
+    print_config = [arg for arg in args if arg == "--print_config" or arg.startswith("--print_config=")]
+    args = [arg for arg in args if arg not in print_config]
     try:
         namespace = parser.parse_args(args)
     except Exception as error:  # jsonargparse raises ArgumentError with the key named, over several lines
         message = " ".join(line.strip() for line in str(error).splitlines() if line.strip())
         raise ConfigError(plain_parse_error(message, args)) from error
-    return config_from_namespace(parser, namespace)
+    config = config_from_namespace(parser, namespace)
+    refuse_steps_beside_a_budget(args, config)
+    if print_config:
+        print(dump_yaml(config), end="")
+        raise SystemExit(0)
+    return config
+
+
+def refuse_steps_beside_a_budget(args: Sequence[str], config: Config) -> None:
+    """A --train.max_steps typed while a budget decides the steps (from a config file: a run's config.yaml holds both)
+    would be silently unused: refused, saying how to train that many steps."""
+    budget = next((key for key in ("max_tokens", "max_flops") if getattr(config.train, key) is not None), None)
+    typed = [arg for arg in args if arg == "--train.max_steps" or arg.startswith("--train.max_steps=")]
+    if budget and typed:
+        raise ConfigError(f"--train.max_steps is not used while train.{budget}={getattr(config.train, budget):g} decides "
+                          f"the steps (max_steps {config.train.max_steps:,}): change --train.{budget}, or give "
+                          f"--train.{budget} null to train for --train.max_steps")
 
 
 # Flags the entry points take beside the config's keys (tml train's --sweep and --dry-run, tml-prepare's --force):
@@ -231,6 +251,11 @@ def config_file_arguments(args: Sequence[str]) -> list[str]:
 SHIPPED_CONFIGS = Path(__file__).resolve().parent / "configs"
 
 
+HELP_FLAGS = ("-h", "--help")
+DEFAULT_CONFIG = "reference"  # the shipped config tml train and tml slurm run without --config
+_SAID_SHIPPED: set[str] = set()  # --config paths told to be shipped configs (a sweep loads each run's config)
+
+
 def shipped_config(name: str) -> Path | None:
     """The shipped config that a `--config` value which is no file here means: `tiny`, `tiny.yaml` or
     `configs/tiny.yaml` (the README's spelling, followed outside a checkout, where tml was installed from a wheel)."""
@@ -243,6 +268,16 @@ def shipped_config(name: str) -> Path | None:
 
 def shipped_config_names() -> list[str]:
     return sorted(path.stem for path in SHIPPED_CONFIGS.glob("*.yaml"))
+
+
+def with_default_config(argv: Sequence[str]) -> list[str]:
+    """Without `--config` (and help not asked for), the reference setup: the run this toolkit exists to reproduce,
+    with its early stopping, resume and loggers (the dataclasses' defaults hold its model and schedule only)."""
+    if any(arg == "--config" or arg.startswith("--config=") or arg in HELP_FLAGS for arg in argv):
+        return list(argv)
+    if is_first_local_process():  # Fabric re-runs the command, with these arguments, for each extra rank
+        print(f"tml: no --config given: using tml's configs/{DEFAULT_CONFIG}.yaml (the reference setup)", file=sys.stderr)
+    return ["--config", str(SHIPPED_CONFIGS / f"{DEFAULT_CONFIG}.yaml"), *argv]
 
 
 def with_shipped_configs(args: list[str]) -> list[str]:
@@ -258,6 +293,14 @@ def with_shipped_configs(args: list[str]) -> list[str]:
             continue
         if (shipped := shipped_config(value)) is not None:
             resolved[where] = prefix + str(shipped)
+            if value in _SAID_SHIPPED or not is_first_local_process():  # said once, by one process
+                continue
+            _SAID_SHIPPED.add(value)
+            if Path(value).suffix:  # a path the user typed, which is not here
+                print(f"tml: {value} is not here: using the one tml ships ({shipped})", file=sys.stderr)
+            elif Path(f"{value}.yaml").exists():
+                print(f"tml: --config {value} is tml's {value}.yaml, not ./{value}.yaml (--config {value}.yaml reads "
+                      "that)", file=sys.stderr)
         elif not Path(value).exists() and not any(mark in value for mark in "{:\n"):  # not inline YAML either
             raise ConfigError(f"--config {value}: no such file; tml ships {', '.join(shipped_config_names())} "
                               "(e.g. --config tiny)")

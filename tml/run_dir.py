@@ -20,6 +20,7 @@ CONFIG_FILE = "config.yaml"
 SUMMARY_FILE = "summary.json"
 CHECKPOINTS = "checkpoints"
 STEP_DIR = re.compile(r"step-(\d+)")  # the names step_name() gives
+RESUME_WORDS = ("", "none", "auto")  # train.resume values that are not a checkpoint path
 
 
 def checkpoints_dir(out_dir: str | Path) -> Path:

@@ -43,6 +43,7 @@ from submitit.core.utils import FailedJobError, JobPaths, UncompletedJobError
 from submitit.slurm.slurm import SlurmJob, _make_sbatch_string
 
 from tml.config import Config
+from tml.run_dir import RESUME_WORDS
 
 # Seconds before the time limit at which SLURM sends the warning signal: room to finish the current step and
 # write `last` (Submitit's default of 90 s is tight for a multi-GB checkpoint on a shared file system).
@@ -52,7 +53,6 @@ SIGNAL_DELAY_S = 120
 MAX_TIMEOUT_REQUEUES = 100
 DEFAULT_TIME = "24:00:00"
 DEFAULT_JOB_NAME = "tml"
-RESUME_WORDS = ("", "none", "auto")  # train.resume values that are not a path
 # MASTER_PORT = base + (job id mod slots) * restarts-slots + (restart mod restart-slots): 10000-29999, below
 # Linux's ephemeral range (32768+) so no outgoing connection holds it; distinct for any two jobs whose ids
 # differ by less than 5000 and for four consecutive restarts of one job.
@@ -231,8 +231,11 @@ def executor_parameters(resources: SlurmResources) -> dict[str, Any]:
 def python_path_setup() -> str:
     """The sbatch line that makes every task import the tml that submitted the job, installed or a checkout, and
     (Python 3.11+) not a tml/ folder in the submission directory, which Submitit's `python -m` would put first."""
-    package_root = shlex.quote(str(Path(__file__).resolve().parents[1]))
-    return f'export PYTHONSAFEPATH=1 PYTHONPATH={package_root}"${{PYTHONPATH:+:$PYTHONPATH}}"'
+    from tml.sweep import checkout_root
+
+    if (root := checkout_root()) is None:  # installed: the job's interpreter (this one) finds it
+        return "export PYTHONSAFEPATH=1"
+    return f'export PYTHONSAFEPATH=1 PYTHONPATH={shlex.quote(root)}"${{PYTHONPATH:+:$PYTHONPATH}}"'
 
 
 def submitit_command(folder: str | Path) -> str:

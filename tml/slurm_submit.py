@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tml.config import Config, ConfigError, load_config
+from tml.config import Config, ConfigError, load_config, with_default_config
 from tml.files import what_blocks_directory
 from tml.run_dir import another_runs_config
 from tml.slurm import (
@@ -44,6 +44,7 @@ from tml.sweep import (
     refuse_another_run_in_its_place,
     split_sweep_arguments,
 )
+from tml.train.budget import describe_budget
 from tml.train.config import TrainConfigError
 
 if TYPE_CHECKING:
@@ -96,6 +97,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "tml slurm") -> int:
     2 on a bad config or request, 130 when Ctrl-C stops the waiting."""
     parser = build_parser(prog)
     args, experiment = parser.parse_known_args(None if argv is None else list(argv))
+    experiment = with_default_config(experiment)  # the reference setup, as tml train runs without --config
     try:
         runs = experiment_runs(experiment)
         resources = SlurmResources(
@@ -130,6 +132,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "tml slurm") -> int:
         if len(runs) > 1:
             print(f"# a sweep of {len(runs)} jobs, this script for each with its run's folder: "
                   + ", ".join(str(name) for name, _ in runs), file=sys.stderr)
+        for name, config in runs:  # the job's global batch decides the steps a budget buys
+            if budget := describe_budget(config):
+                print(f"# {name + ': ' if name else ''}{budget}", file=sys.stderr)
         print(render_sbatch(resources, log_folder(runs[0][1])))
         return 0
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import site
 import subprocess
 import sys
 from collections.abc import Callable, Sequence
@@ -38,7 +39,7 @@ from tml.compare import (
 from tml.config import PLACEMENT_KEYS, Config, ConfigError, load_config, same_setting
 from tml.data.config import SHARD_SETTINGS
 from tml.files import make_directory, what_blocks_directory
-from tml.run_dir import CONFIG_FILE
+from tml.run_dir import CONFIG_FILE, RESUME_WORDS, saved_steps
 from tml.train.parent_death import signal_when_parent_dies
 from tml.train.preemption import CTRL_C_EXIT_STATUS
 
@@ -204,6 +205,10 @@ def expand_sweep(experiment: Sequence[str], axes: Sequence[SweepAxis],
                      # in wandb: the sweep's runs in one group (its out_dir as given), each named by its values
                      "--log.run_name", f"{base.log.run_name}/{name}" if base.log.run_name else name,
                      "--log.wandb_group", base.log.wandb_group or wandb_group(sweep_dir)]
+        if base.train.resume not in RESUME_WORDS and saved_steps(sweep_dir / name):
+            # A branch of another run (train.resume names its checkpoint) that this sweep started: continued from
+            # its own checkpoints, not branched again over them (which resolve_resume refuses).
+            placement += ["--train.resume", "auto"]
         if shard_axes:
             own = ",".join(label for position, label in enumerate(labels(axes, values)) if position in shard_axes)
             placement += ["--data.shard_dir", f"{os.path.normpath(base.data.shard_dir)}-{own}"]
@@ -368,13 +373,23 @@ def train_command() -> list[str]:
     return [sys.executable, "-m", "tml.cli", "train"]
 
 
+def checkout_root() -> str | None:
+    """The directory to put on PYTHONPATH so a new interpreter imports this tml: a checkout's root; None when tml is
+    installed in one of the interpreter's own site directories (putting all of site-packages on PYTHONPATH would
+    place it before the standard library)."""
+    root = str(Path(__file__).resolve().parents[1])
+    site_dirs = {str(Path(path).resolve()) for path in [*site.getsitepackages(), site.getusersitepackages()]}
+    return None if root in site_dirs else root
+
+
 def child_environment() -> dict[str, str]:
     """This tml first on the search path, and (Python 3.11+) not the working directory, which `python -m` would put
     before it: a tml/ folder where the sweep runs (a checkout, beside an installed tml) is not what the runs import."""
-    package_root = str(Path(__file__).resolve().parents[1])
-    search_path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "PYTHONSAFEPATH": "1",
-            "PYTHONPATH": package_root + (os.pathsep + search_path if search_path else "")}
+    environment = {**os.environ, "PYTHONSAFEPATH": "1"}
+    if (root := checkout_root()) is not None:
+        search_path = os.environ.get("PYTHONPATH")
+        environment["PYTHONPATH"] = root + (os.pathsep + search_path if search_path else "")
+    return environment
 
 
 def stop_with(sweep_pid: int) -> Callable[[], None] | None:
@@ -439,7 +454,7 @@ def run_sweep_here(runs: Sequence[SweepRun]) -> int:
     print(f"tml: compare them with: tml compare {sweep_dir}", flush=True)
     if stopped_by is not None:
         if left or outcomes[-1][1] != "done":  # something to continue
-            resume = "" if runs[0].config.train.resume == "auto" else " with --train.resume auto"
+            resume = " with --train.resume auto" if runs[0].config.train.resume in ("", "none") else ""
             print(f"tml: sweep stopped; the same command{resume} continues it (ended runs are skipped, the stopped "
                   "one resumes)", file=sys.stderr, flush=True)
         return CTRL_C_EXIT_STATUS if stopped_by == signal.SIGINT else 128 + stopped_by

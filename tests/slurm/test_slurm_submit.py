@@ -69,3 +69,14 @@ def test_the_installed_tml_command_runs_slurm_outside_the_checkout(tmp_path):
                             timeout=60)
     assert helped.returncode == 0, helped.stderr
     assert helped.stdout.startswith("usage: tml slurm ")
+
+
+def test_a_dry_run_says_the_steps_a_budget_buys_at_the_jobs_global_batch(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(REPO_ROOT)
+    argv = ["slurm", "--config", TINY_CONFIG, "--nodes", "2", "--gpus-per-node", "4", "--train.max_tokens", "1e6",
+            "--train.out_dir", str(tmp_path / "run"), "--dry-run"]
+    assert main(argv) == 0
+    # tiny: 8 sequences of 64 tokens on each of 2 x 4 ranks = 4,096 tokens a step
+    assert "# max_steps 244 from train.max_tokens=1,000,000 (4,096 tokens a step)\n" in capsys.readouterr().err
+    assert main([*argv[:-1], "--train.max_tokens", "1000", "--dry-run"]) == 2
+    assert "train.max_tokens=1,000 is less than one optimizer step, which costs 4,096 tokens" in capsys.readouterr().err

@@ -27,6 +27,7 @@ from tml.train.checkpoint import (
     DATA_CONTENT,
     Checkpointer,
     CheckpointError,
+    branches_another_run,
     check_resume_config,
     check_resume_layout,
     checkpoints_dir,
@@ -825,3 +826,31 @@ def test_a_rank_that_cannot_write_makes_every_rank_refuse_the_save_instead_of_ha
                         + re.escape(f") on rank 1; the checkpoints already in {checkpoints_dir(tmp_path)} are left as "
                                     "they were"), messages)
     assert not final.exists() and not list(checkpoints_dir(tmp_path).glob(".tmp-*"))
+
+
+def test_a_branch_starts_once_then_continues_as_its_own_run(tmp_path, tiny_shards):
+    """train.resume naming another run's checkpoint starts a branch in an empty out_dir; the same command again,
+    once the branch has checkpoints, is refused (it would train the branch again over them); auto continues it."""
+    train(tiny_run_config(tiny_shards, tmp_path / "long", max_steps=4, ckpt_interval=2, keep_checkpoints=9))
+    step_2 = checkpoints_dir(tmp_path / "long") / "step-0000002"
+    assert resolve_resume(str(step_2), tmp_path / "branch") == step_2.resolve()
+    with pytest.raises(CheckpointError, match=r"is at step 2: a branch of it trains on to train.max_steps, which must "
+                                              r"be above that \(it is 2\)"):
+        resume_checkpoint(tiny_run_config(tiny_shards, tmp_path / "branch", max_steps=2, resume=str(step_2)))
+    train(tiny_run_config(tiny_shards, tmp_path / "branch", max_steps=3, ckpt_interval=3, resume=str(step_2)))
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path / 'branch'} already holds a run \(checkpoints up to step 3 "
+                                              rf".*\) and train.resume names a checkpoint of another run \({step_2}\): "
+                                              r"--train.resume auto continues"):
+        resolve_resume(str(step_2), tmp_path / "branch")
+    assert resolve_resume("auto", tmp_path / "branch").name == "step-0000003"
+
+
+def test_a_runs_own_checkpoint_however_named_is_no_branch(tmp_path, tiny_shards):
+    train(tiny_run_config(tiny_shards, tmp_path / "run", max_steps=4, ckpt_interval=2, keep_checkpoints=9))
+    (tmp_path / "link").symlink_to(tmp_path / "run")
+    own = [checkpoints_dir(tmp_path / "run") / "last", checkpoints_dir(tmp_path / "run") / "step-0000002",
+           resolve_resume(str(tmp_path / "run"), tmp_path / "run"), checkpoints_dir(tmp_path / "link") / "last"]
+    for out_dir in (tmp_path / "run", tmp_path / "link", Path(os.path.relpath(tmp_path / "run"))):
+        for checkpoint_dir in own:
+            assert not branches_another_run(checkpoint_dir, out_dir), (checkpoint_dir, out_dir)
+    assert branches_another_run(own[0], tmp_path / "elsewhere")

@@ -47,5 +47,5 @@ def test_unknown_key_is_rejected_by_name_before_anything_runs():
                           cwd=REPO_ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "train.bogus_key" in done.stderr
-    assert "no --config given: using configs/reference.yaml" in done.stderr
+    assert "no --config given: using tml's configs/reference.yaml" in done.stderr
 

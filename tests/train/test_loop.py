@@ -21,7 +21,7 @@ from tml.config import ConfigError, dump_yaml, load_yaml_config
 from tml.model import Transformer
 from tml.run_dir import SUMMARY_FILE
 from tml.train.checkpoint import CheckpointError, checkpoints_dir, load_model_weights, read_meta, safe_load
-from tml.train.loop import MAX_NONFINITE_STEPS, MAX_OVERFLOWED_STEPS, TrainingDiverged, train
+from tml.train.loop import MAX_NONFINITE_STEPS, MAX_OVERFLOWED_STEPS, TrainingDiverged, resume_schedule_notices, train
 from tml.train.optim import CosineWithWarmup
 from tml.train.preemption import PreemptionFlag
 
@@ -621,3 +621,29 @@ def test_a_wsd_runs_checkpoint_branched_to_a_shorter_length_is_a_run_of_that_len
     long_id = read_meta(from_step_4)["wandb_run_id"]
     assert read_meta(tmp_path / "branch" / "checkpoints" / "last")["wandb_run_id"] != long_id
     assert read_meta(tmp_path / "long" / "checkpoints" / "last")["wandb_run_id"] == long_id
+
+
+def test_a_resume_says_when_a_budget_was_partly_trained_at_another_global_batch(tmp_path):
+    config = tiny_run_config(tmp_path, tmp_path, max_tokens=100_000)  # batch 4 x 1 device x 32 tokens = 128 a step
+    tokens_per_step = 4 * config.model.block_size
+    assert config.train.max_steps == 100_000 // tokens_per_step
+    assert resume_schedule_notices(config, config, 10, 10 * tokens_per_step, tokens_per_step, False) == []
+    [notice] = resume_schedule_notices(config, config, 10, 5 * tokens_per_step, tokens_per_step, False)  # half batch
+    ends_at = 5 * tokens_per_step + (config.train.max_steps - 10) * tokens_per_step
+    assert notice == (f"note: {5 * tokens_per_step:,} tokens were trained at another global batch; train.max_tokens "
+                      f"is counted in steps of today's {tokens_per_step:,} tokens, so the run ends at {ends_at:,} tokens")
+
+
+def test_a_branch_says_when_it_starts_inside_its_decay_or_from_annealed_weights(tmp_path):
+    wsd = dict(schedule="wsd", warmup_frac=0.0, decay_frac=0.5)
+    long = tiny_run_config(tmp_path, tmp_path, max_steps=20, **wsd)  # decays from step 10
+    branch = tiny_run_config(tmp_path, tmp_path, max_steps=10, **wsd)  # decays from step 5
+    assert resume_schedule_notices(branch, long, 4, 0, 0, branch=True) == []  # before both decays: a clean branch
+    [inside] = resume_schedule_notices(branch, long, 7, 0, 0, branch=True)
+    lr = 3e-4 + (3e-3 - 3e-4) * (1 - math.sqrt(3 / 5))
+    assert inside == (f"note: step 7 is inside this run's decay (from step 5): it starts at lr {lr:.3g}, not at the "
+                      "peak, and decays over 3 steps instead of 5")
+    longer = tiny_run_config(tmp_path, tmp_path, max_steps=40, **wsd)
+    [annealed] = resume_schedule_notices(longer, long, 15, 0, 0, branch=True)
+    assert annealed.startswith("note: the checkpoint at step 15 was in its run's decay (from step 10, lr ")
+    assert resume_schedule_notices(branch, long, 7, 0, 0, branch=False) == []  # its own run, resumed in its decay

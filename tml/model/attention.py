@@ -193,14 +193,20 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None, absorb: bool = True) -> torch.Tensor:
-        """`absorb` is accepted for a uniform block interface; MHA has nothing to absorb."""
-        B, T, C = x.shape
-        start = cache.length if cache is not None else 0
+    def _query_key_value(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Rotated queries [B,H,T,d], rotated keys [B,Hkv,T,d] (what the cache stores) and values [B,Hkv,T,d]."""
+        B, T, _ = x.shape
         heads = self.qkv_proj(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
         queries_and_keys, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
         # One rotation (and one set of angles) for queries and keys together.
         q, k = apply_rotary(queries_and_keys, start, self.rope_theta).split([self.n_head, self.n_kv_head], dim=1)
+        return q, k, v
+
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, absorb: bool = True) -> torch.Tensor:
+        """`absorb` is accepted for a uniform block interface; MHA has nothing to absorb."""
+        B, T, C = x.shape
+        start = cache.length if cache is not None else 0
+        q, k, v = self._query_key_value(x, start)
         if cache is not None:
             k, v = cache.update(k, v)
         if start == 0:

@@ -394,7 +394,7 @@ def changed_settings(saved: dict[str, Any], current: Config) -> list[tuple[str, 
 
 def _shown(value: Any) -> str:
     """A value as it is written on the command line (`mla`, `0.003`, `[11, 12]`, `null`, `3e+18`)."""
-    if isinstance(value, float) and abs(value) >= 1e6:  # a FLOPs budget: 3e+18, not 3000000000000000000.0
+    if isinstance(value, float) and abs(value) >= 1e6 and float(f"{value:g}") == value:  # 3e+18, not 3000...0.0
         return f"{value:g}"
     return value if isinstance(value, str) else json.dumps(value)
 
@@ -579,6 +579,9 @@ def resume_checkpoint(config: Config, shards_built: bool = False) -> tuple[Path 
         meta = verify_checkpoint(resume_dir, hash_files=False)  # every file at its size; loading hashes them too
     except CheckpointError as error:
         raise CheckpointError(f"{error}; {older_checkpoint_advice(resume_dir)}") from error
+    if branches_another_run(resume_dir, train.out_dir) and int(meta["step"]) >= train.max_steps:
+        raise CheckpointError(f"{resume_dir} is at step {meta['step']:,}: a branch of it trains on to train.max_steps, "
+                              f"which must be above that (it is {train.max_steps:,})")
     source_moved, differences = moved_source(meta, config.data)
     changed = check_resume_config(resume_dir, meta["config"], config, train.resume, source_moved, differences)
     check_resume_layout(resume_dir, meta, train.strategy == "deepspeed", train.devices * train.num_nodes)

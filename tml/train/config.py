@@ -127,7 +127,7 @@ class TrainConfig:
             if value is not None and not (math.isfinite(value) and value > 0):  # isfinite: NaN and inf refused
                 fail(key, "must be a number > 0 (or null: no budget)")
         if self.max_tokens is not None and self.max_flops is not None:
-            raise TrainConfigError(f"train.max_tokens={self.max_tokens!r} and train.max_flops={self.max_flops:g} are "
+            raise TrainConfigError(f"train.max_tokens={self.max_tokens:g} and train.max_flops={self.max_flops:g} are "
                                    "both set: a run has one budget, give one of them")
         for key in ("keep_checkpoints", "early_stop_patience", "weight_decay", "early_stop_min_delta"):
             if getattr(self, key) < 0:

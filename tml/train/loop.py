@@ -52,7 +52,7 @@ from tml.train.loggers import (
     model_hyperparameters,
     new_wandb_run_id,
 )
-from tml.train.optim import build_optimizer, build_scheduler
+from tml.train.optim import branch_schedule_notes, build_optimizer, build_scheduler
 from tml.train.preemption import PreemptionFlag, install_preemption_handler
 from tml.train.preflight import check_vocabulary, ignored_init_from
 from tml.train.ranks import is_first_local_process
@@ -82,6 +82,22 @@ class TrainResult:
     stopped_early: bool
     preempted: bool
     out_dir: Path
+
+
+def resume_schedule_notices(config: Config, saved: Config, step: int, tokens_seen: int, tokens_per_step: int,
+                            branch: bool) -> list[str]:
+    """What a resume from `saved`'s checkpoint changes in how long or how fast a run trains, said because nothing
+    else would show it."""
+    notices = []
+    if horizon_key(config.train) != "train.max_steps" and tokens_seen != step * tokens_per_step:
+        # The budget is counted in steps of today's global batch: the steps trained at another one cost otherwise.
+        ends_at = tokens_seen + max(0, config.train.max_steps - step) * tokens_per_step
+        notices.append(f"note: {tokens_seen:,} tokens were trained at another global batch; {horizon_key(config.train)} "
+                       f"is counted in steps of today's {tokens_per_step:,} tokens, so the run ends at {ends_at:,} "
+                       "tokens")
+    if branch:
+        notices += [f"note: {note}" for note in branch_schedule_notes(saved.train, config.train, step)]
+    return notices
 
 
 def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResult:
@@ -160,6 +176,9 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                 fabric.print(notice)
             if changed:
                 fabric.print(f"resuming with changed settings: {', '.join(changed)}")
+            saved = Config.from_dict(meta["config"])
+            for notice in resume_schedule_notices(config, saved, step, tokens_seen, tokens_per_step, branch):
+                fabric.print(notice)
         if rank0:  # only now: a refused resume leaves the run's config.yaml describing its checkpoints
             out_dir.mkdir(parents=True, exist_ok=True)
             # The model's cost as a comment: the file stays a config that `--config` loads.

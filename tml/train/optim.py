@@ -107,25 +107,51 @@ class WarmupStableDecay:
     decay_steps: int
     min_ratio: float  # min_lr / lr
 
+    @property
+    def decay_start(self) -> int:
+        return self.max_steps - self.decay_steps
+
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
-        decay_start = self.max_steps - self.decay_steps
-        if step < decay_start:
+        if step < self.decay_start:
             return 1.0
-        progress = min(1.0, (step - decay_start + 1) / self.decay_steps)  # 1 at the last step, max_steps - 1
+        progress = min(1.0, (step - self.decay_start + 1) / self.decay_steps)  # 1 at the last step, max_steps - 1
         return self.min_ratio + (1.0 - self.min_ratio) * (1.0 - math.sqrt(progress))
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> LambdaLR:
-    """warmup = warmup_frac * max_steps; lr reaches train.lr right after warm-up and train.min_lr at the last step."""
+def schedule_curve(train: TrainConfig) -> CosineWithWarmup | WarmupStableDecay:
+    """The lr multiplier per step that train describes: warmup = warmup_frac * max_steps; lr reaches train.lr right
+    after warm-up and train.min_lr at the last step."""
     warmup_steps = int(train.warmup_frac * train.max_steps)
     min_ratio = train.min_lr / train.lr if train.lr > 0 else 0.0
     if train.schedule == "wsd":
         decay_steps = max(1, int(train.decay_frac * train.max_steps))
         decay_steps = min(decay_steps, train.max_steps - warmup_steps)  # a 1-step run with decay_frac 1 and warm-up
-        return LambdaLR(optimizer, WarmupStableDecay(train.max_steps, warmup_steps, decay_steps, min_ratio))
-    return LambdaLR(optimizer, CosineWithWarmup(train.max_steps, warmup_steps, min_ratio))
+        return WarmupStableDecay(train.max_steps, warmup_steps, decay_steps, min_ratio)
+    return CosineWithWarmup(train.max_steps, warmup_steps, min_ratio)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> LambdaLR:
+    return LambdaLR(optimizer, schedule_curve(train))
+
+
+def branch_schedule_notes(source: TrainConfig, branch: TrainConfig, step: int) -> list[str]:
+    """What a branch from a WSD run's checkpoint at `step` should know about its lr: the checkpoint was already
+    annealed in its own run's decay (the branch takes it back up), or the step is inside the branch's own decay
+    (the branch starts part-way down it). Said because the lr curve shows it only after the fact."""
+    notes = []
+    curve = schedule_curve(source)
+    if isinstance(curve, WarmupStableDecay) and step >= curve.decay_start:
+        notes.append(f"the checkpoint at step {step:,} was in its run's decay (from step {curve.decay_start:,}, lr "
+                     f"{source.lr * curve(step - 1):.3g}): its weights were annealed, and this run takes lr "
+                     "back up; a checkpoint from before that decay branches cleanly")
+    curve = schedule_curve(branch)
+    if isinstance(curve, WarmupStableDecay) and curve.decay_start <= step < branch.max_steps:
+        notes.append(f"step {step:,} is inside this run's decay (from step {curve.decay_start:,}): it starts at lr "
+                     f"{branch.lr * curve(step):.3g}, not at the peak, and decays over {branch.max_steps - step:,} "
+                     f"steps instead of {curve.decay_steps:,}")
+    return notes
 
 
 def restore_schedule_step(scheduler: LambdaLR, saved: dict[str, Any]) -> None:

@@ -19,7 +19,8 @@ from tml.data.shards import ShardIndex
 from tml.files import what_blocks_directory
 from tml.pretrained import check_start_from
 from tml.train.budget import describe_budget, horizon_key
-from tml.train.checkpoint import resume_checkpoint
+from tml.train.checkpoint import branches_another_run, resume_checkpoint
+from tml.train.optim import branch_schedule_notes
 from tml.train.run_lock import RunLockError, training_in_progress
 
 
@@ -91,6 +92,9 @@ def describe_start(config: Config) -> str:
                      f"nothing (a larger --{horizon_key(train)} continues it)")
         else:
             start = f"resumes {resume_dir} at step {step:,} of {train.max_steps:,}"
+            if branches_another_run(resume_dir, train.out_dir):
+                notes = branch_schedule_notes(Config.from_dict(meta["config"]).train, train, step)
+                start += " as a branch (a run of its own)" + "".join(f"; {note}" for note in notes)
             if changed:
                 start += f" (changed since: {'; '.join(changed)})"
         if ignored_init_from(config, meta):

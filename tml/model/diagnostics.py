@@ -1,0 +1,148 @@
+"""What a model's attention does, layer by layer: how much of its KV cache it uses, how large its logits grow and
+how spread its attention is, measured on a batch of text.
+
+These are the curves MLA studies plot over training: the singular spectrum of the cached latent (TransMLA,
+MHA2MLA; a kv_lora_rank sweep asks how much of the latent is used), the largest attention logit (Kimi K2's
+"MaxLogit", which grows without bound in MLA without QK-Clip) and the attention entropy. The scores are recomputed
+from each attention module's own projections rather than read out of its forward pass, so training's fused
+attention stays as it is; tests/model/test_diagnostics.py checks the recomputed attention reproduces the module's
+output, so the numbers are about the attention the model really runs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from tml.model.attention import MultiHeadAttention, MultiHeadLatentAttention
+from tml.model.transformer import Transformer
+
+Attention = MultiHeadLatentAttention | MultiHeadAttention
+
+
+@dataclass(frozen=True)
+class LayerStatistics:
+    """One layer's attention on a batch.
+
+    cache_effective_rank: the effective rank of what the layer caches per token (centred; see cache_matrix), out of
+        cache_width columns. MLA: its latent, without the shared RoPE key; MHA/GQA/MQA: keys and values.
+    max_logit: the largest pre-softmax score q.k * scale over heads, windows and causal positions.
+    mean_entropy: attention entropy in nats, averaged over heads, windows and query positions (query t attends over
+        t+1 keys, so it is at most ln(t+1); the first query's is always 0).
+    """
+
+    layer: int
+    cache_effective_rank: float
+    cache_width: int
+    max_logit: float
+    mean_entropy: float
+
+    @property
+    def cache_rank_fraction(self) -> float:
+        return self.cache_effective_rank / self.cache_width
+
+
+def effective_rank(matrix: torch.Tensor) -> float:
+    """exp of the Shannon entropy of the normalised singular values (Roy & Vetterli, 2007); 0 for a zero matrix.
+
+    Unlike a count of singular values above a threshold it needs no tolerance and moves smoothly as a spectrum
+    flattens: k equal singular values give exactly k, a dominant one pulls it towards 1. Computed in float64 on the
+    CPU so that bf16 or fp16 activations lose nothing in the decomposition.
+    """
+    singular_values = torch.linalg.svdvals(matrix.detach().to(device="cpu", dtype=torch.float64))
+    total = singular_values.sum()
+    if total == 0:
+        return 0.0
+    p = singular_values / total
+    return math.exp(torch.special.entr(p).sum().item())
+
+
+def cache_matrix(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    """What the layer caches for each of the B*T tokens of x [B,T,C], one token a row, columns centred.
+
+    MLA: the normed latent [B*T, kv_lora_rank], as the cache stores it. Its shared RoPE key (qk_rope_head_dim per
+    token) is left out: it is a separate, fixed-width part of the cache that rotates with position, and the question
+    is how much of the kv_lora_rank the model uses. MHA/GQA/MQA: the keys (rotated, as cached) and values of the kv
+    heads [B*T, 2 * n_kv_head * head_dim]. Both are linear maps of the layer's n_embd-wide input, so a latent or the
+    values use at most n_embd dimensions; only RoPE's rotation, different at each position, lets keys exceed it.
+    Centred as in PCA: a direction every token shares (an offset, the norm's gain on a constant component) carries
+    no information about which token was read, and would otherwise count as a used dimension.
+    """
+    B, T, _ = x.shape
+    if isinstance(attn, MultiHeadLatentAttention):
+        latent, _ = attn._latent(x, 0)
+        rows = latent.reshape(B * T, -1)
+    else:
+        _, k, v = attn._query_key_value(x, 0)
+        rows = torch.cat((k, v), dim=1).transpose(1, 2).reshape(B * T, -1)
+    rows = rows.float()
+    return rows - rows.mean(dim=0, keepdim=True)
+
+
+def attention_scores(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pre-softmax scores [B,H,T,T] in fp32 with future keys at -inf, and each query head's values [B,H,T,dv].
+
+    Built from the module's own pieces over the whole window of x [B,T,C] from position 0, as its forward does
+    without a cache; q and k are upcast before the product, as the module's cached path does.
+    """
+    T = x.shape[1]
+    if isinstance(attn, MultiHeadLatentAttention):
+        q_nope, q_rope = attn._query(x, 0)
+        k, v = attn._expand(*attn._latent(x, 0))
+        q = torch.cat((q_nope, q_rope), dim=-1)
+    else:
+        q, k, v = attn._query_key_value(x, 0)
+        group = attn.n_head // attn.n_kv_head  # kv head j serves query heads j*group .. (j+1)*group-1
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+    scores = (q.float() @ k.float().transpose(-2, -1)) * attn.scale
+    future = torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1)
+    return scores.masked_fill(future, float("-inf")), v
+
+
+def attention_output(attn: Attention, scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The module's output [B,T,C] from attention_scores: softmax, mix the values, merge heads, out_proj."""
+    B, H, T, _ = scores.shape
+    y = (torch.softmax(scores, dim=-1) @ values.float()).to(values.dtype)
+    return attn.out_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+def layer_statistics(attn: Attention, x: torch.Tensor, layer: int = 0) -> LayerStatistics:
+    """The statistics of one attention module on its input x [B,T,C].
+
+    Scores are built one window at a time, so memory holds H*T*T of them, not B times that.
+    """
+    max_logit, entropy_sum = -math.inf, 0.0
+    for window in x.split(1):
+        scores, _ = attention_scores(attn, window)
+        max_logit = max(max_logit, scores.max().item())  # -inf entries are masked, never the max
+        entropy_sum += torch.special.entr(torch.softmax(scores, dim=-1)).sum(dim=-1).mean().item()
+    cached = cache_matrix(attn, x)
+    return LayerStatistics(layer=layer, cache_effective_rank=effective_rank(cached), cache_width=cached.shape[1],
+                           max_logit=max_logit, mean_entropy=entropy_sum / x.shape[0])
+
+
+@torch.no_grad()
+def attention_statistics(model: Transformer, idx: torch.Tensor) -> list[LayerStatistics]:
+    """Each layer's LayerStatistics on the windows idx [B,T]: one full-context forward (no cache) in eval mode.
+
+    Each block's attention input is caught by a forward pre-hook on block.attn, which is the residual stream in a
+    post-LN block and its normed copy in a pre-LN one; the hooks are removed, and the model's mode restored, after.
+    """
+    inputs: list[torch.Tensor] = []
+
+    def keep_input(module: nn.Module, args: tuple) -> None:
+        inputs.append(args[0])
+
+    was_training = model.training
+    hooks = [block.attn.register_forward_pre_hook(keep_input) for block in model.blocks]
+    try:
+        model.eval()
+        model(idx)
+        return [layer_statistics(model.blocks[layer].attn, x, layer) for layer, x in enumerate(inputs)]
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)

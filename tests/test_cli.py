@@ -283,8 +283,19 @@ def test_eval_json_gives_the_same_numbers_as_the_line(trained_run, tmp_path, cap
     assert result["data"] == str(text_file) and result["checkpoint"] == str(trained_run)
     assert result["weights"] == str((checkpoints_dir(trained_run) / "best").resolve())  # which of the run's
     assert line == f"{text_file}: {result['tokens']} tokens | loss {result['loss']:.4f} | perplexity " \
-                   f"{result['perplexity']:.2f}\n"
+                   f"{result['perplexity']:.2f} | {result['bits_per_byte']:.4f} bits per byte\n"
     assert result["perplexity"] == pytest.approx(math.exp(result["loss"]))
+
+
+def test_eval_bits_per_byte_are_the_loss_over_the_bytes_of_the_predicted_tokens(trained_run, tmp_path, capsys):
+    text = "Ünïcode — words: " + TEXT  # multi-byte characters: bytes, not characters, are counted
+    text_file = tmp_path / "sample.txt"
+    text_file.write_text(text)
+    assert main(["eval", "--checkpoint", str(trained_run), "--data", str(text_file), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    predicted = get_tokenizer().encode_ordinary(text)[1:]  # the first token is never predicted
+    assert result["bytes"] == len(get_tokenizer().decode_bytes(predicted)) < len(text.encode())
+    assert result["bits_per_byte"] == pytest.approx(result["loss"] * result["tokens"] / (math.log(2) * result["bytes"]))
 
 
 def test_eval_context_sets_the_window_shorter_or_longer_than_the_model_was_trained_on(trained_run, tmp_path, capsys):

@@ -473,16 +473,25 @@ def cmd_eval(args: argparse.Namespace) -> int:
     read_at_context(model, context, "eval")
     with eval_progress() as progress:
         loss, count = text_loss(model, tokens, device, progress, context)
+    # Every token but the first is predicted: their bytes are the text's less the first token's.
+    predicted_bytes = len(text.encode("utf-8")) - len(get_tokenizer().decode_single_token_bytes(tokens[0]))
+    bpb = bits_per_byte(loss, count, predicted_bytes)
     if args.json:
         # "checkpoint" as given; "weights": the checkpoint directory (a run's best, else last) or export read
         print(json.dumps({"data": str(path), "checkpoint": args.checkpoint, "weights": used, "tokens": count,
                           "context": context, "trained_context": trained, "dtype": args.dtype, "loss": loss,
-                          "perplexity": perplexity(loss)}))
+                          "perplexity": perplexity(loss), "bytes": predicted_bytes, "bits_per_byte": bpb}))
     else:
         windows = f" | context {context} (trained at {trained})" if context != trained else ""
         print(f"{path}: {n_tokens(count)}{windows} | loss {loss:.4f} | perplexity "
-              f"{format_perplexity(perplexity(loss))}")
+              f"{format_perplexity(perplexity(loss))} | {bpb:.4f} bits per byte")
     return 0
+
+
+def bits_per_byte(mean_loss: float, tokens: int, text_bytes: int) -> float:
+    """The loss per byte of UTF-8 text in bits: unlike a perplexity it does not depend on the tokenizer, so models
+    with other vocabularies (a character-level one, another BPE) are compared on the same scale."""
+    return mean_loss * tokens / (math.log(2) * text_bytes)
 
 
 def window_starts(total: int, context: int, windows: int) -> list[int]:

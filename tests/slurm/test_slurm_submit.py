@@ -15,9 +15,9 @@ from tml.cli import main
 TINY_CONFIG = str(REPO_ROOT / "configs" / "tiny.yaml")
 
 
-def test_tml_slurm_dry_run_prints_the_same_sbatch_script_as_launch_slurm_py(tmp_path, capsys, monkeypatch):
-    args = ["--config", TINY_CONFIG, "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--time",
-            "2-00:00:00", "--train.out_dir", str(tmp_path / "run"), "--dry-run"]
+def both_launchers(args: list[str], capsys, monkeypatch) -> tuple[subprocess.CompletedProcess, pytest.CaptureResult]:
+    """launch/slurm.py in a subprocess and `tml slurm` in this one, on the same arguments; the second's output is
+    checked to be the first's, its notices under its own name."""
     launched = subprocess.run([sys.executable, str(LAUNCHER), *args], cwd=REPO_ROOT, capture_output=True, text=True,
                               timeout=60)
     assert launched.returncode == 0, launched.stderr
@@ -25,24 +25,23 @@ def test_tml_slurm_dry_run_prints_the_same_sbatch_script_as_launch_slurm_py(tmp_
     assert main(["slurm", *args]) == 0
     captured = capsys.readouterr()
     assert captured.out == launched.stdout
-    assert "#SBATCH --nodes=2" in captured.out and f"{tmp_path / 'run' / 'slurm'}" in captured.out
-    # The same notices, each under the name it was run by.
-    assert "launch/slurm.py: train.accelerator='cpu' replaced by 'cuda'" in launched.stderr
     assert captured.err == launched.stderr.replace("launch/slurm.py: ", "tml slurm: ")
+    return launched, captured
+
+
+def test_tml_slurm_dry_run_prints_the_same_sbatch_script_as_launch_slurm_py(tmp_path, capsys, monkeypatch):
+    args = ["--config", TINY_CONFIG, "--nodes", "2", "--gpus-per-node", "8", "--partition", "gpu", "--time",
+            "2-00:00:00", "--train.out_dir", str(tmp_path / "run"), "--dry-run"]
+    launched, captured = both_launchers(args, capsys, monkeypatch)
+    assert "#SBATCH --nodes=2" in captured.out and f"{tmp_path / 'run' / 'slurm'}" in captured.out
+    assert "launch/slurm.py: train.accelerator='cpu' replaced by 'cuda'" in launched.stderr
 
 
 def test_a_sweep_dry_run_names_every_run_as_launch_slurm_py_does(tmp_path, capsys, monkeypatch):
     args = ["--config", TINY_CONFIG, "--gpus-per-node", "0", "--tasks-per-node", "2", "--train.out_dir",
             str(tmp_path / "sweep"), "--sweep", "train.lr=1e-3,3e-3", "--dry-run"]
-    launched = subprocess.run([sys.executable, str(LAUNCHER), *args], cwd=REPO_ROOT, capture_output=True, text=True,
-                              timeout=60)
-    assert launched.returncode == 0, launched.stderr
-    monkeypatch.chdir(REPO_ROOT)
-    assert main(["slurm", *args]) == 0
-    captured = capsys.readouterr()
-    assert captured.out == launched.stdout
+    _, captured = both_launchers(args, capsys, monkeypatch)
     assert "# a sweep of 2 jobs, this script for each with its run's folder: lr=1e-3, lr=3e-3" in captured.err
-    assert captured.err == launched.stderr.replace("launch/slurm.py: ", "tml slurm: ")
 
 
 def test_tml_slurm_reports_a_bad_request_under_its_own_name(capsys):

@@ -621,6 +621,12 @@ def test_a_wsd_runs_checkpoint_branched_to_a_shorter_length_is_a_run_of_that_len
     long_id = read_meta(from_step_4)["wandb_run_id"]
     assert read_meta(tmp_path / "branch" / "checkpoints" / "last")["wandb_run_id"] != long_id
     assert read_meta(tmp_path / "long" / "checkpoints" / "last")["wandb_run_id"] == long_id
+    branch_summary = summary(tmp_path / "branch")
+    assert (branch_summary["branched_from"], branch_summary["branched_at_step"]) == (str(from_step_4.resolve()), 4)
+    assert summary(tmp_path / "six")["branched_from"] is None
+    # Continued as its own run (auto), a branch still says where it came from.
+    train(tiny_run_config(tiny_shards, tmp_path / "branch", max_steps=7, resume="auto", **wsd))
+    assert summary(tmp_path / "branch")["branched_from"] == str(from_step_4.resolve())
 
 
 def test_a_resume_says_when_a_budget_was_partly_trained_at_another_global_batch(tmp_path):

@@ -163,6 +163,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         tokens_per_step = tc.batch_size * block * tc.grad_accum * fabric.world_size
         step = tokens_seen = 0
         seconds_before = 0.0  # training time of the run's earlier segments (before a resume)
+        # A branch's origin, kept through its own resumes: its tokens and time include the run it branched from.
+        branched_from: dict[str, str | int] | None = None
         if resume_dir is not None:
             restored = checkpointer.load(resume_dir, model, optimizer, scheduler, batches)
             step = restored["loop"]["step"]
@@ -170,6 +172,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
             # Counted, not step * tokens_per_step: the batch size or rank count may have changed on an earlier resume.
             tokens_seen = restored["loop"].get("tokens_seen", step * tokens_per_step)  # older checkpoints: estimated
             seconds_before = restored["loop"].get("train_seconds", 0.0)
+            branched_from = ({"checkpoint": str(resume_dir.resolve()), "step": step} if branch
+                             else restored["loop"].get("branched_from"))
             fabric.print(f"resumed from {resume_dir} at step {step}"
                          + (f": a branch of that run, logged as a run of its own in {out_dir}" if branch else ""))
             for notice in restored["notices"]:
@@ -220,7 +224,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
 
         def save(best: bool = False) -> None:
             loop_state = {"step": step, "early_stopping": early_stopping.state_dict(), "tokens_seen": tokens_seen,
-                          "train_seconds": train_seconds()}
+                          "train_seconds": train_seconds(), "branched_from": branched_from}
             checkpointer.save(step, model, optimizer, scheduler, batches, loop_state, config, wandb_run_id, best=best)
             losses_at_saves[step] = step_loss
 
@@ -275,6 +279,9 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                 "diverged": diverged,
                 "tokens_seen": tokens_seen,
                 "wall_s": round(train_seconds(), 3),
+                # A branch: the checkpoint it started from, whose run's tokens and time the two above include
+                "branched_from": branched_from["checkpoint"] if branched_from else None,
+                "branched_at_step": branched_from["step"] if branched_from else None,
                 # Training speed alone (validation, saves and start-up left out), median over this process's log windows
                 "train_tokens_per_s": round(speed, 1) if (speed := meter.median_tokens_per_s()) is not None else None,
                 "peak_flops_per_device": peak,  # what MFU was measured against (None: unknown device, no MFU)

@@ -104,7 +104,8 @@ def test_one_run_puts_everything_in_the_table_named_as_given(sweep, capsys, monk
     out = compare_table(capsys, monkeypatch, "mla")
     assert "same in all runs" not in out
     lines = out.splitlines()  # one `name value` line each: readable in any terminal width
-    assert lines[0].split() == ["run", "mla"] and ["layers", "2"] == lines[3].split()
+    assert lines[0].split() == ["run", "mla"] and ["layers", "2"] == lines[5].split()
+    assert ["norm", "type", "layernorm"] == lines[3].split() and ["mlp", "gelu"] == lines[4].split()
     assert "status         finished" in out and max(map(len, lines)) < 80
 
 
@@ -254,6 +255,23 @@ def test_settings_that_differ_besides_the_shape_get_columns_and_sort_by_them(swe
     assert "0.001" in out and "0.01" in out
     by_lr = compare_json(capsys, tmp_path, "--sort=-train.lr")  # with =: argparse reads "-x" as an option
     assert [row["settings"]["train.lr"] for row in by_lr] == [0.01, 0.001]
+
+
+def test_a_block_of_another_mlp_and_norm_type_is_a_column_of_the_shape(sweep, tmp_path, capsys, monkeypatch):
+    text = (sweep / "mla" / CONFIG_FILE).read_text().split("\n", 1)[1]  # without the header: parameters counted anew
+    assert "norm_type: layernorm" in text and "mlp: gelu" in text
+    copy_run(sweep / "mla", tmp_path / "gpt2", config_text=text)
+    copy_run(sweep / "mla", tmp_path / "deepseek",
+             config_text=text.replace("norm_type: layernorm", "norm_type: rmsnorm").replace("mlp: gelu", "mlp: swiglu"))
+    out = compare_table(capsys, monkeypatch, tmp_path)
+    same_line, *table = out.splitlines()
+    assert "norm type" not in same_line and "mlp" not in same_line and "model.mlp" not in out
+    header = [cell.strip() for cell in table[0].split("┃")]
+    cells = {row[0]: row for line in table[2:] if (row := [cell.strip() for cell in line.split("│")])}
+    norm_type, mlp = header.index("norm type"), header.index("mlp")
+    assert (cells[str(tmp_path / "gpt2")][norm_type], cells[str(tmp_path / "gpt2")][mlp]) == ("layernorm", "gelu")
+    assert (cells[str(tmp_path / "deepseek")][norm_type], cells[str(tmp_path / "deepseek")][mlp]) == ("rmsnorm",
+                                                                                                     "swiglu")
 
 
 def test_a_run_that_is_training_now_says_so_instead_of_an_earlier_end(sweep, tmp_path, capsys):

@@ -72,7 +72,7 @@ def test_a_description_of_another_format_is_refused_naming_the_file(run, tmp_pat
     description = json.loads(described.read_text())
     described.write_text(json.dumps(description | {"format": "tml-export/99"}))
     with pytest.raises(CheckpointError, match=f"{described} is not a usable export description: format "
-                                              "'tml-export/99', expected 'tml-export/1'"):
+                                              "'tml-export/99', expected 'tml-export/2'"):
         tml.load(exported)
     with pytest.raises(CheckpointError, match="is an export's description; name its weights file instead"):
         tml.load(described)
@@ -80,6 +80,7 @@ def test_a_description_of_another_format_is_refused_naming_the_file(run, tmp_pat
 
 @pytest.mark.parametrize(("edit", "said"), [
     (lambda d: d["model"].pop("n_kv_head"), "model.n_kv_head missing"),  # a default would build another model
+    (lambda d: d["model"].pop("norm_type"), "model.norm_type missing"),  # only the first format predates it
     (lambda d: d["model"].update(n_heads=4), "unknown model.n_heads"),
     (lambda d: d["model"].update(n_head="4"), "model.n_head is '4', not a int"),
     (lambda d: d.pop("model"), "it has no 'model' section"),
@@ -91,6 +92,16 @@ def test_an_edited_description_is_refused_naming_what_is_wrong(run, tmp_path, ed
     described.write_text(json.dumps(description))
     with pytest.raises(CheckpointError, match=f"{described} is not a usable export description: {said}"):
         tml.load(exported)
+
+
+def test_a_first_format_description_names_gpt2s_block_which_it_predates_the_fields_of(run, tmp_path):
+    exported, described, _ = export(run, tmp_path / "model.pt")
+    description = json.loads(described.read_text())
+    for field in ("mlp", "norm_type"):
+        del description["model"][field]
+    described.write_text(json.dumps(description | {"format": "tml-export/1"}))
+    model = tml.load(exported)
+    assert (model.config.mlp, model.config.norm_type) == ("gelu", "layernorm") and model.config == MODEL
 
 
 def test_a_description_whose_model_does_not_fit_the_weights_is_refused_in_one_line(run, tmp_path):
@@ -154,6 +165,9 @@ def test_weights_to_start_from_come_from_a_run_or_an_export_and_refuse_another_s
         weights_to_start_from(run, debug_model_config(attention="mha", n_kv_head=1, n_layer=3))
     with pytest.raises(CheckpointError, match=r"another shape \(model.attention 'mha' there, 'mla' here\);"):
         check_start_from(exported, debug_model_config())  # read from the description alone
+    with pytest.raises(CheckpointError, match=r"another shape \(model.norm_type 'layernorm' there, 'rmsnorm' here; "
+                                              r"model.mlp 'gelu' there, 'swiglu' here\)"):
+        check_start_from(exported, debug_model_config(attention="mha", n_kv_head=2, norm_type="rmsnorm", mlp="swiglu"))
 
 
 def test_a_truncated_file_of_the_weights_to_start_from_is_refused_before_a_tensor_is_read(run, tmp_path):

@@ -40,7 +40,8 @@ DEEPSPEED_ONLY = ("train.zero_stage", "train.zero_offload")
 
 # MLA_ONLY settings show none in an MHA row rather than defaults that shaped nothing, and MHA_ONLY none in an MLA row.
 # attention_kind (MLA, MHA, GQA or MQA) is ModelConfig's name for the attention and n_kv_head together.
-SHAPE = ("attention", "attention_kind", "norm", "n_layer", "n_embd", "n_head", *MHA_ONLY, *MLA_ONLY, "block_size")
+SHAPE = ("attention", "attention_kind", "norm", "norm_type", "mlp", "n_layer", "n_embd", "n_head", *MHA_ONLY,
+         *MLA_ONLY, "block_size")
 NUMBERS_FROM_SUMMARY = ("final_step", "max_steps", "best_val_loss", "best_val_perplexity", "val_loss",
                         "val_perplexity", "tokens_seen", "wall_s", "train_tokens_per_s", "params",
                         "params_non_embedding")
@@ -330,6 +331,8 @@ COLUMNS = (
     field("run", "run"),
     field("attention_kind", "attn"),
     field("norm", "norm"),
+    field("norm_type", "norm type"),
+    field("mlp", "mlp"),
     field("n_layer", "layers"),
     field("n_embd", "width"),
     field("n_head", "heads"),

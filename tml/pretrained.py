@@ -32,7 +32,9 @@ from tml.train.checkpoint import (
     verify_checkpoint,
 )
 
-EXPORT_FORMAT = "tml-export/1"
+EXPORT_FORMAT = "tml-export/2"
+# Descriptions of the first format predate these model fields: every model then had GPT-2's block, which they name.
+FORMAT_1, FORMAT_1_BLOCK = "tml-export/1", {"norm_type": "layernorm", "mlp": "gelu"}
 # Model fields a run started from other weights (train.init_from) may set anew: none of them shapes a parameter.
 SHAPELESS_MODEL_FIELDS = ("dropout", "block_size", "rope_theta")
 # torch state-dict files go by these names; a .safetensors name would promise a format that is not written.
@@ -128,14 +130,17 @@ def _weights_and_source(path: str | Path) -> tuple[dict[str, torch.Tensor], Conf
 
 
 def _described_model(description: Any) -> ModelConfig:
-    """The description's model section as a ModelConfig: every field present, of its type, valid."""
+    """The description's model section as a ModelConfig: every field present (a first-format one may lack
+    FORMAT_1_BLOCK's, which it predates), of its type, valid."""
     if not isinstance(description, dict):
         raise ValueError(f"it holds a {type(description).__name__}, not an object")
-    if description.get("format") != EXPORT_FORMAT:
+    if description.get("format") not in (EXPORT_FORMAT, FORMAT_1):
         raise ValueError(f"format {description.get('format')!r}, expected {EXPORT_FORMAT!r}")
     section = description.get("model")
     if not isinstance(section, dict):
         raise ValueError("it has no 'model' section")
+    if description["format"] == FORMAT_1:
+        section = FORMAT_1_BLOCK | section
     expected = [field.name for field in fields(ModelConfig)]
     missing = [name for name in expected if name not in section]
     unknown = [name for name in section if name not in expected]

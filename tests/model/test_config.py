@@ -16,6 +16,8 @@ INVALID_FIELDS = [
     ("n_embd", 66),  # not divisible by n_head=4
     ("attention", "gqa"),
     ("norm", "sandwich"),
+    ("norm_type", "batchnorm"),
+    ("mlp", "relu"),
     ("q_lora_rank", -1),
     ("kv_lora_rank", 0),
     ("qk_nope_head_dim", 0),
@@ -60,3 +62,16 @@ def test_attention_kind_names_the_mha_variant_by_its_key_value_heads(n_kv_head, 
 def test_as_many_key_value_heads_as_query_heads_is_stored_as_plain_mha():
     """A sweep over n_kv_head 1, 2, 4 ends at MHA, which must be the same config as n_kv_head 0 (resume, compare)."""
     assert debug_model_config(attention="mha", n_kv_head=4) == debug_model_config(attention="mha")
+
+
+@pytest.mark.parametrize(("n_embd", "hidden"), [(768, 2048), (64, 192), (1024, 2752), (4096, 10944)])
+def test_swiglu_is_two_thirds_of_gelus_width_rounded_up_to_a_multiple_of_64(n_embd, hidden):
+    config = debug_model_config(n_embd=n_embd, mlp="swiglu")
+    assert config.mlp_hidden_dim == hidden
+    assert debug_model_config(n_embd=n_embd).mlp_hidden_dim == 4 * n_embd  # GELU: GPT-2's 4x
+
+
+def test_the_block_fields_are_read_whatever_the_attention():
+    for attention in ("mla", "mha"):
+        unread = debug_model_config(attention=attention, mlp="swiglu", norm_type="rmsnorm").unread_fields
+        assert "mlp" not in unread and "norm_type" not in unread

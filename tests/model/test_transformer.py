@@ -6,15 +6,20 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
+from torch import nn
 
 from tests.conftest import debug_model_config
 from tml.model import Transformer
 from tml.model import transformer as transformer_module
+from tml.model.norms import RMSNorm
 from tml.model.transformer import sample_next_token
 
 DECODE_ATOL = 1e-5  # fp32 logits of the debug model
 PROMPT = 5
 OVERFIT_STEPS = 100  # the debug model memorises one batch to under a fifth of its start loss in ~60
+# DeepSeek-V2/V3's block (and Llama's): pre-norm RMSNorm and a SwiGLU MLP.
+DEEPSEEK_BLOCK = dict(norm="pre", norm_type="rmsnorm", mlp="swiglu")
 
 VARIANTS = {
     "mla-post": dict(),
@@ -26,6 +31,9 @@ VARIANTS = {
     "mha-pre": dict(attention="mha", norm="pre"),
     "gqa-post": dict(attention="mha", n_kv_head=2),
     "mqa-pre": dict(attention="mha", n_kv_head=1, norm="pre"),
+    "mla-deepseek-block": DEEPSEEK_BLOCK,
+    "mla-rmsnorm-swiglu-post-bias": dict(norm_type="rmsnorm", mlp="swiglu", bias=True),
+    "gqa-deepseek-block": dict(attention="mha", n_kv_head=2, **DEEPSEEK_BLOCK),
 }
 
 
@@ -78,9 +86,10 @@ def test_changing_a_future_token_leaves_earlier_logits_unchanged(attention):
     assert not torch.allclose(before[:, 10:], after[:, 10:])
 
 
-@pytest.mark.parametrize("attention", ["mla", "mha"])
-def test_init_follows_gpt2_statistics(attention):
-    model = Transformer(debug_model_config(attention=attention, n_embd=128, n_layer=4, bias=True, vocab_size=1024))
+@pytest.mark.parametrize("overrides", [dict(attention="mla"), dict(attention="mha"), DEEPSEEK_BLOCK],
+                         ids=["mla", "mha", "mla-deepseek-block"])
+def test_init_follows_gpt2_statistics(overrides):
+    model = Transformer(debug_model_config(**overrides, n_embd=128, n_layer=4, bias=True, vocab_size=1024))
     residual_std = 0.02 / math.sqrt(2 * 4)
     for name, param in model.named_parameters():
         if name.endswith(("attn.out_proj.weight", "mlp.fc_out.weight")):
@@ -93,14 +102,68 @@ def test_init_follows_gpt2_statistics(attention):
             assert param.std().item() == pytest.approx(0.02, rel=0.1), name
 
 
+@pytest.mark.parametrize("norm", ["post", "pre"])
+def test_the_default_block_is_gpt2s_layernorm_and_gelu_mlp_parameter_for_parameter(norm):
+    """The defaults are the reference setup: the same parameters as before model.mlp and model.norm_type, and the
+    same numbers as GPT-2's block written out by hand."""
+    model = build(norm=norm, bias=True)
+    shapes = {name: tuple(p.shape) for name, p in model.state_dict().items() if ".attn." not in name}
+    expected = {"tok_emb.weight": (256, 64), "lm_head.weight": (256, 64)}
+    for layer in range(2):
+        for norm_name in ("norm_attn", "norm_mlp"):
+            expected |= {f"blocks.{layer}.{norm_name}.weight": (64,), f"blocks.{layer}.{norm_name}.bias": (64,)}
+        expected |= {f"blocks.{layer}.mlp.fc_in.weight": (256, 64), f"blocks.{layer}.mlp.fc_in.bias": (256,),
+                     f"blocks.{layer}.mlp.fc_out.weight": (64, 256), f"blocks.{layer}.mlp.fc_out.bias": (64,)}
+    if norm == "pre":
+        expected |= {"norm_final.weight": (64,), "norm_final.bias": (64,)}
+    assert shapes == expected
+
+    def layer_norm(x: torch.Tensor, module: nn.Module) -> torch.Tensor:
+        return F.layer_norm(x, (64,), module.weight, module.bias, eps=1e-5)
+
+    def gelu_mlp(x: torch.Tensor, mlp: nn.Module) -> torch.Tensor:
+        return F.linear(F.gelu(F.linear(x, mlp.fc_in.weight, mlp.fc_in.bias)), mlp.fc_out.weight, mlp.fc_out.bias)
+
+    idx = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        x = model.tok_emb(idx)
+        for block in model.blocks:
+            if norm == "pre":
+                x = x + block.attn(layer_norm(x, block.norm_attn))
+                x = x + gelu_mlp(layer_norm(x, block.norm_mlp), block.mlp)
+            else:
+                x = layer_norm(x + block.attn(x), block.norm_attn)
+                x = layer_norm(x + gelu_mlp(x, block.mlp), block.norm_mlp)
+        if norm == "pre":
+            x = layer_norm(x, model.norm_final)
+        torch.testing.assert_close(all_logits(model, idx), F.linear(x, model.tok_emb.weight), rtol=0, atol=0)
+
+
+def test_rmsnorm_blocks_hold_no_layernorm_and_swiglu_three_matrices_of_about_gelus_parameters():
+    model = build(**DEEPSEEK_BLOCK)
+    assert not any(isinstance(module, nn.LayerNorm) for module in model.modules())
+    norms = [model.norm_final] + [norm for block in model.blocks for norm in (block.norm_attn, block.norm_mlp)]
+    assert all(type(norm) is RMSNorm for norm in norms)
+    hidden = model.config.mlp_hidden_dim  # 192: 2/3 of 256 rounded up to a multiple of 64
+    assert {name: tuple(p.shape) for name, p in model.blocks[0].mlp.named_parameters()} == {
+        "fc_gate.weight": (hidden, 64), "fc_in.weight": (hidden, 64), "fc_out.weight": (64, hidden)}
+    gelu = build(norm="pre")
+    assert model.num_params() - gelu.num_params() == 2 * (3 * 64 * 192 - 2 * 64 * 256)
+    # At GPT-2 small's width 2/3 of 3072 is a multiple of 64 already: the same parameters, exactly.
+    gpt2_small = {mlp: transformer_module.MLP(debug_model_config(n_embd=768, n_head=12, mlp=mlp))
+                  for mlp in ("gelu", "swiglu")}
+    assert sum(p.numel() for p in gpt2_small["swiglu"].parameters()) == 2 * 768 * 3072 == sum(
+        p.numel() for p in gpt2_small["gelu"].parameters())
+
+
 def test_embeddings_are_tied_to_the_output_layer():
     model = build()
     assert model.lm_head.weight is model.tok_emb.weight
     assert build(tie_embeddings=False).lm_head.weight is not build(tie_embeddings=False).tok_emb.weight
 
 
-@pytest.mark.parametrize("variant", [dict(), dict(attention="mha"), dict(norm="pre", q_lora_rank=16)],
-                         ids=["mla", "mha", "mla-pre-lowrank-q"])
+@pytest.mark.parametrize("variant", [dict(), dict(attention="mha"), dict(norm="pre", q_lora_rank=16), DEEPSEEK_BLOCK],
+                         ids=["mla", "mha", "mla-pre-lowrank-q", "mla-deepseek-block"])
 def test_overfits_one_small_batch(variant):
     model = build(**variant).train()
     idx = torch.randint(0, 256, (4, 33))
@@ -170,8 +233,9 @@ def loss_grads_and_saved_bytes(model: Transformer, idx: torch.Tensor) -> tuple[t
     return loss.detach(), [p.grad.clone() for p in model.parameters()], sum(saved.values())
 
 
-@pytest.mark.parametrize("variant", [dict(dropout=0.1), dict(attention="mha", norm="pre", dropout=0.1)],
-                         ids=["mla-post", "mha-pre"])
+@pytest.mark.parametrize("variant", [dict(dropout=0.1), dict(attention="mha", norm="pre", dropout=0.1),
+                                     dict(DEEPSEEK_BLOCK, dropout=0.1)],
+                         ids=["mla-post", "mha-pre", "mla-deepseek-block"])
 def test_activation_checkpointing_changes_no_number_and_keeps_far_fewer_activations(variant):
     model = build(**variant, n_layer=4).train()
     idx = torch.randint(0, 256, (2, 32))
@@ -237,9 +301,10 @@ def test_generate_past_block_size_raises():
         model.generate(torch.zeros(1, 30, dtype=torch.long), max_new_tokens=3)
 
 
-@pytest.mark.parametrize("attention", ["mla", "mha"])
-def test_greedy_generate_equals_argmax_of_uncached_forward(attention):
-    model = build(attention=attention)
+@pytest.mark.parametrize("overrides", [dict(attention="mla"), dict(attention="mha"), DEEPSEEK_BLOCK],
+                         ids=["mla", "mha", "mla-deepseek-block"])
+def test_greedy_generate_equals_argmax_of_uncached_forward(overrides):
+    model = build(**overrides)
     prompt = torch.randint(0, 256, (2, PROMPT))
     generated = model.generate(prompt, max_new_tokens=10, top_k=1)
     expected = prompt
@@ -304,8 +369,8 @@ FLOP_COUNT_RTOL = 0.01  # the formula counts norm weights as matmul weights: 320
 
 
 @pytest.mark.parametrize("overrides", [dict(), dict(v_head_dim=24), dict(q_lora_rank=16), dict(attention="mha"),
-                                       dict(attention="mha", n_kv_head=2)], ids=["mla", "mla-equal-dims",
-                                                                                 "mla-lowrank-q", "mha", "gqa"])
+                                       dict(attention="mha", n_kv_head=2), DEEPSEEK_BLOCK],
+                         ids=["mla", "mla-equal-dims", "mla-lowrank-q", "mha", "gqa", "mla-deepseek-block"])
 def test_flops_per_token_matches_torch_flop_counter(overrides):
     """An independent count: torch's FlopCounterMode over one forward + backward, with the math attention
     kernel so the attention matmuls are visible to it. MLA's SDPA call pads v to the query/key width, real work

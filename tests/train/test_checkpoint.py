@@ -854,3 +854,16 @@ def test_a_runs_own_checkpoint_however_named_is_no_branch(tmp_path, tiny_shards)
         for checkpoint_dir in own:
             assert not branches_another_run(checkpoint_dir, out_dir), (checkpoint_dir, out_dir)
     assert branches_another_run(own[0], tmp_path / "elsewhere")
+
+
+def test_a_model_field_added_since_a_checkpoint_is_compared_with_the_model_that_existed_before_it(tmp_path):
+    """A checkpoint saved before model.mlp and model.norm_type existed holds GPT-2's block: resuming it as another
+    block is a change (refused), resuming it as it was is none."""
+    current = tiny_run_config(tmp_path, tmp_path)
+    saved = current.to_dict()
+    for key in ("mlp", "norm_type"):
+        del saved["model"][key]
+    assert checkpoint.changed_settings(saved, current) == []
+    deepseek = replace(current, model=replace(current.model, norm_type="rmsnorm", mlp="swiglu"))
+    assert checkpoint.changed_settings(saved, deepseek) == [("model.norm_type", "layernorm", "rmsnorm"),
+                                                            ("model.mlp", "gelu", "swiglu")]

@@ -33,6 +33,15 @@ def test_linear_weights_decay_and_biases_norms_embeddings_do_not():
     assert "lm_head.weight" not in decay
 
 
+def test_swiglus_three_matrices_decay_and_the_blocks_rmsnorm_gains_do_not():
+    model = Transformer(debug_model_config(mlp="swiglu", norm_type="rmsnorm", norm="pre", bias=True))
+    decay, no_decay = decay_groups(model)
+    for matrix in ("fc_gate", "fc_in", "fc_out"):
+        assert f"blocks.0.mlp.{matrix}.weight" in decay and f"blocks.0.mlp.{matrix}.bias" in no_decay
+    assert {"blocks.0.norm_attn.weight", "blocks.0.norm_mlp.weight", "norm_final.weight"} <= set(no_decay)
+    assert len(set(decay) | set(no_decay)) == len(dict(model.named_parameters()))
+
+
 def test_tied_head_follows_the_embedding_even_when_visited_first():
     class HeadFirst(nn.Module):
         def __init__(self):

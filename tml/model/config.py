@@ -5,10 +5,16 @@ Each field's meaning is in ModelConfig's `Attributes:` docstring, which jsonargp
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal
 
 GPT2_PADDED_VOCAB = 50304  # GPT-2's 50,257 tokens rounded up to a multiple of 128 for fast matmuls
+MLP_EXPANSION = 4  # GPT-2's hidden width multiple
+# SwiGLU's three matrices at 2/3 of GELU's hidden width hold as many parameters as GELU's two; rounded up to a
+# multiple, as Llama does, so the matmuls tile onto tensor cores (768 -> 2048 exactly). Llama's 256 suits widths of
+# 4096; at tml's small widths 64 tiles as well and adds less (64 -> 192 units, not 256).
+SWIGLU_HIDDEN_MULTIPLE = 64
 # Fields only MLA reads, and the one only the mha baseline reads (its key/value heads: below n_head, GQA or MQA).
 MLA_ONLY = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 MHA_ONLY = ("n_kv_head",)
@@ -32,7 +38,11 @@ class ModelConfig:
             n_head itself is the same model as 0 and is stored as 0
         n_embd: width of the residual stream
         attention: mla (compressed latent KV cache, DeepSeek-V2) or mha (standard multi-head attention)
-        norm: post (LayerNorm after each residual add, as in the original Transformer) or pre (before each sublayer)
+        norm: post (the norm after each residual add, as in the original Transformer) or pre (before each sublayer)
+        norm_type: layernorm (GPT-2's) or rmsnorm (DeepSeek-V2/V3's and Llama's: no mean, no bias, computed in fp32),
+            in every block and, pre-LN, before the output layer
+        mlp: gelu (GPT-2's: 4 * n_embd hidden units) or swiglu (DeepSeek-V2/V3's and Llama's gated MLP: 2/3 of
+            that width rounded up to a multiple of 64, so about GELU's parameter count: exactly at n_embd 768)
         q_lora_rank: rank of the low-rank query projection; 0 = full-rank query
         kv_lora_rank: width of MLA's compressed key-value latent, the bulk of its KV cache
         qk_nope_head_dim: per-head query/key dims without rotary position (MLA)
@@ -41,8 +51,8 @@ class ModelConfig:
         rope_theta: RoPE base; larger stretches the rotary wavelengths
         dropout: dropout probability on the embeddings, the attention weights (training forward only) and the
             outputs of attention and of the MLP, as in nanoGPT
-        bias: biases in the linear layers and LayerNorms, except MLA's key/value up-projection, which never has
-            one (see tml/model/attention.py)
+        bias: biases in the linear layers and LayerNorms (RMSNorm has none), except MLA's key/value up-projection,
+            which never has one (see tml/model/attention.py)
         tie_embeddings: share the token embedding with the output projection
     """
 
@@ -54,6 +64,8 @@ class ModelConfig:
     n_embd: int = 768
     attention: Literal["mla", "mha"] = "mla"
     norm: Literal["post", "pre"] = "post"
+    norm_type: Literal["layernorm", "rmsnorm"] = "layernorm"
+    mlp: Literal["gelu", "swiglu"] = "gelu"
     q_lora_rank: int = 0
     kv_lora_rank: int = 256
     qk_nope_head_dim: int = 64
@@ -80,6 +92,10 @@ class ModelConfig:
             fail("attention", "must be 'mla' or 'mha'")
         if self.norm not in ("post", "pre"):
             fail("norm", "must be 'post' or 'pre'")
+        if self.norm_type not in ("layernorm", "rmsnorm"):
+            fail("norm_type", "must be 'layernorm' or 'rmsnorm'")
+        if self.mlp not in ("gelu", "swiglu"):
+            fail("mlp", "must be 'gelu' or 'swiglu'")
         if self.n_embd % self.n_head != 0:
             fail("n_embd", f"must be divisible by n_head={self.n_head}")
         if self.n_kv_head < 0:
@@ -111,6 +127,13 @@ class ModelConfig:
     def mha_head_dim(self) -> int:
         """Per-head width of the mha baseline (MLA sets its head dims by field)."""
         return self.n_embd // self.n_head
+
+    @property
+    def mlp_hidden_dim(self) -> int:
+        """Hidden units of the MLP: GELU's 4 * n_embd, or SwiGLU's 2/3 of that rounded up (SWIGLU_HIDDEN_MULTIPLE)."""
+        if self.mlp == "gelu":
+            return MLP_EXPANSION * self.n_embd
+        return SWIGLU_HIDDEN_MULTIPLE * math.ceil(2 * MLP_EXPANSION * self.n_embd / (3 * SWIGLU_HIDDEN_MULTIPLE))
 
     @property
     def kv_heads(self) -> int:

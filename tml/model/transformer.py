@@ -12,13 +12,14 @@ from torch.utils.checkpoint import checkpoint
 from tml.model.attention import build_attention
 from tml.model.config import ModelConfig
 from tml.model.kv_cache import LayerCache, kv_cache_bytes_per_token, new_layer_cache
+from tml.model.norms import RMSNorm
 
 INIT_STD = 0.02  # GPT-2's weight init
-MLP_EXPANSION = 4  # GPT-2's hidden width multiple
 IGNORE_INDEX = -1  # targets equal to this do not count in the loss
 # Output projections that write into the residual stream: GPT-2 scales their init by 1/sqrt(2 * n_layer) so
 # the stream's variance does not grow with depth (each block adds two of them). That is a pre-LN argument; post-LN
-# renormalises the stream after every add, and keeps the scaling because the reference setup does.
+# renormalises the stream after every add, and keeps the scaling because the reference setup does. Both MLP forms
+# name their output projection fc_out.
 RESIDUAL_PROJECTIONS = ("attn.out_proj.weight", "mlp.fc_out.weight")
 # Positions per vocabulary projection when a loss is computed without gradients (validation, `tml eval`): their fp32
 # logits take this times the vocabulary times 4 bytes (0.4 GB at GPT-2's), however long the window or large the batch.
@@ -26,26 +27,39 @@ NO_GRAD_LOSS_CHUNK = 2048
 
 
 class MLP(nn.Module):
+    """GPT-2's MLP, fc_out(gelu(fc_in x)), or SwiGLU's (model.mlp): fc_out(silu(fc_gate x) * fc_in x), where the
+    gate decides per hidden unit how much of fc_in's value passes (Shazeer 2020; DeepSeek-V2/V3, Llama)."""
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
-        self.fc_in = nn.Linear(config.n_embd, MLP_EXPANSION * config.n_embd, bias=config.bias)
-        self.fc_out = nn.Linear(MLP_EXPANSION * config.n_embd, config.n_embd, bias=config.bias)
+        hidden = config.mlp_hidden_dim
+        self.fc_gate = nn.Linear(config.n_embd, hidden, bias=config.bias) if config.mlp == "swiglu" else None
+        self.fc_in = nn.Linear(config.n_embd, hidden, bias=config.bias)
+        self.fc_out = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.fc_out(F.gelu(self.fc_in(x))))
+        hidden = F.gelu(self.fc_in(x)) if self.fc_gate is None else F.silu(self.fc_gate(x)) * self.fc_in(x)
+        return self.dropout(self.fc_out(hidden))
+
+
+def build_norm(config: ModelConfig) -> nn.Module:
+    """A norm over the residual stream of model.norm_type: GPT-2's LayerNorm, or RMSNorm computed in fp32."""
+    if config.norm_type == "rmsnorm":
+        return RMSNorm(config.n_embd)
+    return nn.LayerNorm(config.n_embd, bias=config.bias)
 
 
 class Block(nn.Module):
-    """Attention then MLP, each with a residual; LayerNorm after the residual (post-LN) or before (pre-LN)."""
+    """Attention then MLP, each with a residual; the norm after the residual (post-LN) or before (pre-LN)."""
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.pre_norm = config.norm == "pre"
         self.attn = build_attention(config)
-        self.norm_attn = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.norm_attn = build_norm(config)
         self.mlp = MLP(config)
-        self.norm_mlp = nn.LayerNorm(config.n_embd, bias=config.bias)
+        self.norm_mlp = build_norm(config)
 
     def forward(self, x: torch.Tensor, cache: LayerCache | None = None, absorb: bool = True) -> torch.Tensor:
         if self.pre_norm:
@@ -65,8 +79,8 @@ class Transformer(nn.Module):
         self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
         self.dropout = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
-        # Post-LN blocks already end in a LayerNorm; pre-LN leaves the residual stream un-normed, so it needs one.
-        self.norm_final = nn.LayerNorm(config.n_embd, bias=config.bias) if config.norm == "pre" else nn.Identity()
+        # Post-LN blocks already end in a norm; pre-LN leaves the residual stream un-normed, so it needs one.
+        self.norm_final = build_norm(config) if config.norm == "pre" else nn.Identity()
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.tok_emb.weight

@@ -37,7 +37,7 @@ import shlex
 import shutil
 import warnings
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, NamedTuple
 
@@ -68,6 +68,7 @@ from tml.files import (
     write_atomic,
     write_failure,
 )
+from tml.model.config import ModelConfig
 from tml.run_dir import CONFIG_FILE, STEP_DIR, checkpoints_dir, newest_checkpoint, saved_steps, step_name
 from tml.train.optim import restore_schedule_step
 from tml.train.zero_export import ZeroCheckpointError, fp32_state_dict, verify_deepspeed_checkpoint
@@ -380,11 +381,15 @@ HISTORY_KEYS = frozenset({"train.init_from"})
 def changed_settings(saved: dict[str, Any], current: Config) -> list[tuple[str, Any, Any]]:
     """(section.key, saved value, current value) for every setting that differs, in config order.
 
-    A key the saved config lacks (a field added since) is skipped: there is nothing to compare it with.
+    A key the saved config lacks (a field added since) is skipped: there is nothing to compare it with; except in the
+    model section, where every field added since defaults to the model that existed before it (model.mlp gelu,
+    model.norm_type layernorm), so the saved model is that default and another value is a change (refused).
     """
     changes = []
     for section, values in current.to_dict().items():
         saved_section = saved.get(section, {})
+        if section == "model" and saved_section:
+            saved_section = asdict(ModelConfig()) | saved_section
         for key, value in values.items():
             name = f"{section}.{key}"
             if key in saved_section and name not in HISTORY_KEYS and not same_setting(name, saved_section[key], value):

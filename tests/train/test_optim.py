@@ -207,3 +207,17 @@ def test_wsd_on_a_few_steps_still_ends_at_min_lr(max_steps):
     train = TrainConfig(max_steps=max_steps, lr=1e-3, min_lr=1e-4, warmup_frac=0.3, schedule="wsd", decay_frac=0.7)
     lrs = lrs_over_run(train)
     assert lrs[-1] == pytest.approx(1e-4) and all(0 < lr <= 1e-3 for lr in lrs)
+
+
+def test_warmup_steps_set_the_warm_up_whatever_max_steps_is():
+    for max_steps in (50, 200):
+        lrs = lrs_over_run(TrainConfig(max_steps=max_steps, lr=1e-3, warmup_frac=0.5, warmup_steps=10))
+        assert lrs[:10] == pytest.approx([1e-3 * (step + 1) / 11 for step in range(10)])  # not half the run
+        assert lrs[10] == pytest.approx(1e-3)
+    short, long = (lrs_over_run(TrainConfig(max_steps=n, warmup_steps=10, schedule="wsd", decay_frac=0.2))
+                   for n in (50, 200))
+    assert short[:40] == long[:40]  # a WSD run and a branch of another length share warm-up and plateau
+    # Longer than the run: the whole run warms up (5 warm-up steps of 5).
+    assert lrs_over_run(TrainConfig(max_steps=5, lr=1e-3, warmup_steps=10))[-1] == pytest.approx(1e-3 * 5 / 6)
+    with pytest.raises(TrainConfigError, match=r"train.warmup_steps=-1: must be >= 0"):
+        TrainConfig(warmup_steps=-1)

@@ -43,6 +43,8 @@ class TrainConfig:
         min_lr: learning rate at the last step, where the decay ends
         warmup_frac: fraction of max_steps over which the learning rate rises linearly to lr (its first step uses
             lr/(W+1) of W warm-up steps, never 0: tml/train/optim.py)
+        warmup_steps: the warm-up in steps instead, whatever max_steps is (null: warmup_frac decides); runs of other
+            lengths, such as a WSD run and its branches, then share one warm-up
         schedule: after warm-up, "cosine" decays from lr to min_lr over all the remaining steps (the reference);
             "wsd" (warm-up, stable, decay) holds lr, then decays to min_lr over the last decay_frac of max_steps, so
             its checkpoints before the decay can be continued to any longer horizon (README: branching a run)
@@ -84,6 +86,7 @@ class TrainConfig:
     lr: float = 3e-4
     min_lr: float = 3e-5
     warmup_frac: float = 0.1
+    warmup_steps: int | None = None
     schedule: Schedule = "cosine"
     decay_frac: float = 0.2
     weight_decay: float = 0.1
@@ -141,9 +144,11 @@ class TrainConfig:
         # 1.0 is allowed: the whole run warms up, reaching lr at the last step.
         if not 0 <= self.warmup_frac <= 1:
             fail("warmup_frac", "must be in [0, 1] (a fraction of max_steps)")
+        if self.warmup_steps is not None and self.warmup_steps < 0:
+            fail("warmup_steps", "must be >= 0 (or null: warmup_frac decides)")
         if not 0 < self.decay_frac <= 1:
             fail("decay_frac", "must be in (0, 1] (a fraction of max_steps)")
-        if self.schedule == "wsd" and self.warmup_frac + self.decay_frac > 1 + 1e-9:  # 1e-9: 0.7 + 0.3 in floats
+        if self.schedule == "wsd" and self.warmup_steps is None and self.warmup_frac + self.decay_frac > 1 + 1e-9:  # 1e-9: 0.7 + 0.3 in floats
             fail("decay_frac", f"with warmup_frac={self.warmup_frac} must be at most {1 - self.warmup_frac:g}: warm-up "
                                "and decay together cannot last longer than the run")
         for key in ("beta1", "beta2"):

@@ -121,13 +121,17 @@ class WarmupStableDecay:
 
 
 def schedule_curve(train: TrainConfig) -> CosineWithWarmup | WarmupStableDecay:
-    """The lr multiplier per step that train describes: warmup = warmup_frac * max_steps; lr reaches train.lr right
-    after warm-up and train.min_lr at the last step."""
-    warmup_steps = int(train.warmup_frac * train.max_steps)
+    """The lr multiplier per step that train describes: warmup = warmup_steps, else warmup_frac * max_steps (at most
+    the whole run); lr reaches train.lr right after warm-up and train.min_lr at the last step."""
+    if train.warmup_steps is not None:
+        warmup_steps = min(train.warmup_steps, train.max_steps)
+    else:
+        warmup_steps = int(train.warmup_frac * train.max_steps)
     min_ratio = train.min_lr / train.lr if train.lr > 0 else 0.0
     if train.schedule == "wsd":
         decay_steps = max(1, int(train.decay_frac * train.max_steps))
-        decay_steps = min(decay_steps, train.max_steps - warmup_steps)  # a 1-step run with decay_frac 1 and warm-up
+        # Warm-up first: a decay that would overlap it starts after it (none when warm-up takes the whole run).
+        decay_steps = min(decay_steps, train.max_steps - warmup_steps)
         return WarmupStableDecay(train.max_steps, warmup_steps, decay_steps, min_ratio)
     return CosineWithWarmup(train.max_steps, warmup_steps, min_ratio)
 

@@ -72,7 +72,7 @@ def test_a_description_of_another_format_is_refused_naming_the_file(run, tmp_pat
     description = json.loads(described.read_text())
     described.write_text(json.dumps(description | {"format": "tml-export/99"}))
     with pytest.raises(CheckpointError, match=f"{described} is not a usable export description: format "
-                                              "'tml-export/99', expected 'tml-export/2'"):
+                                              f"'tml-export/99', expected '{EXPORT_FORMAT}'"):
         tml.load(exported)
     with pytest.raises(CheckpointError, match="is an export's description; name its weights file instead"):
         tml.load(described)
@@ -102,6 +102,20 @@ def test_a_first_format_description_names_gpt2s_block_which_it_predates_the_fiel
     described.write_text(json.dumps(description | {"format": "tml-export/1"}))
     model = tml.load(exported)
     assert (model.config.mlp, model.config.norm_type) == ("gelu", "layernorm") and model.config == MODEL
+
+
+def test_a_second_format_description_names_a_model_without_yarn_which_it_predates_the_fields_of(run, tmp_path):
+    exported, described, _ = export(run, tmp_path / "model.pt")
+    description = json.loads(described.read_text())
+    yarn_fields = [name for name in description["model"] if name.startswith("rope_yarn_")]
+    assert len(yarn_fields) == 5
+    for field in yarn_fields:
+        del description["model"][field]
+    described.write_text(json.dumps(description | {"format": "tml-export/2"}))
+    assert tml.load(exported).config == MODEL and MODEL.rope_yarn_factor == 1.0
+    described.write_text(json.dumps(description))  # the current format names every field
+    with pytest.raises(CheckpointError, match="model.rope_yarn_factor, model.rope_yarn_original_block_size, .* missing"):
+        tml.load(exported)
 
 
 def test_a_description_whose_model_does_not_fit_the_weights_is_refused_in_one_line(run, tmp_path):
@@ -159,6 +173,13 @@ def test_weights_to_start_from_come_from_a_run_or_an_export_and_refuse_another_s
     # What shapes no parameter may differ: a fine-tuning run with dropout, a longer block, another RoPE base.
     weights_to_start_from(run, debug_model_config(attention="mha", n_kv_head=2, dropout=0.1, block_size=64,
                                                   rope_theta=500_000.0))
+    # YaRN's settings too: a run reading 4x the context the weights were trained at (DeepSeek-V2's 4K -> 128K).
+    yarn = debug_model_config(attention="mha", n_kv_head=2, block_size=4 * MODEL.block_size, rope_yarn_factor=4.0,
+                              rope_yarn_original_block_size=MODEL.block_size, rope_yarn_beta_fast=16.0,
+                              rope_yarn_beta_slow=2.0, rope_yarn_mscale=0.707)
+    for path in (run, exported):
+        check_start_from(path, yarn)
+        assert set(weights_to_start_from(path, yarn)[0]) == set(state)
     check_start_from(run, debug_model_config(attention="mha", n_kv_head=2, kv_lora_rank=8))  # MHA reads no MLA rank
     with pytest.raises(CheckpointError, match=r"^train.init_from=.*: its model has another shape \(model.n_layer 2 "
                                               r"there, 3 here; model.n_kv_head 2 there, 1 here\)"):

@@ -383,6 +383,29 @@ def read_at_context(model, context: int, command: str) -> None:
     model.config = dataclasses.replace(model.config, block_size=context)
 
 
+def read_with_yarn(model, factor: float):
+    """The same weights reading positions with YaRN at `factor`, its cut-offs measured against the model's own
+    block_size (the context it was trained at): the YaRN paper's extension without fine-tuning. A new model, since
+    each attention derives its rotary frequencies and softmax scale from the config once."""
+    import torch
+
+    from tml.model import ModelConfigError, Transformer
+
+    if model.config.rope_yarn_factor > 1.0:
+        raise ValueError(f"--rope-yarn-factor {factor}: the model reads with YaRN already (model.rope_yarn_factor="
+                         f"{model.config.rope_yarn_factor}, trained at {model.config.rope_yarn_original_block_size})")
+    try:
+        config = dataclasses.replace(model.config, rope_yarn_factor=factor,
+                                     rope_yarn_original_block_size=model.config.block_size)
+    except ModelConfigError as error:
+        raise ValueError(f"--rope-yarn-factor {factor}: {error}") from error
+    weights = next(model.parameters())
+    with torch.device(weights.device):
+        scaled = Transformer(config)
+    scaled.load_state_dict(model.state_dict())
+    return scaled.to(weights.dtype).eval()
+
+
 def text_loss(model, tokens: list[int], device: torch.device, progress: Progress | None = None,
               context: int | None = None) -> tuple[float, int]:
     """Mean next-token loss over non-overlapping windows of `context` tokens (default: the model's block_size) of
@@ -469,6 +492,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if len(tokens) < 2:
         raise ValueError(f"--data {path}: needs at least two tokens of text")
     trained = model.config.block_size
+    if args.rope_yarn_factor is not None:
+        model = read_with_yarn(model, args.rope_yarn_factor)
     context = min(args.context or trained, len(tokens) - 1)  # the window really read: a short file is one
     read_at_context(model, context, "eval")
     with eval_progress() as progress:
@@ -479,10 +504,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         # "checkpoint" as given; "weights": the checkpoint directory (a run's best, else last) or export read
         print(json.dumps({"data": str(path), "checkpoint": args.checkpoint, "weights": used, "tokens": count,
-                          "context": context, "trained_context": trained, "dtype": args.dtype, "loss": loss,
-                          "perplexity": perplexity(loss), "bytes": predicted_bytes, "bits_per_byte": bpb}))
+                          "context": context, "trained_context": trained, "rope_yarn_factor": model.config.rope_yarn_factor,
+                          "dtype": args.dtype, "loss": loss, "perplexity": perplexity(loss), "bytes": predicted_bytes,
+                          "bits_per_byte": bpb}))
     else:
         windows = f" | context {context} (trained at {trained})" if context != trained else ""
+        if model.config.rope_yarn_factor > 1.0:
+            windows += f" | YaRN x{model.config.rope_yarn_factor:g}"
         print(f"{path}: {n_tokens(count)}{windows} | loss {loss:.4f} | perplexity "
               f"{format_perplexity(perplexity(loss))} | {bpb:.4f} bits per byte")
     return 0
@@ -625,8 +653,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--context", type=int, metavar="N",
                           help="tokens per window (default: the model's block_size); longer than it was trained on "
                                "measures how its positions extrapolate")
+    evaluate.add_argument("--rope-yarn-factor", type=float, metavar="S",
+                          help="read with YaRN's RoPE scaling for S times the model's block_size, without fine-tuning "
+                               "(model.rope_yarn_*; use with --context); default: as trained")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object (data, checkpoint, weights, "
-                          "tokens, context, trained_context, dtype, loss, perplexity) instead of the line")
+                          "tokens, context, trained_context, rope_yarn_factor, dtype, loss, perplexity) instead of "
+                          "the line")
     evaluate.add_argument("--dtype", default="float32", metavar="{float32,bfloat16,float16}",
                           help="weights in this dtype; the loss is taken over fp32 logits (default: %(default)s)")
 

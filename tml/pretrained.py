@@ -22,6 +22,7 @@ from tml.config import Config
 from tml.data.tokenizer import TOKENIZER_NAME
 from tml.files import file_sha256, make_directory, replaced_on_success, write_failure, write_synced
 from tml.model import ModelConfig, ModelConfigError, Transformer
+from tml.model.config import YARN_FIELDS
 from tml.train.checkpoint import (
     WEIGHT_FILES,
     CheckpointError,
@@ -32,11 +33,14 @@ from tml.train.checkpoint import (
     verify_checkpoint,
 )
 
-EXPORT_FORMAT = "tml-export/2"
-# Descriptions of the first format predate these model fields: every model then had GPT-2's block, which they name.
-FORMAT_1, FORMAT_1_BLOCK = "tml-export/1", {"norm_type": "layernorm", "mlp": "gelu"}
-# Model fields a run started from other weights (train.init_from) may set anew: none of them shapes a parameter.
-SHAPELESS_MODEL_FIELDS = ("dropout", "block_size", "rope_theta")
+EXPORT_FORMAT = "tml-export/3"
+# What descriptions of each earlier format predate, and the value every model of its time had: GPT-2's block before
+# format 2, no YaRN scaling before format 3.
+NO_YARN = {field: getattr(ModelConfig(), field) for field in YARN_FIELDS}
+PREDATED_FIELDS = {"tml-export/1": {"norm_type": "layernorm", "mlp": "gelu", **NO_YARN}, "tml-export/2": NO_YARN}
+# Model fields a run started from other weights (train.init_from) may set anew: none of them shapes a parameter
+# (YaRN's, to extend the context the weights were trained at).
+SHAPELESS_MODEL_FIELDS = ("dropout", "block_size", "rope_theta", *YARN_FIELDS)
 # torch state-dict files go by these names; a .safetensors name would promise a format that is not written.
 WEIGHT_SUFFIXES = (".pt", ".pth", ".bin")
 
@@ -130,17 +134,16 @@ def _weights_and_source(path: str | Path) -> tuple[dict[str, torch.Tensor], Conf
 
 
 def _described_model(description: Any) -> ModelConfig:
-    """The description's model section as a ModelConfig: every field present (a first-format one may lack
-    FORMAT_1_BLOCK's, which it predates), of its type, valid."""
+    """The description's model section as a ModelConfig: every field present (one of an earlier format may lack
+    the PREDATED_FIELDS of its format), of its type, valid."""
     if not isinstance(description, dict):
         raise ValueError(f"it holds a {type(description).__name__}, not an object")
-    if description.get("format") not in (EXPORT_FORMAT, FORMAT_1):
+    if description.get("format") not in (EXPORT_FORMAT, *PREDATED_FIELDS):
         raise ValueError(f"format {description.get('format')!r}, expected {EXPORT_FORMAT!r}")
     section = description.get("model")
     if not isinstance(section, dict):
         raise ValueError("it has no 'model' section")
-    if description["format"] == FORMAT_1:
-        section = FORMAT_1_BLOCK | section
+    section = PREDATED_FIELDS.get(description["format"], {}) | section
     expected = [field.name for field in fields(ModelConfig)]
     missing = [name for name in expected if name not in section]
     unknown = [name for name in section if name not in expected]

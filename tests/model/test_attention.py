@@ -9,17 +9,34 @@ import torch
 import torch.nn.functional as F
 
 from tests.conftest import debug_model_config
-from tml.model.attention import MultiHeadAttention, MultiHeadLatentAttention, attend_cached, causal_attention_padded
+from tml.model.attention import (
+    MultiHeadAttention,
+    MultiHeadLatentAttention,
+    attend_cached,
+    build_attention,
+    causal_attention_padded,
+)
 from tml.model.kv_cache import KVCache, LatentCache
 
 DECODE_ATOL = 1e-5  # fp32: absorbed and naive differ only in summation order
 PREFILL, DECODE = 6, 8
+# YaRN on, reading 4x the 4 tokens "trained at": the 14 positions below are mostly past them, as DeepSeek's are.
+YARN = dict(rope_yarn_factor=4.0, rope_yarn_original_block_size=4, rope_yarn_mscale=0.707)
+WITH_AND_WITHOUT_YARN = pytest.mark.parametrize("overrides", [dict(), YARN], ids=["plain-rope", "yarn"])
 
 
-def mla_module(q_lora_rank: int = 0) -> MultiHeadLatentAttention:
+def yarn_temperature(overrides: dict) -> float:
+    """YaRN's softmax scale multiplier, written out: (0.1 * mscale * ln s + 1)^2, 1 without YaRN."""
+    if not overrides:
+        return 1.0
+    return (0.1 * overrides["rope_yarn_mscale"] * math.log(overrides["rope_yarn_factor"]) + 1) ** 2
+
+
+def mla_module(q_lora_rank: int = 0, **overrides) -> MultiHeadLatentAttention:
     torch.manual_seed(0)
     # nope != v and nope + rope != v, so a wrong head split or scale cannot cancel out.
-    config = debug_model_config(q_lora_rank=q_lora_rank, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=20)
+    config = debug_model_config(q_lora_rank=q_lora_rank, qk_nope_head_dim=12, qk_rope_head_dim=8, v_head_dim=20,
+                                **overrides)
     return MultiHeadLatentAttention(config).eval()
 
 
@@ -30,18 +47,20 @@ def decode_outputs(attn: MultiHeadLatentAttention, x: torch.Tensor, absorb: bool
     return torch.cat([attn(x[:, a:b], cache, absorb=absorb) for a, b in steps], dim=1)
 
 
+@WITH_AND_WITHOUT_YARN
 @pytest.mark.parametrize("q_lora_rank", [0, 16])
-def test_absorbed_decode_matches_naive_decode(q_lora_rank):
-    attn = mla_module(q_lora_rank)
+def test_absorbed_decode_matches_naive_decode(q_lora_rank, overrides):
+    attn = mla_module(q_lora_rank, **overrides)
     x = torch.randn(2, PREFILL + DECODE, 64)
     with torch.no_grad():
         absorbed, naive = decode_outputs(attn, x, absorb=True), decode_outputs(attn, x, absorb=False)
     torch.testing.assert_close(absorbed, naive, atol=DECODE_ATOL, rtol=0)
 
 
+@WITH_AND_WITHOUT_YARN
 @pytest.mark.parametrize("absorb", [True, False])
-def test_cached_decode_matches_full_forward(absorb):
-    attn = mla_module()
+def test_cached_decode_matches_full_forward(absorb, overrides):
+    attn = mla_module(**overrides)
     x = torch.randn(2, PREFILL + DECODE, 64)
     with torch.no_grad():
         torch.testing.assert_close(decode_outputs(attn, x, absorb), attn(x), atol=DECODE_ATOL, rtol=0)
@@ -61,14 +80,17 @@ def test_absorbed_decode_never_expands_latents_into_per_head_keys():
         assert expansions == [1]
 
 
-def test_full_forward_equals_explicit_attention_with_mla_scale():
-    """SDPA must be called causal with scale 1/sqrt(nope + rope) over [q_nope | q_rope] . [k_nope | k_rope]."""
-    attn = mla_module()
+@WITH_AND_WITHOUT_YARN
+def test_full_forward_equals_explicit_attention_with_mla_scale(overrides):
+    """SDPA must be called causal with scale 1/sqrt(nope + rope) over [q_nope | q_rope] . [k_nope | k_rope], times
+    YaRN's temperature when it is on."""
+    attn = mla_module(**overrides)
     x = torch.randn(1, 10, 64)
     with torch.no_grad():
         q_nope, q_rope = attn._query(x, 0)
         k, v = attn._expand(*attn._latent(x, 0))
-        scores = torch.cat((q_nope, q_rope), dim=-1) @ k.transpose(-2, -1) / math.sqrt(12 + 8)
+        scale = yarn_temperature(overrides) / math.sqrt(12 + 8)
+        scores = torch.cat((q_nope, q_rope), dim=-1) @ k.transpose(-2, -1) * scale
         scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
         y = (torch.softmax(scores, dim=-1) @ v).transpose(1, 2).reshape(1, 10, -1)
         torch.testing.assert_close(attn(x), attn.out_proj(y), atol=DECODE_ATOL, rtol=0)
@@ -170,11 +192,12 @@ def test_padded_attention_equals_plain_sdpa_values_and_gradients(qk_dim, v_dim):
         torch.testing.assert_close(ours, reference)
 
 
-def grouped_and_equivalent_mha(n_kv_head: int) -> tuple[MultiHeadAttention, MultiHeadAttention]:
+def grouped_and_equivalent_mha(n_kv_head: int, **overrides) -> tuple[MultiHeadAttention, MultiHeadAttention]:
     """A GQA module and the MHA module whose key/value heads are its heads repeated for each query group."""
     torch.manual_seed(0)
-    grouped = MultiHeadAttention(debug_model_config(attention="mha", n_kv_head=n_kv_head, n_embd=64, n_head=4)).eval()
-    full = MultiHeadAttention(debug_model_config(attention="mha", n_embd=64, n_head=4)).eval()
+    grouped = MultiHeadAttention(debug_model_config(attention="mha", n_kv_head=n_kv_head, n_embd=64, n_head=4,
+                                                    **overrides)).eval()
+    full = MultiHeadAttention(debug_model_config(attention="mha", n_embd=64, n_head=4, **overrides)).eval()
     head_dim, group = 16, 4 // n_kv_head
     q_w, k_w, v_w = grouped.qkv_proj.weight.split([64, n_kv_head * head_dim, n_kv_head * head_dim])
     repeat = lambda w: w.view(n_kv_head, head_dim, 64).repeat_interleave(group, dim=0).reshape(64, 64)  # noqa: E731
@@ -184,10 +207,11 @@ def grouped_and_equivalent_mha(n_kv_head: int) -> tuple[MultiHeadAttention, Mult
     return grouped, full
 
 
+@WITH_AND_WITHOUT_YARN
 @pytest.mark.parametrize("n_kv_head", [1, 2])
-def test_grouped_query_attention_equals_mha_with_each_key_value_head_repeated_for_its_group(n_kv_head):
+def test_grouped_query_attention_equals_mha_with_each_key_value_head_repeated_for_its_group(n_kv_head, overrides):
     """Query head h reads key/value head h // (n_head / n_kv_head), in training and in cached decode alike."""
-    grouped, full = grouped_and_equivalent_mha(n_kv_head)
+    grouped, full = grouped_and_equivalent_mha(n_kv_head, **overrides)
     x = torch.randn(2, PREFILL + DECODE, 64)
     with torch.no_grad():
         torch.testing.assert_close(grouped(x), full(x), atol=DECODE_ATOL, rtol=0)
@@ -205,3 +229,38 @@ def test_mha_with_n_kv_head_equal_to_n_head_keeps_the_fused_gpt2_projection():
     shapes = [{name: tensor.shape for name, tensor in module.state_dict().items()} for module in (explicit, default)]
     assert shapes[0] == shapes[1]
     assert explicit.qkv_proj.weight.shape == (3 * 64, 64)
+
+
+@pytest.mark.parametrize(("attention", "head_dim"), [("mla", 16 + 8), ("mha", 64 // 4)])
+def test_yarn_multiplies_the_softmax_scale_of_both_attentions_and_leaves_it_exact_without(attention, head_dim):
+    plain, yarn = (build_attention(debug_model_config(attention=attention, **overrides)) for overrides in (dict(), YARN))
+    assert plain.scale == 1.0 / math.sqrt(head_dim)
+    assert yarn.scale == pytest.approx(yarn_temperature(YARN) / math.sqrt(head_dim), rel=1e-12)
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_yarn_changes_what_attention_computes_past_the_original_context(attention):
+    """Not a setting that is read and dropped: the same weights attend otherwise with YaRN on."""
+    x = torch.randn(1, 16, 64)
+    outputs = []
+    for overrides in (dict(), YARN):
+        torch.manual_seed(0)
+        with torch.no_grad():
+            outputs.append(build_attention(debug_model_config(attention=attention, **overrides)).eval()(x))
+    assert not torch.allclose(*outputs, atol=1e-4)
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_yarn_rotates_queries_and_keys_alike_so_scores_depend_only_on_the_distance(attention):
+    """One token repeated: its rotated query . key depends on t - s alone only if both turn at YaRN's frequencies
+    (MLA's q_rope and its shared RoPE key, MHA's whole heads)."""
+    torch.manual_seed(0)
+    attn = build_attention(debug_model_config(attention=attention, **YARN)).eval()
+    x = torch.randn(1, 1, 64).expand(1, 16, 64)
+    with torch.no_grad():
+        if attention == "mla":
+            q, k = attn._query(x, 0)[1], attn._latent(x, 0)[1].unsqueeze(1)
+        else:
+            q, k, _ = attn._query_key_value(x, 0)
+    scores = q[0, 0] @ k[0, 0].T  # [t, s]
+    torch.testing.assert_close(scores[5:, 5:], scores[:-5, :-5], atol=1e-4, rtol=0)  # both shifted by 5

@@ -29,6 +29,13 @@ INVALID_FIELDS = [
     ("dropout", -0.1),
     ("n_kv_head", -1),
     ("n_kv_head", 2),  # MLA has no key/value heads to group
+    ("rope_yarn_factor", 0.5),  # YaRN extends a context; it does not shrink one
+    ("rope_yarn_factor", float("inf")),
+    ("rope_yarn_original_block_size", -512),
+    ("rope_yarn_beta_slow", 0.0),
+    ("rope_yarn_beta_fast", 1.0),  # not above beta_slow=1: no pair would keep its frequency
+    ("rope_yarn_mscale", -0.707),
+    ("rope_yarn_mscale", float("nan")),
 ]
 
 
@@ -36,6 +43,21 @@ INVALID_FIELDS = [
 def test_invalid_field_raises_naming_it(field, value):
     with pytest.raises(ModelConfigError, match=f"model.{field}="):
         debug_model_config(**{field: value})
+
+
+def test_a_yarn_factor_without_the_context_trained_at_is_refused_naming_both():
+    with pytest.raises(ModelConfigError, match=r"model.rope_yarn_original_block_size=0: must be set \(> 0\) with "
+                                               r"model.rope_yarn_factor=4.0: the context the weights were trained at"):
+        debug_model_config(rope_yarn_factor=4.0)
+    debug_model_config(rope_yarn_factor=4.0, rope_yarn_original_block_size=8)
+
+
+def test_yarns_settings_are_unread_while_it_is_off():
+    """A sweep over beta_fast with YaRN off would train one model twice; comparisons skip them likewise."""
+    off, on = debug_model_config(), debug_model_config(rope_yarn_factor=4.0, rope_yarn_original_block_size=8)
+    yarn_settings = {"rope_yarn_original_block_size", "rope_yarn_beta_fast", "rope_yarn_beta_slow", "rope_yarn_mscale"}
+    assert yarn_settings <= set(off.unread_fields) and "rope_yarn_factor" not in off.unread_fields
+    assert not yarn_settings & set(on.unread_fields)
 
 
 def test_mha_with_odd_head_dim_raises_naming_n_embd():

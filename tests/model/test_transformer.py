@@ -20,6 +20,8 @@ PROMPT = 5
 OVERFIT_STEPS = 100  # the debug model memorises one batch to under a fifth of its start loss in ~60
 # DeepSeek-V2/V3's block (and Llama's): pre-norm RMSNorm and a SwiGLU MLP.
 DEEPSEEK_BLOCK = dict(norm="pre", norm_type="rmsnorm", mlp="swiglu")
+# YaRN reading the debug model's 32 tokens as 4x the 8 it was "trained at", with DeepSeek-V2's temperature.
+YARN = dict(rope_yarn_factor=4.0, rope_yarn_original_block_size=8, rope_yarn_mscale=0.707)
 
 VARIANTS = {
     "mla-post": dict(),
@@ -34,6 +36,8 @@ VARIANTS = {
     "mla-deepseek-block": DEEPSEEK_BLOCK,
     "mla-rmsnorm-swiglu-post-bias": dict(norm_type="rmsnorm", mlp="swiglu", bias=True),
     "gqa-deepseek-block": dict(attention="mha", n_kv_head=2, **DEEPSEEK_BLOCK),
+    "mla-yarn": YARN,
+    "gqa-yarn": dict(attention="mha", n_kv_head=2, **YARN),
 }
 
 
@@ -301,8 +305,9 @@ def test_generate_past_block_size_raises():
         model.generate(torch.zeros(1, 30, dtype=torch.long), max_new_tokens=3)
 
 
-@pytest.mark.parametrize("overrides", [dict(attention="mla"), dict(attention="mha"), DEEPSEEK_BLOCK],
-                         ids=["mla", "mha", "mla-deepseek-block"])
+@pytest.mark.parametrize("overrides", [dict(attention="mla"), dict(attention="mha"), DEEPSEEK_BLOCK, YARN,
+                                       dict(attention="mha", **YARN)],
+                         ids=["mla", "mha", "mla-deepseek-block", "mla-yarn", "mha-yarn"])
 def test_greedy_generate_equals_argmax_of_uncached_forward(overrides):
     model = build(**overrides)
     prompt = torch.randint(0, 256, (2, PROMPT))
@@ -314,6 +319,18 @@ def test_greedy_generate_equals_argmax_of_uncached_forward(overrides):
     assert torch.equal(generated, expected)
     assert torch.equal(model.generate(prompt, 10, temperature=0.0), expected)
     assert torch.equal(model.generate(prompt, 10, top_p=1e-6, absorb=False), expected)
+
+
+@pytest.mark.parametrize("attention", ["mla", "mha"])
+def test_a_yarn_model_reads_and_generates_its_whole_block_of_four_times_the_original_context(attention):
+    model = build(attention=attention, **YARN)
+    assert model.config.block_size == 4 * YARN["rope_yarn_original_block_size"]
+    idx = torch.randint(0, 256, (2, model.config.block_size))
+    with torch.no_grad():
+        logits, loss = model(idx, targets=idx)
+    assert logits.shape == (2, 32, 256) and math.isfinite(loss.item())
+    generated = model.generate(idx[:, :PROMPT], max_new_tokens=model.config.block_size - PROMPT)
+    assert generated.shape == (2, model.config.block_size)
 
 
 def test_generate_is_reproducible_with_a_seeded_generator():

@@ -18,7 +18,7 @@ from torch import nn
 from tml.model.config import ModelConfig
 from tml.model.kv_cache import KVCache, LatentCache
 from tml.model.norms import RMSNorm
-from tml.model.rope import apply_rotary
+from tml.model.rope import RotaryScaling, apply_rotary
 
 
 def attend_cached(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, start: int) -> torch.Tensor:
@@ -81,10 +81,12 @@ class MultiHeadLatentAttention(nn.Module):
         self.v_dim = config.v_head_dim
         self.kv_lora_rank = config.kv_lora_rank
         self.rope_theta = config.rope_theta
+        self.rope_scaling = RotaryScaling.from_config(config)
         self.dropout = config.dropout
         # Passed explicitly everywhere: the padded SDPA call and the absorbed path (dot products over
-        # kv_lora_rank + rope dims) see other widths, from which a default scale would be wrong.
-        self.scale = 1.0 / math.sqrt(self.nope_dim + self.rope_dim)
+        # kv_lora_rank + rope dims) see other widths, from which a default scale would be wrong. YaRN's temperature
+        # multiplies it whole, nope dims included, as DeepSeek-V2 does.
+        self.scale = self.rope_scaling.softmax_scale_factor / math.sqrt(self.nope_dim + self.rope_dim)
 
         q_out = config.n_head * (self.nope_dim + self.rope_dim)
         self.low_rank_query = config.q_lora_rank > 0
@@ -108,12 +110,12 @@ class MultiHeadLatentAttention(nn.Module):
         q = self.q_up(self.q_norm(self.q_down(x))) if self.low_rank_query else self.q_proj(x)
         q = q.view(B, T, self.n_head, self.nope_dim + self.rope_dim).transpose(1, 2)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
-        return q_nope, apply_rotary(q_rope, start, self.rope_theta)
+        return q_nope, apply_rotary(q_rope, start, self.rope_theta, self.rope_scaling)
 
     def _latent(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The normed latent [B,T,r] and the rotated shared RoPE key [B,T,rope]: exactly what the cache stores."""
         latent, rope_key = self.kv_down(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
-        return self.kv_norm(latent), apply_rotary(rope_key, start, self.rope_theta)
+        return self.kv_norm(latent), apply_rotary(rope_key, start, self.rope_theta, self.rope_scaling)
 
     def _expand(self, latent: torch.Tensor, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head keys [B,H,S,nope+rope] and values [B,H,S,v] from latents (training and naive decode)."""
@@ -185,8 +187,9 @@ class MultiHeadAttention(nn.Module):
         self.n_kv_head = config.kv_heads
         self.head_dim = config.mha_head_dim
         self.rope_theta = config.rope_theta
+        self.rope_scaling = RotaryScaling.from_config(config)
         self.dropout = config.dropout
-        self.scale = 1.0 / math.sqrt(self.head_dim)
+        self.scale = self.rope_scaling.softmax_scale_factor / math.sqrt(self.head_dim)  # with YaRN's temperature
         # One projection for q, k and v, laid out [q heads | k heads | v heads]: with n_kv_head = n_head this is
         # the fused 3 * n_embd projection of GPT-2.
         self.qkv_proj = nn.Linear(config.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=config.bias)
@@ -199,7 +202,8 @@ class MultiHeadAttention(nn.Module):
         heads = self.qkv_proj(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
         queries_and_keys, v = heads.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=1)
         # One rotation (and one set of angles) for queries and keys together.
-        q, k = apply_rotary(queries_and_keys, start, self.rope_theta).split([self.n_head, self.n_kv_head], dim=1)
+        q, k = apply_rotary(queries_and_keys, start, self.rope_theta, self.rope_scaling).split(
+            [self.n_head, self.n_kv_head], dim=1)
         return q, k, v
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None, absorb: bool = True) -> torch.Tensor:

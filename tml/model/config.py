@@ -6,6 +6,7 @@ Each field's meaning is in ModelConfig's `Attributes:` docstring, which jsonargp
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -18,6 +19,9 @@ SWIGLU_HIDDEN_MULTIPLE = 64
 # Fields only MLA reads, and the one only the mha baseline reads (its key/value heads: below n_head, GQA or MQA).
 MLA_ONLY = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 MHA_ONLY = ("n_kv_head",)
+# YaRN's settings, read only when rope_yarn_factor is above 1.
+YARN_FIELDS = ("rope_yarn_factor", "rope_yarn_original_block_size", "rope_yarn_beta_fast", "rope_yarn_beta_slow",
+               "rope_yarn_mscale")
 
 
 class ModelConfigError(ValueError):
@@ -49,6 +53,18 @@ class ModelConfig:
         qk_rope_head_dim: per-head query/key dims with rotary position, key part shared across heads (MLA); even
         v_head_dim: per-head value dims (MLA)
         rope_theta: RoPE base; larger stretches the rotary wavelengths
+        rope_yarn_factor: YaRN context extension s (Peng et al. 2023; DeepSeek-V2 went from 4K to 128K with it):
+            1 = off; above 1, rotary pairs slow enough to matter over rope_yarn_original_block_size tokens turn s
+            times slower (NTK-by-parts) and the softmax scale is sharpened (rope_yarn_mscale), so a model trained
+            at that length reads s times as many
+        rope_yarn_original_block_size: the context the weights were trained at (L), which YaRN's cut-offs are
+            measured against; required when rope_yarn_factor is above 1
+        rope_yarn_beta_fast: rotary pairs turning more than this many times within L keep their frequency (the
+            YaRN paper's beta)
+        rope_yarn_beta_slow: pairs turning fewer times than this within L have it divided by rope_yarn_factor (the
+            paper's alpha); those between are blended along a linear ramp
+        rope_yarn_mscale: coefficient of YaRN's attention temperature: the softmax scale is multiplied by
+            (0.1 * mscale * ln(rope_yarn_factor) + 1)^2; 1 = the YaRN paper's, DeepSeek-V2 uses 0.707
         dropout: dropout probability on the embeddings, the attention weights (training forward only) and the
             outputs of attention and of the MLP, as in nanoGPT
         bias: biases in the linear layers and LayerNorms (RMSNorm has none), except MLA's key/value up-projection,
@@ -72,6 +88,11 @@ class ModelConfig:
     qk_rope_head_dim: int = 32
     v_head_dim: int = 64
     rope_theta: float = 10000.0
+    rope_yarn_factor: float = 1.0
+    rope_yarn_original_block_size: int = 0
+    rope_yarn_beta_fast: float = 32.0
+    rope_yarn_beta_slow: float = 1.0
+    rope_yarn_mscale: float = 1.0
     dropout: float = 0.0
     bias: bool = False
     tie_embeddings: bool = True
@@ -110,6 +131,7 @@ class ModelConfig:
             fail("q_lora_rank", "must be >= 0 (0 means a full-rank query)")
         if self.rope_theta <= 0:
             fail("rope_theta", "must be positive")
+        self._validate_yarn(fail)
         if not 0.0 <= self.dropout < 1.0:
             fail("dropout", "must be in [0, 1)")
         if self.attention == "mla":
@@ -122,6 +144,25 @@ class ModelConfig:
             head_dim = self.mha_head_dim
             if head_dim % 2 != 0:
                 fail("n_embd", f"gives an odd MHA head dim {head_dim}; RoPE rotates pairs")
+
+    def _validate_yarn(self, fail: Callable[[str, str], None]) -> None:
+        for field in YARN_FIELDS:
+            if not math.isfinite(getattr(self, field)):
+                fail(field, "must be a finite number")
+        if self.rope_yarn_factor < 1.0:
+            fail("rope_yarn_factor", "must be >= 1 (1 = no YaRN scaling; s > 1 extends the context s times)")
+        if self.rope_yarn_original_block_size < 0:
+            fail("rope_yarn_original_block_size", "must be >= 0")
+        if self.rope_yarn_factor > 1.0 and self.rope_yarn_original_block_size == 0:
+            fail("rope_yarn_original_block_size", f"must be set (> 0) with model.rope_yarn_factor="
+                                                  f"{self.rope_yarn_factor!r}: the context the weights were trained at")
+        if self.rope_yarn_beta_slow <= 0:
+            fail("rope_yarn_beta_slow", "must be positive (a number of turns within the original context)")
+        if self.rope_yarn_beta_fast <= self.rope_yarn_beta_slow:
+            fail("rope_yarn_beta_fast", f"must be above model.rope_yarn_beta_slow={self.rope_yarn_beta_slow!r}: "
+                                        "pairs turning faster keep their frequency, slower ones are interpolated")
+        if self.rope_yarn_mscale < 0:
+            fail("rope_yarn_mscale", "must be >= 0 (0 = no attention temperature)")
 
     @property
     def mha_head_dim(self) -> int:
@@ -143,8 +184,9 @@ class ModelConfig:
     @property
     def unread_fields(self) -> tuple[str, ...]:
         """The other attention kind's fields, which shape nothing here: MLA's ranks for an mha model, n_kv_head
-        for an MLA one (tables show them empty, comparisons skip them)."""
-        return MHA_ONLY if self.attention == "mla" else MLA_ONLY
+        for an MLA one (tables show them empty, comparisons skip them); and YaRN's settings when it is off."""
+        other_kind = MHA_ONLY if self.attention == "mla" else MLA_ONLY
+        return other_kind if self.rope_yarn_factor > 1.0 else (*other_kind, *YARN_FIELDS[1:])
 
     @property
     def attention_kind(self) -> str:

@@ -70,7 +70,7 @@ class TrainConfig:
         resume: "none", "auto" (latest checkpoint in out_dir) or a checkpoint path (a run directory: its latest)
         init_from: start a new run from these weights (a run directory, a checkpoint or a `tml export` file) with a
             fresh optimizer, schedule and data order, on any data: fine-tuning, or continued pre-training. Its model
-            must have this run's shape (model.dropout, block_size and rope_theta may differ). Unused on resume
+            must have this run's shape (model.dropout, block_size, rope_theta and rope_yarn_* may differ). Unused on resume
         seed: seed of the initial weights and of the data order
         compile: run the model through torch.compile
         activation_checkpointing: keep only each block's input in the forward pass and recompute the rest during

@@ -21,20 +21,13 @@ from rich.progress import Progress
 import tml
 from tests.conftest import REPO_ROOT, debug_model_config
 from tests.train.conftest import tiny_run_config
-from tml.cli import (
-    CTRL_C_EXIT_STATUS,
-    EVAL_BATCH_TOKENS,
-    cache_description,
-    main,
-    prompt_tokens_kept,
-    text_loss,
-    window_starts,
-)
+from tml.cli import CTRL_C_EXIT_STATUS, main, prompt_tokens_kept
 from tml.config import Config, dump_yaml
 from tml.data.tokenizer import get_tokenizer
 from tml.model import Transformer
 from tml.model.config import GPT2_PADDED_VOCAB
 from tml.model.diagnostics import attention_statistics
+from tml.text_eval import EVAL_BATCH_TOKENS, text_loss, window_starts
 from tml.train import checkpoint
 from tml.train.checkpoint import checkpoints_dir, load_model_weights, read_meta
 from tml.train.loop import train
@@ -421,17 +414,6 @@ def test_inspect_refuses_a_missing_file_and_a_text_shorter_than_one_window_in_on
         f"tml inspect: --data {short}: 7 tokens, shorter than one window of 32 (a longer text, or a shorter --context)")
     assert main(["inspect", "--checkpoint", str(trained_run), "--data", str(short), "--windows", "0"]) == 1
     assert "--windows 0 must be >= 1" in capsys.readouterr().err
-
-
-def test_inspect_windows_spread_evenly_and_overlap_only_when_the_text_is_short():
-    assert window_starts(100, 10, 4) == [0, 30, 60, 90]
-    assert window_starts(100, 10, 1) == [0]
-    assert window_starts(12, 10, 3) == [0, 1, 2]
-
-
-def test_inspect_names_what_a_grouped_query_layer_caches():
-    config = debug_model_config(attention="mha", n_kv_head=2)
-    assert cache_description(config) == "keys and values of 2 kv heads x 16 dims, 64 wide"
 
 
 def test_export_writes_a_plain_fp32_state_dict(trained_run, tmp_path):

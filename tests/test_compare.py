@@ -318,3 +318,15 @@ def test_compare_shows_zero_settings_only_for_deepspeed_runs():
     assert "train.zero_stage" not in compared_settings(Config())
     deepspeed = Config.from_dict({"train": {"strategy": "deepspeed", "zero_stage": 3}})
     assert compared_settings(deepspeed)["train.zero_stage"] == 3
+
+
+def test_a_branch_says_which_run_and_step_it_branched_from(sweep, tmp_path, capsys, monkeypatch):
+    summary = json.loads((sweep / "mla" / SUMMARY_FILE).read_text())
+    branch = {**summary, "branched_from": str(checkpoints_dir(tmp_path / "long") / step_name(800)),
+              "branched_at_step": 800}
+    copy_run(sweep / "mla", tmp_path / "runs" / "wsd-1000", summary=branch)
+    copy_run(sweep / "mla", tmp_path / "runs" / "long", summary=summary)
+    rows = {row["run"].rsplit("/", 1)[-1]: row for row in compare_json(capsys, tmp_path / "runs")}
+    assert (rows["wsd-1000"]["branched_from"], rows["long"]["branched_from"]) == ("long@800", None)
+    table = compare_table(capsys, monkeypatch, tmp_path / "runs")
+    assert "branch of" in table and "long@800" in table

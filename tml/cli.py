@@ -33,15 +33,9 @@ from tml.train.preemption import CTRL_C_EXIT_STATUS, DEFAULT_SIGNALS, INTERACTIV
 from tml.train.ranks import is_first_local_process
 
 if TYPE_CHECKING:
-    import torch
     from jsonargparse import ArgumentParser
 
-    from tml.model.config import ModelConfig
 
-# Tokens per forward pass in `tml eval` (8 windows at block size 512), whatever --context is: a longer window goes
-# through alone. The model projects a pass's positions onto the vocabulary in chunks (NO_GRAD_LOSS_CHUNK), so no
-# window is too long for memory; its attention's time grows with the square of its length.
-EVAL_BATCH_TOKENS = 4096
 # Windows `tml inspect` reads by default: 8 x 512 tokens give each layer's cache 4,096 rows, more than the widest cache
 # of the reference shapes has columns (MHA's 1,536), so the rank measured is not capped by the number of tokens.
 INSPECT_WINDOWS = 8
@@ -318,6 +312,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     from tml.data.tokenizer import get_tokenizer
     from tml.pretrained import default_device, load
+    from tml.text_eval import check_context, read_at_context
 
     options = sampling_options(args)
     check_context(args.context)
@@ -368,104 +363,6 @@ def cache_line(model, positions: int, samples: int) -> str:
             f"{samples} sample{'s' if samples > 1 else ''}")
 
 
-def check_context(context: int | None) -> None:
-    if context is not None and context < 2:
-        raise ValueError(f"--context {context}: a window needs at least 2 tokens (one to predict from)")
-
-
-def read_at_context(model, context: int, command: str) -> None:
-    """Let `model` read windows of `context` tokens, shorter or longer than it was trained on: RoPE has no learned
-    positions, so the same weights apply; positions past the trained block are said to be new to it."""
-    trained = model.config.block_size
-    if context > trained:
-        print(f"tml {command}: --context {context} is longer than the {trained} tokens the model was trained on: "
-              "positions past that are new to it", file=sys.stderr)
-    model.config = dataclasses.replace(model.config, block_size=context)
-
-
-def read_with_yarn(model, factor: float):
-    """The same weights reading positions with YaRN at `factor`, its cut-offs measured against the model's own
-    block_size (the context it was trained at): the YaRN paper's extension without fine-tuning. A new model, since
-    each attention derives its rotary frequencies and softmax scale from the config once."""
-    import torch
-
-    from tml.model import ModelConfigError, Transformer
-
-    if model.config.rope_yarn_factor > 1.0:
-        raise ValueError(f"--rope-yarn-factor {factor}: the model reads with YaRN already (model.rope_yarn_factor="
-                         f"{model.config.rope_yarn_factor}, trained at {model.config.rope_yarn_original_block_size})")
-    try:
-        config = dataclasses.replace(model.config, rope_yarn_factor=factor,
-                                     rope_yarn_original_block_size=model.config.block_size)
-    except ModelConfigError as error:
-        raise ValueError(f"--rope-yarn-factor {factor}: {error}") from error
-    weights = next(model.parameters())
-    with torch.device(weights.device):
-        scaled = Transformer(config)
-    scaled.load_state_dict(model.state_dict())
-    return scaled.to(weights.dtype).eval()
-
-
-def text_loss(model, tokens: list[int], device: torch.device, progress: Progress | None = None,
-              context: int | None = None) -> tuple[float, int]:
-    """Mean next-token loss over non-overlapping windows of `context` tokens (default: the model's block_size) of
-    `tokens`, the tail window included.
-
-    `progress`, when given, gets a task advanced once per batch of windows.
-    """
-    import torch
-
-    from tml.model.transformer import IGNORE_INDEX
-
-    block = context or model.config.block_size
-    windows_per_batch = max(1, EVAL_BATCH_TOKENS // block)
-    data = torch.tensor(tokens, dtype=torch.long)
-    starts = list(range(0, len(tokens) - 1, block))
-    batch_starts = range(0, len(starts), windows_per_batch)
-    task = progress.add_task("eval", total=len(batch_starts)) if progress is not None else None
-    total, count = 0.0, 0
-    for i in batch_starts:
-        rows = [data[s : s + block + 1] for s in starts[i : i + windows_per_batch]]
-        width = max(len(r) for r in rows) - 1
-        x = torch.zeros(len(rows), width, dtype=torch.long)
-        y = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)  # padding: not counted by the loss
-        for j, row in enumerate(rows):
-            x[j, : len(row) - 1], y[j, : len(row) - 1] = row[:-1], row[1:]
-        with torch.no_grad():
-            _, loss = model(x.to(device), y.to(device), return_logits=False)
-        tokens_here = int((y != IGNORE_INDEX).sum())
-        total += loss.item() * tokens_here
-        count += tokens_here
-        if task is not None:
-            progress.advance(task)
-    return total / count, count
-
-
-def read_text_file(path: Path, command: str = "eval") -> str:
-    """The file's text, read as tml-prepare reads a corpus file (byte-order marks, UTF-8, else cp1252 or Latin-1,
-    said on stderr; a Project Gutenberg file without its header and footer, said too), so held-out text evaluates
-    as it would train. A binary file is refused: decoding it "with replacement" would evaluate the model on noise
-    for minutes and report a meaningless perplexity."""
-    from tml.data.clean import has_gutenberg_header, strip_gutenberg
-    from tml.data.prepare import NotText, decode_text
-
-    if not path.exists():
-        raise FileNotFoundError(f"--data {path}: no such file")
-    if not path.is_file():
-        raise ValueError(f"--data {path} is not a file (a text file is needed)")
-    try:
-        text, encoding = decode_text(path.read_bytes())
-    except NotText as error:
-        raise ValueError(f"--data {path} is not a text file: {error}") from None
-    if encoding not in ("utf-8", "utf-8-sig"):
-        print(f"tml {command}: --data {path} is not UTF-8: read as {encoding}", file=sys.stderr)
-    if has_gutenberg_header(text):  # the licence is not the book: tml-prepare trains without it too
-        text = strip_gutenberg(text, name=str(path))
-        print(f"tml {command}: --data {path} is a Project Gutenberg file: its header and footer are left out, as "
-              "tml-prepare leaves them out", file=sys.stderr)
-    return text
-
-
 def eval_progress() -> Progress:
     """A transient bar on stderr, shown only on a terminal: stdout keeps just the result line."""
     console = Console(stderr=True)
@@ -477,6 +374,15 @@ def eval_progress() -> Progress:
 def cmd_eval(args: argparse.Namespace) -> int:
     from tml.data.tokenizer import get_tokenizer
     from tml.pretrained import default_device, load
+    from tml.text_eval import (
+        bits_per_byte,
+        check_context,
+        predicted_bytes,
+        read_at_context,
+        read_text_file,
+        read_with_yarn,
+        text_loss,
+    )
     from tml.train.evaluate import format_perplexity, perplexity
 
     path = Path(args.data)
@@ -498,14 +404,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
     read_at_context(model, context, "eval")
     with eval_progress() as progress:
         loss, count = text_loss(model, tokens, device, progress, context)
-    # Every token but the first is predicted: their bytes are the text's less the first token's.
-    predicted_bytes = len(text.encode("utf-8")) - len(get_tokenizer().decode_single_token_bytes(tokens[0]))
-    bpb = bits_per_byte(loss, count, predicted_bytes)
+    text_bytes = predicted_bytes(text, tokens[0])
+    bpb = bits_per_byte(loss, count, text_bytes)
     if args.json:
         # "checkpoint" as given; "weights": the checkpoint directory (a run's best, else last) or export read
         print(json.dumps({"data": str(path), "checkpoint": args.checkpoint, "weights": used, "tokens": count,
                           "context": context, "trained_context": trained, "rope_yarn_factor": model.config.rope_yarn_factor,
-                          "dtype": args.dtype, "loss": loss, "perplexity": perplexity(loss), "bytes": predicted_bytes,
+                          "dtype": args.dtype, "loss": loss, "perplexity": perplexity(loss), "bytes": text_bytes,
                           "bits_per_byte": bpb}))
     else:
         windows = f" | context {context} (trained at {trained})" if context != trained else ""
@@ -516,33 +421,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
-def bits_per_byte(mean_loss: float, tokens: int, text_bytes: int) -> float:
-    """The loss per byte of UTF-8 text in bits: unlike a perplexity it does not depend on the tokenizer, so models
-    with other vocabularies (a character-level one, another BPE) are compared on the same scale."""
-    return mean_loss * tokens / (math.log(2) * text_bytes)
-
-
-def window_starts(total: int, context: int, windows: int) -> list[int]:
-    """Where `windows` windows of `context` tokens start, spread evenly from a text's first token to its last full
-    window: a book's statistics come from all of it, not its opening. They overlap when the text is short."""
-    last = total - context
-    return [round(i * last / (windows - 1)) for i in range(windows)] if windows > 1 else [0]
-
-
-def cache_description(config: ModelConfig) -> str:
-    """What one layer caches per token, in words: the columns `tml inspect` measures the rank of."""
-    if config.attention == "mla":
-        return (f"a {config.kv_lora_rank}-wide latent (its {config.qk_rope_head_dim}-wide shared RoPE key is cached "
-                "too, left out of the rank)")
-    return (f"keys and values of {config.kv_heads} kv head{'s' if config.kv_heads > 1 else ''} x "
-            f"{config.mha_head_dim} dims, {2 * config.kv_heads * config.mha_head_dim} wide")
-
-
-def uniform_entropy(context: int) -> float:
-    """The mean entropy of attention spread evenly over every key a query sees: query t has t+1, so ln(T!)/T."""
-    return math.lgamma(context + 1) / context
-
-
 def cmd_inspect(args: argparse.Namespace) -> int:
     """Per layer: the effective rank of the KV cache, the largest attention logit and the attention entropy, on
     windows of a text file (tml/model/diagnostics.py)."""
@@ -551,6 +429,14 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     from tml.data.tokenizer import get_tokenizer
     from tml.model.diagnostics import attention_statistics
     from tml.pretrained import default_device, load
+    from tml.text_eval import (
+        cache_description,
+        check_context,
+        read_at_context,
+        read_text_file,
+        uniform_entropy,
+        window_starts,
+    )
 
     path = Path(args.data)
     check_context(args.context)
@@ -568,20 +454,24 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         raise ValueError(f"--data {path}: {n_tokens(len(tokens))}, shorter than one window of {context} (a longer "
                          "text, or a shorter --context)")
     read_at_context(model, context, "inspect")
+    windows = min(args.windows, len(tokens) - context + 1)
+    if windows < args.windows:
+        print(f"tml inspect: --data {path} holds {windows:,} different windows of {context} tokens: reading those, "
+              f"not {args.windows:,}", file=sys.stderr)
     data = torch.tensor(tokens, dtype=torch.long)
-    idx = torch.stack([data[start : start + context] for start in window_starts(len(tokens), context, args.windows)])
+    idx = torch.stack([data[start : start + context] for start in window_starts(len(tokens), context, windows)])
     layers = attention_statistics(model, idx.to(device))
     kind, cache = model.config.attention_kind, cache_description(model.config)
     if args.json:
         print(json.dumps({"data": str(path), "checkpoint": args.checkpoint, "weights": used, "attention": kind,
-                          "cache": cache, "windows": args.windows, "context": context, "trained_context": trained,
+                          "cache": cache, "windows": windows, "context": context, "trained_context": trained,
                           "dtype": args.dtype, "uniform_entropy": uniform_entropy(context),
                           "layers": [dataclasses.asdict(layer) | {"cache_rank_fraction": layer.cache_rank_fraction}
                                      for layer in layers]}))
         return 0
     console = Console(highlight=False)
-    console.print(f"{used}: {kind}, caching per token and layer {cache}; {args.windows} window"
-                  f"{'s' if args.windows > 1 else ''} of {context} tokens of {path} (uniform attention: entropy "
+    console.print(f"{used}: {kind}, caching per token and layer {cache}; {windows} window"
+                  f"{'s' if windows > 1 else ''} of {context} tokens of {path} (uniform attention: entropy "
                   f"{uniform_entropy(context):.2f} nats)", soft_wrap=True)
     table = Table(show_edge=False, header_style="bold")
     for header in ("layer", "cache rank used", "of width", "%", "max logit", "entropy (nats)"):

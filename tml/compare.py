@@ -48,7 +48,7 @@ NUMBERS_FROM_SUMMARY = ("final_step", "max_steps", "best_val_loss", "best_val_pe
 # Every row's fields, in table order; `--json` gives all of them (and `settings`) and `--sort` takes any.
 FIELDS = ("run", *SHAPE, "params", "params_non_embedding", "kv_cache_bytes_per_token", "kv_cache_dtype",
           "final_step", "max_steps", "best_val_loss", "best_val_perplexity", "val_loss", "val_perplexity",
-          "tokens_seen", "wall_s", "tokens_per_s", "train_tokens_per_s", "status")
+          "tokens_seen", "wall_s", "tokens_per_s", "train_tokens_per_s", "branched_from", "status")
 DEFAULT_SORT = "best_val_perplexity"
 # Settings that are not part of what a run computes, besides where its files go (PLACEMENT_KEYS): the data's
 # cache directory, how often it logs and saves, and the loggers. A sweep that differs only in these shows no
@@ -139,6 +139,15 @@ def read_summary(directory: Path) -> dict[str, Any]:
             raise ValueError(f"{key} is {value!r}, not a number")
         summary[key] = value if value is None or math.isfinite(value) else None
     return summary
+
+
+def branch_origin(summary: dict[str, Any]) -> str | None:
+    """`long@800` for a branch of the run in directory `long` from its step 800: its tokens and wall time count the
+    long run's first 800 steps too. None for a run that is no branch (or a summary from before branches)."""
+    checkpoint, step = summary.get("branched_from"), summary.get("branched_at_step")
+    if not isinstance(checkpoint, str) or not isinstance(step, int):
+        return None
+    return f"{Path(checkpoint).parent.parent.name}@{step}"  # RUN/checkpoints/step-N -> RUN
 
 
 def summary_status(summary: dict[str, Any]) -> str:
@@ -232,6 +241,7 @@ def read_run(name: str, directory: Path) -> dict[str, Any]:
         if row["tokens_seen"] is not None and row["wall_s"]:
             row["tokens_per_s"] = row["tokens_seen"] / row["wall_s"]
         status = summary_status(summary)
+        row["branched_from"] = branch_origin(summary)
     elif running is not None:
         row["final_step"] = newest
         status = f"running ({running})"
@@ -356,6 +366,7 @@ COLUMNS = (
     field("tokens_per_s", "tok/s (wall)", render=lambda x: f"{x:,.0f}"),
     # The speed to quote: steps only (the wall figure also counts start-up, validation and saves)
     field("train_tokens_per_s", "tok/s (train)", render=lambda x: f"{x:,.0f}"),
+    field("branched_from", "branch of"),
     field("status", "status"),
 )
 # Settings the table's own columns already show: the shape's, and max_steps (the `steps` column's N/max).

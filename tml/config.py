@@ -138,7 +138,8 @@ def refuse_steps_beside_a_budget(args: Sequence[str], config: Config) -> None:
     budget = next((key for key in ("max_tokens", "max_flops") if getattr(config.train, key) is not None), None)
     typed = [arg for arg in args if arg == "--train.max_steps" or arg.startswith("--train.max_steps=")]
     if budget and typed:
-        raise ConfigError(f"--train.max_steps is not used while train.{budget}={getattr(config.train, budget):g} decides "
+        amount = getattr(config.train, budget)
+        raise ConfigError(f"--train.max_steps is not used while train.{budget}={amount:g} decides "
                           f"the steps (max_steps {config.train.max_steps:,}): change --train.{budget}, or give "
                           f"--train.{budget} null to train for --train.max_steps")
 
@@ -276,7 +277,8 @@ def with_default_config(argv: Sequence[str]) -> list[str]:
     if any(arg == "--config" or arg.startswith("--config=") or arg in HELP_FLAGS for arg in argv):
         return list(argv)
     if is_first_local_process():  # Fabric re-runs the command, with these arguments, for each extra rank
-        print(f"tml: no --config given: using tml's configs/{DEFAULT_CONFIG}.yaml (the reference setup)", file=sys.stderr)
+        print(f"tml: no --config given: using tml's configs/{DEFAULT_CONFIG}.yaml (the reference setup)",
+              file=sys.stderr)
     return ["--config", str(SHIPPED_CONFIGS / f"{DEFAULT_CONFIG}.yaml"), *argv]
 
 

@@ -34,10 +34,11 @@ from tml.train.checkpoint import (
 )
 
 EXPORT_FORMAT = "tml-export/3"
-# What descriptions of each earlier format predate, and the value every model of its time had: GPT-2's block before
+# The model fields each earlier export format lacks, and the value every model of its time had: GPT-2's block before
 # format 2, no YaRN scaling before format 3.
 NO_YARN = {field: getattr(ModelConfig(), field) for field in YARN_FIELDS}
-PREDATED_FIELDS = {"tml-export/1": {"norm_type": "layernorm", "mlp": "gelu", **NO_YARN}, "tml-export/2": NO_YARN}
+FIELDS_ADDED_SINCE_FORMAT = {"tml-export/1": {"norm_type": "layernorm", "mlp": "gelu", **NO_YARN},
+                             "tml-export/2": NO_YARN}
 # Model fields a run started from other weights (train.init_from) may set anew: none of them shapes a parameter
 # (YaRN's, to extend the context the weights were trained at).
 SHAPELESS_MODEL_FIELDS = ("dropout", "block_size", "rope_theta", *YARN_FIELDS)
@@ -135,15 +136,15 @@ def _weights_and_source(path: str | Path) -> tuple[dict[str, torch.Tensor], Conf
 
 def _described_model(description: Any) -> ModelConfig:
     """The description's model section as a ModelConfig: every field present (one of an earlier format may lack
-    the PREDATED_FIELDS of its format), of its type, valid."""
+    the FIELDS_ADDED_SINCE_FORMAT of its format), of its type, valid."""
     if not isinstance(description, dict):
         raise ValueError(f"it holds a {type(description).__name__}, not an object")
-    if description.get("format") not in (EXPORT_FORMAT, *PREDATED_FIELDS):
+    if description.get("format") not in (EXPORT_FORMAT, *FIELDS_ADDED_SINCE_FORMAT):
         raise ValueError(f"format {description.get('format')!r}, expected {EXPORT_FORMAT!r}")
     section = description.get("model")
     if not isinstance(section, dict):
         raise ValueError("it has no 'model' section")
-    section = PREDATED_FIELDS.get(description["format"], {}) | section
+    section = FIELDS_ADDED_SINCE_FORMAT.get(description["format"], {}) | section
     expected = [field.name for field in fields(ModelConfig)]
     missing = [name for name in expected if name not in section]
     unknown = [name for name in section if name not in expected]

@@ -44,6 +44,7 @@ from submitit.slurm.slurm import SlurmJob, _make_sbatch_string
 
 from tml.config import Config
 from tml.run_dir import RESUME_WORDS
+from tml.sweep import checkout_root
 
 # Seconds before the time limit at which SLURM sends the warning signal: room to finish the current step and
 # write `last` (Submitit's default of 90 s is tight for a multi-GB checkpoint on a shared file system).
@@ -231,8 +232,6 @@ def executor_parameters(resources: SlurmResources) -> dict[str, Any]:
 def python_path_setup() -> str:
     """The sbatch line that makes every task import the tml that submitted the job, installed or a checkout, and
     (Python 3.11+) not a tml/ folder in the submission directory, which Submitit's `python -m` would put first."""
-    from tml.sweep import checkout_root
-
     if (root := checkout_root()) is None:  # installed: the job's interpreter (this one) finds it
         return "export PYTHONSAFEPATH=1"
     return f'export PYTHONSAFEPATH=1 PYTHONPATH={shlex.quote(root)}"${{PYTHONPATH:+:$PYTHONPATH}}"'

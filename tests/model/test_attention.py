@@ -87,8 +87,8 @@ def test_full_forward_equals_explicit_attention_with_mla_scale(overrides):
     attn = mla_module(**overrides)
     x = torch.randn(1, 10, 64)
     with torch.no_grad():
-        q_nope, q_rope = attn._query(x, 0)
-        k, v = attn._expand(*attn._latent(x, 0))
+        q_nope, q_rope = attn.query(x, 0)
+        k, v = attn.expand(*attn.latent(x, 0))
         scale = yarn_temperature(overrides) / math.sqrt(12 + 8)
         scores = torch.cat((q_nope, q_rope), dim=-1) @ k.transpose(-2, -1) * scale
         scores = scores.masked_fill(torch.ones(10, 10, dtype=torch.bool).triu(1), float("-inf"))
@@ -259,8 +259,8 @@ def test_yarn_rotates_queries_and_keys_alike_so_scores_depend_only_on_the_distan
     x = torch.randn(1, 1, 64).expand(1, 16, 64)
     with torch.no_grad():
         if attention == "mla":
-            q, k = attn._query(x, 0)[1], attn._latent(x, 0)[1].unsqueeze(1)
+            q, k = attn.query(x, 0)[1], attn.latent(x, 0)[1].unsqueeze(1)
         else:
-            q, k, _ = attn._query_key_value(x, 0)
+            q, k, _ = attn.query_key_value(x, 0)
     scores = q[0, 0] @ k[0, 0].T  # [t, s]
     torch.testing.assert_close(scores[5:, 5:], scores[:-5, :-5], atol=1e-4, rtol=0)  # both shifted by 5

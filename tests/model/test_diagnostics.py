@@ -10,7 +10,6 @@ import torch
 from tests.conftest import debug_model_config
 from tml.model.attention import build_attention
 from tml.model.diagnostics import (
-    attention_output,
     attention_scores,
     attention_statistics,
     cache_matrix,
@@ -29,6 +28,14 @@ ATTENTION_KINDS = {
     "gqa": dict(attention="mha", n_kv_head=2),
     "mqa": dict(attention="mha", n_kv_head=1),
 }
+
+
+def attention_output(attn, scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The module's output [B,T,C] rebuilt from attention_scores (softmax, mix the values, merge heads, out_proj): equal
+    to its forward only when the scores are the ones it really computes."""
+    B, H, T, _ = scores.shape
+    y = (torch.softmax(scores, dim=-1) @ values.float()).to(values.dtype)
+    return attn.out_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
 def attention_module(kind: str):
@@ -66,12 +73,12 @@ def test_recomputed_attention_output_equals_the_modules_forward(kind):
 def brute_force_max_logit_and_entropy(attn, x: torch.Tensor) -> tuple[float, float]:
     """Every head, window, query and earlier key one at a time, with plain Python softmax and entropy."""
     if attn.__class__.__name__ == "MultiHeadLatentAttention":
-        q_nope, q_rope = attn._query(x, 0)
+        q_nope, q_rope = attn.query(x, 0)
         q = torch.cat((q_nope, q_rope), dim=-1)
-        k, _ = attn._expand(*attn._latent(x, 0))
+        k, _ = attn.expand(*attn.latent(x, 0))
         key_head = list(range(attn.n_head))
     else:
-        q, k, _ = attn._query_key_value(x, 0)
+        q, k, _ = attn.query_key_value(x, 0)
         key_head = [h * attn.n_kv_head // attn.n_head for h in range(attn.n_head)]
     B, H, T, _ = q.shape
     max_logit, entropies = -math.inf, []
@@ -157,3 +164,22 @@ def test_statistics_leave_the_model_as_they_found_it():
     assert first == second  # eval mode: dropout off, so the same numbers twice
     assert model.training and torch.is_grad_enabled()
     assert all(not block.attn._forward_pre_hooks for block in model.blocks)
+
+
+@pytest.mark.parametrize("kind", ["mla", "gqa"])
+def test_windows_taken_a_few_at_a_time_give_the_numbers_of_all_at_once(kind):
+    """Memory that does not grow with --windows: the cache's Gram matrix summed over passes has the spectrum of the
+    whole centred cache matrix, and logits and entropies are per window anyway."""
+    torch.manual_seed(0)
+    model = Transformer(debug_model_config(**ATTENTION_KINDS[kind])).eval()
+    idx = torch.randint(0, 256, (5, 16))
+    with torch.no_grad():
+        together = attention_statistics(model, idx, windows_per_pass=5)
+        apart = attention_statistics(model, idx, windows_per_pass=2)
+        x = model.tok_emb(idx)  # post-LN: block 0's attention reads the embeddings
+        direct = effective_rank(cache_matrix(model.blocks[0].attn, x))
+    for one, other in zip(together, apart, strict=True):
+        assert other.cache_effective_rank == pytest.approx(one.cache_effective_rank, rel=1e-9)
+        assert other.max_logit == one.max_logit
+        assert other.mean_entropy == pytest.approx(one.mean_entropy, rel=1e-12)
+    assert together[0].cache_effective_rank == pytest.approx(direct, rel=1e-6)  # eigenvalues of X'X = SVD of X

@@ -472,8 +472,8 @@ def test_other_changes_are_listed_for_the_notice_and_paths_of_the_run_are_not(tm
         "model.dropout 0.0 -> 0.1", "data.shard_dir data/gutenberg/shards -> /scratch/shards",
         "train.max_steps 18370 -> 400", "train.lr 0.0003 -> 0.001", "train.devices 1 -> 2", "train.num_nodes 1 -> 2",
     ]
-    del saved["train"]["max_steps"]  # a key the checkpoint predates is not compared
-    assert "train.max_steps" not in " ".join(check_resume_config(tmp_path, saved, current, "auto"))
+    del saved["data"]["shard_dir"]  # a data key the checkpoint predates is not compared (train keys: their default)
+    assert "data.shard_dir" not in " ".join(check_resume_config(tmp_path, saved, current, "auto"))
 
 
 def test_a_path_written_absolute_is_the_same_setting(tmp_path, monkeypatch):
@@ -867,3 +867,12 @@ def test_a_model_field_added_since_a_checkpoint_is_compared_with_the_model_that_
     deepseek = replace(current, model=replace(current.model, norm_type="rmsnorm", mlp="swiglu"))
     assert checkpoint.changed_settings(saved, deepseek) == [("model.norm_type", "layernorm", "rmsnorm"),
                                                             ("model.mlp", "gelu", "swiglu")]
+
+
+def test_a_train_field_added_since_a_checkpoint_is_listed_when_set_otherwise_on_resume(tmp_path):
+    current = tiny_run_config(tmp_path, tmp_path)
+    saved = current.to_dict()
+    del saved["train"]["warmup_steps"]
+    assert checkpoint.changed_settings(saved, current) == []
+    fixed = replace(current, train=replace(current.train, warmup_steps=100))
+    assert checkpoint.changed_settings(saved, fixed) == [("train.warmup_steps", None, 100)]

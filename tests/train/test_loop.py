@@ -633,8 +633,8 @@ def test_a_resume_says_when_a_budget_was_partly_trained_at_another_global_batch(
     config = tiny_run_config(tmp_path, tmp_path, max_tokens=100_000)  # batch 4 x 1 device x 32 tokens = 128 a step
     tokens_per_step = 4 * config.model.block_size
     assert config.train.max_steps == 100_000 // tokens_per_step
-    assert resume_schedule_notices(config, config, 10, 10 * tokens_per_step, tokens_per_step, False) == []
-    [notice] = resume_schedule_notices(config, config, 10, 5 * tokens_per_step, tokens_per_step, False)  # half batch
+    assert resume_schedule_notices(config, None, 10, 10 * tokens_per_step, tokens_per_step) == []
+    [notice] = resume_schedule_notices(config, None, 10, 5 * tokens_per_step, tokens_per_step)  # half batch
     ends_at = 5 * tokens_per_step + (config.train.max_steps - 10) * tokens_per_step
     assert notice == (f"note: {5 * tokens_per_step:,} tokens were trained at another global batch; train.max_tokens "
                       f"is counted in steps of today's {tokens_per_step:,} tokens, so the run ends at {ends_at:,} tokens")
@@ -644,12 +644,12 @@ def test_a_branch_says_when_it_starts_inside_its_decay_or_from_annealed_weights(
     wsd = dict(schedule="wsd", warmup_frac=0.0, decay_frac=0.5)
     long = tiny_run_config(tmp_path, tmp_path, max_steps=20, **wsd)  # decays from step 10
     branch = tiny_run_config(tmp_path, tmp_path, max_steps=10, **wsd)  # decays from step 5
-    assert resume_schedule_notices(branch, long, 4, 0, 0, branch=True) == []  # before both decays: a clean branch
-    [inside] = resume_schedule_notices(branch, long, 7, 0, 0, branch=True)
+    assert resume_schedule_notices(branch, long.train, 4, 0, 0) == []  # before both decays: a clean branch
+    [inside] = resume_schedule_notices(branch, long.train, 7, 0, 0)
     lr = 3e-4 + (3e-3 - 3e-4) * (1 - math.sqrt(3 / 5))
     assert inside == (f"note: step 7 is inside this run's decay (from step 5): it starts at lr {lr:.3g}, not at the "
                       "peak, and decays over 3 steps instead of 5")
     longer = tiny_run_config(tmp_path, tmp_path, max_steps=40, **wsd)
-    [annealed] = resume_schedule_notices(longer, long, 15, 0, 0, branch=True)
+    [annealed] = resume_schedule_notices(longer, long.train, 15, 0, 0)
     assert annealed.startswith("note: the checkpoint at step 15 was in its run's decay (from step 10, lr ")
-    assert resume_schedule_notices(branch, long, 7, 0, 0, branch=False) == []  # its own run, resumed in its decay
+    assert resume_schedule_notices(branch, None, 7, 0, 0) == []  # its own run, resumed in its decay

@@ -221,3 +221,11 @@ def test_warmup_steps_set_the_warm_up_whatever_max_steps_is():
     assert lrs_over_run(TrainConfig(max_steps=5, lr=1e-3, warmup_steps=10))[-1] == pytest.approx(1e-3 * 5 / 6)
     with pytest.raises(TrainConfigError, match=r"train.warmup_steps=-1: must be >= 0"):
         TrainConfig(warmup_steps=-1)
+
+
+@pytest.mark.parametrize(("max_steps", "warmup_steps"), [(1, 5), (9, 9), (9, 100), (10, 9)])
+def test_wsd_whose_warm_up_would_take_the_whole_run_still_decays_on_its_last_step(max_steps, warmup_steps):
+    train = TrainConfig(max_steps=max_steps, lr=1e-3, min_lr=1e-4, warmup_steps=warmup_steps, schedule="wsd")
+    optimizer, scheduler = scheduler_after(train, max_steps)  # the loop steps the scheduler past the last step too
+    lrs = lrs_over_run(train)
+    assert lrs[-1] == pytest.approx(1e-4) and scheduler.get_last_lr()[0] == pytest.approx(1e-4)

@@ -104,7 +104,7 @@ class MultiHeadLatentAttention(nn.Module):
         self.out_proj = nn.Linear(config.n_head * self.v_dim, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def _query(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def query(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """q_nope [B,H,T,nope] and rotated q_rope [B,H,T,rope]."""
         B, T, _ = x.shape
         q = self.q_up(self.q_norm(self.q_down(x))) if self.low_rank_query else self.q_proj(x)
@@ -112,12 +112,12 @@ class MultiHeadLatentAttention(nn.Module):
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         return q_nope, apply_rotary(q_rope, start, self.rope_theta, self.rope_scaling)
 
-    def _latent(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def latent(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor]:
         """The normed latent [B,T,r] and the rotated shared RoPE key [B,T,rope]: exactly what the cache stores."""
         latent, rope_key = self.kv_down(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         return self.kv_norm(latent), apply_rotary(rope_key, start, self.rope_theta, self.rope_scaling)
 
-    def _expand(self, latent: torch.Tensor, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def expand(self, latent: torch.Tensor, rope_key: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-head keys [B,H,S,nope+rope] and values [B,H,S,v] from latents (training and naive decode)."""
         B, S, _ = latent.shape
         kv = self.kv_up(latent).view(B, S, self.n_head, self.nope_dim + self.v_dim).transpose(1, 2)
@@ -128,19 +128,19 @@ class MultiHeadLatentAttention(nn.Module):
     def forward(self, x: torch.Tensor, cache: LatentCache | None = None, absorb: bool = True) -> torch.Tensor:
         B, T, _ = x.shape
         start = cache.length if cache is not None else 0
-        q_nope, q_rope = self._query(x, start)
-        latent, rope_key = self._latent(x, start)
+        q_nope, q_rope = self.query(x, start)
+        latent, rope_key = self.latent(x, start)
         if cache is not None:
             latent, rope_key = cache.update(latent, rope_key)
 
         if start == 0:
-            k, v = self._expand(latent, rope_key)
+            k, v = self.expand(latent, rope_key)
             q = torch.cat((q_nope, q_rope), dim=-1)
             y = causal_attention_padded(q, k, v, self.scale, self.dropout if self.training else 0.0)
         elif absorb:
             y = self._absorbed_attention(q_nope, q_rope, latent, rope_key, start)
         else:
-            k, v = self._expand(latent, rope_key)
+            k, v = self.expand(latent, rope_key)
             y = attend_cached(torch.cat((q_nope, q_rope), dim=-1), k, v, self.scale, start)
 
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim)
@@ -196,7 +196,7 @@ class MultiHeadAttention(nn.Module):
         self.out_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def _query_key_value(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def query_key_value(self, x: torch.Tensor, start: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Rotated queries [B,H,T,d], rotated keys [B,Hkv,T,d] (what the cache stores) and values [B,Hkv,T,d]."""
         B, T, _ = x.shape
         heads = self.qkv_proj(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim).transpose(1, 2)
@@ -210,7 +210,7 @@ class MultiHeadAttention(nn.Module):
         """`absorb` is accepted for a uniform block interface; MHA has nothing to absorb."""
         B, T, C = x.shape
         start = cache.length if cache is not None else 0
-        q, k, v = self._query_key_value(x, start)
+        q, k, v = self.query_key_value(x, start)
         if cache is not None:
             k, v = cache.update(k, v)
         if start == 0:

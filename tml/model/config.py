@@ -20,8 +20,8 @@ SWIGLU_HIDDEN_MULTIPLE = 64
 MLA_ONLY = ("kv_lora_rank", "q_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim")
 MHA_ONLY = ("n_kv_head",)
 # YaRN's settings, read only when rope_yarn_factor is above 1.
-YARN_FIELDS = ("rope_yarn_factor", "rope_yarn_original_block_size", "rope_yarn_beta_fast", "rope_yarn_beta_slow",
-               "rope_yarn_mscale")
+YARN_SETTINGS = ("rope_yarn_original_block_size", "rope_yarn_beta_fast", "rope_yarn_beta_slow", "rope_yarn_mscale")
+YARN_FIELDS = ("rope_yarn_factor", *YARN_SETTINGS)  # the settings are read only when rope_yarn_factor > 1
 
 
 class ModelConfigError(ValueError):
@@ -174,7 +174,7 @@ class ModelConfig:
         """Hidden units of the MLP: GELU's 4 * n_embd, or SwiGLU's 2/3 of that rounded up (SWIGLU_HIDDEN_MULTIPLE)."""
         if self.mlp == "gelu":
             return MLP_EXPANSION * self.n_embd
-        return SWIGLU_HIDDEN_MULTIPLE * math.ceil(2 * MLP_EXPANSION * self.n_embd / (3 * SWIGLU_HIDDEN_MULTIPLE))
+        return SWIGLU_HIDDEN_MULTIPLE * -(-2 * MLP_EXPANSION * self.n_embd // (3 * SWIGLU_HIDDEN_MULTIPLE))  # ceil
 
     @property
     def kv_heads(self) -> int:
@@ -186,7 +186,7 @@ class ModelConfig:
         """The other attention kind's fields, which shape nothing here: MLA's ranks for an mha model, n_kv_head
         for an MLA one (tables show them empty, comparisons skip them); and YaRN's settings when it is off."""
         other_kind = MHA_ONLY if self.attention == "mla" else MLA_ONLY
-        return other_kind if self.rope_yarn_factor > 1.0 else (*other_kind, *YARN_FIELDS[1:])
+        return other_kind if self.rope_yarn_factor > 1.0 else (*other_kind, *YARN_SETTINGS)
 
     @property
     def attention_kind(self) -> str:

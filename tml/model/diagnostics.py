@@ -52,7 +52,11 @@ def effective_rank(matrix: torch.Tensor) -> float:
     flattens: k equal singular values give exactly k, a dominant one pulls it towards 1. Computed in float64 on the
     CPU so that bf16 or fp16 activations lose nothing in the decomposition.
     """
-    singular_values = torch.linalg.svdvals(matrix.detach().to(device="cpu", dtype=torch.float64))
+    return spectrum_effective_rank(torch.linalg.svdvals(matrix.detach().to(device="cpu", dtype=torch.float64)))
+
+
+def spectrum_effective_rank(singular_values: torch.Tensor) -> float:
+    """effective_rank from the singular values themselves."""
     total = singular_values.sum()
     if total == 0:
         return 0.0
@@ -61,7 +65,13 @@ def effective_rank(matrix: torch.Tensor) -> float:
 
 
 def cache_matrix(attn: Attention, x: torch.Tensor) -> torch.Tensor:
-    """What the layer caches for each of the B*T tokens of x [B,T,C], one token a row, columns centred.
+    """What the layer caches for each of the B*T tokens of x [B,T,C], one token a row, columns centred (cache_rows)."""
+    rows = cache_rows(attn, x)
+    return rows - rows.mean(dim=0, keepdim=True)
+
+
+def cache_rows(attn: Attention, x: torch.Tensor) -> torch.Tensor:
+    """What the layer caches for each of the B*T tokens of x [B,T,C], one token a row, in fp32.
 
     MLA: the normed latent [B*T, kv_lora_rank], as the cache stores it. Its shared RoPE key (qk_rope_head_dim per
     token) is left out: it is a separate, fixed-width part of the cache that rotates with position, and the question
@@ -73,13 +83,12 @@ def cache_matrix(attn: Attention, x: torch.Tensor) -> torch.Tensor:
     """
     B, T, _ = x.shape
     if isinstance(attn, MultiHeadLatentAttention):
-        latent, _ = attn._latent(x, 0)
+        latent, _ = attn.latent(x, 0)
         rows = latent.reshape(B * T, -1)
     else:
-        _, k, v = attn._query_key_value(x, 0)
+        _, k, v = attn.query_key_value(x, 0)
         rows = torch.cat((k, v), dim=1).transpose(1, 2).reshape(B * T, -1)
-    rows = rows.float()
-    return rows - rows.mean(dim=0, keepdim=True)
+    return rows.float()
 
 
 def attention_scores(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -90,11 +99,11 @@ def attention_scores(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, to
     """
     T = x.shape[1]
     if isinstance(attn, MultiHeadLatentAttention):
-        q_nope, q_rope = attn._query(x, 0)
-        k, v = attn._expand(*attn._latent(x, 0))
+        q_nope, q_rope = attn.query(x, 0)
+        k, v = attn.expand(*attn.latent(x, 0))
         q = torch.cat((q_nope, q_rope), dim=-1)
     else:
-        q, k, v = attn._query_key_value(x, 0)
+        q, k, v = attn.query_key_value(x, 0)
         group = attn.n_head // attn.n_kv_head  # kv head j serves query heads j*group .. (j+1)*group-1
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = (q.float() @ k.float().transpose(-2, -1)) * attn.scale
@@ -102,46 +111,74 @@ def attention_scores(attn: Attention, x: torch.Tensor) -> tuple[torch.Tensor, to
     return scores.masked_fill(future, float("-inf")), v
 
 
-def attention_output(attn: Attention, scores: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """The module's output [B,T,C] from attention_scores: softmax, mix the values, merge heads, out_proj."""
-    B, H, T, _ = scores.shape
-    y = (torch.softmax(scores, dim=-1) @ values.float()).to(values.dtype)
-    return attn.out_proj(y.transpose(1, 2).reshape(B, T, -1))
+# Windows per forward pass: the layer inputs held at once, whatever the number of windows asked for. The cache's
+# spectrum is gathered as a width x width Gram matrix, so memory does not grow with the windows either.
+WINDOWS_PER_PASS = 8
+
+
+class LayerAccumulator:
+    """One layer's statistics gathered over batches of windows: the cache's centred Gram matrix (whose eigenvalues are
+    the squared singular values of the centred cache matrix), the largest logit and the entropy sum."""
+
+    def __init__(self, layer: int) -> None:
+        self.layer = layer
+        self.gram: torch.Tensor | None = None
+        self.row_sum: torch.Tensor | None = None
+        self.rows = 0
+        self.max_logit = -math.inf
+        self.entropy_sum = 0.0
+        self.windows = 0
+
+    def add(self, attn: Attention, x: torch.Tensor) -> None:
+        """Take in the attention's input x [B,T,C]; scores one window at a time (H*T*T of them in memory)."""
+        for window in x.split(1):
+            scores, _ = attention_scores(attn, window)
+            self.max_logit = max(self.max_logit, scores.max().item())  # -inf entries are masked, never the max
+            self.entropy_sum += torch.special.entr(torch.softmax(scores, dim=-1)).sum(dim=-1).mean().item()
+            self.windows += 1
+        rows = cache_rows(attn, x).to(device="cpu", dtype=torch.float64)
+        gram, row_sum = rows.T @ rows, rows.sum(dim=0)
+        self.gram = gram if self.gram is None else self.gram + gram
+        self.row_sum = row_sum if self.row_sum is None else self.row_sum + row_sum
+        self.rows += rows.shape[0]
+
+    def result(self) -> LayerStatistics:
+        centred = self.gram - torch.outer(self.row_sum, self.row_sum) / self.rows  # sum of (r - mean)(r - mean)^T
+        singular_values = torch.linalg.eigvalsh(centred).clamp(min=0).sqrt()
+        return LayerStatistics(layer=self.layer, cache_effective_rank=spectrum_effective_rank(singular_values),
+                               cache_width=self.gram.shape[0], max_logit=self.max_logit,
+                               mean_entropy=self.entropy_sum / self.windows)
 
 
 def layer_statistics(attn: Attention, x: torch.Tensor, layer: int = 0) -> LayerStatistics:
-    """The statistics of one attention module on its input x [B,T,C].
-
-    Scores are built one window at a time, so memory holds H*T*T of them, not B times that.
-    """
-    max_logit, entropy_sum = -math.inf, 0.0
-    for window in x.split(1):
-        scores, _ = attention_scores(attn, window)
-        max_logit = max(max_logit, scores.max().item())  # -inf entries are masked, never the max
-        entropy_sum += torch.special.entr(torch.softmax(scores, dim=-1)).sum(dim=-1).mean().item()
-    cached = cache_matrix(attn, x)
-    return LayerStatistics(layer=layer, cache_effective_rank=effective_rank(cached), cache_width=cached.shape[1],
-                           max_logit=max_logit, mean_entropy=entropy_sum / x.shape[0])
+    """The statistics of one attention module on its input x [B,T,C]."""
+    accumulator = LayerAccumulator(layer)
+    accumulator.add(attn, x)
+    return accumulator.result()
 
 
 @torch.no_grad()
-def attention_statistics(model: Transformer, idx: torch.Tensor) -> list[LayerStatistics]:
-    """Each layer's LayerStatistics on the windows idx [B,T]: one full-context forward (no cache) in eval mode.
+def attention_statistics(model: Transformer, idx: torch.Tensor,
+                         windows_per_pass: int = WINDOWS_PER_PASS) -> list[LayerStatistics]:
+    """Each layer's LayerStatistics on the windows idx [B,T]: full-context forwards (no cache) in eval mode, over
+    `windows_per_pass` windows at a time.
 
     Each block's attention input is caught by a forward pre-hook on block.attn, which is the residual stream in a
     post-LN block and its normed copy in a pre-LN one; the hooks are removed, and the model's mode restored, after.
     """
-    inputs: list[torch.Tensor] = []
+    accumulators = [LayerAccumulator(layer) for layer in range(len(model.blocks))]
 
-    def keep_input(module: nn.Module, args: tuple) -> None:
-        inputs.append(args[0])
+    def taker(accumulator: LayerAccumulator, attn: nn.Module):
+        return lambda module, args: accumulator.add(attn, args[0])
 
     was_training = model.training
-    hooks = [block.attn.register_forward_pre_hook(keep_input) for block in model.blocks]
+    hooks = [block.attn.register_forward_pre_hook(taker(accumulator, block.attn))
+             for accumulator, block in zip(accumulators, model.blocks, strict=True)]
     try:
         model.eval()
-        model(idx)
-        return [layer_statistics(model.blocks[layer].attn, x, layer) for layer, x in enumerate(inputs)]
+        for windows in idx.split(windows_per_pass):
+            model(windows)
+        return [accumulator.result() for accumulator in accumulators]
     finally:
         for hook in hooks:
             hook.remove()

@@ -74,11 +74,12 @@ class RotaryScaling:
         Pair i has wavelength 2 pi theta^(2i/dim), so it turns r = L / wavelength times within L; solving for i
         gives the pair that turns exactly r times.
         """
-        def pair_turning(rotations: float) -> float:
+        def pair_index_turning(rotations: float) -> float:
             return dim * math.log(self.original_length / (2 * math.pi * rotations)) / (2 * math.log(theta))
 
         # Clamped as DeepSeek-V2's yarn_find_correction_range clamps them (to dim - 1, not dim/2 - 1).
-        return max(math.floor(pair_turning(self.beta_fast)), 0), min(math.ceil(pair_turning(self.beta_slow)), dim - 1)
+        low = max(math.floor(pair_index_turning(self.beta_fast)), 0)
+        return low, min(math.ceil(pair_index_turning(self.beta_slow)), dim - 1)
 
     def inverse_frequencies(self, dim: int, theta: float, device: torch.device) -> torch.Tensor:
         """The dim/2 rotary frequencies (radians per position) in fp32; plain RoPE's when the factor is 1."""

@@ -77,8 +77,8 @@ def steps_for_budget(config: Config) -> int | None:
         cost_words = f"{shown(key, cost)} FLOPs ({step_cost_words(config, per_token)})" if per_token else \
             f"{cost:,} tokens"
         raise TrainConfigError(f"train.{key}={shown(key, budget)} is less than one optimizer step, which costs "
-                               f"{cost_words}: raise train.{key}, or lower train.batch_size, train.grad_accum, the devices "
-                               "and nodes, or model.block_size")
+                               f"{cost_words}: raise train.{key}, or lower train.batch_size, train.grad_accum, the "
+                               "devices and nodes, or model.block_size")
     return steps
 
 

@@ -70,6 +70,7 @@ from tml.files import (
 )
 from tml.model.config import ModelConfig
 from tml.run_dir import CONFIG_FILE, STEP_DIR, checkpoints_dir, newest_checkpoint, saved_steps, step_name
+from tml.train.config import LogConfig, TrainConfig
 from tml.train.optim import restore_schedule_step
 from tml.train.zero_export import ZeroCheckpointError, fp32_state_dict, verify_deepspeed_checkpoint
 
@@ -378,18 +379,22 @@ MODEL_NOTICE_KEYS = frozenset({"model.dropout"})
 HISTORY_KEYS = frozenset({"train.init_from"})
 
 
+SECTIONS_WITH_DEFAULTS = {"model": ModelConfig, "train": TrainConfig, "log": LogConfig}
+
+
 def changed_settings(saved: dict[str, Any], current: Config) -> list[tuple[str, Any, Any]]:
     """(section.key, saved value, current value) for every setting that differs, in config order.
 
-    A key the saved config lacks (a field added since) is skipped: there is nothing to compare it with; except in the
-    model section, where every field added since defaults to the model that existed before it (model.mlp gelu,
-    model.norm_type layernorm), so the saved model is that default and another value is a change (refused).
+    A field added since the checkpoint was saved defaults to what the code did before it existed (model.mlp gelu,
+    train.warmup_steps null), so in the model, train and log sections the saved run had that default, and another
+    value is a change (refused for the model, listed for the rest). In the data section such a key is skipped: what
+    data a run read is judged by its shards' content, not by settings it could not have had.
     """
     changes = []
     for section, values in current.to_dict().items():
         saved_section = saved.get(section, {})
-        if section == "model" and saved_section:
-            saved_section = asdict(ModelConfig()) | saved_section
+        if section in SECTIONS_WITH_DEFAULTS and saved_section:
+            saved_section = asdict(SECTIONS_WITH_DEFAULTS[section]()) | saved_section
         for key, value in values.items():
             name = f"{section}.{key}"
             if key in saved_section and name not in HISTORY_KEYS and not same_setting(name, saved_section[key], value):

@@ -70,7 +70,8 @@ class TrainConfig:
         resume: "none", "auto" (latest checkpoint in out_dir) or a checkpoint path (a run directory: its latest)
         init_from: start a new run from these weights (a run directory, a checkpoint or a `tml export` file) with a
             fresh optimizer, schedule and data order, on any data: fine-tuning, or continued pre-training. Its model
-            must have this run's shape (model.dropout, block_size, rope_theta and rope_yarn_* may differ). Unused on resume
+            must have this run's shape (model.dropout, block_size, rope_theta and rope_yarn_* may differ). Unused on
+            resume
         seed: seed of the initial weights and of the data order
         compile: run the model through torch.compile
         activation_checkpointing: keep only each block's input in the forward pass and recompute the rest during
@@ -148,7 +149,8 @@ class TrainConfig:
             fail("warmup_steps", "must be >= 0 (or null: warmup_frac decides)")
         if not 0 < self.decay_frac <= 1:
             fail("decay_frac", "must be in (0, 1] (a fraction of max_steps)")
-        if self.schedule == "wsd" and self.warmup_steps is None and self.warmup_frac + self.decay_frac > 1 + 1e-9:  # 1e-9: 0.7 + 0.3 in floats
+        wsd_by_fractions = self.schedule == "wsd" and self.warmup_steps is None
+        if wsd_by_fractions and self.warmup_frac + self.decay_frac > 1 + 1e-9:  # 1e-9: 0.7 + 0.3 in floats
             fail("decay_frac", f"with warmup_frac={self.warmup_frac} must be at most {1 - self.warmup_frac:g}: warm-up "
                                "and decay together cannot last longer than the run")
         for key in ("beta1", "beta2"):

@@ -39,6 +39,7 @@ from tml.pretrained import weights_to_start_from
 from tml.run_dir import CONFIG_FILE, SUMMARY_FILE, checkpoints_dir
 from tml.train.budget import describe_budget, horizon_key
 from tml.train.checkpoint import Checkpointer, branches_another_run, disk_space_warning, resume_checkpoint
+from tml.train.config import TrainConfig
 from tml.train.early_stopping import EarlyStopping
 from tml.train.evaluate import EvalResult, evaluate, format_perplexity, perplexity
 from tml.train.fabric import FP16_INITIAL_SCALE_POWER, build_fabric, is_deepspeed, resolve_precision
@@ -84,19 +85,20 @@ class TrainResult:
     out_dir: Path
 
 
-def resume_schedule_notices(config: Config, saved: Config, step: int, tokens_seen: int, tokens_per_step: int,
-                            branch: bool) -> list[str]:
-    """What a resume from `saved`'s checkpoint changes in how long or how fast a run trains, said because nothing
-    else would show it."""
+def resume_schedule_notices(config: Config, saved_schedule: TrainConfig | None, step: int, tokens_seen: int,
+                            tokens_per_step: int) -> list[str]:
+    """What a resume changes in how long or how fast a run trains, said because nothing else would show it;
+    `saved_schedule` is the train section the checkpoint was saved under, when its schedule is not this run's (a
+    branch, or the run itself given another max_steps), else None."""
     notices = []
     if horizon_key(config.train) != "train.max_steps" and tokens_seen != step * tokens_per_step:
         # The budget is counted in steps of today's global batch: the steps trained at another one cost otherwise.
         ends_at = tokens_seen + max(0, config.train.max_steps - step) * tokens_per_step
-        notices.append(f"note: {tokens_seen:,} tokens were trained at another global batch; {horizon_key(config.train)} "
-                       f"is counted in steps of today's {tokens_per_step:,} tokens, so the run ends at {ends_at:,} "
-                       "tokens")
-    if branch:
-        notices += [f"note: {note}" for note in branch_schedule_notes(saved.train, config.train, step)]
+        notices.append(f"note: {tokens_seen:,} tokens were trained at another global batch; "
+                       f"{horizon_key(config.train)} is counted in steps of today's {tokens_per_step:,} tokens, so the "
+                       f"run ends at {ends_at:,} tokens")
+    if saved_schedule is not None:
+        notices += [f"note: {note}" for note in branch_schedule_notes(saved_schedule, config.train, step)]
     return notices
 
 
@@ -180,8 +182,10 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                 fabric.print(notice)
             if changed:
                 fabric.print(f"resuming with changed settings: {', '.join(changed)}")
-            saved = Config.from_dict(meta["config"])
-            for notice in resume_schedule_notices(config, saved, step, tokens_seen, tokens_per_step, branch):
+            # The saved run's schedule, where this one's differs: a branch, or a longer or shorter run of its own.
+            new_length = meta["config"].get("train", {}).get("max_steps") != tc.max_steps
+            source = Config.from_dict(meta["config"]).train if branch or new_length else None
+            for notice in resume_schedule_notices(config, source, step, tokens_seen, tokens_per_step):
                 fabric.print(notice)
         if rank0:  # only now: a refused resume leaves the run's config.yaml describing its checkpoints
             out_dir.mkdir(parents=True, exist_ok=True)

@@ -129,9 +129,10 @@ def schedule_curve(train: TrainConfig) -> CosineWithWarmup | WarmupStableDecay:
         warmup_steps = int(train.warmup_frac * train.max_steps)
     min_ratio = train.min_lr / train.lr if train.lr > 0 else 0.0
     if train.schedule == "wsd":
-        decay_steps = max(1, int(train.decay_frac * train.max_steps))
-        # Warm-up first: a decay that would overlap it starts after it (none when warm-up takes the whole run).
-        decay_steps = min(decay_steps, train.max_steps - warmup_steps)
+        # At least the last step decays, so the run ends at min_lr even when warm-up would take all of it; a decay
+        # that would overlap the warm-up starts after it.
+        warmup_steps = min(warmup_steps, train.max_steps - 1)
+        decay_steps = min(max(1, int(train.decay_frac * train.max_steps)), train.max_steps - warmup_steps)
         return WarmupStableDecay(train.max_steps, warmup_steps, decay_steps, min_ratio)
     return CosineWithWarmup(train.max_steps, warmup_steps, min_ratio)
 
@@ -141,9 +142,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, train: TrainConfig) -> Lam
 
 
 def branch_schedule_notes(source: TrainConfig, branch: TrainConfig, step: int) -> list[str]:
-    """What a branch from a WSD run's checkpoint at `step` should know about its lr: the checkpoint was already
-    annealed in its own run's decay (the branch takes it back up), or the step is inside the branch's own decay
-    (the branch starts part-way down it). Said because the lr curve shows it only after the fact."""
+    """What a run continuing a WSD run's checkpoint at `step` on another schedule (a branch, or the run given another
+    max_steps) should know about its lr: the checkpoint was already annealed in its own run's decay (this run takes
+    it back up), or the step is inside this run's own decay (it starts part-way down it). Said because the lr curve
+    shows it only after the fact."""
     notes = []
     curve = schedule_curve(source)
     if isinstance(curve, WarmupStableDecay) and step >= curve.decay_start:

@@ -427,7 +427,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     import torch
 
     from tml.data.tokenizer import get_tokenizer
-    from tml.model.diagnostics import attention_statistics
+    from tml.model.diagnostics import WINDOWS_PER_PASS, attention_statistics_over
     from tml.pretrained import default_device, load
     from tml.text_eval import (
         cache_description,
@@ -459,8 +459,10 @@ def cmd_inspect(args: argparse.Namespace) -> int:
         print(f"tml inspect: --data {path} holds {windows:,} different windows of {context} tokens: reading those, "
               f"not {args.windows:,}", file=sys.stderr)
     data = torch.tensor(tokens, dtype=torch.long)
-    idx = torch.stack([data[start : start + context] for start in window_starts(len(tokens), context, windows)])
-    layers = attention_statistics(model, idx.to(device))
+    starts = window_starts(len(tokens), context, windows)
+    batches = (torch.stack([data[start : start + context] for start in starts[first : first + WINDOWS_PER_PASS]])
+               .to(device) for first in range(0, len(starts), WINDOWS_PER_PASS))  # built as read: memory stays flat
+    layers = attention_statistics_over(model, batches)
     kind, cache = model.config.attention_kind, cache_description(model.config)
     if args.json:
         print(json.dumps({"data": str(path), "checkpoint": args.checkpoint, "weights": used, "attention": kind,

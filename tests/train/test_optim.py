@@ -1,4 +1,5 @@
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from tml.train.config import TrainConfig, TrainConfigError
 from tml.train.optim import (
     CosineWithWarmup,
     WarmupStableDecay,
+    branch_schedule_notes,
     build_optimizer,
     build_scheduler,
     decay_groups,
@@ -217,8 +219,8 @@ def test_warmup_steps_set_the_warm_up_whatever_max_steps_is():
     short, long = (lrs_over_run(TrainConfig(max_steps=n, warmup_steps=10, schedule="wsd", decay_frac=0.2))
                    for n in (50, 200))
     assert short[:40] == long[:40]  # a WSD run and a branch of another length share warm-up and plateau
-    # Longer than the run: the whole run warms up (5 warm-up steps of 5).
-    assert lrs_over_run(TrainConfig(max_steps=5, lr=1e-3, warmup_steps=10))[-1] == pytest.approx(1e-3 * 5 / 6)
+    # Longer than the run: the run is all ramp, at the ramp's own slope (5 of its 10 steps).
+    assert lrs_over_run(TrainConfig(max_steps=5, lr=1e-3, warmup_steps=10))[-1] == pytest.approx(1e-3 * 5 / 11)
     with pytest.raises(TrainConfigError, match=r"train.warmup_steps=-1: must be >= 0"):
         TrainConfig(warmup_steps=-1)
 
@@ -229,3 +231,19 @@ def test_wsd_whose_warm_up_would_take_the_whole_run_still_decays_on_its_last_ste
     optimizer, scheduler = scheduler_after(train, max_steps)  # the loop steps the scheduler past the last step too
     lrs = lrs_over_run(train)
     assert lrs[-1] == pytest.approx(1e-4) and scheduler.get_last_lr()[0] == pytest.approx(1e-4)
+
+
+def test_wsd_cut_short_keeps_its_warm_up_ramp_and_decays_on_the_last_step():
+    """A budget or a short branch with the long run's warm-up: the same ramp, then min_lr on its last step."""
+    lrs = lrs_over_run(TrainConfig(max_steps=6, lr=1e-3, min_lr=1e-4, warmup_steps=10, schedule="wsd"))
+    assert lrs[:5] == pytest.approx([1e-3 * (step + 1) / 11 for step in range(5)])
+    assert lrs[5] == pytest.approx(1e-4)
+
+
+def test_a_checkpoint_at_the_decay_start_has_seen_only_the_peak_and_branches_without_notes():
+    long = TrainConfig(max_steps=12, warmup_steps=0, schedule="wsd", decay_frac=0.25)  # decays from step 9
+    assert branch_schedule_notes(long, replace(long, max_steps=20), 9) == []
+    assert len(branch_schedule_notes(long, replace(long, max_steps=20), 10)) == 1  # one step annealed
+    short = replace(long, max_steps=8)  # decays from step 6
+    assert branch_schedule_notes(long, short, 6) == []  # its whole decay still ahead
+    assert "decays over 1 steps instead of 2" in branch_schedule_notes(long, short, 7)[0]

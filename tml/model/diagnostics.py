@@ -12,6 +12,7 @@ output, so the numbers are about the attention the model really runs.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -125,16 +126,19 @@ class LayerAccumulator:
         self.gram: torch.Tensor | None = None
         self.row_sum: torch.Tensor | None = None
         self.rows = 0
-        self.max_logit = -math.inf
-        self.entropy_sum = 0.0
+        # Kept on the device as tensors: reading each window's to the host would wait for the GPU every time.
+        self.max_logit: torch.Tensor | None = None
+        self.entropy_sum: torch.Tensor | None = None
         self.windows = 0
 
     def add(self, attn: Attention, x: torch.Tensor) -> None:
         """Take in the attention's input x [B,T,C]; scores one window at a time (H*T*T of them in memory)."""
         for window in x.split(1):
             scores, _ = attention_scores(attn, window)
-            self.max_logit = max(self.max_logit, scores.max().item())  # -inf entries are masked, never the max
-            self.entropy_sum += torch.special.entr(torch.softmax(scores, dim=-1)).sum(dim=-1).mean().item()
+            largest = scores.max()  # -inf entries are masked, never the max
+            entropy = torch.special.entr(torch.softmax(scores, dim=-1)).sum(dim=-1).mean()
+            self.max_logit = largest if self.max_logit is None else torch.maximum(self.max_logit, largest)
+            self.entropy_sum = entropy if self.entropy_sum is None else self.entropy_sum + entropy
             self.windows += 1
         rows = cache_rows(attn, x).to(device="cpu", dtype=torch.float64)
         gram, row_sum = rows.T @ rows, rows.sum(dim=0)
@@ -146,8 +150,8 @@ class LayerAccumulator:
         centred = self.gram - torch.outer(self.row_sum, self.row_sum) / self.rows  # sum of (r - mean)(r - mean)^T
         singular_values = torch.linalg.eigvalsh(centred).clamp(min=0).sqrt()
         return LayerStatistics(layer=self.layer, cache_effective_rank=spectrum_effective_rank(singular_values),
-                               cache_width=self.gram.shape[0], max_logit=self.max_logit,
-                               mean_entropy=self.entropy_sum / self.windows)
+                               cache_width=self.gram.shape[0], max_logit=self.max_logit.item(),
+                               mean_entropy=self.entropy_sum.item() / self.windows)
 
 
 def layer_statistics(attn: Attention, x: torch.Tensor, layer: int = 0) -> LayerStatistics:
@@ -157,11 +161,16 @@ def layer_statistics(attn: Attention, x: torch.Tensor, layer: int = 0) -> LayerS
     return accumulator.result()
 
 
-@torch.no_grad()
 def attention_statistics(model: Transformer, idx: torch.Tensor,
                          windows_per_pass: int = WINDOWS_PER_PASS) -> list[LayerStatistics]:
-    """Each layer's LayerStatistics on the windows idx [B,T]: full-context forwards (no cache) in eval mode, over
-    `windows_per_pass` windows at a time.
+    """Each layer's LayerStatistics on the windows idx [B,T], `windows_per_pass` at a time."""
+    return attention_statistics_over(model, idx.split(windows_per_pass))
+
+
+@torch.no_grad()
+def attention_statistics_over(model: Transformer, batches: Iterable[torch.Tensor]) -> list[LayerStatistics]:
+    """Each layer's LayerStatistics over batches of windows [b,T] (made as they are read, so a caller need not hold
+    them all): full-context forwards (no cache) in eval mode.
 
     Each block's attention input is caught by a forward pre-hook on block.attn, which is the residual stream in a
     post-LN block and its normed copy in a pre-LN one; the hooks are removed, and the model's mode restored, after.
@@ -176,7 +185,7 @@ def attention_statistics(model: Transformer, idx: torch.Tensor,
              for accumulator, block in zip(accumulators, model.blocks, strict=True)]
     try:
         model.eval()
-        for windows in idx.split(windows_per_pass):
+        for windows in batches:
             model(windows)
         return [accumulator.result() for accumulator in accumulators]
     finally:

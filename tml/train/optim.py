@@ -112,27 +112,28 @@ class WarmupStableDecay:
         return self.max_steps - self.decay_steps
 
     def __call__(self, step: int) -> float:
+        # The decay is checked first: a warm-up as long as the run (a short branch, a budget) still ends at min_lr.
+        if step >= self.decay_start:
+            progress = min(1.0, (step - self.decay_start + 1) / self.decay_steps)  # 1 at the last step, max_steps - 1
+            return self.min_ratio + (1.0 - self.min_ratio) * (1.0 - math.sqrt(progress))
         if step < self.warmup_steps:
             return (step + 1) / (self.warmup_steps + 1)
-        if step < self.decay_start:
-            return 1.0
-        progress = min(1.0, (step - self.decay_start + 1) / self.decay_steps)  # 1 at the last step, max_steps - 1
-        return self.min_ratio + (1.0 - self.min_ratio) * (1.0 - math.sqrt(progress))
+        return 1.0
 
 
 def schedule_curve(train: TrainConfig) -> CosineWithWarmup | WarmupStableDecay:
-    """The lr multiplier per step that train describes: warmup = warmup_steps, else warmup_frac * max_steps (at most
-    the whole run); lr reaches train.lr right after warm-up and train.min_lr at the last step."""
-    if train.warmup_steps is not None:
-        warmup_steps = min(train.warmup_steps, train.max_steps)
+    """The lr multiplier per step that train describes: warmup = warmup_steps, else warmup_frac * max_steps; lr
+    reaches train.lr right after warm-up and train.min_lr at the last step (cosine: a warm-up as long as the run
+    ends in its ramp; WSD decays on the last step whatever the warm-up, keeping the ramp's slope before it)."""
+    if train.warmup_steps is not None:  # as given, even past max_steps: the ramp's slope is what runs share
+        warmup_steps = train.warmup_steps
     else:
         warmup_steps = int(train.warmup_frac * train.max_steps)
     min_ratio = train.min_lr / train.lr if train.lr > 0 else 0.0
     if train.schedule == "wsd":
-        # At least the last step decays, so the run ends at min_lr even when warm-up would take all of it; a decay
-        # that would overlap the warm-up starts after it.
-        warmup_steps = min(warmup_steps, train.max_steps - 1)
-        decay_steps = min(max(1, int(train.decay_frac * train.max_steps)), train.max_steps - warmup_steps)
+        # A decay that would overlap the warm-up starts after it; at least the last step decays, so the run ends at
+        # min_lr even when the warm-up would take all of it (its ramp keeps its slope: runs share one warm-up).
+        decay_steps = max(1, min(int(train.decay_frac * train.max_steps), train.max_steps - warmup_steps))
         return WarmupStableDecay(train.max_steps, warmup_steps, decay_steps, min_ratio)
     return CosineWithWarmup(train.max_steps, warmup_steps, min_ratio)
 
@@ -148,12 +149,13 @@ def branch_schedule_notes(source: TrainConfig, branch: TrainConfig, step: int) -
     shows it only after the fact."""
     notes = []
     curve = schedule_curve(source)
-    if isinstance(curve, WarmupStableDecay) and step >= curve.decay_start:
+    # A checkpoint at step S has trained steps 0 .. S-1: at decay_start itself it has seen the peak only.
+    if isinstance(curve, WarmupStableDecay) and step > curve.decay_start:
         notes.append(f"the checkpoint at step {step:,} was in its run's decay (from step {curve.decay_start:,}, lr "
                      f"{source.lr * curve(step - 1):.3g}): its weights were annealed, and this run takes lr "
                      "back up; a checkpoint from before that decay branches cleanly")
     curve = schedule_curve(branch)
-    if isinstance(curve, WarmupStableDecay) and curve.decay_start <= step < branch.max_steps:
+    if isinstance(curve, WarmupStableDecay) and curve.decay_start < step < branch.max_steps:
         notes.append(f"step {step:,} is inside this run's decay (from step {curve.decay_start:,}): it starts at lr "
                      f"{branch.lr * curve(step):.3g}, not at the peak, and decays over {branch.max_steps - step:,} "
                      f"steps instead of {curve.decay_steps:,}")

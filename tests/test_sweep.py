@@ -27,6 +27,7 @@ from tml.sweep import (
     has_ended,
     split_sweep_arguments,
     split_values,
+    taken_elsewhere,
 )
 from tml.train.checkpoint import checkpoints_dir, read_meta
 from tml.train.loop import train
@@ -424,3 +425,20 @@ def test_an_installed_tml_is_not_put_on_pythonpath_a_checkout_is(monkeypatch):
     monkeypatch.setattr("site.getsitepackages", lambda: [str(REPO_ROOT)])
     assert checkout_root() is None
     assert "PYTHONPATH" not in child_environment() and child_environment()["PYTHONSAFEPATH"] == "1"
+
+
+def test_a_run_the_other_sweep_finishes_while_this_one_looks_is_ended_not_failed(tmp_path, monkeypatch):
+    """The other sweep's training writes its summary, then lets go of its lock: whichever moment this sweep looks
+    at, the run is training elsewhere or ended, never free and unfinished (which made it retrain or call it failed)."""
+    config = tiny_run_config(write_synthetic_shards(tmp_path / "shards"), tmp_path / "sweep" / "lr=1e-3", max_steps=2,
+                             val_interval=2, ckpt_interval=2)
+    train(config)
+    looks = iter(["pid 7 on gpu-node"])  # held at the first look, let go right after
+
+    def lock_let_go_after_one_look(out_dir):
+        return next(looks, None)
+
+    monkeypatch.setattr("tml.train.run_lock.training_in_progress", lock_let_go_after_one_look)
+    monkeypatch.setattr("tml.compare.training_in_progress", lock_let_go_after_one_look)
+    assert taken_elsewhere("lr=1e-3", config) == "training elsewhere"
+    assert taken_elsewhere("lr=1e-3", config) == "ended earlier"

@@ -350,9 +350,12 @@ def taken_elsewhere(name: str, config: Config) -> str | None:
     from tml.train.run_lock import training_in_progress
 
     refuse_another_run_in_its_place(name, config)
-    if has_ended(config):
-        return "ended earlier"
-    return "training elsewhere" if training_in_progress(config.train.out_dir) is not None else None
+    # The lock first: a training writes its summary before it lets go of its lock, so a run found free here has its
+    # summary if it ended. Asked the other way round, a run that ended in between was neither (its summary read while
+    # it still held the lock, which it let go just before the second look), and the sweep called it failed.
+    if training_in_progress(config.train.out_dir) is not None:
+        return "training elsewhere"
+    return "ended earlier" if has_ended(config) else None
 
 
 def has_ended(config: Config) -> bool:

@@ -20,7 +20,7 @@ from jsonargparse import ActionConfigFile, ArgumentParser, Namespace
 
 from tml.data.config import DataConfig
 from tml.model.config import ModelConfig
-from tml.train.budget import steps_for_budget
+from tml.train.budget import budget_key, steps_for_budget
 from tml.train.config import LogConfig, TrainConfig
 from tml.train.ranks import is_first_local_process
 
@@ -135,9 +135,8 @@ def load_config(args: Sequence[str] | None = None, parser: ArgumentParser | None
 def refuse_steps_beside_a_budget(args: Sequence[str], config: Config) -> None:
     """A --train.max_steps typed while a budget decides the steps (from a config file: a run's config.yaml holds both)
     would be silently unused: refused, saying how to train that many steps."""
-    budget = next((key for key in ("max_tokens", "max_flops") if getattr(config.train, key) is not None), None)
-    typed = [arg for arg in args if arg == "--train.max_steps" or arg.startswith("--train.max_steps=")]
-    if budget and typed:
+    budget = budget_key(config.train)
+    if budget and flag_values(args, "--train.max_steps"):
         amount = getattr(config.train, budget)
         raise ConfigError(f"--train.max_steps is not used while train.{budget}={amount:g} decides "
                           f"the steps (max_steps {config.train.max_steps:,}): change --train.{budget}, or give "
@@ -237,15 +236,20 @@ def did_you_mean(unknown: Sequence[str], prefix: str = "") -> str:
     return f" (did you mean {', '.join(dict.fromkeys(guesses))}?)" if guesses else ""
 
 
+def flag_values(args: Sequence[str], flag: str) -> list[tuple[int, str, str]]:
+    """Each `FLAG VALUE` / `FLAG=VALUE` in args: (the value's position, the value, what precedes it there)."""
+    found = []
+    for position, arg in enumerate(args):
+        if arg == flag and position + 1 < len(args):
+            found.append((position + 1, args[position + 1], ""))
+        elif arg.startswith(f"{flag}="):
+            found.append((position, arg.removeprefix(f"{flag}="), f"{flag}="))
+    return found
+
+
 def config_file_arguments(args: Sequence[str]) -> list[str]:
     """The FILE of every `--config FILE` / `--config=FILE` in args."""
-    paths = []
-    for position, arg in enumerate(args):
-        if arg == "--config" and position + 1 < len(args):
-            paths.append(args[position + 1])
-        elif arg.startswith("--config="):
-            paths.append(arg.removeprefix("--config="))
-    return paths
+    return [value for _, value, _ in flag_values(args, "--config")]
 
 
 # The shipped experiments, installed with the package (tml/configs, a link to the checkout's configs/ there).
@@ -286,13 +290,7 @@ def with_shipped_configs(args: list[str]) -> list[str]:
     """args with each `--config` value that names a shipped config (shipped_config) replaced by its path; a value that
     is neither a file nor a shipped name is refused naming the shipped ones (ConfigError)."""
     resolved = list(args)
-    for position, arg in enumerate(args):
-        if arg == "--config" and position + 1 < len(args):
-            where, value, prefix = position + 1, args[position + 1], ""
-        elif arg.startswith("--config="):
-            where, value, prefix = position, arg.removeprefix("--config="), "--config="
-        else:
-            continue
+    for where, value, prefix in flag_values(args, "--config"):
         if (shipped := shipped_config(value)) is not None:
             resolved[where] = prefix + str(shipped)
             if value in _SAID_SHIPPED or not is_first_local_process():  # said once, by one process

@@ -41,19 +41,24 @@ def flops_per_token(model: ModelConfig) -> int:
         return Transformer(model).flops_per_token()
 
 
+BUDGET_KEYS = ("max_tokens", "max_flops")  # train.*: at most one is set
+
+
+def budget_key(train: TrainConfig) -> str | None:
+    """"max_tokens" or "max_flops", whichever is set; None for a run without a budget."""
+    return next((key for key in BUDGET_KEYS if getattr(train, key) is not None), None)
+
+
 def horizon_key(train: TrainConfig) -> str:
     """The key that decides how long a run trains: `train.max_tokens` or `train.max_flops` when set (max_steps is then
     derived and a value given for it unused), else `train.max_steps`. Said in advice to train longer."""
-    for key in ("max_tokens", "max_flops"):
-        if getattr(train, key) is not None:
-            return f"train.{key}"
-    return "train.max_steps"
+    return f"train.{budget_key(train) or 'max_steps'}"
 
 
 def budget_setting(config: Config) -> tuple[str, float] | None:
     """("max_tokens" or "max_flops", its value), or None for a run without a budget."""
-    key = horizon_key(config.train).removeprefix("train.")
-    return None if key == "max_steps" else (key, getattr(config.train, key))
+    key = budget_key(config.train)
+    return None if key is None else (key, getattr(config.train, key))
 
 
 def step_cost(config: Config) -> tuple[int, int | None]:

@@ -45,7 +45,7 @@ import numpy as np
 import torch
 from lightning import Fabric
 
-from tml.config import GUTENBERG_SOURCE, PLACEMENT_KEYS, Config, same_setting
+from tml.config import GUTENBERG_SOURCE, PLACEMENT_KEYS, SECTIONS, Config, same_setting
 from tml.data.config import VAL_SPLITS, DataConfig
 from tml.data.gutenberg import GutenbergError, books_from_directory
 from tml.data.prepare import (
@@ -68,9 +68,7 @@ from tml.files import (
     write_atomic,
     write_failure,
 )
-from tml.model.config import ModelConfig
 from tml.run_dir import CONFIG_FILE, STEP_DIR, checkpoints_dir, newest_checkpoint, saved_steps, step_name
-from tml.train.config import LogConfig, TrainConfig
 from tml.train.optim import restore_schedule_step
 from tml.train.zero_export import ZeroCheckpointError, fp32_state_dict, verify_deepspeed_checkpoint
 
@@ -379,9 +377,6 @@ MODEL_NOTICE_KEYS = frozenset({"model.dropout"})
 HISTORY_KEYS = frozenset({"train.init_from"})
 
 
-SECTIONS_WITH_DEFAULTS = {"model": ModelConfig, "train": TrainConfig, "log": LogConfig}
-
-
 def changed_settings(saved: dict[str, Any], current: Config) -> list[tuple[str, Any, Any]]:
     """(section.key, saved value, current value) for every setting that differs, in config order.
 
@@ -393,8 +388,8 @@ def changed_settings(saved: dict[str, Any], current: Config) -> list[tuple[str, 
     changes = []
     for section, values in current.to_dict().items():
         saved_section = saved.get(section, {})
-        if section in SECTIONS_WITH_DEFAULTS and saved_section:
-            saved_section = asdict(SECTIONS_WITH_DEFAULTS[section]()) | saved_section
+        if section != "data" and saved_section:
+            saved_section = asdict(SECTIONS[section]()) | saved_section
         for key, value in values.items():
             name = f"{section}.{key}"
             if key in saved_section and name not in HISTORY_KEYS and not same_setting(name, saved_section[key], value):

@@ -37,7 +37,7 @@ from tml.files import write_atomic
 from tml.model import Transformer
 from tml.pretrained import weights_to_start_from
 from tml.run_dir import CONFIG_FILE, SUMMARY_FILE, checkpoints_dir
-from tml.train.budget import describe_budget, horizon_key
+from tml.train.budget import budget_key, describe_budget, horizon_key
 from tml.train.checkpoint import Checkpointer, branches_another_run, disk_space_warning, resume_checkpoint
 from tml.train.config import TrainConfig
 from tml.train.early_stopping import EarlyStopping
@@ -91,7 +91,7 @@ def resume_schedule_notices(config: Config, saved_schedule: TrainConfig | None, 
     `saved_schedule` is the train section the checkpoint was saved under, when its schedule is not this run's (a
     branch, or the run itself given another max_steps), else None."""
     notices = []
-    if horizon_key(config.train) != "train.max_steps" and tokens_seen != step * tokens_per_step:
+    if budget_key(config.train) is not None and tokens_seen != step * tokens_per_step:
         # The budget is counted in steps of today's global batch: the steps trained at another one cost otherwise.
         ends_at = tokens_seen + max(0, config.train.max_steps - step) * tokens_per_step
         notices.append(f"note: {tokens_seen:,} tokens were trained at another global batch; "

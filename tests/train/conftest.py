@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.conftest import debug_model_config
 from tml.config import Config
@@ -12,9 +13,12 @@ from tml.data.config import DataConfig
 from tml.data.prepare import data_settings
 from tml.data.shards import write_shards
 from tml.train.config import LogConfig, TrainConfig
+from tml.train.muon import muon_unavailable
 
 VOCAB = 256  # the debug model's vocabulary
 DOC_TOKENS = 3000
+# torch.optim.Muon came with torch 2.9; the suite also runs on torch 2.5 (README), where train.optimizer muon is refused.
+requires_muon = pytest.mark.skipif(muon_unavailable() is not None, reason=f"train.optimizer muon {muon_unavailable()}")
 
 
 def synthetic_documents(n_train: int = 8, n_val: int = 2, seed: int = 0):

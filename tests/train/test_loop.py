@@ -16,7 +16,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 import tml.model.transformer as transformer_module
 import tml.train.loop as loop_module
 from tests.conftest import REPO_ROOT, debug_model_config
-from tests.train.conftest import tiny_run_config
+from tests.train.conftest import requires_muon, tiny_run_config
 from tml.config import ConfigError, dump_yaml, load_yaml_config
 from tml.model import Transformer
 from tml.run_dir import SUMMARY_FILE
@@ -492,8 +492,11 @@ def launch(config, timeout=SUBPROCESS_TIMEOUT_S, **popen):
 
 @pytest.mark.slow
 @pytest.mark.timeout(2 * SUBPROCESS_TIMEOUT_S + 30)
-def test_two_process_ddp_matches_one_process_with_doubled_accumulation(tmp_path, tiny_shards):
-    common = dict(max_steps=6, batch_size=4, val_interval=3, ckpt_interval=6, log_interval=1, lr=1e-3)
+@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("muon", marks=requires_muon)])  # Muon: each rank
+# orthogonalises the same averaged gradient
+def test_two_process_ddp_matches_one_process_with_doubled_accumulation(tmp_path, tiny_shards, optimizer):
+    common = dict(max_steps=6, batch_size=4, val_interval=3, ckpt_interval=6, log_interval=1, lr=1e-3,
+                  optimizer=optimizer)
     single = tiny_run_config(tiny_shards, tmp_path / "single", grad_accum=2, devices=1, **common)
     ddp = tiny_run_config(tiny_shards, tmp_path / "ddp", grad_accum=1, devices=2, strategy="ddp", **common)
     for config in (single, ddp):
@@ -505,12 +508,15 @@ def test_two_process_ddp_matches_one_process_with_doubled_accumulation(tmp_path,
     assert done.stdout.count("step       6 | loss") == 1
     weights_single, _ = load_model_weights(tmp_path / "single" / "checkpoints" / "last")
     weights_ddp, _ = load_model_weights(tmp_path / "ddp" / "checkpoints" / "last")
+    # Muon's Newton-Schulz runs in bf16 (torch's, as Keller Jordan's): the fp32 all-reduce's other summation order
+    # flips some bf16 roundings of an update (measured: up to 4e-5 on weights of about 0.05 after these 6 steps)
+    atol, rel = (1e-5, 1e-4) if optimizer == "adamw" else (1e-4, 1e-3)
     for name, value in weights_single.items():
-        torch.testing.assert_close(weights_ddp[name], value, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(weights_ddp[name], value, rtol=rel, atol=atol, msg=name)
     assert read_meta(tmp_path / "ddp" / "checkpoints" / "last")["world_size"] == 2
     loss_single = [v for _, v in scalars(tmp_path / "single", "val/loss")]
     loss_ddp = [v for _, v in scalars(tmp_path / "ddp", "val/loss")]
-    assert loss_ddp == pytest.approx(loss_single, rel=1e-4)
+    assert loss_ddp == pytest.approx(loss_single, rel=rel)
 
 
 def test_wandb_runs_offline_without_a_key_and_a_restart_continues_the_same_run(tmp_path, tiny_shards, monkeypatch):
@@ -653,3 +659,17 @@ def test_a_branch_says_when_it_starts_inside_its_decay_or_from_annealed_weights(
     [annealed] = resume_schedule_notices(longer, long.train, 15, 0, 0)
     assert annealed.startswith("note: the checkpoint at step 15 was in its run's decay (from step 10, lr ")
     assert resume_schedule_notices(branch, None, 7, 0, 0) == []  # its own run, resumed in its decay
+
+
+@pytest.mark.parametrize(("precision", "warned"), [("bf16-mixed", True), ("32-true", False)])
+def test_a_bf16_run_on_a_cpu_without_native_bf16_says_fp32_would_be_faster(tmp_path, tiny_shards, monkeypatch, capsys,
+                                                                             precision, warned):
+    import tml.train.throughput as throughput
+
+    measured = {"bf16": 0.8e9, "fp32": 60e9}  # an AMD EPYC without AVX512 here: bf16 matmuls 75x slower
+    monkeypatch.setattr(throughput, "measure_cpu_peak_flops", lambda dtype="fp32", seconds=0: measured[dtype])
+    train(tiny_run_config(tiny_shards, tmp_path, max_steps=1, val_interval=1, precision=precision))
+    out = capsys.readouterr().out
+    assert ("MFU against 0.8 GFLOP/s per device" in out) is warned
+    assert ("it has no native bf16 (AVX512-BF16 or AMX), so train.precision bf16-mixed runs its matmuls about 75x "
+            "slower here than --train.precision 32-true would" in out) is warned

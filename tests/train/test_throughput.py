@@ -1,13 +1,16 @@
 import pytest
 
+import tml.train.throughput as throughput
 from tml.train.throughput import (
     CPU_PROBE_SIZE,
     ThroughputMeter,
+    flops_rate,
     gpu_peak_flops,
     measure_cpu_peak_flops,
     mfu,
     peak_flops,
     precision_dtype,
+    slow_cpu_bf16_warning,
 )
 
 
@@ -103,3 +106,18 @@ def test_fp32_runs_are_measured_against_the_tf32_peak_once_tf32_is_allowed(monke
         assert peak_flops(torch.device("cuda", 0), "bf16-mixed") == gpu_peak_flops(name, "bf16")  # unaffected
     finally:
         torch.set_float32_matmul_precision(before)
+
+
+def test_rates_print_in_tflops_and_in_gflops_where_tflops_would_read_zero():
+    assert flops_rate(0.412e12) == "0.41 TFLOP/s" and flops_rate(989.4e12) == "989.40 TFLOP/s"
+    assert flops_rate(0.81e9) == "0.81 GFLOP/s" and flops_rate(4.2e9) == "4.2 GFLOP/s"
+
+
+def test_a_cpu_without_native_bf16_is_told_that_fp32_runs_faster(monkeypatch):
+    monkeypatch.setattr(throughput, "measure_cpu_peak_flops", lambda dtype="fp32": 60e9)  # fp32, as measured there
+    warning = slow_cpu_bf16_warning(0.8e9, "bf16-mixed")
+    assert warning == ("warning: this CPU multiplies bf16 matrices at 0.8 GFLOP/s and fp32 ones at 60 GFLOP/s: it has "
+                       "no native bf16 (AVX512-BF16 or AMX), so train.precision bf16-mixed runs its matmuls about 75x "
+                       "slower here than --train.precision 32-true would")
+    assert slow_cpu_bf16_warning(140e9, "bf16-mixed") is None  # AMX: bf16 2.3x fp32
+    assert slow_cpu_bf16_warning(35e9, "bf16-mixed") is None  # a little slower, not worth a warning

@@ -86,7 +86,7 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message names the file."""
 
 
-# fp32 weights and AdamW's two fp32 moments: the least a checkpoint holds per parameter (DeepSpeed's add more).
+# fp32 weights and AdamW's two fp32 moments per parameter (DeepSpeed's add more; Muon keeps one for most: less).
 CHECKPOINT_BYTES_PER_PARAM = 12
 
 
@@ -375,6 +375,8 @@ MODEL_NOTICE_KEYS = frozenset({"model.dropout"})
 # Where a run's weights started: set at its first start and kept by every resume (tml/train/loop.py
 # settle_init_from), so never a change a resume lists.
 HISTORY_KEYS = frozenset({"train.init_from"})
+# Settings whose change leaves the saved optimizer state meaningless: AdamW's moments are no Muon momentum.
+OPTIMIZER_STATE_KEYS = frozenset({"train.optimizer"})
 
 
 def changed_settings(saved: dict[str, Any], current: Config) -> list[tuple[str, Any, Any]]:
@@ -408,15 +410,16 @@ def check_resume_config(resume_dir: Path, saved: dict[str, Any], current: Config
                         source_moved: bool = False, source_differences: str | None = None) -> list[str]:
     """Refuse a config the checkpoint cannot continue under; return the other changes as `key old -> new`.
 
-    `saved` is the checkpoint's config (meta.json). A different model cannot take the saved weights, and the
-    DATA_POSITION_KEYS above make the saved data position meaningless: both raise CheckpointError naming each key
+    `saved` is the checkpoint's config (meta.json). A different model cannot take the saved weights, another
+    optimizer cannot take the saved optimizer state, and the DATA_POSITION_KEYS above make the saved data position
+    meaningless: all raise CheckpointError naming each key
     with both values. Everything else (max_steps, lr, dropout, devices, ...) may change on resume and is returned
     for a notice, and so is data.source when `source_moved` (moved_source); otherwise a
     refused data.source names `source_differences` (`1 changed (a.txt)`) when known. Called before anything is
     written, so a refused resume leaves the run directory as it was.
     """
     changes = [c for c in changed_settings(saved, current) if c[0] not in PLACEMENT_KEYS]
-    refused = [c for c in changes if _changes_weights(c[0]) or (
+    refused = [c for c in changes if _changes_weights(c[0]) or c[0] in OPTIMIZER_STATE_KEYS or (
         c[0] in DATA_POSITION_KEYS and not _same_val_split(c, current.data)
         and not (c[0] == "data.source" and source_moved))]
     if refused:
@@ -425,6 +428,9 @@ def check_resume_config(resume_dir: Path, saved: dict[str, Any], current: Config
             reasons.append("its weights are for the saved model")
         if any(key in DATA_POSITION_KEYS for key, _, _ in refused):
             reasons.append("its data position counts windows of the saved data and seed")
+        if any(key in OPTIMIZER_STATE_KEYS for key, _, _ in refused):
+            reasons.append("its optimizer state is the saved optimizer's; --train.init_from starts a new run from its "
+                           "weights with a fresh optimizer")
         listed = ", ".join(f"{key} {_shown(old)} -> {_shown(new)}" + (
             f" (other text: {source_differences} against the checkpoint's)"
             if key == "data.source" and source_differences else "") for key, old, new in refused)

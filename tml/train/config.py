@@ -18,6 +18,7 @@ Strategy = Literal["auto", "ddp", "deepspeed"]
 ZeroOffload = Literal["none", "optimizer", "optimizer+params"]
 Accelerator = Literal["auto", "cpu", "cuda"]
 Schedule = Literal["cosine", "wsd"]
+Optimizer = Literal["adamw", "muon"]
 ZERO_STAGES = (1, 2, 3)  # DeepSpeed's stage 0 is plain data parallelism: use strategy=ddp for that
 
 
@@ -49,7 +50,12 @@ class TrainConfig:
             "wsd" (warm-up, stable, decay) holds lr, then decays to min_lr over the last decay_frac of max_steps, so
             its checkpoints before the decay can be continued to any longer horizon (README: branching a run)
         decay_frac: schedule "wsd" only: the fraction of max_steps at the end over which lr falls to min_lr
-        weight_decay: AdamW weight decay, applied to the linear layers' weights only
+        optimizer: "adamw" (the reference), or "muon": Muon for the hidden weight matrices and AdamW for the
+            embedding, an untied LM head, biases and norms (Moonlight's recipe, tml/train/muon.py; torch >= 2.9,
+            not with strategy deepspeed). Muon's update is scaled to AdamW's RMS, so lr and weight_decay carry over
+        muon_lr: optimizer "muon" only: Muon's peak learning rate (null: lr); the schedule scales it as it scales lr
+        muon_momentum: optimizer "muon" only: Muon's momentum (Nesterov)
+        weight_decay: weight decay of the linear layers' weights only (AdamW's, and Muon's)
         beta1: AdamW's decay rate for the gradient mean
         beta2: AdamW's decay rate for the squared gradient (0.95, GPT-3's choice for stability)
         grad_clip: clip the global gradient norm to this; 0 disables clipping
@@ -90,6 +96,9 @@ class TrainConfig:
     warmup_steps: int | None = None
     schedule: Schedule = "cosine"
     decay_frac: float = 0.2
+    optimizer: Optimizer = "adamw"
+    muon_lr: float | None = None
+    muon_momentum: float = 0.95
     weight_decay: float = 0.1
     beta1: float = 0.9
     beta2: float = 0.95
@@ -157,9 +166,21 @@ class TrainConfig:
             if not 0 <= getattr(self, key) < 1:
                 fail(key, "must be in [0, 1) (AdamW's moment decay)")
         for key, allowed in (("precision", Precision), ("strategy", Strategy), ("zero_offload", ZeroOffload),
-                             ("accelerator", Accelerator), ("schedule", Schedule)):
+                             ("accelerator", Accelerator), ("schedule", Schedule), ("optimizer", Optimizer)):
             if getattr(self, key) not in get_args(allowed):
                 fail(key, f"must be one of {', '.join(get_args(allowed))}")
+        if self.muon_lr is not None and not self.muon_lr >= 0:
+            fail("muon_lr", "must be >= 0 (or null: lr)")
+        if not 0 <= self.muon_momentum < 1:
+            fail("muon_momentum", "must be in [0, 1)")
+        if self.optimizer == "muon":
+            if self.strategy == "deepspeed":
+                fail("optimizer", "cannot run under strategy deepspeed: ZeRO hands the optimizer flat shards of the "
+                                  "parameters, and Muon orthogonalises whole matrices (use strategy ddp)")
+            from tml.train.muon import muon_unavailable  # here: torch is imported only for a config that needs it
+
+            if reason := muon_unavailable():
+                fail("optimizer", reason)
         if self.strategy == "deepspeed" and self.zero_stage not in ZERO_STAGES:
             fail("zero_stage", "must be 1, 2 or 3 with strategy=deepspeed")
         if self.zero_offload != "none" and self.strategy != "deepspeed":

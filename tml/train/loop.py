@@ -53,11 +53,12 @@ from tml.train.loggers import (
     model_hyperparameters,
     new_wandb_run_id,
 )
+from tml.train.muon import MuonWithAdamW
 from tml.train.optim import branch_schedule_notes, build_optimizer, build_scheduler
 from tml.train.preemption import PreemptionFlag, install_preemption_handler
 from tml.train.preflight import check_vocabulary, ignored_init_from
 from tml.train.ranks import is_first_local_process
-from tml.train.throughput import ThroughputMeter, peak_flops
+from tml.train.throughput import ThroughputMeter, flops_rate, peak_flops, precision_dtype, slow_cpu_bf16_warning
 
 GIB = 2**30
 MAX_NONFINITE_STEPS = 5  # consecutive non-finite losses before the run is declared diverged (fp16 skips are fine)
@@ -150,6 +151,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         if tc.compile:
             model = torch.compile(model)  # Fabric unwraps it for the strategy and compiles the wrapped module again
         optimizer = build_optimizer(model, tc)
+        split = optimizer.describe() if isinstance(optimizer, MuonWithAdamW) else None
         scheduler = build_scheduler(optimizer, tc)  # before setup: DeepSpeed's wrapper is no torch Optimizer
         if deepspeed:
             model, optimizer = fabric.setup(model, optimizer)  # DeepSpeed builds its engine from both at once
@@ -194,6 +196,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         fabric.print(describe_model(model_figures))
         fabric.print(f"global batch: {tc.batch_size} sequences x {tc.grad_accum} accumulation x {fabric.world_size} "
                      f"ranks of {block} tokens = {tokens_per_step:,} tokens per optimizer step")
+        if split:
+            fabric.print(split)
         if budget := describe_budget(config):
             fabric.print(budget)
         if step >= tc.max_steps:
@@ -204,9 +208,12 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
 
         peak = peak_flops(fabric.device, precision)  # MFU's denominator: recorded, as on CPU it is measured here
         if peak:
-            fabric.print(f"MFU against {peak / 1e12:,.2f} TFLOP/s per device "
+            fabric.print(f"MFU against {flops_rate(peak)} per device "
                          + ("(this CPU's fastest matmul, measured now)" if fabric.device.type == "cpu" else
                             f"({torch.cuda.get_device_name(fabric.device)}'s datasheet peak)"))
+        if peak and rank0 and fabric.device.type == "cpu" and precision_dtype(precision) in ("bf16", "fp16"):
+            if warning := slow_cpu_bf16_warning(peak, precision):
+                fabric.print(warning)
         hparams = {**flat_hyperparameters(config), **model_figures, "train/peak_flops_per_device": peak or 0.0}
         log_hyperparameters(fabric.loggers, hparams)
         tensorboard_hparams: dict | None = hparams  # written with the first validation's metrics (see loggers.py)

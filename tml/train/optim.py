@@ -1,4 +1,5 @@
-"""AdamW with GPT-style grouped weight decay, and a learning-rate schedule with linear warm-up: cosine or WSD.
+"""AdamW with GPT-style grouped weight decay (or Muon for the hidden matrices: tml/train/muon.py), and a learning-rate
+schedule with linear warm-up: cosine or WSD.
 
 Decay rule (minGPT's and early nanoGPT's, decided by module type so it never depends on parameter names; today's
 nanoGPT decays every tensor of 2+ dims, embeddings included):
@@ -21,8 +22,11 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from tml.train.config import TrainConfig
+from tml.train.muon import MuonWithAdamW
 
 NO_DECAY_MODULES: tuple[type[nn.Module], ...] = (nn.Embedding, nn.LayerNorm, nn.RMSNorm)
+# The decaying matrices that are no hidden layer: Muon leaves an untied LM head (a classifier) to AdamW.
+OUTPUT_MATRICES = ("lm_head.weight",)
 
 
 def decay_groups(model: nn.Module) -> tuple[list[str], list[str]]:
@@ -57,16 +61,28 @@ def _is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower()
 
 
-def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+def build_optimizer(model: nn.Module, train: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW over the two decay groups, or (train.optimizer muon) Muon over the hidden matrices and AdamW over the
+    rest: the decaying group less an untied LM head goes to Muon (tml/train/muon.py)."""
     decay, no_decay = decay_groups(model)
     params = dict(model.named_parameters())
+    betas = (train.beta1, train.beta2)
+    if train.optimizer == "muon":
+        # named as in the model itself, also when torch.compile wrapped it (`_orig_mod.lm_head.weight`)
+        head = [name for name in decay if name.removeprefix("_orig_mod.") in OUTPUT_MATRICES]
+        hidden = [name for name in decay if name not in head]
+        adamw_groups = [{"params": [params[name] for name in names], "weight_decay": weight_decay}
+                        for names, weight_decay in ((head, train.weight_decay), (no_decay, 0.0)) if names]
+        return MuonWithAdamW([{"params": [params[name] for name in hidden], "weight_decay": train.weight_decay}],
+                             adamw_groups, lr=train.lr, muon_lr=train.lr if train.muon_lr is None else train.muon_lr,
+                             momentum=train.muon_momentum, betas=betas)
     groups = [
         {"params": [params[name] for name in decay], "weight_decay": train.weight_decay},
         {"params": [params[name] for name in no_decay], "weight_decay": 0.0},
     ]
     # torch's default foreach kernels, not fused: Fabric's fp16 clipping refuses an optimizer that unscales its own
     # gradients, which fused AdamW does. betas from the config (0.95: GPT-3's choice for stability)
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2))
+    return torch.optim.AdamW(groups, lr=train.lr, betas=betas)
 
 
 @dataclass

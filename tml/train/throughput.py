@@ -86,6 +86,29 @@ def measure_cpu_peak_flops(dtype: str = "fp32", seconds: float = CPU_PROBE_SECON
     return 2 * CPU_PROBE_SIZE**3 / fastest
 
 
+def flops_rate(flops_per_s: float) -> str:
+    """`0.41 TFLOP/s`, or `0.8 GFLOP/s` where TFLOP/s would print as 0.00 (a CPU without fast bf16)."""
+    if flops_per_s >= 0.01e12:
+        return f"{flops_per_s / 1e12:,.2f} TFLOP/s"
+    return f"{flops_per_s / 1e9:.3g} GFLOP/s"
+
+
+# A CPU whose bf16 matmul is slower than this fraction of its fp32 one has no native bf16 (AVX512-BF16 or AMX): torch
+# converts every bf16 product, 75x slower than fp32 on one AMD EPYC here, where one with AMX ran bf16 2.3x faster.
+SLOW_BF16_FRACTION = 0.5
+
+
+def slow_cpu_bf16_warning(bf16_peak: float, precision: str) -> str | None:
+    """A warning when a bf16 run on this CPU would be faster in fp32 (bf16_peak: measure_cpu_peak_flops("bf16"));
+    said at start-up, because the CPU configs use bf16-mixed, which is right only where the CPU has native bf16."""
+    fp32_peak = measure_cpu_peak_flops("fp32")
+    if bf16_peak >= SLOW_BF16_FRACTION * fp32_peak:
+        return None
+    return (f"warning: this CPU multiplies bf16 matrices at {bf16_peak / 1e9:.3g} GFLOP/s and fp32 ones at "
+            f"{fp32_peak / 1e9:.3g} GFLOP/s: it has no native bf16 (AVX512-BF16 or AMX), so train.precision {precision} "
+            f"runs its matmuls about {fp32_peak / bf16_peak:,.0f}x slower here than --train.precision 32-true would")
+
+
 def peak_flops(device: torch.device, precision: str) -> float | None:
     """Peak FLOP/s of one device for this precision; None when unknown (MFU is then not reported)."""
     dtype = precision_dtype(precision)

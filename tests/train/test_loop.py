@@ -18,9 +18,12 @@ import tml.train.loop as loop_module
 from tests.conftest import REPO_ROOT, debug_model_config
 from tests.train.conftest import requires_muon, tiny_run_config
 from tml.config import ConfigError, dump_yaml, load_yaml_config
+from tml.data.packed import PackedDataset
 from tml.model import Transformer
+from tml.model.diagnostics import attention_statistics
 from tml.run_dir import SUMMARY_FILE
 from tml.train.checkpoint import CheckpointError, checkpoints_dir, load_model_weights, read_meta, safe_load
+from tml.train.evaluate import val_window_indices
 from tml.train.loop import MAX_NONFINITE_STEPS, MAX_OVERFLOWED_STEPS, TrainingDiverged, resume_schedule_notices, train
 from tml.train.optim import CosineWithWarmup
 from tml.train.preemption import PreemptionFlag
@@ -36,6 +39,12 @@ def scalars(run_dir, tag):
     events = EventAccumulator(str(run_dir / "tensorboard"))
     events.Reload()
     return [(e.step, e.value) for e in events.Scalars(tag)]
+
+
+def scalar_tags(run_dir):
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return events.Tags()["scalars"]
 
 
 def test_tiny_run_lowers_the_loss_and_writes_tensorboard_scalars(tmp_path, tiny_shards):
@@ -505,6 +514,7 @@ def test_two_process_ddp_matches_one_process_with_doubled_accumulation(tmp_path,
     # Only rank 0 logs: one event file, one scalar per step, one console line per step.
     assert len(list((tmp_path / "ddp" / "tensorboard").glob("events.out.tfevents.*"))) == 1
     assert [step for step, _ in scalars(tmp_path / "ddp", "train/loss")] == list(range(1, 7))
+    assert [step for step, _ in scalars(tmp_path / "ddp", "attention/max_logit")] == [3, 6]  # rank 0 measures alone
     assert done.stdout.count("step       6 | loss") == 1
     weights_single, _ = load_model_weights(tmp_path / "single" / "checkpoints" / "last")
     weights_ddp, _ = load_model_weights(tmp_path / "ddp" / "checkpoints" / "last")
@@ -667,9 +677,40 @@ def test_a_bf16_run_on_a_cpu_without_native_bf16_says_fp32_would_be_faster(tmp_p
     import tml.train.throughput as throughput
 
     measured = {"bf16": 0.8e9, "fp32": 60e9}  # an AMD EPYC without AVX512 here: bf16 matmuls 75x slower
-    monkeypatch.setattr(throughput, "measure_cpu_peak_flops", lambda dtype="fp32", seconds=0: measured[dtype])
+    monkeypatch.setattr(throughput, "measure_cpu_peak_flops", lambda dtype="fp32", seconds=0, size=0: measured[dtype])
     train(tiny_run_config(tiny_shards, tmp_path, max_steps=1, val_interval=1, precision=precision))
     out = capsys.readouterr().out
     assert ("MFU against 0.8 GFLOP/s per device" in out) is warned
     assert ("it has no native bf16 (AVX512-BF16 or AMX), so train.precision bf16-mixed runs its matmuls about 75x "
             "slower here than --train.precision 32-true would" in out) is warned
+
+
+def test_each_validation_logs_the_attention_statistics_of_the_model_as_it_then_is(tmp_path, tiny_shards):
+    config = tiny_run_config(tiny_shards, tmp_path, max_steps=4, val_interval=2, ckpt_interval=2)
+    train(config)
+    layers = range(config.model.n_layer)
+    expected_tags = {"attention/max_logit"} | {f"attention/{what}/layer_{layer:02d}" for layer in layers
+                                               for what in ("max_logit", "entropy", "cache_rank")}
+    assert expected_tags <= set(scalar_tags(tmp_path))
+    assert [step for step, _ in scalars(tmp_path, "attention/max_logit")] == [2, 4]
+    # The numbers are tml inspect's, on 8 validation windows spread over the split, of the weights at that step.
+    val_set = PackedDataset(config.data.shard_dir, "val", config.model.block_size, config.model.block_size)
+    windows = torch.stack([val_set[i][0] for i in val_window_indices(len(val_set), 8)])
+    for step in (2, 4):
+        model = Transformer(config.model)
+        model.load_state_dict(safe_load(checkpoints_dir(tmp_path) / f"step-{step:07d}" / "model.pt"))
+        expected = attention_statistics(model, windows)
+        logged = {tag: dict(scalars(tmp_path, tag))[step] for tag in expected_tags}
+        assert logged["attention/max_logit"] == pytest.approx(max(s.max_logit for s in expected), rel=1e-5)
+        for layer in expected:
+            name = f"layer_{layer.layer:02d}"
+            assert logged[f"attention/max_logit/{name}"] == pytest.approx(layer.max_logit, rel=1e-5)
+            assert logged[f"attention/entropy/{name}"] == pytest.approx(layer.mean_entropy, rel=1e-5)
+            assert logged[f"attention/cache_rank/{name}"] == pytest.approx(layer.cache_effective_rank, rel=1e-5)
+
+
+def test_attention_statistics_can_be_turned_off(tmp_path, tiny_shards):
+    config = tiny_run_config(tiny_shards, tmp_path, max_steps=2, val_interval=2, ckpt_interval=2)
+    config.log.attention_stats = False
+    train(config)
+    assert "val/loss" in scalar_tags(tmp_path) and not any(tag.startswith("attention/") for tag in scalar_tags(tmp_path))

@@ -114,10 +114,18 @@ def test_rates_print_in_tflops_and_in_gflops_where_tflops_would_read_zero():
 
 
 def test_a_cpu_without_native_bf16_is_told_that_fp32_runs_faster(monkeypatch):
-    monkeypatch.setattr(throughput, "measure_cpu_peak_flops", lambda dtype="fp32": 60e9)  # fp32, as measured there
-    warning = slow_cpu_bf16_warning(0.8e9, "bf16-mixed")
-    assert warning == ("warning: this CPU multiplies bf16 matrices at 0.8 GFLOP/s and fp32 ones at 60 GFLOP/s: it has "
-                       "no native bf16 (AVX512-BF16 or AMX), so train.precision bf16-mixed runs its matmuls about 75x "
-                       "slower here than --train.precision 32-true would")
-    assert slow_cpu_bf16_warning(140e9, "bf16-mixed") is None  # AMX: bf16 2.3x fp32
-    assert slow_cpu_bf16_warning(35e9, "bf16-mixed") is None  # a little slower, not worth a warning
+    measured = {"bf16": 0.8e9, "fp32": 60e9}  # an AMD EPYC without AVX512 here: bf16 matmuls 75x slower
+    monkeypatch.setattr(throughput, "measure_cpu_peak_flops", lambda dtype="fp32", size=0: measured[dtype])
+    start = ("warning: this CPU multiplies bf16 matrices at 0.8 GFLOP/s and fp32 ones at 60 GFLOP/s: it has no native "
+             "bf16 (AVX512-BF16 or AMX)")
+    assert slow_cpu_bf16_warning("bf16-mixed", muon=False) == (
+        f"{start}, so train.precision bf16-mixed runs its matmuls about 75x slower here than --train.precision "
+        "32-true would")
+    assert slow_cpu_bf16_warning("bf16-mixed", muon=True).endswith(
+        "(Muon's Newton-Schulz iterations stay in bf16 either way)")
+    assert slow_cpu_bf16_warning("32-true", muon=True) == (
+        f"{start}, and torch's Muon runs its Newton-Schulz iterations in bf16 whatever train.precision is: expect each "
+        "step to take several times longer here than with train.optimizer adamw")
+    assert slow_cpu_bf16_warning("32-true", muon=False) is None  # nothing in bf16: not even measured
+    assert slow_cpu_bf16_warning("bf16-mixed", muon=False, bf16_peak=140e9) is None  # AMX: bf16 2.3x fp32
+    assert slow_cpu_bf16_warning("bf16-mixed", muon=True, bf16_peak=35e9) is None  # a little slower: no warning

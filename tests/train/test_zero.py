@@ -22,7 +22,7 @@ from lightning import Fabric
 
 from tests.conftest import REPO_ROOT, debug_model_config
 from tests.train.conftest import tiny_run_config
-from tests.train.test_loop import scalars
+from tests.train.test_loop import scalar_tags, scalars
 from tml.config import dump_yaml
 from tml.data.packed import PackedDataset
 from tml.model import Transformer
@@ -107,6 +107,9 @@ def test_zero_training_lowers_the_loss_and_saves_deepspeed_checkpoints(zero_runs
     assert val[STEPS] < val[RESUME_STEP]
     shards = sorted(p.name for p in (step_dir(zero_runs.full, STEPS) / "deepspeed" / "checkpoint").glob("*.pt"))
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards  # optimizer state really sharded over 2 ranks
+    # log.attention_stats: rank 0 measures the plain module under ZeRO-2; ZeRO-3's parameters are partitioned
+    watched = [step for step, _ in scalars(zero_runs.full, "attention/max_logit")] if zero_runs.stage == 2 else []
+    assert watched == sorted(val) and ("attention/max_logit" in scalar_tags(zero_runs.full)) is (zero_runs.stage == 2)
 
 
 @pytest.mark.slow

@@ -167,6 +167,18 @@ def attention_statistics(model: Transformer, idx: torch.Tensor,
     return attention_statistics_over(model, idx.split(windows_per_pass))
 
 
+def attention_metrics(statistics: list[LayerStatistics]) -> dict[str, float]:
+    """The statistics as logger scalars: attention/max_logit (the largest over layers, Kimi K2's MaxLogit) and, per
+    layer, attention/max_logit/layer_NN, attention/entropy/layer_NN and attention/cache_rank/layer_NN (the cache's
+    effective rank, out of its width)."""
+    metrics = {"attention/max_logit": max(layer.max_logit for layer in statistics)}
+    for layer in statistics:
+        metrics[f"attention/max_logit/layer_{layer.layer:02d}"] = layer.max_logit
+        metrics[f"attention/entropy/layer_{layer.layer:02d}"] = layer.mean_entropy
+        metrics[f"attention/cache_rank/layer_{layer.layer:02d}"] = layer.cache_effective_rank
+    return metrics
+
+
 @torch.no_grad()
 def attention_statistics_over(model: Transformer, batches: Iterable[torch.Tensor]) -> list[LayerStatistics]:
     """Each layer's LayerStatistics over batches of windows [b,T] (made as they are read, so a caller need not hold

@@ -208,6 +208,9 @@ class LogConfig:
         run_name: run name shown by the loggers (null = chosen by the logger)
         wandb_group: Weights & Biases group shown around the run (null = none; a --sweep groups its runs by its
             out_dir as given and names each by its values)
+        attention_stats: at every validation also log each layer's largest attention logit, attention entropy and
+            the effective rank of its KV cache (what `tml inspect` measures) on 8 fixed validation windows, as
+            attention/* curves; not under ZeRO-3, whose parameters are partitioned (tml inspect reads its checkpoints)
     """
 
     tensorboard: bool = True
@@ -216,3 +219,4 @@ class LogConfig:
     wandb_entity: str | None = None
     run_name: str | None = None
     wandb_group: str | None = None
+    attention_stats: bool = True

@@ -35,6 +35,12 @@ def val_window_indices(num_windows: int, wanted: int) -> list[int]:
     return [(i * num_windows) // wanted for i in range(wanted)]
 
 
+def fixed_windows(dataset, count: int) -> torch.Tensor:
+    """`count` input windows [count, T] spread evenly over the dataset, the same at every call (training's attention
+    statistics: tml/model/diagnostics.py)."""
+    return torch.stack([dataset[i][0] for i in val_window_indices(len(dataset), count)])
+
+
 def perplexity(loss: float) -> float:
     return math.exp(loss) if loss < 700 else math.inf  # exp overflows float64 past ~709
 

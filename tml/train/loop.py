@@ -35,13 +35,14 @@ from tml.data.packed import PackedDataset
 from tml.data.sampler import BatchStream
 from tml.files import write_atomic
 from tml.model import Transformer
+from tml.model.diagnostics import attention_metrics, attention_statistics_over
 from tml.pretrained import weights_to_start_from
 from tml.run_dir import CONFIG_FILE, SUMMARY_FILE, checkpoints_dir
 from tml.train.budget import budget_key, describe_budget, horizon_key
 from tml.train.checkpoint import Checkpointer, branches_another_run, disk_space_warning, resume_checkpoint
 from tml.train.config import TrainConfig
 from tml.train.early_stopping import EarlyStopping
-from tml.train.evaluate import EvalResult, evaluate, format_perplexity, perplexity
+from tml.train.evaluate import EvalResult, evaluate, fixed_windows, format_perplexity, perplexity
 from tml.train.fabric import FP16_INITIAL_SCALE_POWER, build_fabric, is_deepspeed, resolve_precision
 from tml.train.loggers import (
     ConsoleReport,
@@ -68,6 +69,7 @@ MAX_NONFINITE_STEPS = 5  # consecutive non-finite losses before the run is decla
 MAX_OVERFLOWED_STEPS = FP16_INITIAL_SCALE_POWER + 1
 # DeepSpeed's fp16 scaler gives up with a bare Exception saying this when it overflows at its minimum scale.
 DEEPSPEED_MIN_SCALE_MESSAGE = "loss scale already at minimum"
+ATTENTION_WINDOWS = 8  # validation windows log.attention_stats measures: a few, as validation runs hundreds
 
 
 class TrainingDiverged(RuntimeError):
@@ -161,6 +163,11 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
 
         batches = BatchStream(train_set, tc.batch_size, fabric.global_rank, fabric.world_size, tc.seed,
                               num_workers=config.data.num_workers, pin_memory=fabric.device.type == "cuda")
+        # log.attention_stats: measured by rank 0 alone on the plain module (no DDP or compile wrapper, nothing any
+        # other rank must join), which ZeRO-3 cannot run: its parameters are partitioned across the ranks.
+        watch_attention = config.log.attention_stats and rank0 and not (deepspeed and tc.zero_stage == 3)
+        attention_model = getattr(model.module, "_orig_mod", model.module) if watch_attention else None
+        attention_windows = fabric.to_device(fixed_windows(val_set, ATTENTION_WINDOWS)) if watch_attention else None
 
         checkpointer = Checkpointer(fabric, out_dir, tc.keep_checkpoints, deepspeed)
         early_stopping = EarlyStopping(tc.early_stop_patience, tc.early_stop_min_delta)
@@ -211,8 +218,9 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
             fabric.print(f"MFU against {flops_rate(peak)} per device "
                          + ("(this CPU's fastest matmul, measured now)" if fabric.device.type == "cpu" else
                             f"({torch.cuda.get_device_name(fabric.device)}'s datasheet peak)"))
-        if peak and rank0 and fabric.device.type == "cpu" and precision_dtype(precision) in ("bf16", "fp16"):
-            if warning := slow_cpu_bf16_warning(peak, precision):
+        if rank0 and fabric.device.type == "cpu":
+            known_bf16_peak = peak if precision_dtype(precision) in ("bf16", "fp16") else None
+            if warning := slow_cpu_bf16_warning(precision, tc.optimizer == "muon", known_bf16_peak):
                 fabric.print(warning)
         hparams = {**flat_hyperparameters(config), **model_figures, "train/peak_flops_per_device": peak or 0.0}
         log_hyperparameters(fabric.loggers, hparams)
@@ -250,6 +258,10 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                        "val/best_perplexity": perplexity(early_stopping.best)}
             log_validation(fabric.loggers, metrics, step, tensorboard_hparams)
             tensorboard_hparams = None
+            if attention_model is not None:  # its own call: the HParams view keeps the val/* columns only
+                with fabric.autocast():
+                    fabric.log_dict(attention_metrics(attention_statistics_over(attention_model, [attention_windows])),
+                                    step=step)
             report.print(f"step {step:>7d} | val loss {result.loss:.4f} | "
                          f"val ppl {format_perplexity(result.perplexity)}")
             if improved:

@@ -62,7 +62,7 @@ def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
     return None
 
 
-def measure_cpu_peak_flops(dtype: str = "fp32", seconds: float = CPU_PROBE_SECONDS) -> float:
+def measure_cpu_peak_flops(dtype: str = "fp32", seconds: float = CPU_PROBE_SECONDS, size: int = CPU_PROBE_SIZE) -> float:
     """FLOP/s of a square matmul on this CPU with the current torch thread count: its fastest call in `seconds`.
 
     The fastest call, not the mean: on a machine other work shares, the mean would count that work's time against
@@ -73,8 +73,8 @@ def measure_cpu_peak_flops(dtype: str = "fp32", seconds: float = CPU_PROBE_SECON
     # Its own generator: the global one was just restored from a checkpoint, and dropout must draw from it as the
     # uninterrupted run did (exact resume).
     generator = torch.Generator().manual_seed(0)
-    a = torch.randn(CPU_PROBE_SIZE, CPU_PROBE_SIZE, dtype=torch_dtype, generator=generator)
-    b = torch.randn(CPU_PROBE_SIZE, CPU_PROBE_SIZE, dtype=torch_dtype, generator=generator)
+    a = torch.randn(size, size, dtype=torch_dtype, generator=generator)
+    b = torch.randn(size, size, dtype=torch_dtype, generator=generator)
     a @ b  # warm-up: first call pays for kernel selection
     fastest, calls = math.inf, 0
     start = time.perf_counter()
@@ -83,7 +83,7 @@ def measure_cpu_peak_flops(dtype: str = "fp32", seconds: float = CPU_PROBE_SECON
         a @ b
         fastest = min(fastest, time.perf_counter() - began)
         calls += 1
-    return 2 * CPU_PROBE_SIZE**3 / fastest
+    return 2 * size**3 / fastest
 
 
 def flops_rate(flops_per_s: float) -> str:
@@ -96,17 +96,29 @@ def flops_rate(flops_per_s: float) -> str:
 # A CPU whose bf16 matmul is slower than this fraction of its fp32 one has no native bf16 (AVX512-BF16 or AMX): torch
 # converts every bf16 product, 75x slower than fp32 on one AMD EPYC here, where one with AMX ran bf16 2.3x faster.
 SLOW_BF16_FRACTION = 0.5
+SLOW_BF16_PROBE_SIZE = 256  # both dtypes at one size: what is compared is their ratio
 
 
-def slow_cpu_bf16_warning(bf16_peak: float, precision: str) -> str | None:
-    """A warning when a bf16 run on this CPU would be faster in fp32 (bf16_peak: measure_cpu_peak_flops("bf16"));
-    said at start-up, because the CPU configs use bf16-mixed, which is right only where the CPU has native bf16."""
-    fp32_peak = measure_cpu_peak_flops("fp32")
+def slow_cpu_bf16_warning(precision: str, muon: bool, bf16_peak: float | None = None) -> str | None:
+    """A warning when this CPU has no native bf16 and the run would use it: a bf16 precision (the CPU configs' choice,
+    right only where the CPU has it), or Muon, whose Newton-Schulz iterations torch runs in bf16 whatever the
+    precision. bf16_peak: measure_cpu_peak_flops("bf16") when already measured (a bf16 run's MFU denominator)."""
+    bf16 = precision_dtype(precision) in ("bf16", "fp16")  # CPU: 16-mixed autocasts to bf16
+    if not (bf16 or muon):
+        return None
+    if bf16_peak is None:  # a smaller probe: a slow bf16 matmul of CPU_PROBE_SIZE takes seconds on such a CPU
+        bf16_peak = measure_cpu_peak_flops("bf16", size=SLOW_BF16_PROBE_SIZE)
+    fp32_peak = measure_cpu_peak_flops("fp32", size=SLOW_BF16_PROBE_SIZE)
     if bf16_peak >= SLOW_BF16_FRACTION * fp32_peak:
         return None
-    return (f"warning: this CPU multiplies bf16 matrices at {bf16_peak / 1e9:.3g} GFLOP/s and fp32 ones at "
-            f"{fp32_peak / 1e9:.3g} GFLOP/s: it has no native bf16 (AVX512-BF16 or AMX), so train.precision {precision} "
-            f"runs its matmuls about {fp32_peak / bf16_peak:,.0f}x slower here than --train.precision 32-true would")
+    measured = (f"warning: this CPU multiplies bf16 matrices at {bf16_peak / 1e9:.3g} GFLOP/s and fp32 ones at "
+                f"{fp32_peak / 1e9:.3g} GFLOP/s: it has no native bf16 (AVX512-BF16 or AMX)")
+    if bf16:
+        return (f"{measured}, so train.precision {precision} runs its matmuls about {fp32_peak / bf16_peak:,.0f}x "
+                "slower here than --train.precision 32-true would" + (
+                    " (Muon's Newton-Schulz iterations stay in bf16 either way)" if muon else ""))
+    return (f"{measured}, and torch's Muon runs its Newton-Schulz iterations in bf16 whatever train.precision is: "
+            "expect each step to take several times longer here than with train.optimizer adamw")
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:

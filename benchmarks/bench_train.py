@@ -1,7 +1,7 @@
 """Training throughput (tokens/s) and MFU of the tiny and small configs on this machine, as JSON.
 
 Times the loop's hot path exactly as tml/train/loop.py runs it (Fabric forward under autocast, backward,
-clipping, AdamW step) on random tokens, after warm-up steps. MFU is against the matmul peak measured at start-up
+clipping, optimizer step: AdamW, or Muon with --optimizer muon) on random tokens, after warm-up steps. MFU is against the matmul peak measured at start-up
 on CPU (tml.train.throughput), or the datasheet peak on a known GPU. The micro-batch is reduced (--batch-size)
 so a CPU measurement takes seconds; tokens/s hardly depends on it at these sizes.
 
@@ -42,10 +42,12 @@ def saved_for_backward_bytes(fabric, model: torch.nn.Module, x: torch.Tensor, y:
 
 
 def bench(config_path: str, steps: int, warmup: int, batch_size: int, precision: str | None,
-          activation_checkpointing: bool = False) -> dict:
+          activation_checkpointing: bool = False, optimizer: str | None = None) -> dict:
     overrides = [f"--train.batch_size={batch_size}", "--train.grad_accum=1", "--train.devices=1"]
     if precision:
         overrides.append(f"--train.precision={precision}")
+    if optimizer:
+        overrides.append(f"--train.optimizer={optimizer}")
     config = load_yaml_config(config_path, overrides)
     fabric = build_fabric(config.train)
     torch.manual_seed(0)
@@ -91,6 +93,7 @@ def bench(config_path: str, steps: int, warmup: int, batch_size: int, precision:
         "batch_size": shape[0],
         "block_size": shape[1],
         "activation_checkpointing": activation_checkpointing,
+        "optimizer": config.train.optimizer,
         "saved_for_backward_mb": round(saved_bytes / 1e6, 1),
         "seconds_per_step": round(seconds, 4),
         "tokens_per_s": round(tokens_per_s, 1),
@@ -107,11 +110,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--precision", default=None, help="override train.precision (e.g. 32-true)")
+    parser.add_argument("--optimizer", default=None, help="override train.optimizer (adamw or muon)")
     parser.add_argument("--activation-checkpointing", action="store_true",
                         help="recompute each block's activations in backward (train.activation_checkpointing)")
     args = parser.parse_args()
-    results = [bench(path, args.steps, args.warmup, args.batch_size, args.precision, args.activation_checkpointing)
-               for path in args.configs]
+    results = [bench(path, args.steps, args.warmup, args.batch_size, args.precision, args.activation_checkpointing,
+                     args.optimizer) for path in args.configs]
     print(json.dumps(results, indent=1))
 
 

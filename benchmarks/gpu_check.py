@@ -5,10 +5,10 @@ pinned-memory loading), its speed, and its memory. Runs `tml.train.loop.train` u
 (12x768 post-LN MLA, block 512, batch 20 x 4 accumulation, 16-mixed) for `--steps` optimizer steps, reads the
 figures back from the run's TensorBoard scalars, times `generate` from the saved checkpoint (absorbed and naive
 latent-cache decode), and prints one JSON object. `--variants` adds shorter runs that each change one thing:
-torch.compile, the MHA baseline at the same width, GQA at MLA's cache, bf16 instead of fp16, or DeepSpeed ZeRO-2
-(its own fp16 engine).
+torch.compile, the MHA baseline at the same width, GQA at MLA's cache, bf16 instead of fp16, DeepSpeed ZeRO-2
+(its own fp16 engine), or Muon instead of AdamW.
 
-    python benchmarks/gpu_check.py --books DIR [--steps 200] [--variants compiled,mha,bf16,zero2] [--json FILE]
+    python benchmarks/gpu_check.py --books DIR [--steps 200] [--variants compiled,mha,bf16,zero2,muon] [--json FILE]
     python benchmarks/gpu_check.py --shards DIR ...   # already tokenized shards: no tokenizer files needed
 
 `--allow-cpu` with small `--model.*` overrides runs the same code on CPU (the test suite does), so the script
@@ -56,6 +56,8 @@ VARIANTS: dict[str, list[str]] = {
     "bf16": ["--train.precision=bf16-mixed"],
     # DeepSpeed's own fp16 path (16-bit weights, its DynamicLossScaler) on one GPU, the reference's global batch
     "zero2": ["--train.strategy=deepspeed", "--train.zero_stage=2"],
+    # Muon on the hidden matrices (Newton-Schulz in bf16 each step) under fp16's GradScaler: its step cost on a GPU
+    "muon": ["--train.optimizer=muon"],
 }
 
 
@@ -123,6 +125,7 @@ def train_and_measure(config: Config) -> dict:
         "compile": config.train.compile,
         "strategy": config.train.strategy if config.train.strategy != "deepspeed" else f"zero{config.train.zero_stage}",
         "attention": config.model.attention_kind,  # MLA, MHA, GQA or MQA
+        "optimizer": config.train.optimizer,
         "steps": result.final_step,
         "tokens_per_step": config.train.batch_size * config.train.grad_accum * config.model.block_size,
         "tokens_per_s_median": median_after_warmup(scalars(run_dir, "train/tokens_per_s")),

@@ -49,13 +49,15 @@ def test_gpu_check_trains_the_reference_config_decodes_and_writes_json_on_cpu(tm
     shards = write_synthetic_shards(tmp_path / "shards")
     json_path = tmp_path / "result.json"
     report = load_script().main(["--shards", str(shards), "--steps", "12", "--work", str(tmp_path / "work"),
-                                 "--json", str(json_path), "--variants", "mha,gqa,bf16,zero2", "--variant-steps", "2",
+                                 "--json", str(json_path), "--variants", "mha,gqa,bf16,zero2,muon", "--variant-steps", "2",
                                  "--allow-cpu", *debug_overrides(vocab_size=256)])
     assert json.loads(json_path.read_text()) == report
     run = report["run"]
     assert run["precision"] == "bf16-mixed"  # the reference's 16-mixed, as CPU runs it
     assert run["steps"] == 12 and run["tokens_per_step"] == 2 * 2 * 32
-    assert run["tokens_per_s_median"] > 0 and 0 < run["mfu_median"] < 1
+    # No upper bound: on a CPU without native bf16 the bf16 peak probed at start-up (a 1024-wide matmul) is below what
+    # this debug model's small matmuls reach, so its MFU exceeds 1 there (1.6 on an AMD EPYC without AVX512)
+    assert run["tokens_per_s_median"] > 0 and run["mfu_median"] > 0
     assert run["peak_memory_gib"] is None  # CUDA only
     assert math.isfinite(run["train_loss_first"]) and math.isfinite(run["train_loss_last"])
     assert run["val_perplexity"] == pytest.approx(math.exp(run["val_loss"]))
@@ -69,7 +71,8 @@ def test_gpu_check_trains_the_reference_config_decodes_and_writes_json_on_cpu(tm
     assert report["gqa_run"]["attention"] == "GQA"
     assert report["bf16_run"]["precision"] == "bf16-mixed" and report["bf16_run"]["attention"] == "MLA"
     assert report["zero2_run"]["strategy"] == "zero2" and report["zero2_run"]["steps"] == 2  # DeepSpeed in-process
-    assert report["run"]["strategy"] == "auto"
+    assert report["run"]["strategy"] == "auto" and report["run"]["optimizer"] == "adamw"
+    assert report["muon_run"]["optimizer"] == "muon" and report["muon_run"]["steps"] == 2
     assert "compiled_run" not in report  # only the variants asked for
 
 

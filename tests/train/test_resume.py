@@ -1,5 +1,6 @@
 """A run killed with SIGKILL and resumed with `--train.resume auto` ends bit-identical to an uninterrupted run."""
 
+import dataclasses
 import json
 import signal
 import subprocess
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from tests.conftest import REPO_ROOT, debug_model_config
-from tests.train.conftest import tiny_run_config
+from tests.train.conftest import requires_muon, tiny_run_config
 from tests.train.test_loop import SUBPROCESS_TIMEOUT_S, launch
 from tml.config import dump_yaml
 from tml.train.checkpoint import checkpoints_dir, read_meta, safe_load, write_manifest
@@ -100,3 +101,19 @@ def test_a_run_with_dropout_stopped_and_resumed_matches_an_uninterrupted_run_bit
     model_res, optim_res, step_res = final_state(stopped.train.out_dir)
     assert step_ref == step_res == 6
     assert all(torch.equal(model_res[name], value) for name, value in model_ref.items())
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", pytest.param("muon", marks=requires_muon)])
+def test_optimizer_settings_changed_on_resume_are_the_ones_it_then_steps_with(tmp_path, tiny_shards, capsys, optimizer):
+    config = tiny_run_config(tiny_shards, tmp_path, max_steps=2, val_interval=2, ckpt_interval=2, optimizer=optimizer)
+    train(config)
+    config.train = dataclasses.replace(config.train, resume="auto", max_steps=3, weight_decay=0.0, beta2=0.99,
+                                       muon_momentum=0.5)
+    train(config)
+    out = capsys.readouterr().out
+    assert "train.weight_decay 0.1 -> 0.0" in out and "train.beta2 0.95 -> 0.99" in out
+    groups = safe_load(checkpoints_dir(tmp_path) / "last" / "optimizer.pt")["param_groups"]
+    assert all(group["weight_decay"] == 0.0 for group in groups)  # listed as changed, and changed
+    assert all(group["betas"] == (0.9, 0.99) for group in groups if group.get("algorithm", "adamw") == "adamw")
+    assert all(group["momentum"] == 0.5 for group in groups if group.get("algorithm") == "muon")
+    assert [group.get("algorithm") for group in groups][:1] == (["muon"] if optimizer == "muon" else [None])

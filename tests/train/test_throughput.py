@@ -1,8 +1,10 @@
 import pytest
+import torch
 
 import tml.train.throughput as throughput
 from tml.train.throughput import (
     CPU_PROBE_SIZE,
+    SLOW_BF16_PROBE_SIZE,
     ThroughputMeter,
     flops_rate,
     gpu_peak_flops,
@@ -114,18 +116,28 @@ def test_rates_print_in_tflops_and_in_gflops_where_tflops_would_read_zero():
 
 
 def test_a_cpu_without_native_bf16_is_told_that_fp32_runs_faster(monkeypatch):
-    measured = {"bf16": 0.8e9, "fp32": 60e9}  # an AMD EPYC without AVX512 here: bf16 matmuls 75x slower
-    monkeypatch.setattr(throughput, "measure_cpu_peak_flops", lambda dtype="fp32", size=0: measured[dtype])
-    start = ("warning: this CPU multiplies bf16 matrices at 0.8 GFLOP/s and fp32 ones at 60 GFLOP/s: it has no native "
-             "bf16 (AVX512-BF16 or AMX)")
+    measured = {"bf16": 1.2e9, "fp32": 84e9}  # one core of an AMD EPYC without AVX512 here: bf16 matmuls 70x slower
+    calls = []
+
+    def probe(dtype="fp32", size=0):
+        calls.append((dtype, size, torch.get_num_threads()))
+        return measured[dtype]
+
+    monkeypatch.setattr(throughput, "measure_cpu_peak_flops", probe)
+    start = ("warning: this CPU multiplies bf16 matrices about 70x slower than fp32 ones (1.2 against 84 GFLOP/s on one "
+             "core): it has no native bf16 (AVX512-BF16 or AMX)")
+    threads = torch.get_num_threads()
     assert slow_cpu_bf16_warning("bf16-mixed", muon=False) == (
-        f"{start}, so train.precision bf16-mixed runs its matmuls about 75x slower here than --train.precision "
-        "32-true would")
+        f"{start}, so train.precision bf16-mixed would train faster here as --train.precision 32-true")
+    assert calls == [("bf16", SLOW_BF16_PROBE_SIZE, 1), ("fp32", SLOW_BF16_PROBE_SIZE, 1)]  # one size, one thread
+    assert torch.get_num_threads() == threads  # given back
     assert slow_cpu_bf16_warning("bf16-mixed", muon=True).endswith(
         "(Muon's Newton-Schulz iterations stay in bf16 either way)")
     assert slow_cpu_bf16_warning("32-true", muon=True) == (
-        f"{start}, and torch's Muon runs its Newton-Schulz iterations in bf16 whatever train.precision is: expect each "
-        "step to take several times longer here than with train.optimizer adamw")
-    assert slow_cpu_bf16_warning("32-true", muon=False) is None  # nothing in bf16: not even measured
-    assert slow_cpu_bf16_warning("bf16-mixed", muon=False, bf16_peak=140e9) is None  # AMX: bf16 2.3x fp32
-    assert slow_cpu_bf16_warning("bf16-mixed", muon=True, bf16_peak=35e9) is None  # a little slower: no warning
+        f"{start}, and torch's Muon runs its Newton-Schulz iterations in bf16 whatever train.precision is, which slows "
+        "each step here (train.optimizer adamw has no such cost)")
+    calls.clear()
+    assert slow_cpu_bf16_warning("32-true", muon=False) is None and calls == []  # nothing in bf16: nothing measured
+    for bf16_figure in (190e9, 50e9):  # AMX: bf16 2.3x fp32; a little slower than fp32: not worth a warning
+        measured["bf16"] = bf16_figure
+        assert slow_cpu_bf16_warning("bf16-mixed", muon=True) is None

@@ -54,12 +54,12 @@ from tml.train.loggers import (
     model_hyperparameters,
     new_wandb_run_id,
 )
-from tml.train.muon import MuonWithAdamW
+from tml.train.muon import MUON, MuonWithAdamW
 from tml.train.optim import branch_schedule_notes, build_optimizer, build_scheduler
 from tml.train.preemption import PreemptionFlag, install_preemption_handler
 from tml.train.preflight import check_vocabulary, ignored_init_from
 from tml.train.ranks import is_first_local_process
-from tml.train.throughput import ThroughputMeter, flops_rate, peak_flops, precision_dtype, slow_cpu_bf16_warning
+from tml.train.throughput import ThroughputMeter, flops_rate, peak_flops, slow_cpu_bf16_warning
 
 GIB = 2**30
 MAX_NONFINITE_STEPS = 5  # consecutive non-finite losses before the run is declared diverged (fp16 skips are fine)
@@ -154,6 +154,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
             model = torch.compile(model)  # Fabric unwraps it for the strategy and compiles the wrapped module again
         optimizer = build_optimizer(model, tc)
         split = optimizer.describe() if isinstance(optimizer, MuonWithAdamW) else None
+        # train/lr is train.lr's curve: AdamW's group; with Muon its own curve (train.muon_lr's) is train/muon_lr
+        lr_group = next(i for i, group in enumerate(optimizer.param_groups) if group.get("algorithm") != MUON)
         scheduler = build_scheduler(optimizer, tc)  # before setup: DeepSpeed's wrapper is no torch Optimizer
         if deepspeed:
             model, optimizer = fabric.setup(model, optimizer)  # DeepSpeed builds its engine from both at once
@@ -218,10 +220,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
             fabric.print(f"MFU against {flops_rate(peak)} per device "
                          + ("(this CPU's fastest matmul, measured now)" if fabric.device.type == "cpu" else
                             f"({torch.cuda.get_device_name(fabric.device)}'s datasheet peak)"))
-        if rank0 and fabric.device.type == "cpu":
-            known_bf16_peak = peak if precision_dtype(precision) in ("bf16", "fp16") else None
-            if warning := slow_cpu_bf16_warning(precision, tc.optimizer == "muon", known_bf16_peak):
-                fabric.print(warning)
+        if rank0 and fabric.device.type == "cpu" and (warning := slow_cpu_bf16_warning(precision, split is not None)):
+            fabric.print(warning)
         hparams = {**flat_hyperparameters(config), **model_figures, "train/peak_flops_per_device": peak or 0.0}
         log_hyperparameters(fabric.loggers, hparams)
         tensorboard_hparams: dict | None = hparams  # written with the first validation's metrics (see loggers.py)
@@ -278,7 +278,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
             raise TrainingDiverged(
                 f"{what} {when}; stopping. {kept} "
                 + damaged_warning(losses_at_saves.get(last_step), first_loss, out_dir)
-                + "Lower train.lr or raise train.warmup_frac"
+                + ("Lower train.lr (and train.muon_lr)" if split and tc.muon_lr is not None else "Lower train.lr")
+                + " or raise train.warmup_frac"
                 + (", or use bf16-mixed (fp16's range is narrow)." if fp16_scaling else ".")
             )
 
@@ -357,7 +358,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                     if finite or scaler is not None:
                         optimizer.step()  # with a scaler, an overflowed step is skipped by the scaler itself
                     optimizer.zero_grad(set_to_none=True)
-                lr = scheduler.get_last_lr()[0]  # the rate this step used
+                lrs = scheduler.get_last_lr()  # the rates this step used
                 advance_schedule(scheduler, step)
                 step += 1
                 meter.add(tokens_per_step)
@@ -367,9 +368,11 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                 overflow_streak = overflow_streak + 1 if overflowed else 0
                 if step % tc.log_interval == 0 or step == tc.max_steps:
                     tokens_per_s, mfu = meter.measure()
-                    metrics = {"train/loss": step_loss, "train/lr": lr,
+                    metrics = {"train/loss": step_loss, "train/lr": lrs[lr_group],
                                "train/grad_norm": step_grad_norm,
                                "train/tokens_per_s": tokens_per_s, "train/tokens": tokens_seen}
+                    if split:
+                        metrics["train/muon_lr"] = lrs[0]
                     if mfu is not None:
                         metrics["train/mfu"] = mfu
                     if fabric.device.type == "cuda":

@@ -53,6 +53,19 @@ class MuonWithAdamW(torch.optim.Optimizer):
                 group["algorithm"] = algorithm
         super().__init__(self._muon.param_groups + self._adamw.param_groups, defaults={})
         self._share_groups_and_state()
+        self._built = True
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        if getattr(self, "_built", False):  # a group added later would be stepped by neither inner optimizer
+            raise NotImplementedError("MuonWithAdamW takes its groups when it is built (build_optimizer)")
+        super().add_param_group(param_group)
+
+    def __getstate__(self) -> dict[str, Any]:  # torch's keeps only defaults, state and groups: keep the inner two
+        return {**super().__getstate__(), "_muon": self._muon, "_adamw": self._adamw, "_built": True}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._share_groups_and_state()  # a copy's inner optimizers step the copy's groups and state
 
     def _share_groups_and_state(self) -> None:
         """Point the inner optimizers at this one's groups and state (again after load_state_dict replaced them)."""
@@ -77,9 +90,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
         (muon_tensors, muon_params), (adamw_tensors, adamw_params) = count(MUON), count(ADAMW)
         return (f"optimizer: Muon on {muon_tensors} hidden matrices ({muon_params:,} parameters), AdamW on the other "
-                f"{adamw_tensors} tensors ({adamw_params:,}: embedding, biases, norms"
-                + (", LM head)" if any(g["algorithm"] == ADAMW and g["weight_decay"] for g in self.param_groups)
-                   else ")"))
+                f"{adamw_tensors} tensors ({adamw_params:,} parameters)")
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:

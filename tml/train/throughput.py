@@ -94,31 +94,36 @@ def flops_rate(flops_per_s: float) -> str:
 
 
 # A CPU whose bf16 matmul is slower than this fraction of its fp32 one has no native bf16 (AVX512-BF16 or AMX): torch
-# converts every bf16 product, 75x slower than fp32 on one AMD EPYC here, where one with AMX ran bf16 2.3x faster.
+# converts every bf16 product, 65-75x slower than fp32 on one AMD EPYC here, where one with AMX ran bf16 2.3x faster.
 SLOW_BF16_FRACTION = 0.5
-SLOW_BF16_PROBE_SIZE = 256  # both dtypes at one size: what is compared is their ratio
+# Both dtypes at one size on one thread: a ratio is wanted, and small matmuls on every thread stall on their barrier
+# whenever another process holds a core (fp32 at this size read 2.5 GFLOP/s on all threads of a busy machine, 80 on one).
+SLOW_BF16_PROBE_SIZE = 256
 
 
-def slow_cpu_bf16_warning(precision: str, muon: bool, bf16_peak: float | None = None) -> str | None:
+def slow_cpu_bf16_warning(precision: str, muon: bool) -> str | None:
     """A warning when this CPU has no native bf16 and the run would use it: a bf16 precision (the CPU configs' choice,
     right only where the CPU has it), or Muon, whose Newton-Schulz iterations torch runs in bf16 whatever the
-    precision. bf16_peak: measure_cpu_peak_flops("bf16") when already measured (a bf16 run's MFU denominator)."""
+    precision. Costs about half a second, only for such runs."""
     bf16 = precision_dtype(precision) in ("bf16", "fp16")  # CPU: 16-mixed autocasts to bf16
     if not (bf16 or muon):
         return None
-    if bf16_peak is None:  # a smaller probe: a slow bf16 matmul of CPU_PROBE_SIZE takes seconds on such a CPU
-        bf16_peak = measure_cpu_peak_flops("bf16", size=SLOW_BF16_PROBE_SIZE)
-    fp32_peak = measure_cpu_peak_flops("fp32", size=SLOW_BF16_PROBE_SIZE)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        bf16_peak, fp32_peak = (measure_cpu_peak_flops(dtype, size=SLOW_BF16_PROBE_SIZE) for dtype in ("bf16", "fp32"))
+    finally:
+        torch.set_num_threads(threads)
     if bf16_peak >= SLOW_BF16_FRACTION * fp32_peak:
         return None
-    measured = (f"warning: this CPU multiplies bf16 matrices at {bf16_peak / 1e9:.3g} GFLOP/s and fp32 ones at "
-                f"{fp32_peak / 1e9:.3g} GFLOP/s: it has no native bf16 (AVX512-BF16 or AMX)")
+    measured = (f"warning: this CPU multiplies bf16 matrices about {fp32_peak / bf16_peak:,.0f}x slower than fp32 ones "
+                f"({bf16_peak / 1e9:.3g} against {fp32_peak / 1e9:.3g} GFLOP/s on one core): it has no native bf16 "
+                "(AVX512-BF16 or AMX)")
     if bf16:
-        return (f"{measured}, so train.precision {precision} runs its matmuls about {fp32_peak / bf16_peak:,.0f}x "
-                "slower here than --train.precision 32-true would" + (
-                    " (Muon's Newton-Schulz iterations stay in bf16 either way)" if muon else ""))
-    return (f"{measured}, and torch's Muon runs its Newton-Schulz iterations in bf16 whatever train.precision is: "
-            "expect each step to take several times longer here than with train.optimizer adamw")
+        return (f"{measured}, so train.precision {precision} would train faster here as --train.precision 32-true"
+                + (" (Muon's Newton-Schulz iterations stay in bf16 either way)" if muon else ""))
+    return (f"{measured}, and torch's Muon runs its Newton-Schulz iterations in bf16 whatever train.precision is, "
+            "which slows each step here (train.optimizer adamw has no such cost)")
 
 
 def peak_flops(device: torch.device, precision: str) -> float | None:

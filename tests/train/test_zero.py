@@ -39,8 +39,9 @@ STEPS, RESUME_STEP = 6, 3
 # The same global batch of 16 windows per step: 2 ranks x 2 micro-batches of 4 vs 1 process x 4 micro-batches.
 COMMON = dict(max_steps=STEPS, batch_size=4, val_interval=RESUME_STEP, ckpt_interval=RESUME_STEP,
               keep_checkpoints=2, log_interval=1, lr=3e-3, grad_clip=1.0)
-# fp32 sums taken in another order (reduce-scatter across ranks), amplified a little by Adam's normalisation.
-WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 1e-5
+# fp32 sums taken in another order (reduce-scatter across ranks), amplified a little by Adam's normalisation: up to
+# 1.4e-5 on an AMD EPYC (AVX2 kernels), less on AVX512 machines; one step moves a weight by about lr = 3e-3.
+WEIGHT_RTOL, WEIGHT_ATOL = 1e-4, 5e-5
 VAL_LOSS_RTOL = 1e-5  # the same fp32 weights on the same windows; only the batching of the sum differs
 
 
@@ -108,8 +109,10 @@ def test_zero_training_lowers_the_loss_and_saves_deepspeed_checkpoints(zero_runs
     shards = sorted(p.name for p in (step_dir(zero_runs.full, STEPS) / "deepspeed" / "checkpoint").glob("*.pt"))
     assert "zero_pp_rank_1_mp_rank_00_optim_states.pt" in shards  # optimizer state really sharded over 2 ranks
     # log.attention_stats: rank 0 measures the plain module under ZeRO-2; ZeRO-3's parameters are partitioned
-    watched = [step for step, _ in scalars(zero_runs.full, "attention/max_logit")] if zero_runs.stage == 2 else []
-    assert watched == sorted(val) and ("attention/max_logit" in scalar_tags(zero_runs.full)) is (zero_runs.stage == 2)
+    if zero_runs.stage == 2:
+        assert [step for step, _ in scalars(zero_runs.full, "attention/max_logit")] == sorted(val)
+    else:
+        assert not any(tag.startswith("attention/") for tag in scalar_tags(zero_runs.full))
 
 
 @pytest.mark.slow

@@ -10,7 +10,13 @@ as in every Muon recipe. torch's `adjust_lr_fn="match_rms_adamw"` scales Muon's 
 torch.optim.Muon (torch >= 2.9) and torch.optim.AdamW do the arithmetic. MuonWithAdamW is one torch Optimizer over
 both sets of parameter groups, so nothing else in the loop changes: LambdaLR scales every group's lr by the schedule,
 Fabric's GradScaler unscales (and clipping clips) every gradient, and one state dict saves and restores both. Muon
-needs whole matrices, so ZeRO, which hands the optimizer flat shards, is refused (tml/train/config.py).
+needs whole matrices, so ZeRO, which hands the optimizer flat shards, is refused (tml/train/config.py). A global
+optimizer step hook (torch.optim.optimizer.register_optimizer_step_pre_hook) sees three steps per step: this
+optimizer's and each inner one's; hooks registered on this optimizer see one.
+
+torch runs Muon's Newton-Schulz iterations in bf16 whatever the training precision: cheap on a GPU, slow on a CPU
+without native bf16 (the start-up says so), and the reason two runs whose gradients differ in the last fp32 bit (DDP's
+other summation order, torch.compile's fused kernels) drift apart faster under Muon than under AdamW.
 """
 
 from __future__ import annotations

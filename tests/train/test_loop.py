@@ -27,6 +27,7 @@ from tml.train.evaluate import val_window_indices
 from tml.train.loop import MAX_NONFINITE_STEPS, MAX_OVERFLOWED_STEPS, TrainingDiverged, resume_schedule_notices, train
 from tml.train.optim import CosineWithWarmup
 from tml.train.preemption import PreemptionFlag
+from tml.train.throughput import flops_rate
 
 SUBPROCESS_TIMEOUT_S = 240  # a 2-process CPU run on a busy 2-core machine; far above its usual ~30 s
 
@@ -70,7 +71,7 @@ def test_a_finished_run_writes_summary_json_with_numbers(tmp_path, tiny_shards, 
     written = summary(tmp_path)
     # MFU's denominator, measured on CPU at the start: on record, so two runs' MFUs can be compared
     peak = written["peak_flops_per_device"]
-    assert peak > 1e9 and f"MFU against {peak / 1e12:,.2f} TFLOP/s per device" in capsys.readouterr().out
+    assert peak > 1e9 and f"MFU against {flops_rate(peak)} per device" in capsys.readouterr().out
     assert written == {**written, "final_step": 4, "max_steps": 4, "stopped_early": False, "preempted": False,
                        "diverged": False,
                        "tokens_seen": 4 * config.train.batch_size * config.model.block_size,
@@ -714,3 +715,14 @@ def test_attention_statistics_can_be_turned_off(tmp_path, tiny_shards):
     config.log.attention_stats = False
     train(config)
     assert "val/loss" in scalar_tags(tmp_path) and not any(tag.startswith("attention/") for tag in scalar_tags(tmp_path))
+
+
+def test_attention_statistics_leave_training_bit_identical(tmp_path, tiny_shards):
+    """They run in eval mode between training steps: no dropout draw, no mode or state left changed."""
+    weights = {}
+    for watched in (True, False):
+        config = tiny_run_config(tiny_shards, tmp_path / str(watched), max_steps=4, val_interval=2, ckpt_interval=4)
+        config.model, config.log.attention_stats = debug_model_config(dropout=0.1), watched
+        train(config)
+        weights[watched] = safe_load(checkpoints_dir(tmp_path / str(watched)) / "last" / "model.pt")
+    assert all(torch.equal(weights[True][name], value) for name, value in weights[False].items())

@@ -112,7 +112,7 @@ def test_fp32_runs_are_measured_against_the_tf32_peak_once_tf32_is_allowed(monke
 
 def test_rates_print_in_tflops_and_in_gflops_where_tflops_would_read_zero():
     assert flops_rate(0.412e12) == "0.41 TFLOP/s" and flops_rate(989.4e12) == "989.40 TFLOP/s"
-    assert flops_rate(0.81e9) == "0.81 GFLOP/s" and flops_rate(4.2e9) == "4.2 GFLOP/s"
+    assert flops_rate(0.81e9) == "0.81 GFLOP/s" and flops_rate(31.42e9) == "31.4 GFLOP/s"
 
 
 def test_a_cpu_without_native_bf16_is_told_that_fp32_runs_faster(monkeypatch):
@@ -131,6 +131,7 @@ def test_a_cpu_without_native_bf16_is_told_that_fp32_runs_faster(monkeypatch):
         f"{start}, so train.precision bf16-mixed would train faster here as --train.precision 32-true")
     assert calls == [("bf16", SLOW_BF16_PROBE_SIZE, 1), ("fp32", SLOW_BF16_PROBE_SIZE, 1)]  # one size, one thread
     assert torch.get_num_threads() == threads  # given back
+    assert "so train.precision 16-mixed (bf16 on a CPU) would train faster" in slow_cpu_bf16_warning("16-mixed", False)
     assert slow_cpu_bf16_warning("bf16-mixed", muon=True).endswith(
         "(Muon's Newton-Schulz iterations stay in bf16 either way)")
     assert slow_cpu_bf16_warning("32-true", muon=True) == (

@@ -321,3 +321,20 @@ def test_the_overflow_limit_comes_before_deepspeeds_fp16_scaler_gives_up(monkeyp
             absorbed += 1
     assert MAX_OVERFLOWED_STEPS <= absorbed
     assert torch.amp.GradScaler("cpu").get_scale() / 2 ** (MAX_OVERFLOWED_STEPS - 1) == 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(RUN_TIMEOUT_S + 60)
+def test_a_zero_resume_steps_with_the_optimizer_settings_it_lists_as_changed(zero_runs, tiny_shards, tmp_path):
+    """DeepSpeed's load brings back its base optimizer's saved groups, as torch's does: the config's go back over them."""
+    if zero_runs.stage != 2:
+        pytest.skip("one ZeRO stage shows it: the groups are the base optimizer's under every stage")
+    config = tiny_run_config(tiny_shards, tmp_path / "changed", strategy="deepspeed", zero_stage=2, devices=2,
+                             grad_accum=2, **{**COMMON, "max_steps": RESUME_STEP + 1},
+                             resume=str(step_dir(zero_runs.full, RESUME_STEP)), weight_decay=0.0, beta2=0.99)
+    done = launch_local(config)
+    assert "train.weight_decay 0.1 -> 0.0" in done.stdout and "train.beta2 0.95 -> 0.99" in done.stdout
+    shard = step_dir(tmp_path / "changed", RESUME_STEP + 1) / "deepspeed" / "checkpoint" / \
+        "zero_pp_rank_0_mp_rank_00_optim_states.pt"
+    groups = torch.load(shard, weights_only=False)["optimizer_state_dict"]["base_optimizer_state"]["param_groups"]
+    assert [(group["weight_decay"], tuple(group["betas"])) for group in groups] == [(0.0, (0.9, 0.99))] * 2

@@ -375,9 +375,9 @@ MODEL_NOTICE_KEYS = frozenset({"model.dropout"})
 # Where a run's weights started: set at its first start and kept by every resume (tml/train/loop.py
 # settle_init_from), so never a change a resume lists.
 HISTORY_KEYS = frozenset({"train.init_from"})
-# What an optimizer group holds that a resume takes from the checkpoint rather than the config: its tensors and the
-# schedule's lrs (LambdaLR's initial_lr; lr set by restore_schedule_step).
-SCHEDULED_GROUP_KEYS = frozenset({"params", "lr", "initial_lr"})
+# What an optimizer group holds that a resume does not take from this run's config as built: its tensors (ZeRO's are
+# flat partitions) and the lr, which restore_schedule_step sets from the schedule at the saved step.
+SCHEDULED_GROUP_KEYS = frozenset({"params", "lr"})
 # Settings whose change leaves the saved optimizer state meaningless: AdamW's moments are no Muon momentum.
 OPTIMIZER_STATE_KEYS = frozenset({"train.optimizer"})
 
@@ -821,18 +821,18 @@ class Checkpointer:
         error, meta = fabric.broadcast((error, meta), src=0)
         if error:
             raise CheckpointError(error)
+        # A load brings back the saved groups' settings too (torch's load_state_dict, and DeepSpeed's of its base
+        # optimizer): this run's config (a resume's changed weight_decay, betas or muon_momentum, which it lists as
+        # changed) is put back over them; the lrs are the schedule's (restore_schedule_step below)
+        configured = [{key: value for key, value in group.items() if key not in SCHEDULED_GROUP_KEYS}
+                      for group in optimizer.param_groups]
         if self.deepspeed:
             fabric.load(directory / "deepspeed", {"model": model, "optimizer": optimizer})
         else:
             model.load_state_dict(safe_load(directory / "model.pt"))
-            # torch's load brings back the saved groups' settings too: this run's config (a resume's changed
-            # weight_decay, betas or muon_momentum, which it lists as changed) is put back over them; the lrs are
-            # the schedule's (restore_schedule_step below)
-            configured = [{key: value for key, value in group.items() if key not in SCHEDULED_GROUP_KEYS}
-                          for group in optimizer.param_groups]
             optimizer.load_state_dict(safe_load(directory / "optimizer.pt"))
-            for group, settings in zip(optimizer.param_groups, configured, strict=True):
-                group.update(settings)
+        for group, settings in zip(optimizer.param_groups, configured, strict=True):
+            group.update(settings)
         trainer = safe_load(directory / "trainer.pt")
         restore_schedule_step(scheduler, trainer["scheduler"])  # the step count; the curve is this run's config
         if trainer["precision"]:  # empty from a run without a grad scaler (bf16, fp32): a new one starts fresh

@@ -220,7 +220,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
             fabric.print(f"MFU against {flops_rate(peak)} per device "
                          + ("(this CPU's fastest matmul, measured now)" if fabric.device.type == "cpu" else
                             f"({torch.cuda.get_device_name(fabric.device)}'s datasheet peak)"))
-        if rank0 and fabric.device.type == "cpu" and (warning := slow_cpu_bf16_warning(precision, split is not None)):
+        # tc.precision, as the user wrote it: its 16-mixed is bf16 on a CPU, which the warning knows
+        if rank0 and fabric.device.type == "cpu" and (warning := slow_cpu_bf16_warning(tc.precision, split is not None)):
             fabric.print(warning)
         hparams = {**flat_hyperparameters(config), **model_figures, "train/peak_flops_per_device": peak or 0.0}
         log_hyperparameters(fabric.loggers, hparams)

@@ -87,8 +87,9 @@ def measure_cpu_peak_flops(dtype: str = "fp32", seconds: float = CPU_PROBE_SECON
 
 
 def flops_rate(flops_per_s: float) -> str:
-    """`0.41 TFLOP/s`, or `0.8 GFLOP/s` where TFLOP/s would print as 0.00 (a CPU without fast bf16)."""
-    if flops_per_s >= 0.01e12:
+    """`0.41 TFLOP/s`, or `31.4 GFLOP/s` / `0.8 GFLOP/s` where TFLOP/s would keep one digit or none (a CPU, and one
+    without fast bf16)."""
+    if flops_per_s >= 0.1e12:
         return f"{flops_per_s / 1e12:,.2f} TFLOP/s"
     return f"{flops_per_s / 1e9:.3g} GFLOP/s"
 
@@ -120,7 +121,8 @@ def slow_cpu_bf16_warning(precision: str, muon: bool) -> str | None:
                 f"({bf16_peak / 1e9:.3g} against {fp32_peak / 1e9:.3g} GFLOP/s on one core): it has no native bf16 "
                 "(AVX512-BF16 or AMX)")
     if bf16:
-        return (f"{measured}, so train.precision {precision} would train faster here as --train.precision 32-true"
+        shown = f"{precision} (bf16 on a CPU)" if precision_dtype(precision) == "fp16" else precision
+        return (f"{measured}, so train.precision {shown} would train faster here as --train.precision 32-true"
                 + (" (Muon's Newton-Schulz iterations stay in bf16 either way)" if muon else ""))
     return (f"{measured}, and torch's Muon runs its Newton-Schulz iterations in bf16 whatever train.precision is, "
             "which slows each step here (train.optimizer adamw has no such cost)")

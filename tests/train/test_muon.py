@@ -2,15 +2,14 @@
 the grad scaler and the checkpoints treat like AdamW."""
 
 import copy
-from pathlib import Path
 
 import pytest
 import torch
 
 from tests.conftest import debug_model_config
 from tests.train.conftest import requires_muon, tiny_run_config
-from tests.train.test_loop import PreemptAtStep, scalars
-from tests.train.test_resume import final_state
+from tests.train.test_loop import scalars
+from tests.train.test_resume import stopped_at_3_and_resumed
 from tml.model import Transformer
 from tml.train.checkpoint import CheckpointError, checkpoints_dir
 from tml.train.config import TrainConfig, TrainConfigError
@@ -172,29 +171,20 @@ def test_a_torch_without_muon_is_refused_at_load_time_naming_the_version_needed(
 
 @requires_muon
 def test_a_muon_run_lowers_the_loss_and_resumes_bit_for_bit(tmp_path, tiny_shards, capsys):
-    settings = dict(optimizer="muon", max_steps=6, ckpt_interval=100, val_interval=100, keep_checkpoints=1)
-    reference = tiny_run_config(tiny_shards, tmp_path / "reference", **settings)
-    train(reference)
-    model = Transformer(reference.model)
+    uninterrupted, resumed = stopped_at_3_and_resumed(tiny_shards, tmp_path, optimizer="muon")
+    model = Transformer(debug_model_config())
     hidden = [p for name, p in model.named_parameters() if name.startswith("blocks.") and p.dim() == 2]
     others = [p for p in model.parameters() if all(p is not matrix for matrix in hidden)]
     out = capsys.readouterr().out
     assert (f"optimizer: Muon on {len(hidden)} hidden matrices ({sum(p.numel() for p in hidden):,} parameters), "
             f"AdamW on the other {len(others)} tensors ({sum(p.numel() for p in others):,} parameters)") in out
-    losses = [value for _, value in scalars(Path(reference.train.out_dir), "train/loss")]
+    losses = [value for _, value in scalars(uninterrupted.out_dir, "train/loss")]
     assert sum(losses[-2:]) / 2 < sum(losses[:2]) / 2 - 0.1
-    stopped = tiny_run_config(tiny_shards, tmp_path / "stopped", **settings)
-    assert train(stopped, preemption=PreemptAtStep(3)).final_step == 3
-    stopped.train.resume = "auto"
-    train(stopped)
-    model_ref, optim_ref, step_ref = final_state(reference.train.out_dir)
-    model_res, optim_res, step_res = final_state(stopped.train.out_dir)
-    assert step_ref == step_res == 6
-    assert all(torch.equal(model_res[name], value) for name, value in model_ref.items())
-    assert {group["algorithm"] for group in optim_res["param_groups"]} == {MUON, ADAMW}
-    for index, state in optim_ref["state"].items():
+    assert all(torch.equal(resumed.model[name], value) for name, value in uninterrupted.model.items())
+    assert {group["algorithm"] for group in resumed.optimizer["param_groups"]} == {MUON, ADAMW}
+    for index, state in uninterrupted.optimizer["state"].items():
         for key, value in state.items():
-            assert torch.equal(optim_res["state"][index][key], value), (index, key)
+            assert torch.equal(resumed.optimizer["state"][index][key], value), (index, key)
 
 
 @requires_muon

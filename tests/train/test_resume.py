@@ -6,6 +6,8 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -86,21 +88,28 @@ def test_resume_with_another_rank_count_or_dropout_prints_one_line_notices_not_w
 def test_a_run_with_dropout_stopped_and_resumed_matches_an_uninterrupted_run_bit_for_bit(tmp_path, tiny_shards):
     """Dropout draws from torch's global generator, which the checkpoint restores: nothing in the resumed start
     (the CPU speed probe, the data loader's first iterator) may draw from it before the first step."""
+    uninterrupted, resumed = stopped_at_3_and_resumed(tiny_shards, tmp_path, debug_model_config(dropout=0.1))
+    assert all(torch.equal(resumed.model[name], value) for name, value in uninterrupted.model.items())
+
+
+def stopped_at_3_and_resumed(tiny_shards, tmp_path, model=None, **train_settings):
+    """Final states (model, optimizer) of a 6-step run trained straight through and of one stopped at step 3 (as a
+    preemption stops it) and resumed with --train.resume auto."""
     from tests.train.test_loop import PreemptAtStep
 
-    settings = dict(max_steps=6, ckpt_interval=100, val_interval=100, keep_checkpoints=1)
-    reference = tiny_run_config(tiny_shards, tmp_path / "reference", **settings)
-    reference.model = debug_model_config(dropout=0.1)
-    train(reference)
-    stopped = tiny_run_config(tiny_shards, tmp_path / "stopped", **settings)
-    stopped.model = debug_model_config(dropout=0.1)
-    assert train(stopped, preemption=PreemptAtStep(3)).final_step == 3
-    stopped.train.resume = "auto"
-    train(stopped)
-    model_ref, optim_ref, step_ref = final_state(reference.train.out_dir)
-    model_res, optim_res, step_res = final_state(stopped.train.out_dir)
-    assert step_ref == step_res == 6
-    assert all(torch.equal(model_res[name], value) for name, value in model_ref.items())
+    settings = dict(max_steps=6, ckpt_interval=100, val_interval=100, keep_checkpoints=1, **train_settings)
+    runs = []
+    for name in ("reference", "stopped"):
+        config = tiny_run_config(tiny_shards, tmp_path / name, **settings)
+        config.model = model or config.model
+        if name == "stopped":
+            assert train(config, preemption=PreemptAtStep(3)).final_step == 3
+            config.train.resume = "auto"
+        train(config)
+        model_state, optimizer_state, step = final_state(config.train.out_dir)
+        assert step == 6
+        runs.append(SimpleNamespace(model=model_state, optimizer=optimizer_state, out_dir=Path(config.train.out_dir)))
+    return runs
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", pytest.param("muon", marks=requires_muon)])

@@ -8,7 +8,7 @@ latent-cache decode), and prints one JSON object. `--variants` adds shorter runs
 torch.compile, the MHA baseline at the same width, GQA at MLA's cache, bf16 instead of fp16, DeepSpeed ZeRO-2
 (its own fp16 engine), or Muon instead of AdamW.
 
-    python benchmarks/gpu_check.py --books DIR [--steps 200] [--variants compiled,mha,bf16,zero2,muon] [--json FILE]
+    python benchmarks/gpu_check.py --books DIR [--steps 200] [--variants compiled,mha,bf16,muon,zero2] [--json FILE]
     python benchmarks/gpu_check.py --shards DIR ...   # already tokenized shards: no tokenizer files needed
 
 `--allow-cpu` with small `--model.*` overrides runs the same code on CPU (the test suite does), so the script

@@ -199,7 +199,7 @@ def test_resuming_with_another_optimizer_is_refused_pointing_at_init_from(tmp_pa
 
 
 @requires_muon
-def test_a_copy_steps_its_own_groups_and_no_group_can_be_added_unstepped():
+def test_a_copy_steps_its_own_groups_and_an_added_group_is_stepped_by_its_algorithm():
     torch.manual_seed(0)
     model = Transformer(debug_model_config())
     optimizer = build_optimizer(model, TrainConfig(**MUON_TRAIN))
@@ -213,8 +213,14 @@ def test_a_copy_steps_its_own_groups_and_no_group_can_be_added_unstepped():
         opt.step()
     for (name, param), other in zip(model.named_parameters(), copied_model.parameters(), strict=True):
         assert torch.equal(param, other), name
-    with pytest.raises(NotImplementedError, match="takes its groups when it is built"):
-        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, 2))], "algorithm": MUON})
+    added = torch.nn.Parameter(torch.eye(4))
+    optimizer.add_param_group({"params": [added], "algorithm": MUON})
+    assert optimizer.param_groups[-1]["adjust_lr_fn"] == "match_rms_adamw"  # Muon's defaults filled in
+    added.grad = torch.ones(4, 4)
+    optimizer.step()
+    assert not torch.equal(added, torch.eye(4)) and "momentum_buffer" in optimizer.state[added]  # Muon stepped it
+    with pytest.raises(ValueError, match="needs 'algorithm'"):
+        optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(2, 2))]})
 
 
 @requires_muon

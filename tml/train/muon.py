@@ -62,9 +62,17 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self._built = True
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        if getattr(self, "_built", False):  # a group added later would be stepped by neither inner optimizer
-            raise NotImplementedError("MuonWithAdamW takes its groups when it is built (build_optimizer)")
+        """A group added after construction names its algorithm ("muon" or "adamw"); that optimizer fills in its
+        defaults and steps it."""
+        if getattr(self, "_built", False):
+            inner = {MUON: self._muon, ADAMW: self._adamw}.get(param_group.get("algorithm"))
+            if inner is None:
+                raise ValueError(f"a group added to MuonWithAdamW needs 'algorithm': {MUON!r} or {ADAMW!r}, got "
+                                 f"{param_group.get('algorithm')!r}")
+            inner.add_param_group(param_group)  # the same dict, given that optimizer's defaults
         super().add_param_group(param_group)
+        if getattr(self, "_built", False):
+            self._share_groups_and_state()
 
     def __getstate__(self) -> dict[str, Any]:  # torch's keeps only defaults, state and groups: keep the inner two
         return {**super().__getstate__(), "_muon": self._muon, "_adamw": self._adamw, "_built": True}

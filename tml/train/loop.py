@@ -153,7 +153,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         if tc.compile:
             model = torch.compile(model)  # Fabric unwraps it for the strategy and compiles the wrapped module again
         optimizer = build_optimizer(model, tc)
-        split = optimizer.describe() if isinstance(optimizer, MuonWithAdamW) else None
+        muon = isinstance(optimizer, MuonWithAdamW)
+        split = optimizer.describe() if muon else None
         # train/lr is train.lr's curve: AdamW's group; with Muon its own curve (train.muon_lr's) is train/muon_lr
         lr_group = next(i for i, group in enumerate(optimizer.param_groups) if group.get("algorithm") != MUON)
         scheduler = build_scheduler(optimizer, tc)  # before setup: DeepSpeed's wrapper is no torch Optimizer
@@ -205,7 +206,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         fabric.print(describe_model(model_figures))
         fabric.print(f"global batch: {tc.batch_size} sequences x {tc.grad_accum} accumulation x {fabric.world_size} "
                      f"ranks of {block} tokens = {tokens_per_step:,} tokens per optimizer step")
-        if split:
+        if muon:
             fabric.print(split)
         if budget := describe_budget(config):
             fabric.print(budget)
@@ -221,7 +222,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                          + ("(this CPU's fastest matmul, measured now)" if fabric.device.type == "cpu" else
                             f"({torch.cuda.get_device_name(fabric.device)}'s datasheet peak)"))
         # tc.precision, as the user wrote it: its 16-mixed is bf16 on a CPU, which the warning knows
-        if rank0 and fabric.device.type == "cpu" and (warning := slow_cpu_bf16_warning(tc.precision, split is not None)):
+        if rank0 and fabric.device.type == "cpu" and (warning := slow_cpu_bf16_warning(tc.precision, muon)):
             fabric.print(warning)
         hparams = {**flat_hyperparameters(config), **model_figures, "train/peak_flops_per_device": peak or 0.0}
         log_hyperparameters(fabric.loggers, hparams)
@@ -279,7 +280,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
             raise TrainingDiverged(
                 f"{what} {when}; stopping. {kept} "
                 + damaged_warning(losses_at_saves.get(last_step), first_loss, out_dir)
-                + ("Lower train.lr (and train.muon_lr)" if split and tc.muon_lr is not None else "Lower train.lr")
+                + ("Lower train.lr (and train.muon_lr)" if muon and tc.muon_lr is not None else "Lower train.lr")
                 + " or raise train.warmup_frac"
                 + (", or use bf16-mixed (fp16's range is narrow)." if fp16_scaling else ".")
             )
@@ -372,7 +373,7 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                     metrics = {"train/loss": step_loss, "train/lr": lrs[lr_group],
                                "train/grad_norm": step_grad_norm,
                                "train/tokens_per_s": tokens_per_s, "train/tokens": tokens_seen}
-                    if split:
+                    if muon:
                         metrics["train/muon_lr"] = lrs[0]
                     if mfu is not None:
                         metrics["train/mfu"] = mfu

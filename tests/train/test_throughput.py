@@ -1,3 +1,5 @@
+import time
+
 import pytest
 import torch
 
@@ -12,6 +14,7 @@ from tml.train.throughput import (
     mfu,
     peak_flops,
     precision_dtype,
+    probe_side,
     slow_cpu_bf16_warning,
 )
 
@@ -54,10 +57,26 @@ def test_cpu_peak_is_measured_and_plausible():
 
 
 def test_cpu_peak_is_the_fastest_matmul_call_not_the_mean_of_calls_slowed_by_other_work(monkeypatch):
+    monkeypatch.setattr("tml.train.throughput.probe_side", lambda torch_dtype, seconds, largest: largest)
     # start, then per call: the loop's check, began, ended; the last check ends the probe
     clock = iter([0.0, 0.0, 0.0, 0.010, 0.010, 0.010, 0.012, 1.0])
     monkeypatch.setattr("tml.train.throughput.time.perf_counter", lambda: next(clock))
     assert measure_cpu_peak_flops("fp32", seconds=0.5) == pytest.approx(2 * CPU_PROBE_SIZE**3 / 0.002)
+
+
+@pytest.mark.parametrize(("call_seconds", "side"), [(1e-5, CPU_PROBE_SIZE), (1.9e-3, 320), (2.0, 128)])
+def test_the_probe_s_side_shrinks_where_this_cpu_is_slow_at_the_dtype(monkeypatch, call_seconds, side):
+    """128-wide: 4.2 MFLOP. In 10 us (420 GFLOP/s) the full side fits; at 2.2 GFLOP/s (bf16 emulated) 320; at 2 MFLOP/s
+    the smallest side, never a 1024-wide call that would take hours."""
+    clock = iter([0.0, call_seconds])
+    monkeypatch.setattr("tml.train.throughput.time.perf_counter", lambda: next(clock))
+    assert probe_side(torch.float32, 0.25) == side
+
+
+def test_an_emulated_bf16_probe_stays_within_its_time():
+    began = time.perf_counter()
+    measure_cpu_peak_flops("bf16", seconds=0.1)
+    assert time.perf_counter() - began < 3  # a 1024-wide bf16 warm-up alone took 2.5 s on a CPU without native bf16
 
 
 def test_meter_counts_tokens_over_the_window():

@@ -42,8 +42,9 @@ GPU_PEAK_FLOPS: tuple[tuple[str, dict[str, float | None]], ...] = (
     ("T4", {"bf16": None, "fp16": 65e12, "fp32": 8.1e12, "tf32": None}),
 )
 
-CPU_PROBE_SIZE = 1024  # square matmul side: as large as the big training matmuls, so the peak is a fair one
+CPU_PROBE_SIZE = 1024  # largest square matmul side: as large as the big training matmuls, so the peak is a fair one
 CPU_PROBE_SECONDS = 0.25  # per dtype; start-up cost stays well under a second
+CPU_PROBE_SMALLEST = 128  # the side that sizes the probe: milliseconds even where bf16 is emulated
 
 
 def precision_dtype(precision: str) -> str:
@@ -62,14 +63,29 @@ def gpu_peak_flops(device_name: str, dtype: str) -> float | None:
     return None
 
 
+def probe_side(torch_dtype: torch.dtype, seconds: float, largest: int = CPU_PROBE_SIZE) -> int:
+    """The matmul side that fits several calls into `seconds`: `largest` on a CPU that runs this dtype natively, less
+    where it is emulated. A 1024-wide bf16 matmul took 2.5 s on an AMD EPYC without native bf16, so a fixed side made
+    each run's start-up probe (a warm-up and two timed calls) cost 7.5 s there."""
+    a = torch.ones(CPU_PROBE_SMALLEST, CPU_PROBE_SMALLEST, dtype=torch_dtype)
+    a @ a  # first call pays for kernel selection
+    began = time.perf_counter()
+    a @ a
+    rate = 2 * CPU_PROBE_SMALLEST**3 / max(time.perf_counter() - began, 1e-9)
+    fitting = (rate * seconds / 8 / 2) ** (1 / 3)  # a warm-up and about seven timed calls in `seconds`
+    return int(min(largest, max(CPU_PROBE_SMALLEST, fitting // 64 * 64)))
+
+
 def measure_cpu_peak_flops(dtype: str = "fp32", seconds: float = CPU_PROBE_SECONDS, size: int = CPU_PROBE_SIZE) -> float:
-    """FLOP/s of a square matmul on this CPU with the current torch thread count: its fastest call in `seconds`.
+    """FLOP/s of a square matmul (side `size`, smaller where this CPU emulates the dtype: `probe_side`) on this CPU
+    with the current torch thread count: its fastest call in `seconds`.
 
     The fastest call, not the mean: on a machine other work shares, the mean would count that work's time against
     the CPU, and two runs of one model would report MFUs far apart (15% and 30% were seen); the fastest call is
     the one that had the cores to itself.
     """
     torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    size = probe_side(torch_dtype, seconds, size)
     # Its own generator: the global one was just restored from a checkpoint, and dropout must draw from it as the
     # uninterrupted run did (exact resume).
     generator = torch.Generator().manual_seed(0)

@@ -51,12 +51,11 @@ def scheduling_scope(nodeid: str) -> str:
 def pytest_collection_modifyitems(config, items):
     """The scopes with the most end-to-end (`slow`) tests first, so that with `-n N` the longest ones start at once
     instead of leaving one worker running them alone at the end; within a scope, the order is the files'."""
-    slow, count = collections.Counter(), collections.Counter()
+    scopes = {item.nodeid: scheduling_scope(item.nodeid) for item in items}
+    slow, count = collections.Counter(), collections.Counter(scopes.values())
     for item in items:
-        scope = scheduling_scope(item.nodeid)
-        count[scope] += 1
-        slow[scope] += item.get_closest_marker("slow") is not None
-    items.sort(key=lambda item: (-slow[scheduling_scope(item.nodeid)], -count[scheduling_scope(item.nodeid)]))
+        slow[scopes[item.nodeid]] += item.get_closest_marker("slow") is not None
+    items.sort(key=lambda item: (-slow[scopes[item.nodeid]], -count[scopes[item.nodeid]]))
 
 
 def pytest_xdist_make_scheduler(config, log):

@@ -64,14 +64,15 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """A group added after construction names its algorithm ("muon" or "adamw"); that optimizer fills in its
         defaults and steps it."""
-        if getattr(self, "_built", False):
+        built = getattr(self, "_built", False)  # False while torch's __init__ adds the groups the inner two already hold
+        if built:
             inner = {MUON: self._muon, ADAMW: self._adamw}.get(param_group.get("algorithm"))
             if inner is None:
                 raise ValueError(f"a group added to MuonWithAdamW needs 'algorithm': {MUON!r} or {ADAMW!r}, got "
                                  f"{param_group.get('algorithm')!r}")
             inner.add_param_group(param_group)  # the same dict, given that optimizer's defaults
         super().add_param_group(param_group)
-        if getattr(self, "_built", False):
+        if built:
             self._share_groups_and_state()
 
     def __getstate__(self) -> dict[str, Any]:  # torch's keeps only defaults, state and groups: keep the inner two

@@ -64,7 +64,8 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """A group added after construction names its algorithm ("muon" or "adamw"); that optimizer fills in its
         defaults and steps it."""
-        built = getattr(self, "_built", False)  # False while torch's __init__ adds the groups the inner two already hold
+        # False while torch's __init__ adds the groups the inner two already hold
+        built = getattr(self, "_built", False)
         if built:
             inner = {MUON: self._muon, ADAMW: self._adamw}.get(param_group.get("algorithm"))
             if inner is None:

@@ -14,9 +14,9 @@ from tml.config import Config, load_config
 from tml.run_dir import SUMMARY_FILE
 from tml.slurm import SlurmResources, config_for_job
 from tml.train.budget import describe_budget, flops_per_token, horizon_key, steps_for_budget, tokens_per_step
-from tml.train.checkpoint import changed_settings
 from tml.train.config import TrainConfig, TrainConfigError
 from tml.train.loop import train
+from tml.train.resume import changed_settings
 
 # The debug model's training FLOPs per token by hand (Transformer.flops_per_token's rule): 6 x the matmul weights
 # (the non-embedding parameters, norms included, plus the tied lm_head), plus 6 x L x H x T x (d_qk + d_v).

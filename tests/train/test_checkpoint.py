@@ -1,42 +1,32 @@
 import errno
-import io
 import json
 import os
 import random
 import re
 import shutil
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from lightning import Fabric
-from rich.console import Console
 
 from tests.conftest import debug_model_config
 from tests.train.conftest import tiny_run_config
 from tml.config import Config
-from tml.data.config import DataConfig
 from tml.data.packed import PackedDataset
-from tml.data.prepare import data_is_ready, prepare_data, shards_without_source
 from tml.data.sampler import BatchStream
 from tml.model import Transformer
 from tml.train import checkpoint
 from tml.train.checkpoint import (
-    DATA_CONTENT,
     Checkpointer,
     CheckpointError,
     branches_another_run,
-    check_resume_config,
-    check_resume_layout,
     checkpoints_dir,
     disk_space_warning,
     load_model_weights,
     read_meta,
     resolve_resume,
-    resume_checkpoint,
-    step_name,
     verify_checkpoint,
     write_manifest,
 )
@@ -45,6 +35,7 @@ from tml.train.fabric import build_fabric
 from tml.train.loop import teardown as teardown_ranks  # not `teardown`: pytest 8.0 would call it
 from tml.train.loop import train
 from tml.train.optim import build_optimizer, build_scheduler
+from tml.train.resume import resume_checkpoint
 
 
 def training_objects(shard_dir, seed=0):
@@ -435,101 +426,6 @@ def test_a_dangling_last_with_no_step_left_says_removing_it_starts_afresh(tmp_pa
         resolve_resume("auto", tmp_path)
 
 
-def test_a_changed_model_is_refused_naming_each_key_both_values_and_the_way_out(tmp_path):
-    saved = Config(model=debug_model_config()).to_dict()
-    current = Config(model=debug_model_config(attention="mha", n_layer=3))
-    with pytest.raises(CheckpointError) as refused:
-        check_resume_config(tmp_path, saved, current, "auto")
-    message = str(refused.value)
-    assert "model.n_layer 2 -> 3" in message and "model.attention mla -> mha" in message
-    assert "another --train.out_dir" in message and "--model.n_layer 2 --model.attention mla" in message
-    current.train.out_dir = str(tmp_path / "new")
-    with pytest.raises(CheckpointError, match="new run with --train.resume none, or"):  # resumed from a path
-        check_resume_config(tmp_path, saved, current, str(tmp_path))
-    (checkpoints_dir(current.train.out_dir) / step_name(4)).mkdir(parents=True)  # resume none would be refused
-    with pytest.raises(CheckpointError, match="--train.resume none and another --train.out_dir, or"):
-        check_resume_config(tmp_path, saved, current, str(tmp_path))
-
-
-@pytest.mark.parametrize("section, key, value", [
-    ("data", "stride", 8), ("data", "book_ids", [11, 12]), ("data", "val_frac", 0.2), ("train", "seed", 1),
-])
-def test_a_changed_data_stream_or_seed_is_refused(tmp_path, section, key, value):
-    saved = Config().to_dict()
-    current = Config()
-    setattr(getattr(current, section), key, value)
-    with pytest.raises(CheckpointError, match=f"{section}.{key} .* -> .*data position"):
-        check_resume_config(tmp_path, saved, current, "auto")
-
-
-def test_other_changes_are_listed_for_the_notice_and_paths_of_the_run_are_not(tmp_path):
-    saved = Config().to_dict()
-    current = Config()
-    current.train.max_steps, current.train.lr, current.data.shard_dir = 400, 1e-3, "/scratch/shards"
-    current.train.resume, current.train.out_dir, current.data.num_workers = "auto", "runs/moved", 4
-    current.model.dropout, current.train.devices, current.train.num_nodes = 0.1, 2, 2
-    assert check_resume_config(tmp_path, saved, current, "auto") == [
-        "model.dropout 0.0 -> 0.1", "data.shard_dir data/gutenberg/shards -> /scratch/shards",
-        "train.max_steps 18370 -> 400", "train.lr 0.0003 -> 0.001", "train.devices 1 -> 2", "train.num_nodes 1 -> 2",
-    ]
-    del saved["data"]["shard_dir"]  # a data key the checkpoint predates is not compared (train keys: their default)
-    assert "data.shard_dir" not in " ".join(check_resume_config(tmp_path, saved, current, "auto"))
-
-
-def test_a_path_written_absolute_is_the_same_setting(tmp_path, monkeypatch):
-    """launch/slurm.py makes data paths absolute: a SLURM restart of a run started with relative ones changes nothing."""
-    monkeypatch.chdir(tmp_path)
-    saved = Config().to_dict()
-    saved["data"]["source"] = "books"
-    current = Config()
-    current.data.source, current.data.shard_dir = str(tmp_path / "books"), str(tmp_path / "data/gutenberg/shards/")
-    assert check_resume_config(tmp_path, saved, current, "auto") == []
-    current.data.source = "gutenberg"  # the download keyword, not a directory called gutenberg
-    with pytest.raises(CheckpointError, match="data.source books -> gutenberg"):
-        check_resume_config(tmp_path, saved, current, "auto")
-
-
-def fake_saved_run(out_dir, saved_config, world_size, deepspeed):
-    """The meta.json resume_checkpoint reads, behind `last`: enough for a refusal that must come first."""
-    step = out_dir / "checkpoints" / "step-0000004"
-    step.mkdir(parents=True)
-    meta = {"format": 1, "step": 4, "world_size": world_size, "deepspeed": deepspeed, "wandb_run_id": None,
-            "config": saved_config.to_dict()}
-    (step / "meta.json").write_text(json.dumps(meta))
-    write_manifest(step)
-    os.symlink(step.name, out_dir / "checkpoints" / "last")
-    return step
-
-
-def test_a_zero_checkpoint_under_another_rank_count_is_refused_before_anything_is_written(tmp_path, tiny_shards):
-    zero = dict(strategy="deepspeed", zero_stage=2, resume="auto")
-    step = fake_saved_run(tmp_path, tiny_run_config(tiny_shards, tmp_path, devices=2, **zero), 2, True)
-    before = sorted(tmp_path.rglob("*"))
-    with pytest.raises(CheckpointError) as refused:
-        train(tiny_run_config(tiny_shards, tmp_path, devices=1, **zero))
-    message = str(refused.value)
-    assert "\n" not in message
-    assert f"{step} holds ZeRO shards for 2 ranks but this run has 1" in message
-    assert "resume it with 2 ranks" in message and f"`tml eval --checkpoint {step}` read its weights" in message
-    assert "`tml export` writes them as one fp32 .pt" in message
-    assert sorted(tmp_path.rglob("*")) == before  # no config.yaml, no logger files
-
-
-@pytest.mark.parametrize("saved_deepspeed, saved_strategy, advice", [
-    (True, "deepspeed", "with 2 ranks (train.devices x train.num_nodes) and --train.strategy deepspeed "
-                        "--train.zero_stage 3; `tml generate`/`tml eval"),
-    (False, "ddp", "resume it with --train.strategy ddp; `tml generate`/`tml eval"),
-])
-def test_a_checkpoint_of_another_strategy_is_refused_with_advice_that_exists(tmp_path, saved_deepspeed,
-                                                                             saved_strategy, advice):
-    saved = Config(train=TrainConfig(strategy=saved_strategy, zero_stage=3)).to_dict()
-    meta = {"world_size": 2, "deepspeed": saved_deepspeed, "config": saved}
-    with pytest.raises(CheckpointError, match=re.escape(advice)) as refused:
-        check_resume_layout(tmp_path, meta, deepspeed=not saved_deepspeed, world_size=2)
-    assert "start a new run from the weights" not in str(refused.value)
-    check_resume_layout(tmp_path, meta, deepspeed=saved_deepspeed, world_size=1 if not saved_deepspeed else 2)
-
-
 def test_another_rank_count_continues_the_data_position_with_a_notice(tmp_path, tiny_shards):
     """Every rank saves the same data position; only the per-rank RNG states cannot carry over."""
     _, _, _, _, stream = saved_run(tmp_path, tiny_shards, steps=(3,), best_at=())
@@ -558,85 +454,6 @@ def test_a_stream_over_other_windows_is_refused_as_a_checkpoint_error(tmp_path, 
     with pytest.raises(CheckpointError, match="rank-00000.pt.*dataset_len"):
         Checkpointer(fabric, tmp_path, keep=1).load(resolve_resume("auto", tmp_path), model, optimizer, scheduler,
                                                     other_windows)
-
-
-def run_on_own_corpus(tmp_path, tiny_shards):
-    """A run whose config names a prepared local corpus (the steps themselves train on the tiny shards)."""
-    source = tmp_path / "corpus"
-    source.mkdir()
-    for name in ("a.txt", "b.txt"):
-        (source / name).write_text(f"The text of {name}, repeated. " * 40, encoding="utf-8")
-    data = DataConfig(source=str(source), shard_dir=str(tmp_path / "shards"), encode_threads=1)
-    prepare_data(data, console=Console(file=io.StringIO()))
-    config = Config(model=debug_model_config(), data=data, train=TrainConfig(out_dir=str(tmp_path / "run"),
-                                                                             resume="auto"))
-    saved_run(tmp_path / "run", tiny_shards, steps=(2,), best_at=(), config=config)
-    return source, config
-
-
-def test_a_resume_onto_changed_corpus_files_is_refused_but_not_after_a_touch(tmp_path, tiny_shards):
-    source, config = run_on_own_corpus(tmp_path, tiny_shards)
-    assert DATA_CONTENT in read_meta(resolve_resume("auto", config.train.out_dir))
-    assert resume_checkpoint(config)[0] is not None
-    os.utime(source / "a.txt", ns=(0, 10**18))  # touched: same bytes
-    assert resume_checkpoint(config)[0] is not None
-    original = (source / "a.txt").read_text()
-    (source / "a.txt").write_text(original.replace("repeated", "REPEATED"))
-    with pytest.raises(CheckpointError) as refused:
-        resume_checkpoint(config)
-    message = str(refused.value)
-    assert "\n" not in message and message.startswith(f"cannot resume {resolve_resume('auto', config.train.out_dir)}")
-    assert f"its shards in {config.data.shard_dir} were built from other text than data.source {source}" in message
-    assert "restore those files as they were, or start a new run on the changed corpus with another --train.out_dir" \
-        in message
-    (source / "a.txt").write_text(original)
-    assert resume_checkpoint(config)[0] is not None
-
-
-def test_a_corpus_moved_elsewhere_resumes_with_a_notice_and_other_text_there_is_refused(tmp_path, tiny_shards):
-    """Copied to another machine, the same files at another path are the same data: the position still fits."""
-    source, config = run_on_own_corpus(tmp_path, tiny_shards)
-    moved = tmp_path / "cluster" / "corpus"
-    shutil.copytree(source, moved)  # new path, new ctimes: the shard index no longer vouches for the files
-    config.data.source = str(moved)
-    directory, _, changed = resume_checkpoint(config)
-    assert directory is not None and changed == [f"data.source {source} -> {moved}"]
-    (moved / "b.txt").write_text("Other text at the new place.\n")
-    with pytest.raises(CheckpointError, match=re.escape(f"changed data.source {source} -> {moved}")):
-        resume_checkpoint(config)
-
-
-def test_a_moved_corpus_holding_other_text_is_refused_naming_the_files(tmp_path, tiny_shards):
-    source, config = run_on_own_corpus(tmp_path, tiny_shards)
-    moved = tmp_path / "cluster" / "corpus"
-    shutil.copytree(source, moved)
-    (moved / "b.txt").write_text("Edited on the way.\n")
-    config.data.source = str(moved)
-    with pytest.raises(CheckpointError, match=re.escape(f"changed data.source {source} -> {moved} (other text: 1 "
-                                                        "changed (b.txt) against the checkpoint's)")):
-        resume_checkpoint(config)
-
-
-def test_shards_standing_alone_with_other_text_are_refused_naming_where_they_came_from(tmp_path, tiny_shards):
-    source, config = run_on_own_corpus(tmp_path, tiny_shards)
-    other = tmp_path / "other"
-    shutil.copytree(source, other)
-    (other / "b.txt").write_text("Other text.\n")
-    prepare_data(replace(config.data, source=str(other)), console=Console(file=io.StringIO()))  # rebuilt from it
-    shutil.rmtree(source), shutil.rmtree(other)  # neither corpus on this machine
-    with pytest.raises(CheckpointError, match=re.escape(f"the shards in {config.data.shard_dir} hold other text than "
-                                                        f"it was trained on (built from {other}; data.source "
-                                                        f"{source} is not on this machine)")):
-        resume_checkpoint(config)
-
-
-def test_shards_copied_without_their_corpus_resume_from_the_shards_alone(tmp_path, tiny_shards):
-    source, config = run_on_own_corpus(tmp_path, tiny_shards)
-    shutil.rmtree(source)  # the text stayed on the workstation; the shards came along
-    assert data_is_ready(config.data)
-    assert shards_without_source(config.data) == (f"data.source {source} is not on this machine: training on the "
-                                                  f"shards in {config.data.shard_dir}, built from {source}")
-    assert resume_checkpoint(config)[0] is not None
 
 
 def run_copied_with_links_followed(tmp_path, tiny_shards, best_at=()) -> tuple[Path, Path]:
@@ -723,69 +540,6 @@ def test_a_link_copied_without_its_checkpoint_is_named_as_such(tmp_path, tiny_sh
         resolve_resume(str(copy / "best"), tmp_path / "elsewhere")
 
 
-def test_a_checkpoint_without_a_data_fingerprint_resumes_as_before(tmp_path, tiny_shards):
-    source, config = run_on_own_corpus(tmp_path, tiny_shards)
-    directory = resolve_resume("auto", config.train.out_dir)
-    meta = read_meta(directory)
-    del meta[DATA_CONTENT]  # as written before checkpoints recorded it
-    (directory / "meta.json").write_text(json.dumps(meta))
-    write_manifest(directory)
-    (source / "c.txt").write_text("A file added since.\n")
-    assert resume_checkpoint(config)[0] == directory
-
-
-def test_a_run_from_before_val_split_resumes_only_with_whole_books_held_out(tmp_path, tiny_shards):
-    source, config = run_on_own_corpus(tmp_path, tiny_shards)  # 2 files: auto means tail
-    directory = resolve_resume("auto", config.train.out_dir)
-    meta = read_meta(directory)
-    del meta["config"]["data"]["val_split"], meta[DATA_CONTENT]
-    (directory / "meta.json").write_text(json.dumps(meta))
-    write_manifest(directory)
-    with pytest.raises(CheckpointError, match=r"predates data.val_split\), and data.val_split auto now means tail "
-                                              r".*continue it with --data.val_split books"):
-        resume_checkpoint(config)
-    config.data.val_split = "books"
-    assert resume_checkpoint(config)[0] == directory
-
-
-def test_a_refused_resume_names_the_files_added_removed_or_changed(tmp_path, tiny_shards):
-    source, config = run_on_own_corpus(tmp_path, tiny_shards)
-    (source / "a.txt").write_text("The text of a.txt, edited.\n", encoding="utf-8")
-    (source / "b.txt").unlink()
-    (source / "c.txt").write_text("A file added since.\n", encoding="utf-8")
-    with pytest.raises(CheckpointError, match=re.escape(
-            f"than data.source {source} holds now (1 added (c.txt), 1 removed (b.txt), 1 changed (a.txt) since), so "
-            "its data position would point into other text")):
-        resume_checkpoint(config)
-    prepare_data(config.data, console=Console(file=io.StringIO()))  # the index now lists the new files only
-    with pytest.raises(CheckpointError, match=re.escape("holds now (files added, removed or edited since)")):
-        resume_checkpoint(config)
-
-
-def test_naming_the_val_split_that_auto_chose_resumes_and_another_split_is_refused(tmp_path, tiny_shards):
-    source, config = run_on_own_corpus(tmp_path, tiny_shards)  # 2 files: auto means tail
-    config.data.val_split = "tail"  # what auto chose: the same windows
-    directory, _, changed = resume_checkpoint(config)
-    assert directory is not None and changed == ["data.val_split auto -> tail"]
-    config.data.val_split = "books"  # whole files instead: every window moves
-    with pytest.raises(CheckpointError, match=r"changed data\.val_split auto -> books"):
-        resume_checkpoint(config)
-
-
-def test_a_run_reading_its_unchanged_shards_resumes_after_the_source_is_edited_but_not_after_a_rebuild(
-        tmp_path, tiny_shards):
-    """What a SLURM restart meets: it prepares nothing, so a corpus edited during the job leaves its shards as
-    they were, and the requeue must go on; shards rebuilt from the edited text are refused."""
-    source, config = run_on_own_corpus(tmp_path, tiny_shards)
-    (source / "a.txt").write_text((source / "a.txt").read_text() + "A line appended during the job.\n")
-    with pytest.raises(CheckpointError, match=r"1 changed \(a\.txt\) since"):
-        resume_checkpoint(config)  # a launcher, before it would rebuild the shards
-    assert resume_checkpoint(config, shards_built=True)[0] is not None
-    prepare_data(config.data, console=Console(file=io.StringIO()))  # someone rebuilds them from the edited text
-    with pytest.raises(CheckpointError, match=r"were rebuilt since from other text .*run tml-prepare"):
-        resume_checkpoint(config, shards_built=True)
-
-
 def save_with_rank_1_out_of_space(fabric, tiny_shards, out_dir):
     """Runs in each of two spawned ranks: rank 1's own file hits a full disk mid-save."""
     torch.manual_seed(0)
@@ -854,25 +608,3 @@ def test_a_runs_own_checkpoint_however_named_is_no_branch(tmp_path, tiny_shards)
         for checkpoint_dir in own:
             assert not branches_another_run(checkpoint_dir, out_dir), (checkpoint_dir, out_dir)
     assert branches_another_run(own[0], tmp_path / "elsewhere")
-
-
-def test_a_model_field_added_since_a_checkpoint_is_compared_with_the_model_that_existed_before_it(tmp_path):
-    """A checkpoint saved before model.mlp and model.norm_type existed holds GPT-2's block: resuming it as another
-    block is a change (refused), resuming it as it was is none."""
-    current = tiny_run_config(tmp_path, tmp_path)
-    saved = current.to_dict()
-    for key in ("mlp", "norm_type"):
-        del saved["model"][key]
-    assert checkpoint.changed_settings(saved, current) == []
-    deepseek = replace(current, model=replace(current.model, norm_type="rmsnorm", mlp="swiglu"))
-    assert checkpoint.changed_settings(saved, deepseek) == [("model.norm_type", "layernorm", "rmsnorm"),
-                                                            ("model.mlp", "gelu", "swiglu")]
-
-
-def test_a_train_field_added_since_a_checkpoint_is_listed_when_set_otherwise_on_resume(tmp_path):
-    current = tiny_run_config(tmp_path, tmp_path)
-    saved = current.to_dict()
-    del saved["train"]["warmup_steps"]
-    assert checkpoint.changed_settings(saved, current) == []
-    fixed = replace(current, train=replace(current.train, warmup_steps=100))
-    assert checkpoint.changed_settings(saved, fixed) == [("train.warmup_steps", None, 100)]

@@ -39,7 +39,7 @@ from tml.model.diagnostics import attention_metrics, attention_statistics_over
 from tml.pretrained import weights_to_start_from
 from tml.run_dir import CONFIG_FILE, SUMMARY_FILE, checkpoints_dir
 from tml.train.budget import budget_key, describe_budget, horizon_key
-from tml.train.checkpoint import Checkpointer, branches_another_run, disk_space_warning, resume_checkpoint
+from tml.train.checkpoint import Checkpointer, branches_another_run, disk_space_warning
 from tml.train.config import TrainConfig
 from tml.train.early_stopping import EarlyStopping
 from tml.train.evaluate import EvalResult, evaluate, fixed_windows, format_perplexity, perplexity
@@ -59,6 +59,7 @@ from tml.train.optim import branch_schedule_notes, build_optimizer, build_schedu
 from tml.train.preemption import PreemptionFlag, install_preemption_handler
 from tml.train.preflight import check_vocabulary, ignored_init_from
 from tml.train.ranks import is_first_local_process
+from tml.train.resume import resume_checkpoint
 from tml.train.throughput import ThroughputMeter, flops_rate, peak_flops, slow_cpu_bf16_warning
 
 GIB = 2**30

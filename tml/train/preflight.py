@@ -1,7 +1,7 @@
 """What a run's start would refuse, asked before anything is spent on it.
 
 Launchers call `check_run_can_start` before they prepare data, queue a SLURM job or start the first run of a
-sweep: a resume that the checkpoint cannot continue (tml/train/checkpoint.py) and train.init_from weights of
+sweep: a resume that the checkpoint cannot continue (tml/train/resume.py) and train.init_from weights of
 another shape or with a truncated file (tml/pretrained.py), and a local data.source that is not there or holds
 no text when shards are to be built, are then one line at once, not an error after minutes of data preparation or
 in a job's log. Nothing is written and no tensor is read; train() checks both again for itself. `describe_start`
@@ -19,8 +19,9 @@ from tml.data.shards import ShardIndex
 from tml.files import what_blocks_directory
 from tml.pretrained import check_start_from
 from tml.train.budget import describe_budget, horizon_key
-from tml.train.checkpoint import branches_another_run, resume_checkpoint
+from tml.train.checkpoint import branches_another_run
 from tml.train.optim import branch_schedule_notes
+from tml.train.resume import resume_checkpoint
 from tml.train.run_lock import RunLockError, training_in_progress
 
 

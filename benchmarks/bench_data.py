@@ -31,7 +31,7 @@ import torch  # noqa: E402
 from tml.data.config import DataConfig  # noqa: E402
 from tml.data.gutenberg import gather_books  # noqa: E402
 from tml.data.packed import PackedDataset  # noqa: E402
-from tml.data.prepare import ReadNotes, book_texts, tokenized_books  # noqa: E402
+from tml.data.prepare import ReadNotes, book_documents, tokenized_books  # noqa: E402
 from tml.data.sampler import BatchStream  # noqa: E402
 from tml.data.shards import choose_val_books, write_shards  # noqa: E402
 from tml.data.tokenizer import get_tokenizer  # noqa: E402
@@ -43,7 +43,7 @@ DOUBLE_ID_OFFSET = 10_000_000  # ids of the repeated books in the doubled corpus
 
 
 def tokenization(pairs, threads: int, repeats: int, work_dir: Path) -> dict:
-    texts = [text for _, text in pairs]
+    texts = [text for _, documents in pairs for text in documents]
     megabytes = sum(len(text.encode("utf-8")) for text in texts) / 1e6
     encoding = get_tokenizer()
     val_ids = choose_val_books([book.id for book, _ in pairs], 0.1, 1337)
@@ -63,7 +63,7 @@ def tokenization(pairs, threads: int, repeats: int, work_dir: Path) -> dict:
         pipeline.append(time.perf_counter() - started)
         pipeline_cpu.append(time.process_time() - started_cpu)
     written = sum(split.tokens for split in index.splits.values())
-    assert written == raw_count + len(pairs), "pipeline must write every raw token plus one separator a book"
+    assert written == raw_count + len(texts), "pipeline must write every raw token plus one separator a document"
     return {
         "threads": threads,
         "text_mb": round(megabytes, 1),
@@ -186,7 +186,7 @@ def main() -> None:
         if not args.skip_prepare:  # first, while this process is still small
             result["prepare"] = prepare_runs(args.corpus, len(books), work_dir)
             result["window_reads_one_shard"] = window_reads(work_dir / "prepare-all", 1024, 256, 20_000)
-        pairs = list(book_texts(books, source, ReadNotes()))  # as tml-prepare reads them: Gutenberg's text stripped
+        pairs = list(book_documents(books, source, ReadNotes()))  # as tml-prepare reads them: Gutenberg's text stripped
         result["tokenize"] = [tokenization(pairs, t, args.repeats, work_dir / f"pipeline-{t}") for t in args.threads]
         del pairs
         result["window_reads_small_shards"] = window_reads(work_dir / f"pipeline-{args.threads[-1]}", 1024, 256, 20_000)

@@ -222,6 +222,25 @@ def test_eval_leaves_out_a_gutenberg_files_header_and_footer_as_prepare_does(tra
     assert f"--data {book} is a Project Gutenberg file: its header and footer are left out" in captured.err
 
 
+def test_eval_and_inspect_read_a_jsonl_files_records_as_one_text_a_blank_line_between_two(trained_run, tmp_path,
+                                                                                          capsys):
+    paragraphs = [TEXT[:240], TEXT[240:480], TEXT[480:]]
+    joined, records = tmp_path / "joined.txt", tmp_path / "records.jsonl"
+    joined.write_text("\n\n".join(paragraphs))
+    records.write_text("".join(json.dumps({"id": n, "body": text}) + "\n" for n, text in enumerate(paragraphs)))
+    assert main(["eval", "--checkpoint", str(trained_run), "--data", str(joined)]) == 0
+    assert main(["eval", "--checkpoint", str(trained_run), "--data", str(records), "--text-field", "body"]) == 0
+    captured = capsys.readouterr()
+    plain, from_records = (line.split(":", 1)[1] for line in captured.out.splitlines())
+    assert plain == from_records
+    assert (f"--data {records} is JSON Lines: the 'body' fields of its {len(paragraphs)} records, read as one text "
+            "with a blank line between records") in captured.err
+    assert main(["inspect", "--checkpoint", str(trained_run), "--data", str(records), "--windows", "2",
+                 "--context", "8"]) == 1  # the default field, "text", is not there
+    assert capsys.readouterr().err.startswith(f"tml inspect: --data {records}: line 1 has no 'text' field (its fields: "
+                                              "'body', 'id'): name the field that holds the text with --text-field")
+
+
 def test_a_run_directory_without_a_checkpoint_yet_is_said_so(trained_run, tmp_path, capsys):
     run = tmp_path / "starting"
     run.mkdir()

@@ -193,7 +193,7 @@ def test_a_run_whose_local_source_is_missing_or_empty_refuses_the_sweep_before_a
     (tmp_path / "poems" / "a.txt").write_text("A poem.\n")
     (tmp_path / "empty").mkdir()
     out = ["--config", TINY, "--train.out_dir", str(tmp_path / "sweep"), "--data.shard_dir", str(tmp_path / "shards")]
-    for other, why in (("plays", "is neither 'gutenberg' nor an existing directory"), ("empty", "holds no .txt files")):
+    for other, why in (("plays", "is neither 'gutenberg' nor an existing directory"), ("empty", "holds no .txt or .jsonl files")):
         argv = [*out, "--sweep", f"data.source={tmp_path / 'poems'},{tmp_path / other}"]
         with pytest.raises(GutenbergError, match=f"^sweep run source={other}: data.source=.*{why}"):
             check_runs(expand(argv))

@@ -1,4 +1,4 @@
-"""`tml train|prepare|slurm|generate|eval|inspect|export|compare`: the user-facing commands over a trained run.
+"""`tml train|prepare|slurm|generate|eval|inspect|export|compare`: train runs, then use and compare them.
 
 `train`, `prepare` and `slurm` take the experiment options (`--config FILE --section.key value`); generate, eval,
 inspect and export work from a checkpoint directory (or a run directory, meaning its `best`, else `last`), whose saved
@@ -161,7 +161,14 @@ def train_parser(prog: str | None) -> ArgumentParser:
     """The config parser with what --help should say of training (prog: `tml train` or launch/local.py)."""
     from tml.config import build_parser
 
-    return build_parser(prog=prog, description=TRAIN_DESCRIPTION)
+    parser = build_parser(prog=prog, description=TRAIN_DESCRIPTION)
+    # Read before the config (train_main), listed here so that --help shows them among the options.
+    parser.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
+                        help="one run per combination of the values (repeatable), each in its own directory under "
+                             "train.out_dir")
+    parser.add_argument(DRY_RUN_FLAG, action="store_true",
+                        help="check the run (each run of a sweep) and say what a start would do; train nothing")
+    return parser
 
 
 def dry_run_main(argv: Sequence[str], prog: str | None) -> int:
@@ -387,7 +394,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
     path = Path(args.data)
     check_context(args.context)
-    text = read_text_file(path)  # before the model loads: a wrong file is refused at once
+    text = read_text_file(path, "eval", args.text_field)  # before the model loads: a wrong file is refused at once
     device = default_device()
     # The directory chosen_checkpoint names on stderr (a training pruning it in between would make load read the
     # run's newer one: checkpoint.read_weights follows `best`/`last` again).
@@ -442,7 +449,7 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     check_context(args.context)
     if args.windows < 1:
         raise ValueError(f"--windows {args.windows} must be >= 1")
-    text = read_text_file(path, "inspect")  # before the model loads: a wrong file is refused at once
+    text = read_text_file(path, "inspect", args.text_field)  # before the model loads: a wrong file is refused at once
     device = default_device()
     used = weights_named(args.checkpoint)
     model = load(chosen_checkpoint("inspect", args.checkpoint), device, args.dtype)
@@ -529,7 +536,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]; 1 = off "
                           "(default)")
     generate.add_argument("--seed", type=int, default=1337, help="seed of the sampling: the same seed, prompt and "
-                          "checkpoint give the same text")
+                          "checkpoint give the same text (default: %(default)s)")
     generate.add_argument("--num-samples", type=int, default=1, help="continuations of the prompt, sampled together "
                           "in one batch and printed one after another (default: %(default)s)")
     generate.add_argument("--context", type=int, metavar="N",
@@ -541,7 +548,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     evaluate = commands.add_parser("eval", help="perplexity of a checkpoint on a text file")
     evaluate.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or a file tml export wrote")
-    evaluate.add_argument("--data", required=True, help="a UTF-8 text file")
+    evaluate.add_argument("--data", required=True, help="a UTF-8 text file (or a .jsonl file: its records' text)")
+    evaluate.add_argument("--text-field", default="text", metavar="NAME",
+                          help="the field of a .jsonl record that holds its text (default: %(default)s)")
     evaluate.add_argument("--context", type=int, metavar="N",
                           help="tokens per window (default: the model's block_size); longer than it was trained on "
                                "measures how its positions extrapolate")
@@ -549,7 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
                           help="read with YaRN's RoPE scaling for S times the model's block_size, without fine-tuning "
                                "(model.rope_yarn_*; use with --context); default: as trained")
     evaluate.add_argument("--json", action="store_true", help="print one JSON object (data, checkpoint, weights, "
-                          "tokens, context, trained_context, rope_yarn_factor, dtype, loss, perplexity) instead of "
+                          "tokens, context, trained_context, rope_yarn_factor, dtype, loss, perplexity, bytes, "
+                          "bits_per_byte) instead of "
                           "the line")
     evaluate.add_argument("--dtype", default="float32", metavar="{float32,bfloat16,float16}",
                           help="weights in this dtype; the loss is taken over fp32 logits (default: %(default)s)")
@@ -557,7 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
     inspect = commands.add_parser("inspect", help="per layer: how much of its KV cache a checkpoint uses (effective "
                                   "rank), its largest attention logit and its attention entropy, on a text file")
     inspect.add_argument("--checkpoint", required=True, help="checkpoint or run directory, or a file tml export wrote")
-    inspect.add_argument("--data", required=True, help="a UTF-8 text file, at least one window long")
+    inspect.add_argument("--data", required=True, help="a UTF-8 text file (or a .jsonl file: its records' text), at "
+                         "least one window long")
+    inspect.add_argument("--text-field", default="text", metavar="NAME",
+                         help="the field of a .jsonl record that holds its text (default: %(default)s)")
     inspect.add_argument("--windows", type=int, default=INSPECT_WINDOWS, metavar="N",
                          help="windows read, spread evenly over the text (default: %(default)s)")
     inspect.add_argument("--context", type=int, metavar="T", help="tokens per window (default: the model's block_size)")

@@ -213,6 +213,9 @@ def executor_parameters(resources: SlurmResources) -> dict[str, Any]:
         # until the NCCL/gloo timeout.
         "srun_args": ["--kill-on-bad-exit=1"],
         "wckey": None,  # Submitit's default "submitit" would be charged on clusters that track wckeys
+        # Requeueable whatever the cluster's default (JobRequeue=0 makes jobs not requeueable unless they ask):
+        # the time-limit handler and preemption both continue the run by requeueing this job.
+        "additional_parameters": {"requeue": True},
     }
     if resources.gpus_per_node:
         params["gpus_per_node"] = resources.gpus_per_node

@@ -14,6 +14,7 @@ import torch
 from rich.progress import Progress
 
 from tml.data.clean import has_gutenberg_header, strip_gutenberg
+from tml.data.jsonl import JsonlError, is_jsonl, jsonl_documents
 from tml.data.prepare import NotText, decode_text
 from tml.model import ModelConfig, ModelConfigError, Transformer
 from tml.model.transformer import IGNORE_INDEX
@@ -95,10 +96,11 @@ def text_loss(model: Transformer, tokens: list[int], device: torch.device, progr
     return total / count, count
 
 
-def read_text_file(path: Path, command: str = "eval") -> str:
+def read_text_file(path: Path, command: str = "eval", text_field: str = "text") -> str:
     """The file's text, read as tml-prepare reads a corpus file (byte-order marks, UTF-8, else cp1252 or Latin-1,
     said on stderr; a Project Gutenberg file without its header and footer, said too), so held-out text evaluates
-    as it would train. A binary file is refused: decoding it "with replacement" would evaluate the model on noise
+    as it would train. A .jsonl file's records (their `text_field`) are read as one text, a blank line between
+    two; tml-prepare puts <|endoftext|> there, which is no text to measure bits per byte on. A binary file is refused: decoding it "with replacement" would evaluate the model on noise
     for minutes and report a meaningless perplexity."""
     if not path.exists():
         raise FileNotFoundError(f"--data {path}: no such file")
@@ -110,6 +112,14 @@ def read_text_file(path: Path, command: str = "eval") -> str:
         raise ValueError(f"--data {path} is not a text file: {error}") from None
     if encoding not in ("utf-8", "utf-8-sig"):
         print(f"tml {command}: --data {path} is not UTF-8: read as {encoding}", file=sys.stderr)
+    if is_jsonl(path):
+        try:
+            records = jsonl_documents(text, text_field, "--text-field")
+        except JsonlError as error:
+            raise ValueError(f"--data {path}: {error}") from None
+        print(f"tml {command}: --data {path} is JSON Lines: the {text_field!r} fields of its {len(records):,} records, "
+              "read as one text with a blank line between records", file=sys.stderr)
+        return "\n\n".join(records)
     if has_gutenberg_header(text):  # the licence is not the book: tml-prepare trains without it too
         text = strip_gutenberg(text, name=str(path))
         print(f"tml {command}: --data {path} is a Project Gutenberg file: its header and footer are left out, as "

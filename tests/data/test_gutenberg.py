@@ -345,7 +345,7 @@ def test_a_bad_local_source_is_refused_by_name(tmp_path):
     with pytest.raises(GutenbergError, match=r"data.source='/no/such/books' is neither 'gutenberg' nor"):
         gather_books(DataConfig(source="/no/such/books"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(GutenbergError, match="holds no .txt files"):
+    with pytest.raises(GutenbergError, match="holds no .txt or .jsonl files"):
         gather_books(DataConfig(source=str(tmp_path / "empty")))
 
 

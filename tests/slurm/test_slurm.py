@@ -50,6 +50,7 @@ def test_dry_run_for_two_nodes_of_eight_gpus_asks_one_task_per_gpu():
     assert options["partition"] == "gpu"
     assert options["time"] == str(2 * 24 * 60)
     assert options["signal"].startswith("USR2@")
+    assert "#SBATCH --requeue\n" in dry_run.stdout  # requeueable on clusters whose default (JobRequeue=0) is not
     assert "srun " in dry_run.stdout and "submitit.core._submit" in dry_run.stdout
     assert "nothing submitted" in dry_run.stderr
 
@@ -212,7 +213,7 @@ def test_launcher_reports_a_data_preparation_failure_in_one_line(tmp_path):
     assert launched.returncode == 1
     assert launched.stderr.strip().splitlines() == [
         f"launch/slurm.py: data.source={str(missing)!r} is neither 'gutenberg' nor an existing directory of "
-        ".txt files or a text file"]
+        ".txt or .jsonl files or such a file"]
     assert not (tmp_path / "run" / "slurm").exists()
 
 

@@ -29,7 +29,7 @@ def test_a_new_run_starts_fresh_or_from_its_init_from_weights_and_says_whether_i
     fresh.train.init_from = finished_run.train.out_dir
     assert describe_start(fresh).startswith(f"starts from the weights of {finished_run.train.out_dir}, 5 steps")
     fresh.data.shard_dir = str(tmp_path / "no-shards")
-    with pytest.raises(GutenbergError, match="holds no .txt files"):  # shards to build, from a source without text
+    with pytest.raises(GutenbergError, match="holds no .txt or .jsonl files"):  # shards to build, from a source without text
         describe_start(fresh)
     (tmp_path / "corpus").mkdir()
     (tmp_path / "corpus" / "a.txt").write_text("Some text.\n")
@@ -65,7 +65,7 @@ def test_a_start_that_would_be_refused_raises_what_the_start_would_raise_first(f
     with pytest.raises(GutenbergError, match="no-corpus' is neither 'gutenberg' nor an existing directory"):
         describe_start(fresh)
     (tmp_path / "no-corpus").mkdir()  # there, but holding no text
-    with pytest.raises(GutenbergError, match="no-corpus' holds no .txt files"):
+    with pytest.raises(GutenbergError, match="no-corpus' holds no .txt or .jsonl files"):
         describe_start(fresh)
     fresh = tiny_run_config(finished_run.data.shard_dir, tmp_path / "new", accelerator="cuda")
     if not torch.cuda.is_available():

@@ -407,3 +407,24 @@ def test_a_train_field_added_since_a_checkpoint_is_listed_when_set_otherwise_on_
     assert changed_settings(saved, current) == []
     fixed = replace(current, train=replace(current.train, warmup_steps=100))
     assert changed_settings(saved, fixed) == [("train.warmup_steps", None, 100)]
+
+
+def test_another_text_field_is_refused_for_a_jsonl_corpus_and_only_listed_for_plain_text(tmp_path, tiny_shards):
+    """Which field of a .jsonl record is read decides the text, so the saved data position; without a .jsonl file
+    the field is never read."""
+    source, config = run_on_own_corpus(tmp_path, tiny_shards)  # a.txt and b.txt
+    config.data.text_field = "body"
+    assert resume_checkpoint(config)[2] == ["data.text_field text -> body"]
+
+    records = "".join(json.dumps({"text": f"Record {n} of a JSON Lines corpus. " * 20}) + "\n" for n in range(8))
+    (tmp_path / "jsonl").mkdir()
+    (tmp_path / "jsonl" / "docs.jsonl").write_text(records)
+    data = DataConfig(source=str(tmp_path / "jsonl"), shard_dir=str(tmp_path / "jsonl-shards"), encode_threads=1)
+    prepare_data(data, console=Console(file=io.StringIO()))
+    jsonl_run = Config(model=debug_model_config(), data=data,
+                       train=TrainConfig(out_dir=str(tmp_path / "jsonl-run"), resume="auto"))
+    saved_run(tmp_path / "jsonl-run", tiny_shards, steps=(2,), best_at=(), config=jsonl_run)
+    assert resume_checkpoint(jsonl_run)[2] == []
+    jsonl_run.data.text_field = "body"
+    with pytest.raises(CheckpointError, match=r"changed data\.text_field text -> body .*data position"):
+        resume_checkpoint(jsonl_run)

@@ -18,7 +18,7 @@ VAL_SPLITS = ("books", "tail", "auto")
 # Below 20 documents whole ones are too coarse a hold-out (5 files: 20% of the tokens for val_frac 0.1).
 AUTO_MIN_BOOKS = 20
 # What token shards are built from (tml/data/prepare.py data_settings): runs that differ in one need their own.
-SHARD_SETTINGS = ("source", "book_ids", "max_books", "val_frac", "val_split", "split_seed", "shard_tokens")
+SHARD_SETTINGS = ("source", "text_field", "book_ids", "max_books", "val_frac", "val_split", "split_seed", "shard_tokens")
 
 
 class DataConfigError(ValueError):
@@ -31,16 +31,18 @@ class DataConfig:
 
     Attributes:
         source: "gutenberg" (download book_ids), a local directory of .txt files (your own text, or Gutenberg
-            books, whose headers are stripped; only .txt files are read, others are skipped) or one text file
+            books, whose headers are stripped) and .jsonl files (one JSON object per line, each a document; other
+            files are skipped), or one such file
+        text_field: the field of a .jsonl record that holds its text
         mirror: base URL or directory standing in for gutenberg.org (env TML_GUTENBERG_MIRROR does the same)
         book_ids: Gutenberg ebook numbers to download when source is "gutenberg"
         max_books: cap on the books taken from the source (null = all of them)
         raw_dir: where downloaded books land
         shard_dir: token shards and their index.json
         val_frac: fraction of the corpus held out for validation
-        val_split: how it is held out: "books" (whole documents, so no text of a val book is trained on), "tail"
-            (the last val_frac of every document's tokens, as nanoGPT does; works for a single file) or "auto"
-            (books for "gutenberg" or a directory of at least 20 documents, else tail)
+        val_split: how it is held out: "books" (whole files, so no text of a val book is trained on), "tail"
+            (the last val_frac of every file's tokens, as nanoGPT does; works for a single file) or "auto"
+            (books for "gutenberg" or a directory of at least 20 files, else tail)
         split_seed: seed of the choice of validation books
         shard_tokens: bound on tokens per shard file (50M tokens = 100 MB of uint16)
         stride: tokens between the starts of training windows; below model.block_size the windows overlap
@@ -53,6 +55,7 @@ class DataConfig:
     """
 
     source: str = "gutenberg"
+    text_field: str = "text"
     mirror: str | None = None
     book_ids: list[int] = field(default_factory=lambda: list(DEFAULT_BOOK_IDS))
     max_books: int | None = None
@@ -83,6 +86,8 @@ class DataConfig:
         # Training always validates, so some text must be held out and some kept.
         if not 0 < self.val_frac < 1:
             fail("val_frac", "must be between 0 and 1 (exclusive): the fraction of the corpus held out for validation")
+        if not self.text_field:
+            fail("text_field", "must name the field of a .jsonl record that holds its text")
         if self.val_split not in VAL_SPLITS:
             fail("val_split", f"must be one of {', '.join(VAL_SPLITS)}")
         for key in ("shard_tokens", "stride"):

@@ -4,8 +4,9 @@ Three sources, one result (`list[Book]`, raw unstripped files on disk):
 - gutenberg.org or a mirror URL (`data.mirror` / env TML_GUTENBERG_MIRROR): HTTP with a rate limit, a few
   threads, retries with exponential backoff that honour Retry-After, and a Content-Length check;
 - a mirror directory, in gutenberg.org layout or flat `pg{id}.txt` files: copied the same way;
-- `data.source` = a directory of .txt files (your own text or Gutenberg books): used in place, every .txt file
-  a document; hidden paths are skipped, symlinked folders followed.
+- `data.source` = a directory of .txt and .jsonl files (your own text or Gutenberg books): used in place, every
+  .txt file a document (every record of a .jsonl file one: tml/data/jsonl.py); hidden paths are skipped, symlinked
+  folders followed.
 Downloads land in `{raw_dir}/pg{id}.txt.part` and are renamed only when complete; `{raw_dir}/manifest.json`
 (written atomically after every book) records what finished, so an interrupted run resumes where it stopped.
 """
@@ -38,6 +39,7 @@ from rich.progress import Progress
 
 from tml.data.clean import normalize_text
 from tml.data.config import DataConfig
+from tml.data.jsonl import JSONL_SUFFIX, is_jsonl
 from tml.files import file_sha256, make_directory, replaced_on_success, write_atomic, write_failure
 
 log = logging.getLogger(__name__)
@@ -57,7 +59,7 @@ CHUNK_BYTES = 1 << 20
 # Statuses worth another try: rate limiting and server-side trouble.
 RETRY_STATUSES = {408, 425, 429, 500, 502, 503, 504}
 MISSING_STATUSES = {404, 410}
-# A .txt file whose name carries no ebook id, or one another file carries too, gets one from its path's hash,
+# A corpus file whose name carries no ebook id, or one another file carries too, gets one from its path's hash,
 # above every real id (~75k today).
 LOCAL_ID_BASE = 1_000_000_000
 # Bits of that hash: a million files collide with odds ~4e-7 (n^2 / 2^61), and LOCAL_ID_BASE + 2^60 stays under
@@ -68,6 +70,8 @@ HEADER_SCAN_CHARS = 20_000  # Title:/Author: lines sit in the first few KB of a 
 URL_FORMS = ("cache/epub/{id}/pg{id}.txt", "files/{id}/{id}-0.txt", "files/{id}/{id}.txt")
 # File names a local directory may use for book {id}: the URL forms' names.
 LOCAL_NAME = re.compile(r"^(?:pg)?(\d+)(?:-0)?\.txt$", re.IGNORECASE)
+# The files of a local corpus: plain text, and JSON Lines with a text field per record.
+CORPUS_SUFFIXES = (".txt", JSONL_SUFFIX)
 
 
 class GutenbergError(RuntimeError):
@@ -111,9 +115,11 @@ def parse_title_author(text: str) -> tuple[str, str]:
 
 
 def describe_file(book_id: int, path: Path, sha256: str | None = None) -> Book:
-    """A Book for a complete file on disk (title/author read from its header)."""
-    with open(path, encoding="utf-8", errors="replace") as file:
-        title, author = parse_title_author(file.read(HEADER_SCAN_CHARS))
+    """A Book for a complete file on disk (title/author read from its header; a .jsonl file has none)."""
+    title = author = ""
+    if not is_jsonl(path):  # a record's text may well hold "Title:": it is no header
+        with open(path, encoding="utf-8", errors="replace") as file:
+            title, author = parse_title_author(file.read(HEADER_SCAN_CHARS))
     return Book(book_id, title, author, path, path.stat().st_size, sha256 or file_sha256(path))
 
 
@@ -210,7 +216,7 @@ def unreachable_message(base: str, origin: str, reason: str) -> str:
         "  - a mirror URL or a directory of pg{id}.txt files (or a gutenberg.org-layout tree):\n"
         "      --data.mirror /path/to/books        (or `data: {mirror: /path/to/books}` in the YAML)\n"
         f"      export {MIRROR_ENV}=/path/to/books   (same meaning, for every config)\n"
-        "  - or a directory of .txt files as the source itself:\n"
+        "  - or a directory of .txt (or .jsonl) files as the source itself:\n"
         "      --data.source /path/to/books"
     )
 
@@ -381,7 +387,7 @@ def display_name(path: Path, root: Path) -> str:
 
 @dataclass(frozen=True)
 class SourceScan:
-    """What a walk of data.source finds, hidden paths (.git, .ipynb_checkpoints) left out: the .txt files that
+    """What a walk of data.source finds, hidden paths (.git, .ipynb_checkpoints) left out: the corpus files that
     make the corpus, the other files (skipped), and symbolic links that point nowhere (skipped)."""
 
     texts: list[Path]
@@ -410,7 +416,7 @@ def scan_source(root: Path) -> SourceScan:
         for name in sorted(name for name in names if not name.startswith(".")):
             path = Path(folder, name)
             if path.is_file():
-                (texts if path.suffix == ".txt" else others).append(path)
+                (texts if path.suffix.lower() in CORPUS_SUFFIXES else others).append(path)
             elif path.is_symlink() and not path.exists():
                 dangling.append(path)
     return SourceScan(texts, others, dangling)
@@ -423,7 +429,7 @@ def source_root(cfg: DataConfig) -> Path:
         return source.parent
     if not source.is_dir():
         raise GutenbergError(f"data.source={cfg.source!r} is neither 'gutenberg' nor an existing directory of .txt "
-                             "files or a text file")
+                             "or .jsonl files or such a file")
     return source
 
 
@@ -464,7 +470,7 @@ def local_book_ids(paths: Iterable[Path], root: Path) -> dict[int, Path]:
 
 
 def local_book_paths(cfg: DataConfig) -> dict[int, Path]:
-    """The .txt files under data.source (recursively) that make the corpus, by id, lowest ids first and at most
+    """The .txt and .jsonl files under data.source (recursively) that make the corpus, by id, lowest ids first and at most
     data.max_books of them. Only names and paths are read."""
     root = source_root(cfg)
     by_id = local_book_ids(scan_local_source(cfg).texts, root)
@@ -472,7 +478,7 @@ def local_book_paths(cfg: DataConfig) -> dict[int, Path]:
 
 
 def skipped_files(cfg: DataConfig) -> list[Path]:
-    """Files under data.source that are not .txt and so are not read (hidden ones, like .git, not counted),
+    """Files under data.source that are neither .txt nor .jsonl and so are not read (hidden ones, like .git, not counted),
     sorted by name as the notice lists them."""
     return sorted(scan_local_source(cfg).others, key=lambda path: (path.name, path))
 
@@ -486,12 +492,13 @@ def local_corpus(cfg: DataConfig) -> dict[int, Path]:
     """local_book_paths, refused (GutenbergError) when there are none: a corpus to build shards from."""
     paths = local_book_paths(cfg)
     if not paths:
-        raise GutenbergError(f"data.source={cfg.source!r} holds no .txt files")
+        raise GutenbergError(f"data.source={cfg.source!r} holds no .txt or .jsonl files")
     return paths
 
 
 def books_from_directory(cfg: DataConfig) -> list[Book]:
-    """Every .txt file of local_book_paths, titled by its Gutenberg header, else by its path under data.source."""
+    """Every file of local_book_paths, titled by its Gutenberg header, else (and every .jsonl file) by its path
+    under data.source."""
     paths = local_corpus(cfg)
     root = source_root(cfg)
     books = []
@@ -561,7 +568,7 @@ def _warn_missing(missing: Iterable[int], where: str) -> None:
 def gather_books(cfg: DataConfig, progress: Progress | None = None) -> list[Book]:
     """Raw (unstripped) books for `cfg`: downloaded or copied into cfg.raw_dir when cfg.source is
     "gutenberg" (cfg.book_ids[:cfg.max_books], from cfg.mirror / TML_GUTENBERG_MIRROR / gutenberg.org),
-    otherwise every .txt file in the directory cfg.source. Books missing upstream are skipped with a
+    otherwise every .txt and .jsonl file in the directory cfg.source. Books missing upstream are skipped with a
     MissingBookWarning; anything the user must fix raises GutenbergError."""
     _check_settings(cfg)
     if cfg.source != "gutenberg":

@@ -5,9 +5,9 @@ hashed into a fingerprint stored in the index: a second run with the same inputs
 change rebuilds. Books are read, cleaned and encoded a bounded batch at a time, so memory does not grow with
 the corpus.
 
-A local directory may hold your own text as well as Gutenberg books: only files that open like a Gutenberg file
-are stripped, and validation holds out whole books or, for a corpus of a few files, the tail of each
-(data.val_split). The index also lists the directory's files (path, size, mtime, ctime), so data_is_ready notices an
+A local directory may hold your own text as well as Gutenberg books: .txt files (each a document; only those that
+open like a Gutenberg file are stripped) and .jsonl files (each record a document: tml/data/jsonl.py). Validation
+holds out whole files or, for a corpus of a few files, the tail of each (data.val_split). The index also lists the directory's files (path, size, mtime, ctime), so data_is_ready notices an
 edited corpus without reading it, and a file that was only touched keeps its shards.
 
 Preparations of one shard_dir (two launches started together on a fresh corpus) take turns on the exclusive lock
@@ -60,6 +60,7 @@ from tml.data.gutenberg import (
     skipped_files,
     source_root,
 )
+from tml.data.jsonl import JsonlError, is_jsonl, jsonl_documents
 from tml.data.shards import (
     FORMAT_VERSION,
     INDEX_FILE,
@@ -110,7 +111,7 @@ def is_local(cfg: DataConfig) -> bool:
 
 
 def source_listing(cfg: DataConfig) -> list[dict[str, Any]]:
-    """Path under data.source, size, mtime and ctime of each .txt file a local source contributes ([] for
+    """Path under data.source, size, mtime and ctime of each .txt or .jsonl file a local source contributes ([] for
     downloads): a stat per file, so launchers notice an edited corpus without reading it."""
     if not is_local(cfg):
         return []
@@ -146,6 +147,8 @@ def data_settings(cfg: DataConfig, listing: list[dict[str, Any]] | None = None) 
     `listing` is source_listing(cfg) when the caller has it (auto's choice counts a local source's files)."""
     from_network = not is_local(cfg)
     listing = source_listing(cfg) if listing is None else listing
+    # Which field of a .jsonl record is read decides the text; a corpus without one keeps the settings it had.
+    text_field = {"text_field": cfg.text_field} if any(is_jsonl(entry["path"]) for entry in listing) else {}
     return {
         # Where local text lies is no input: a corpus moved or copied elsewhere is the same data (its files' names
         # and bytes are compared, and hashed into the fingerprint, instead).
@@ -156,6 +159,7 @@ def data_settings(cfg: DataConfig, listing: list[dict[str, Any]] | None = None) 
         "val_split": resolved_val_split(cfg, len(listing)),
         "split_seed": cfg.split_seed,
         "shard_tokens": cfg.shard_tokens,
+        **text_field,
         "code": {
             "prepare": PREPARE_VERSION,
             "format": FORMAT_VERSION,
@@ -171,9 +175,13 @@ def inputs_fingerprint(settings: dict[str, Any], books: Sequence[Book]) -> str:
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
-def content_fingerprint(books: Sequence[Book]) -> str:
-    """The books' ids and bytes alone: what a checkpoint's data position depends on beyond the config."""
-    return hashlib.sha256(json.dumps([[book.id, book.sha256] for book in books]).encode()).hexdigest()
+def content_fingerprint(books: Sequence[Book], text_field: str) -> str:
+    """The books' ids and bytes alone (and which field of a .jsonl record is read, when one is): what a checkpoint's
+    data position depends on beyond the config."""
+    values: list[Any] = [[book.id, book.sha256] for book in books]
+    if any(is_jsonl(book.path) for book in books):
+        values.append({"text_field": text_field})
+    return hashlib.sha256(json.dumps(values).encode()).hexdigest()
 
 
 def listed_stats(source_files: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -232,14 +240,15 @@ def source_content_fingerprint(cfg: DataConfig) -> str | None:
     (a `touch` keeps it). None when neither tells (no index, or no source directory to read).
     """
     index = ShardIndex.load_or_none(cfg.shard_dir)
-    if index is not None and index.content_fingerprint and (
+    same_field = index is not None and index.settings.get("text_field", cfg.text_field) == cfg.text_field
+    if index is not None and index.content_fingerprint and same_field and (
         not is_local(cfg) or shards_stand_alone(cfg, index) or listed_stats(index.source_files) == source_listing(cfg)
     ):
         return index.content_fingerprint
     if not is_local(cfg):
         return None
     try:
-        return content_fingerprint(books_from_directory(cfg))
+        return content_fingerprint(books_from_directory(cfg), cfg.text_field)
     except GutenbergError:
         return None
 
@@ -299,8 +308,10 @@ class ReadNotes:
     """What reading a local source found, for one summary line each instead of a warning per file; each line
     lists its names sorted, so a file is easy to find in it."""
 
-    read: int = 0
+    text_files: int = 0  # .txt files read (Gutenberg's or not)
     kept_whole: list[str] = field(default_factory=list)
+    jsonl_files: int = 0
+    jsonl_records: int = 0
     # Files that were not UTF-8, by the encoding read_book fell back to (Latin-1, cp1252).
     not_utf8: dict[str, list[str]] = field(default_factory=dict)
     # Documents without a word: each adds only an <|endoftext|> separator.
@@ -312,8 +323,11 @@ class ReadNotes:
     def lines(self) -> list[str]:
         lines = []
         if self.kept_whole:
-            lines.append(f"{len(self.kept_whole)} of {self.read} files had no Project Gutenberg header: kept whole "
-                         f"({shown(sorted(self.kept_whole))})")
+            lines.append(f"{len(self.kept_whole)} of {self.text_files} .txt files had no Project Gutenberg header: "
+                         f"kept whole ({shown(sorted(self.kept_whole))})")
+        if self.jsonl_files:
+            lines.append(f"{plural(self.jsonl_records, 'record')} from {plural(self.jsonl_files, '.jsonl file')}, each "
+                         "record a document")
         if self.not_utf8:
             read_as = [f"{ENCODING_LABELS.get(encoding, encoding)}: {plural(len(names), 'file')} ({shown(sorted(names))})"
                        for encoding, names in sorted(self.not_utf8.items())]
@@ -332,29 +346,39 @@ class ReadNotes:
         return lines
 
 
-def book_texts(books: Sequence[Book], cfg: DataConfig, notes: ReadNotes) -> Iterator[tuple[Book, str]]:
-    """Each book's text to train on. Downloads are always stripped of Gutenberg's header and footer; a local
-    file only when it opens like a Gutenberg file, else it is kept exactly as read."""
+def book_documents(books: Sequence[Book], cfg: DataConfig, notes: ReadNotes) -> Iterator[tuple[Book, list[str]]]:
+    """Each file's documents to train on. Downloads are always stripped of Gutenberg's header and footer; a local
+    .txt file only when it opens like a Gutenberg file, else it is kept exactly as read; a .jsonl file gives its
+    records' text fields (data.text_field) as they are, one document each."""
     if is_local(cfg):
         root = source_root(cfg)
         notes.dangling = [display_name(path, root) for path in dangling_links(cfg)]
     for book in books:
         text, encoding = read_book(book.path)
         if not is_local(cfg):
-            yield book, strip_gutenberg(text, name=str(book.path))
+            yield book, [strip_gutenberg(text, name=str(book.path))]
             continue
         name = display_name(book.path, root)
-        notes.read += 1
         notes.by_sha256.setdefault(book.sha256, []).append(name)
         if not encoding.startswith("utf"):
             notes.not_utf8.setdefault(encoding, []).append(name)
-        if has_gutenberg_header(text):
-            text = strip_gutenberg(text, name=str(book.path))
+        if is_jsonl(book.path):
+            try:
+                documents = jsonl_documents(text, cfg.text_field)
+            except JsonlError as error:
+                raise PrepareError(f"{book.path}: {error} (or move the file out of data.source)") from error
+            notes.jsonl_files += 1
+            notes.jsonl_records += len(documents)
         else:
-            notes.kept_whole.append(name)
-        if not text.strip():
+            notes.text_files += 1
+            if has_gutenberg_header(text):
+                text = strip_gutenberg(text, name=str(book.path))
+            else:
+                notes.kept_whole.append(name)
+            documents = [text]
+        if not any(document.strip() for document in documents):
             notes.empty.append(name)
-        yield book, text
+        yield book, documents or [""]  # a file without a record still ends in a separator, as an empty .txt does
 
 
 def split_tail(tokens: np.ndarray, val_frac: float) -> tuple[np.ndarray, np.ndarray | None]:
@@ -367,14 +391,18 @@ def split_tail(tokens: np.ndarray, val_frac: float) -> tuple[np.ndarray, np.ndar
 
 
 def tokenized_books(
-    texts: Iterable[tuple[Book, str]], val_split: str, val_ids: set[int], val_frac: float, threads: int,
+    texts: Iterable[tuple[Book, list[str]]], val_split: str, val_ids: set[int], val_frac: float, threads: int,
     progress: Progress | None = None, task: TaskID | None = None,
 ) -> Iterator[tuple[str, int, str, np.ndarray]]:
     """(split, id, title, tokens) per book (per part, for "tail"), in source order, encoding about
-    ENCODE_BATCH_CHARS at a time. "books" sends val_ids' books to val whole; "tail" splits every book."""
+    ENCODE_BATCH_CHARS at a time. A book's tokens are its documents', each ended by <|endoftext|>. "books" sends
+    val_ids' books to val whole; "tail" splits every book."""
 
-    def encode(batch: list[tuple[Book, str]]) -> Iterator[tuple[str, int, str, np.ndarray]]:
-        for (book, _), tokens in zip(batch, encode_documents([text for _, text in batch], threads), strict=True):
+    def encode(batch: list[tuple[Book, list[str]]]) -> Iterator[tuple[str, int, str, np.ndarray]]:
+        encoded = iter(encode_documents([text for _, documents in batch for text in documents], threads))
+        for book, documents in batch:
+            parts = [next(encoded) for _ in documents]
+            tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
             if progress is not None and task is not None:
                 progress.advance(task, book.bytes)
             if val_split == "tail":
@@ -386,9 +414,9 @@ def tokenized_books(
                 yield ("val" if book.id in val_ids else "train"), book.id, book.title, tokens
 
     batch, batch_chars = [], 0
-    for book, text in texts:
-        batch.append((book, text))
-        batch_chars += len(text)
+    for book, documents in texts:
+        batch.append((book, documents))
+        batch_chars += sum(len(text) for text in documents)
         if batch_chars >= ENCODE_BATCH_CHARS:
             yield from encode(batch)
             batch, batch_chars = [], 0
@@ -403,16 +431,22 @@ def progress_bars(console: Console) -> Progress:
     )
 
 
+def split_unit(index: ShardIndex) -> str:
+    """What the index's entries are to a reader: documents, or files where a .jsonl file holds many documents."""
+    return "file" if any(is_jsonl(entry["path"]) for entry in index.source_files) else "document"
+
+
 def split_lines(index: ShardIndex, val_frac: float) -> list[str]:
     """How validation was held out, what share of the tokens it got, and a warning when that share is far from
     data.val_frac (whole books are held out by count, whatever their length)."""
     train, val = index.splits["train"], index.splits["val"]
     share = val.tokens / max(1, train.tokens + val.tokens)
+    unit = split_unit(index)
     if index.settings.get("val_split") == "tail":
-        held = f"the last {val_frac * 100:g}% of every document's tokens ({plural(len(train.documents), 'document')})"
+        held = f"the last {val_frac * 100:g}% of every {unit}'s tokens ({plural(len(train.documents), unit)})"
     else:
         names = sorted(document.title or str(document.id) for document in val.documents)
-        held = f"{len(names)} of {len(train.documents) + len(names)} documents: {shown(names)}"
+        held = f"{len(names)} of {len(train.documents) + len(names)} {unit}s: {shown(names)}"
     lines = [f"val split {index.settings.get('val_split')}: {held}; val holds {share:.1%} of the tokens "
              f"(data.val_frac {val_frac:g})"]
     if share < LOW_VAL_SHARE * val_frac:
@@ -427,7 +461,7 @@ def split_lines(index: ShardIndex, val_frac: float) -> list[str]:
 
 def print_summary(console: Console, index: ShardIndex, seconds: float, status: str, notes: Sequence[str] = ()) -> None:
     table = Table(show_header=True)
-    for column in ("split", "documents", "tokens", "shards", "MB on disk"):
+    for column in ("split", f"{split_unit(index)}s", "tokens", "shards", "MB on disk"):
         table.add_column(column, justify="left" if column == "split" else "right")
     rows = [(name, len(split.documents), split.tokens, len(split.shards)) for name, split in index.splits.items()]
     documents = len({document.id for split in index.splits.values() for document in split.documents})
@@ -528,7 +562,7 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
     shard_dir = Path(cfg.shard_dir)
     notes: list[str] = []
     if is_local(cfg) and Path(cfg.source).expanduser().is_dir() and (skipped := skipped_files(cfg)):
-        notes.append(f"not .txt, so skipped: {plural(len(skipped), 'file')} ({shown([path.name for path in skipped])})")
+        notes.append(f"neither .txt nor .jsonl, so skipped: {plural(len(skipped), 'file')} ({shown([path.name for path in skipped])})")
     with hold_prepare_lock(shard_dir, console), progress_bars(console) as progress:
         if not force and data_is_ready(cfg) and (standing_alone := shards_without_source(cfg)):
             progress.stop()  # nothing to read the shards against: they are what there is
@@ -574,14 +608,14 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
         read_notes = ReadNotes()
         index = write_shards(
             shard_dir,
-            tokenized_books(book_texts(books, cfg, read_notes), val_split, val_ids, cfg.val_frac,
+            tokenized_books(book_documents(books, cfg, read_notes), val_split, val_ids, cfg.val_frac,
                             cfg.encode_threads, progress, task),
             tokenizer=TOKENIZER_NAME,
             vocab_size=encoding.n_vocab,
             shard_tokens=cfg.shard_tokens,
             fingerprint=fingerprint,
             settings=settings,
-            content_fingerprint=content_fingerprint(books),
+            content_fingerprint=content_fingerprint(books, cfg.text_field),
             source_files=files,
             source_path=source_path(cfg),
             check=lambda splits: check_splits(splits, cfg),

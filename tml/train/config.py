@@ -64,7 +64,8 @@ class TrainConfig:
         early_stop_patience: validations without improvement before stopping; 0 disables
         early_stop_min_delta: how much lower a validation loss must be to count as an improvement
         ckpt_interval: optimizer steps between `last` checkpoints
-        keep_checkpoints: newest step checkpoints kept (`last` is one of them), plus `best`; 0 keeps only those two
+        keep_checkpoints: newest step checkpoints kept (`last` is one of them, and a save of a better validation
+            between ckpt_intervals counts too), plus `best`; 0 keeps only those two
         precision: 16-mixed (fp16 with loss scaling; bf16-mixed on CPU), bf16-mixed or 32-true
         strategy: auto (one process), ddp, or deepspeed (ZeRO, see zero_stage)
         zero_stage: DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters

@@ -19,6 +19,7 @@ from typing import Any
 from tml.config import GUTENBERG_SOURCE, PLACEMENT_KEYS, SECTIONS, Config, same_setting
 from tml.data.config import VAL_SPLITS, DataConfig
 from tml.data.gutenberg import GutenbergError, books_from_directory
+from tml.data.jsonl import is_jsonl
 from tml.data.prepare import (
     built_from,
     changed_files,
@@ -47,7 +48,7 @@ from tml.train.checkpoint import (
 # shard_dir holds the same tokens, and windows are stitched across shard files whatever their size.
 DATA_POSITION_KEYS = frozenset({
     "data.source", "data.book_ids", "data.max_books", "data.val_frac", "data.val_split", "data.split_seed",
-    "data.stride", "train.seed",
+    "data.stride", "train.seed", "data.text_field",
 })
 # The only model setting that leaves the weights' names, shapes and meaning alone: dropout acts in training only.
 MODEL_NOTICE_KEYS = frozenset({"model.dropout"})
@@ -99,7 +100,7 @@ def check_resume_config(resume_dir: Path, saved: dict[str, Any], current: Config
     """
     changes = [c for c in changed_settings(saved, current) if c[0] not in PLACEMENT_KEYS]
     refused = [c for c in changes if _changes_weights(c[0]) or c[0] in OPTIMIZER_STATE_KEYS or (
-        c[0] in DATA_POSITION_KEYS and not _same_val_split(c, current.data)
+        c[0] in DATA_POSITION_KEYS and not _same_val_split(c, current.data) and not _text_field_unread(c, current.data)
         and not (c[0] == "data.source" and source_moved))]
     if refused:
         reasons = []
@@ -148,6 +149,16 @@ def _same_val_split(change: tuple[str, Any, Any], data: DataConfig) -> bool:
         return False
     documents = len(source_listing(data))
     return resolved_val_split(replace(data, val_split=old), documents) == resolved_val_split(data, documents)
+
+
+def _text_field_unread(change: tuple[str, Any, Any], data: DataConfig) -> bool:
+    """True for a data.text_field change over a corpus without a .jsonl file (here, or when its shards were built):
+    no record's field was read, so the text is the same."""
+    if change[0] != "data.text_field":
+        return False
+    index = ShardIndex.load_or_none(data.shard_dir)
+    files = source_listing(data) + (index.source_files if index else [])
+    return not any(is_jsonl(entry["path"]) for entry in files)
 
 
 def _changes_weights(key: str) -> bool:

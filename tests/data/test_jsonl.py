@@ -1,0 +1,109 @@
+"""A JSON Lines corpus: every record's text field is a document of its own, read beside .txt files."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.data.test_prepare import OWN_TEXT, config, document_tokens, output_of, own_corpus, quiet
+from tml.data.config import DataConfig, DataConfigError
+from tml.data.jsonl import JsonlError, jsonl_documents
+from tml.data.prepare import PrepareError, data_is_ready, data_settings, prepare_data, source_content_fingerprint
+from tml.data.shards import ShardIndex
+from tml.data.tokenizer import EOT_TOKEN_ID, get_tokenizer
+
+RECORDS = [f"Record {n}: a short document about the sea, number {n} of many. " * (3 + n % 4) for n in range(30)]
+
+
+def jsonl(records: list[dict]) -> str:
+    return "".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records)
+
+
+def test_records_are_read_in_order_and_blank_lines_skipped():
+    text = '{"text": "first", "id": 1}\r\n\n   \n{"text": "line\u2028separator kept"}\n{"text": ""}'
+    assert jsonl_documents(text, "text") == ["first", "line\u2028separator kept", ""]
+
+
+@pytest.mark.parametrize("line, why", [
+    ("not json", r"line 2 is not JSON \(Expecting value.*\): fix or remove that line"),
+    ("[1, 2]", "line 2 is an array, not an object with a 'text' field: fix or remove that line"),
+    ('{"body": "x", "id": 3}', "line 2 has no 'text' field \\(its fields: 'body', 'id'\\): name the field that holds "
+                               "the text with --data.text_field, or fix that record"),
+    ('{"text": null}', "line 2: its 'text' is null, not a string: fix or remove that record"),
+    ('{"text": ["a"]}', "line 2: its 'text' is an array, not a string"),
+])
+def test_a_line_without_text_is_refused_by_its_number(line, why):
+    with pytest.raises(JsonlError, match=why):
+        jsonl_documents('{"text": "fine"}\n' + line + "\n", "text")
+
+
+def test_each_record_is_a_document_ended_by_endoftext_beside_a_txt_file(tmp_path):
+    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT})
+    (source / "docs.jsonl").write_text(jsonl([{"id": n, "text": text} for n, text in enumerate(RECORDS)]),
+                                       encoding="utf-8")
+    cfg = config(tmp_path, source, val_frac=0.1)
+    output = output_of(cfg)
+    assert "30 records from 1 .jsonl file, each record a document" in output
+    assert "1 of 1 .txt files had no Project Gutenberg header: kept whole (a.txt)" in output
+    assert "val split tail: the last 10% of every file's tokens (2 files)" in output
+    index = ShardIndex.load(cfg.shard_dir, verify=True)
+    # The train part ends in a separator of its own where the tail was cut
+    tokens = document_tokens(index, "train")["docs.jsonl"][:-1] + document_tokens(index, "val")["docs.jsonl"]
+    encoding = get_tokenizer()
+    assert tokens == [token for text in RECORDS for token in [*encoding.encode_ordinary(text), EOT_TOKEN_ID]]
+    assert index.settings["text_field"] == "text"
+
+
+def test_another_text_field_is_read_and_a_change_of_it_rebuilds(tmp_path):
+    source = own_corpus(tmp_path, {})
+    source.mkdir()
+    (source / "docs.jsonl").write_text(jsonl([{"text": "the wrong field", "content": text} for text in RECORDS]))
+    cfg = config(tmp_path, source, text_field="content")
+    prepare_data(cfg, console=quiet())
+    index = ShardIndex.load(cfg.shard_dir)
+    read = get_tokenizer().decode([token for split in ("train", "val")
+                                   for token in document_tokens(index, split)["docs.jsonl"]])
+    assert "Record 0:" in read and "the wrong field" not in read
+    other = config(tmp_path, source, text_field="text")
+    assert data_is_ready(cfg) and not data_is_ready(other)
+    assert source_content_fingerprint(other) != index.content_fingerprint  # a resume must not count other windows
+    prepare_data(other, console=quiet())
+    assert "the wrong field" in get_tokenizer().decode(document_tokens(ShardIndex.load(cfg.shard_dir), "train")
+                                                       ["docs.jsonl"])
+
+
+def test_a_corpus_without_jsonl_files_keeps_its_shards_whatever_the_text_field(tmp_path):
+    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT, "b.txt": OWN_TEXT[:2000]})
+    cfg = config(tmp_path, source)
+    assert "text_field" not in data_settings(cfg)  # shards built before .jsonl files were read stay up to date
+    prepare_data(cfg, console=quiet())
+    assert data_is_ready(config(tmp_path, source, text_field="body"))
+
+
+def test_a_broken_record_stops_preparation_naming_file_and_line_and_keeps_the_shards(tmp_path):
+    source = own_corpus(tmp_path, {"a.txt": OWN_TEXT})
+    (source / "docs.jsonl").write_text(jsonl([{"text": text} for text in RECORDS[:3]]))
+    cfg = config(tmp_path, source)
+    prepare_data(cfg, console=quiet())
+    before = ShardIndex.load(cfg.shard_dir).fingerprint
+    (source / "docs.jsonl").write_text(jsonl([{"text": text} for text in RECORDS[:3]]) + '{"text": 7}\n')
+    with pytest.raises(PrepareError, match=f"{source / 'docs.jsonl'}: line 4: its 'text' is a number, not a string: "
+                                           "fix or remove that record \\(or move the file out of data.source\\)"):
+        prepare_data(cfg, console=quiet())
+    assert ShardIndex.load(cfg.shard_dir, verify=True).fingerprint == before
+
+
+def test_a_jsonl_file_named_as_the_source_is_the_corpus_and_one_without_records_only_a_separator(tmp_path):
+    source = own_corpus(tmp_path, {"train.jsonl": jsonl([{"text": text} for text in RECORDS])})
+    cfg = config(tmp_path, str(source / "train.jsonl"))
+    assert "30 records from 1 .jsonl file" in output_of(cfg)
+    (source / "empty.jsonl").write_text("\n")
+    (source / "a.txt").write_text(OWN_TEXT)
+    output = output_of(config(tmp_path, source, shard_dir=str(tmp_path / "other")))
+    assert "no text, so only a document separator: 1 file (empty.jsonl)" in output
+
+
+def test_an_empty_text_field_is_refused_by_the_config():
+    with pytest.raises(DataConfigError, match="data.text_field=''"):
+        DataConfig(text_field="")

@@ -14,7 +14,7 @@ import torch
 from rich.progress import Progress
 
 from tml.data.clean import has_gutenberg_header, strip_gutenberg
-from tml.data.jsonl import JsonlError, is_jsonl, jsonl_documents
+from tml.data.jsonl import JsonlError, is_jsonl, read_jsonl
 from tml.data.prepare import NotText, decode_text
 from tml.model import ModelConfig, ModelConfigError, Transformer
 from tml.model.transformer import IGNORE_INDEX
@@ -106,20 +106,20 @@ def read_text_file(path: Path, command: str = "eval", text_field: str = "text") 
         raise FileNotFoundError(f"--data {path}: no such file")
     if not path.is_file():
         raise ValueError(f"--data {path} is not a file (a text file is needed)")
+    if is_jsonl(path):
+        try:
+            records = read_jsonl(path, text_field, "--text-field")
+        except JsonlError as error:
+            raise ValueError(f"--data {path}: {error}") from None
+        print(f"tml {command}: --data {path} is JSON Lines: the {text_field!r} fields of its {len(records):,} records, "
+              "read as one text with a blank line between records", file=sys.stderr)
+        return "\n\n".join(records)
     try:
         text, encoding = decode_text(path.read_bytes())
     except NotText as error:
         raise ValueError(f"--data {path} is not a text file: {error}") from None
     if encoding not in ("utf-8", "utf-8-sig"):
         print(f"tml {command}: --data {path} is not UTF-8: read as {encoding}", file=sys.stderr)
-    if is_jsonl(path):
-        try:
-            records = jsonl_documents(text, text_field, "--text-field")
-        except JsonlError as error:
-            raise ValueError(f"--data {path}: {error}") from None
-        print(f"tml {command}: --data {path} is JSON Lines: the {text_field!r} fields of its {len(records):,} records, "
-              "read as one text with a blank line between records", file=sys.stderr)
-        return "\n\n".join(records)
     if has_gutenberg_header(text):  # the licence is not the book: tml-prepare trains without it too
         text = strip_gutenberg(text, name=str(path))
         print(f"tml {command}: --data {path} is a Project Gutenberg file: its header and footer are left out, as "

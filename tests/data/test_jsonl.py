@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 import pytest
@@ -21,8 +22,8 @@ def jsonl(records: list[dict]) -> str:
 
 
 def test_records_are_read_in_order_and_blank_lines_skipped():
-    text = '{"text": "first", "id": 1}\r\n\n   \n{"text": "line\u2028separator kept"}\n{"text": ""}'
-    assert jsonl_documents(text, "text") == ["first", "line\u2028separator kept", ""]
+    text = '\ufeff{"text": "first", "id": 1}\r\n\n   \n{"text": "line\u2028separator kept"}\n{"text": ""}'
+    assert jsonl_documents(io.BytesIO(text.encode()), "text") == ["first", "line\u2028separator kept", ""]
 
 
 @pytest.mark.parametrize("line, why", [
@@ -35,7 +36,12 @@ def test_records_are_read_in_order_and_blank_lines_skipped():
 ])
 def test_a_line_without_text_is_refused_by_its_number(line, why):
     with pytest.raises(JsonlError, match=why):
-        jsonl_documents('{"text": "fine"}\n' + line + "\n", "text")
+        jsonl_documents(io.BytesIO(('{"text": "fine"}\n' + line + "\n").encode()), "text")
+
+
+def test_a_line_that_is_not_utf8_is_refused_saying_so():
+    with pytest.raises(JsonlError, match=r"line 1 is not UTF-8 \(.*\), as JSON Lines must be: convert the file"):
+        jsonl_documents(['{"text": "café"}\n'.encode("latin-1")], "text")
 
 
 def test_each_record_is_a_document_ended_by_endoftext_beside_a_txt_file(tmp_path):

@@ -10,6 +10,7 @@ corpus to fix, not to train on in part.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from pathlib import Path
 
 JSONL_SUFFIX = ".jsonl"
@@ -27,16 +28,29 @@ def is_jsonl(path: str | Path) -> bool:
     return Path(path).suffix.lower() == JSONL_SUFFIX
 
 
-def jsonl_documents(text: str, text_field: str, option: str = "--data.text_field") -> list[str]:
-    """The text_field of every record, in file order; blank lines are skipped. Lines end at a newline only: a JSON
-    string may hold U+2028 and other characters that str.splitlines would also split at. `option` is how the
-    caller's command line names the field, for the refusal of a record without it."""
+def read_jsonl(path: str | Path, text_field: str, option: str = "--data.text_field") -> list[str]:
+    """jsonl_documents of a file, read a line at a time."""
+    with open(path, "rb") as lines:
+        return jsonl_documents(lines, text_field, option)
+
+
+def jsonl_documents(lines: Iterable[bytes], text_field: str, option: str = "--data.text_field") -> list[str]:
+    """The text_field of every record, in file order; blank lines are skipped.
+
+    Parsed a line of bytes at a time, never read or decoded as one whole-file string: the file's text is then held
+    once, in its records (the whole file beside them took twice the memory). JSON Lines is UTF-8 (json.loads also
+    takes a byte-order mark). `option` is how the caller's command line names the field, for the refusal of a
+    record without it.
+    """
     documents = []
-    for number, line in enumerate(text.split("\n"), start=1):
+    for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
+        except UnicodeDecodeError as error:
+            raise JsonlError(f"line {number} is not UTF-8 ({error}), as JSON Lines must be: convert the file (e.g. "
+                             "`iconv -f latin1 -t utf-8`)") from error
         except ValueError as error:
             raise JsonlError(f"line {number} is not JSON ({error}): fix or remove that line") from error
         if not isinstance(record, dict):

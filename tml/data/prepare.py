@@ -60,7 +60,7 @@ from tml.data.gutenberg import (
     skipped_files,
     source_root,
 )
-from tml.data.jsonl import JsonlError, is_jsonl, jsonl_documents
+from tml.data.jsonl import JsonlError, is_jsonl, read_jsonl
 from tml.data.shards import (
     FORMAT_VERSION,
     INDEX_FILE,
@@ -354,6 +354,19 @@ def book_documents(books: Sequence[Book], cfg: DataConfig, notes: ReadNotes) -> 
         root = source_root(cfg)
         notes.dangling = [display_name(path, root) for path in dangling_links(cfg)]
     for book in books:
+        if is_local(cfg) and is_jsonl(book.path):  # read a line at a time: no whole-file string beside the records
+            try:
+                documents = read_jsonl(book.path, cfg.text_field)
+            except JsonlError as error:
+                raise PrepareError(f"{book.path}: {error} (or move the file out of data.source)") from error
+            name = display_name(book.path, root)
+            notes.by_sha256.setdefault(book.sha256, []).append(name)
+            notes.jsonl_files += 1
+            notes.jsonl_records += len(documents)
+            if not any(document.strip() for document in documents):
+                notes.empty.append(name)
+            yield book, documents or [""]  # a file without a record still ends in a separator, as an empty .txt
+            continue
         text, encoding = read_book(book.path)
         if not is_local(cfg):
             yield book, [strip_gutenberg(text, name=str(book.path))]
@@ -362,23 +375,14 @@ def book_documents(books: Sequence[Book], cfg: DataConfig, notes: ReadNotes) -> 
         notes.by_sha256.setdefault(book.sha256, []).append(name)
         if not encoding.startswith("utf"):
             notes.not_utf8.setdefault(encoding, []).append(name)
-        if is_jsonl(book.path):
-            try:
-                documents = jsonl_documents(text, cfg.text_field)
-            except JsonlError as error:
-                raise PrepareError(f"{book.path}: {error} (or move the file out of data.source)") from error
-            notes.jsonl_files += 1
-            notes.jsonl_records += len(documents)
+        notes.text_files += 1
+        if has_gutenberg_header(text):
+            text = strip_gutenberg(text, name=str(book.path))
         else:
-            notes.text_files += 1
-            if has_gutenberg_header(text):
-                text = strip_gutenberg(text, name=str(book.path))
-            else:
-                notes.kept_whole.append(name)
-            documents = [text]
-        if not any(document.strip() for document in documents):
+            notes.kept_whole.append(name)
+        if not text.strip():
             notes.empty.append(name)
-        yield book, documents or [""]  # a file without a record still ends in a separator, as an empty .txt does
+        yield book, [text]
 
 
 def split_tail(tokens: np.ndarray, val_frac: float) -> tuple[np.ndarray, np.ndarray | None]:

@@ -100,8 +100,9 @@ def read_text_file(path: Path, command: str = "eval", text_field: str = "text") 
     """The file's text, read as tml-prepare reads a corpus file (byte-order marks, UTF-8, else cp1252 or Latin-1,
     said on stderr; a Project Gutenberg file without its header and footer, said too), so held-out text evaluates
     as it would train. A .jsonl file's records (their `text_field`) are read as one text, a blank line between
-    two; tml-prepare puts <|endoftext|> there, which is no text to measure bits per byte on. A binary file is refused: decoding it "with replacement" would evaluate the model on noise
-    for minutes and report a meaningless perplexity."""
+    two; tml-prepare puts <|endoftext|> there, which is no text to measure bits per byte on. A binary file is
+    refused: decoding it "with replacement" would evaluate the model on noise for minutes and report a meaningless
+    perplexity."""
     if not path.exists():
         raise FileNotFoundError(f"--data {path}: no such file")
     if not path.is_file():

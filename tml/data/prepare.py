@@ -3,12 +3,13 @@
 The inputs (every book's sha256, the cleaning code, the tokenizer files, the split and shard settings) are
 hashed into a fingerprint stored in the index: a second run with the same inputs returns at once, and any
 change rebuilds. Books are read, cleaned and encoded a bounded batch at a time, so memory does not grow with
-the corpus.
+the corpus, only with its largest file (a file is tokenized whole: its tail may be the val split).
 
 A local directory may hold your own text as well as Gutenberg books: .txt files (each a document; only those that
 open like a Gutenberg file are stripped) and .jsonl files (each record a document: tml/data/jsonl.py). Validation
-holds out whole files or, for a corpus of a few files, the tail of each (data.val_split). The index also lists the directory's files (path, size, mtime, ctime), so data_is_ready notices an
-edited corpus without reading it, and a file that was only touched keeps its shards.
+holds out whole files or, for a corpus of a few files, the tail of each (data.val_split). The index also lists the
+directory's files (path, size, mtime, ctime), so data_is_ready notices an edited corpus without reading it, and a
+file that was only touched keeps its shards.
 
 Preparations of one shard_dir (two launches started together on a fresh corpus) take turns on the exclusive lock
 `<shard_dir>/prepare.lock`: the second waits, then finds the shards the first built up to date.
@@ -566,7 +567,8 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
     shard_dir = Path(cfg.shard_dir)
     notes: list[str] = []
     if is_local(cfg) and Path(cfg.source).expanduser().is_dir() and (skipped := skipped_files(cfg)):
-        notes.append(f"neither .txt nor .jsonl, so skipped: {plural(len(skipped), 'file')} ({shown([path.name for path in skipped])})")
+        notes.append(f"neither .txt nor .jsonl, so skipped: {plural(len(skipped), 'file')} "
+                     f"({shown([path.name for path in skipped])})")
     with hold_prepare_lock(shard_dir, console), progress_bars(console) as progress:
         if not force and data_is_ready(cfg) and (standing_alone := shards_without_source(cfg)):
             progress.stop()  # nothing to read the shards against: they are what there is

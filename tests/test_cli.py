@@ -233,7 +233,7 @@ def test_eval_and_inspect_read_a_jsonl_files_records_as_one_text_a_blank_line_be
     captured = capsys.readouterr()
     plain, from_records = (line.split(":", 1)[1] for line in captured.out.splitlines())
     assert plain == from_records
-    assert (f"--data {records} is JSON Lines: the 'body' fields of its {len(paragraphs)} records, read as one text "
+    assert (f"--data {records} is JSON Lines: the 'body' field of its {len(paragraphs)} records, read as one text "
             "with a blank line between records") in captured.err
     assert main(["inspect", "--checkpoint", str(trained_run), "--data", str(records), "--windows", "2",
                  "--context", "8"]) == 1  # the default field, "text", is not there

@@ -14,7 +14,7 @@ import torch
 from rich.progress import Progress
 
 from tml.data.clean import has_gutenberg_header, strip_gutenberg
-from tml.data.jsonl import JsonlError, is_jsonl, read_jsonl
+from tml.data.jsonl import JsonlError, is_jsonl, lines_shown, read_jsonl
 from tml.data.prepare import NotText, decode_text
 from tml.model import ModelConfig, ModelConfigError, Transformer
 from tml.model.transformer import IGNORE_INDEX
@@ -112,9 +112,13 @@ def read_text_file(path: Path, command: str = "eval", text_field: str = "text") 
             records = read_jsonl(path, text_field, "--text-field")
         except JsonlError as error:
             raise ValueError(f"--data {path}: {error}") from None
-        print(f"tml {command}: --data {path} is JSON Lines: the {text_field!r} fields of its {len(records):,} records, "
-              "read as one text with a blank line between records", file=sys.stderr)
-        return "\n\n".join(records)
+        count = len(records.documents)
+        print(f"tml {command}: --data {path} is JSON Lines: the {text_field!r} field of its {count:,} "
+              f"record{'' if count == 1 else 's'}, read as one text with a blank line between records", file=sys.stderr)
+        if records.repaired_lines:
+            print(f"tml {command}: --data {path}: lone UTF-16 surrogates (no Unicode text) replaced by U+FFFD in "
+                  f"{lines_shown(records.repaired_lines)}", file=sys.stderr)
+        return "\n\n".join(records.documents)
     try:
         text, encoding = decode_text(path.read_bytes())
     except NotText as error:

@@ -9,7 +9,8 @@ import pytest
 
 from tests.data.test_prepare import OWN_TEXT, config, document_tokens, output_of, own_corpus, quiet
 from tml.data.config import DataConfig, DataConfigError
-from tml.data.jsonl import JsonlError, jsonl_documents
+from tml.data.gutenberg import GutenbergError, local_book_paths, skipped_files
+from tml.data.jsonl import JsonlError, jsonl_records
 from tml.data.prepare import PrepareError, data_is_ready, data_settings, prepare_data, source_content_fingerprint
 from tml.data.shards import ShardIndex
 from tml.data.tokenizer import EOT_TOKEN_ID, get_tokenizer
@@ -23,7 +24,7 @@ def jsonl(records: list[dict]) -> str:
 
 def test_records_are_read_in_order_and_blank_lines_skipped():
     text = '\ufeff{"text": "first", "id": 1}\r\n\n   \n{"text": "line\u2028separator kept"}\n{"text": ""}'
-    assert jsonl_documents(io.BytesIO(text.encode()), "text") == ["first", "line\u2028separator kept", ""]
+    assert jsonl_records(io.BytesIO(text.encode()), "text").documents == ["first", "line\u2028separator kept", ""]
 
 
 @pytest.mark.parametrize("line, why", [
@@ -36,12 +37,12 @@ def test_records_are_read_in_order_and_blank_lines_skipped():
 ])
 def test_a_line_without_text_is_refused_by_its_number(line, why):
     with pytest.raises(JsonlError, match=why):
-        jsonl_documents(io.BytesIO(('{"text": "fine"}\n' + line + "\n").encode()), "text")
+        jsonl_records(io.BytesIO(('{"text": "fine"}\n' + line + "\n").encode()), "text")
 
 
 def test_a_line_that_is_not_utf8_is_refused_saying_so():
     with pytest.raises(JsonlError, match=r"line 1 is not UTF-8 \(.*\), as JSON Lines must be: convert the file"):
-        jsonl_documents(['{"text": "café"}\n'.encode("latin-1")], "text")
+        jsonl_records(['{"text": "café"}\n'.encode("latin-1")], "text")
 
 
 def test_each_record_is_a_document_ended_by_endoftext_beside_a_txt_file(tmp_path):
@@ -50,8 +51,8 @@ def test_each_record_is_a_document_ended_by_endoftext_beside_a_txt_file(tmp_path
                                        encoding="utf-8")
     cfg = config(tmp_path, source, val_frac=0.1)
     output = output_of(cfg)
-    assert "30 records from 1 .jsonl file, each record a document" in output
-    assert "1 of 1 .txt files had no Project Gutenberg header: kept whole (a.txt)" in output
+    assert "30 records from 1 JSON Lines file, each record a document" in output
+    assert "1 of 1 text file had no Project Gutenberg header: kept whole (a.txt)" in output
     assert "val split tail: the last 10% of every file's tokens (2 files)" in output
     index = ShardIndex.load(cfg.shard_dir, verify=True)
     # The train part ends in a separator of its own where the tail was cut
@@ -103,7 +104,7 @@ def test_a_broken_record_stops_preparation_naming_file_and_line_and_keeps_the_sh
 def test_a_jsonl_file_named_as_the_source_is_the_corpus_and_one_without_records_only_a_separator(tmp_path):
     source = own_corpus(tmp_path, {"train.jsonl": jsonl([{"text": text} for text in RECORDS])})
     cfg = config(tmp_path, str(source / "train.jsonl"))
-    assert "30 records from 1 .jsonl file" in output_of(cfg)
+    assert "30 records from 1 JSON Lines file" in output_of(cfg)
     (source / "empty.jsonl").write_text("\n")
     (source / "a.txt").write_text(OWN_TEXT)
     output = output_of(config(tmp_path, source, shard_dir=str(tmp_path / "other")))
@@ -113,3 +114,32 @@ def test_a_jsonl_file_named_as_the_source_is_the_corpus_and_one_without_records_
 def test_an_empty_text_field_is_refused_by_the_config():
     with pytest.raises(DataConfigError, match="data.text_field=''"):
         DataConfig(text_field="")
+
+
+def test_lone_surrogates_are_replaced_and_said_and_a_pair_is_one_character():
+    lines = [b'{"text": "smile \\ud83d\\ude00"}\n', b'{"text": "half \\ud800 of one"}\n', b'{"text": "plain"}\n']
+    records = jsonl_records(lines, "text")
+    assert records.documents == ["smile \U0001f600", "half \ufffd of one", "plain"]
+    assert records.repaired_lines == [2]
+
+
+def test_surrogates_are_said_by_file_and_line_in_the_preparation_summary(tmp_path):
+    source = own_corpus(tmp_path, {"a.jsonl": '{"text": "one"}\n{"text": "two \\udc80"}\n', "b.txt": OWN_TEXT})
+    output = output_of(config(tmp_path, source))
+    assert "lone UTF-16 surrogates (no Unicode text) replaced by U+FFFD in a.jsonl line 2" in output
+
+
+def test_a_directory_reads_txt_and_json_lines_files_and_skips_the_rest_as_before(tmp_path):
+    names = ["a.txt", "B.TXT", "c.JSONL", "d.ndjson", "e.json", "f.jsonl.gz"]
+    source = own_corpus(tmp_path, {name: '{"text": "x"}\n' for name in names})
+    cfg = config(tmp_path, source)
+    assert sorted(path.name for path in local_book_paths(cfg).values()) == ["a.txt", "c.JSONL", "d.ndjson"]
+    assert sorted(path.name for path in skipped_files(cfg)) == ["B.TXT", "e.json", "f.jsonl.gz"]  # .TXT: as before
+
+
+@pytest.mark.parametrize("name, why", [("records.json", "one JSON document: write its records one per line"),
+                                       ("corpus.jsonl.gz", "compressed: decompress it first")])
+def test_a_json_or_compressed_file_named_as_the_source_is_refused_not_read_as_text(tmp_path, name, why):
+    source = own_corpus(tmp_path, {name: '[{"text": "x"}]'})
+    with pytest.raises(GutenbergError, match=why):
+        prepare_data(config(tmp_path, source / name), console=quiet())

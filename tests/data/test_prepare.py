@@ -215,7 +215,7 @@ def test_a_single_file_corpus_holds_out_the_tail_of_its_tokens(tmp_path):
 def test_a_file_named_as_the_source_is_the_whole_corpus_and_editing_it_rebuilds(tmp_path):
     source = own_corpus(tmp_path, {"input.txt": OWN_TEXT, "other.txt": "Not read: only the named file is.\n"})
     cfg = config(tmp_path, str(source / "input.txt"))
-    assert "1 of 1 .txt files had no Project Gutenberg header: kept whole (input.txt)" in output_of(cfg)
+    assert "1 of 1 text file had no Project Gutenberg header: kept whole (input.txt)" in output_of(cfg)
     index = ShardIndex.load(cfg.shard_dir, verify=True)
     assert [entry["path"] for entry in index.source_files] == ["input.txt"]
     tokens = document_tokens(index, "train")["input.txt"][:-1] + document_tokens(index, "val")["input.txt"][:-1]
@@ -298,7 +298,7 @@ def test_titles_of_local_files_are_their_paths_and_books_mode_lists_the_val_docu
     val_titles = ", ".join(titles[document.id] for document in index.splits["val"].documents)
     assert f"val split books: 1 of 5 documents: {val_titles}; val holds" in output
     assert "neither .txt nor .jsonl, so skipped: 1 file (cover.jpg)" in output
-    assert "1 of 5 .txt files had no Project Gutenberg header: kept whole (notes/mine.txt)" in output
+    assert "1 of 5 text files had no Project Gutenberg header: kept whole (notes/mine.txt)" in output
 
 
 def test_a_val_split_far_below_val_frac_is_warned_about_in_one_line(tmp_path):
@@ -330,7 +330,7 @@ def test_a_non_gutenberg_file_ending_like_a_gutenberg_footer_is_kept_whole(tmp_p
     index = ShardIndex.load(cfg.shard_dir)
     tokens = document_tokens(index, "train")["minutes.txt"][:-1] + document_tokens(index, "val")["minutes.txt"][:-1]
     assert get_tokenizer().decode(tokens) == text  # byte for byte, CRLF included
-    assert "1 of 1 .txt files had no Project Gutenberg header: kept whole (minutes.txt)" in output
+    assert "1 of 1 text file had no Project Gutenberg header: kept whole (minutes.txt)" in output
 
 
 def test_utf16_and_utf8_byte_order_marks_are_decoded(tmp_path):
@@ -370,7 +370,7 @@ def test_a_corpus_too_small_to_split_is_refused_instead_of_an_empty_split(tmp_pa
         prepare_data(config(tmp_path, source, val_frac=0.1), console=quiet())
     assert not (tmp_path / "shards" / INDEX_FILE).exists()
     assert not list((tmp_path / "shards").glob("*.bin"))  # no shard of the refused build
-    with pytest.raises(PrepareError, match="val_split=books holds out whole documents.*gives 1: use --data.val_split tail"):
+    with pytest.raises(PrepareError, match="val_split=books holds out whole files.*gives 1: use --data.val_split tail"):
         prepare_data(config(tmp_path, source, val_split="books"), console=quiet())
 
 
@@ -587,7 +587,7 @@ def test_notices_list_file_names_sorted_not_in_id_order(tmp_path):
     source = own_corpus(tmp_path, {"pg9.txt": OWN_TEXT, "b.txt": OWN_TEXT[:3000], "a.txt": OWN_TEXT[:2000]})
     assert list(local_book_paths(config(tmp_path, source)).values())[0].name == "pg9.txt"  # id 9 comes first
     output = output_of(config(tmp_path, source))
-    assert "3 of 3 .txt files had no Project Gutenberg header: kept whole (a.txt, b.txt, pg9.txt)" in output
+    assert "3 of 3 text files had no Project Gutenberg header: kept whole (a.txt, b.txt, pg9.txt)" in output
 
 
 def test_files_read_as_latin1_and_cp1252_share_one_notice(tmp_path):

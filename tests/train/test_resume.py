@@ -428,3 +428,26 @@ def test_another_text_field_is_refused_for_a_jsonl_corpus_and_only_listed_for_pl
     jsonl_run.data.text_field = "body"
     with pytest.raises(CheckpointError, match=r"changed data\.text_field text -> body .*data position"):
         resume_checkpoint(jsonl_run)
+
+
+def test_a_run_that_read_a_jsonl_file_as_plain_text_is_refused_before_its_shards_are_rebuilt(tmp_path, tiny_shards):
+    """Before JSON Lines support a single .jsonl data.source was read as plain text; its checkpoint counts windows of
+    that text, which no setting brings back."""
+    (tmp_path / "corpus.jsonl").write_text(
+        "".join(json.dumps({"text": f"Record {n} of a JSON Lines corpus. " * 20}) + "\n" for n in range(8)))
+    data = DataConfig(source=str(tmp_path / "corpus.jsonl"), shard_dir=str(tmp_path / "shards"), encode_threads=1)
+    prepare_data(data, console=Console(file=io.StringIO()))
+    config = Config(model=debug_model_config(), data=data,
+                    train=TrainConfig(out_dir=str(tmp_path / "run"), resume="auto"))
+    saved_run(tmp_path / "run", tiny_shards, steps=(2,), best_at=(), config=config)
+    directory = resolve_resume("auto", config.train.out_dir)
+    meta = read_meta(directory)
+    del meta["config"]["data"]["text_field"]  # as an older tml saved it
+    (directory / "meta.json").write_text(json.dumps(meta))
+    write_manifest(directory)
+    index_before = (tmp_path / "shards" / "index.json").read_bytes()
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"cannot resume {directory}: it was trained on corpus.jsonl read as plain text, by a tml that did not yet "
+            "read JSON Lines files as records")):
+        resume_checkpoint(config)
+    assert (tmp_path / "shards" / "index.json").read_bytes() == index_before

@@ -18,7 +18,8 @@ VAL_SPLITS = ("books", "tail", "auto")
 # Below 20 documents whole ones are too coarse a hold-out (5 files: 20% of the tokens for val_frac 0.1).
 AUTO_MIN_BOOKS = 20
 # What token shards are built from (tml/data/prepare.py data_settings): runs that differ in one need their own.
-SHARD_SETTINGS = ("source", "text_field", "book_ids", "max_books", "val_frac", "val_split", "split_seed", "shard_tokens")
+SHARD_SETTINGS = ("source", "text_field", "book_ids", "max_books", "val_frac", "val_split", "split_seed",
+                  "shard_tokens")
 
 
 class DataConfigError(ValueError):
@@ -31,8 +32,8 @@ class DataConfig:
 
     Attributes:
         source: "gutenberg" (download book_ids), a local directory of .txt files (your own text, or Gutenberg
-            books, whose headers are stripped) and .jsonl files (one JSON object per line, each a document; other
-            files are skipped), or one such file
+            books, whose headers are stripped) and .jsonl/.ndjson files (one JSON object per line, each a
+            document; other files are skipped), or one such file
         text_field: the field of a .jsonl record that holds its text
         mirror: base URL or directory standing in for gutenberg.org (env TML_GUTENBERG_MIRROR does the same)
         book_ids: Gutenberg ebook numbers to download when source is "gutenberg"

@@ -39,7 +39,7 @@ from rich.progress import Progress
 
 from tml.data.clean import normalize_text
 from tml.data.config import DataConfig
-from tml.data.jsonl import JSONL_SUFFIX, is_jsonl
+from tml.data.jsonl import is_jsonl
 from tml.files import file_sha256, make_directory, replaced_on_success, write_atomic, write_failure
 
 log = logging.getLogger(__name__)
@@ -70,8 +70,14 @@ HEADER_SCAN_CHARS = 20_000  # Title:/Author: lines sit in the first few KB of a 
 URL_FORMS = ("cache/epub/{id}/pg{id}.txt", "files/{id}/{id}-0.txt", "files/{id}/{id}.txt")
 # File names a local directory may use for book {id}: the URL forms' names.
 LOCAL_NAME = re.compile(r"^(?:pg)?(\d+)(?:-0)?\.txt$", re.IGNORECASE)
-# The files of a local corpus: plain text, and JSON Lines with a text field per record.
-CORPUS_SUFFIXES = (".txt", JSONL_SUFFIX)
+# Files named as the whole corpus that are neither text nor JSON Lines, with what to do instead of training on
+# their bytes as text (a .json file read as text is JSON syntax, not the text in it).
+NOT_A_CORPUS_FILE = {
+    ".json": "one JSON document: write its records one per line as .jsonl (e.g. `jq -c '.[]' FILE > FILE.jsonl`)",
+    ".gz": "compressed: decompress it first (gunzip)", ".bz2": "compressed: decompress it first (bunzip2)",
+    ".xz": "compressed: decompress it first (unxz)", ".zst": "compressed: decompress it first (unzstd)",
+    ".zip": "an archive: unpack it and name the directory",
+}
 
 
 class GutenbergError(RuntimeError):
@@ -416,7 +422,7 @@ def scan_source(root: Path) -> SourceScan:
         for name in sorted(name for name in names if not name.startswith(".")):
             path = Path(folder, name)
             if path.is_file():
-                (texts if path.suffix.lower() in CORPUS_SUFFIXES else others).append(path)
+                (texts if is_corpus_file(path) else others).append(path)
             elif path.is_symlink() and not path.exists():
                 dangling.append(path)
     return SourceScan(texts, others, dangling)
@@ -433,10 +439,21 @@ def source_root(cfg: DataConfig) -> Path:
     return source
 
 
+def is_corpus_file(path: Path) -> bool:
+    """A file a directory's corpus reads: .txt (as before JSON Lines, exactly that suffix) or JSON Lines."""
+    return path.suffix == ".txt" or is_jsonl(path)
+
+
 def scan_local_source(cfg: DataConfig) -> SourceScan:
-    """scan_source of data.source; a single file named as the source (nanoGPT's input.txt) is the whole corpus."""
+    """scan_source of data.source; a single file named as the source (nanoGPT's input.txt) is the whole corpus,
+    read as text whatever its name unless it is JSON Lines, or refused when it is JSON or compressed."""
     source = Path(cfg.source).expanduser()
-    return SourceScan([source], [], []) if source.is_file() else scan_source(source_root(cfg))
+    if not source.is_file():
+        return scan_source(source_root(cfg))
+    if (why := NOT_A_CORPUS_FILE.get(source.suffix.lower())) is not None:
+        raise GutenbergError(f"data.source={cfg.source!r} is {why}; tml reads text files and JSON Lines "
+                             "(.jsonl, .ndjson)")
+    return SourceScan([source], [], [])
 
 
 def ebook_number(name: str) -> int | None:
@@ -470,16 +487,16 @@ def local_book_ids(paths: Iterable[Path], root: Path) -> dict[int, Path]:
 
 
 def local_book_paths(cfg: DataConfig) -> dict[int, Path]:
-    """The .txt and .jsonl files under data.source (recursively) that make the corpus, by id, lowest ids first and at most
-    data.max_books of them. Only names and paths are read."""
+    """The .txt and JSON Lines files under data.source (recursively) that make the corpus, by id, lowest ids first
+    and at most data.max_books of them. Only names and paths are read."""
     root = source_root(cfg)
     by_id = local_book_ids(scan_local_source(cfg).texts, root)
     return {book_id: by_id[book_id] for book_id in sorted(by_id)[: cfg.max_books]}
 
 
 def skipped_files(cfg: DataConfig) -> list[Path]:
-    """Files under data.source that are neither .txt nor .jsonl and so are not read (hidden ones, like .git, not counted),
-    sorted by name as the notice lists them."""
+    """Files under data.source that are neither .txt nor JSON Lines and so are not read (hidden ones, like .git, not
+    counted), sorted by name as the notice lists them."""
     return sorted(scan_local_source(cfg).others, key=lambda path: (path.name, path))
 
 

@@ -1,40 +1,56 @@
 """JSON Lines corpora: one JSON object per line, its text in one field (`data.text_field`, "text" by default).
 
-The form most pretraining text comes in (The Pile, RedPajama, Dolma, a `datasets` export with `to_json`). Every
-record is a document of its own: tml-prepare ends each with <|endoftext|>, as it ends each .txt file, so a
-window that spans two records sees the boundary. Records are taken as they are, never stripped of a Gutenberg
-header. A line that is not such an object is refused with its line number: a corpus with a broken record is a
-corpus to fix, not to train on in part.
+The form most pretraining text comes in (The Pile, RedPajama, Dolma, a `datasets` export with `to_json`), as
+`.jsonl` or `.ndjson` files. Every record is a document of its own: tml-prepare ends each with <|endoftext|>, as it
+ends each .txt file, so a window that spans two records sees the boundary. Records are taken as they are, never
+stripped of a Gutenberg header. A line that is not such an object is refused with its line number: a corpus with a
+broken record is a corpus to fix, not to train on in part.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 from pathlib import Path
 
-JSONL_SUFFIX = ".jsonl"
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
 # Keys a refusal lists of a record without data.text_field: enough to spot the right one.
 SHOWN_KEYS = 8
 JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
               bool: "true or false", type(None): "null"}
+# A JSON escape of a UTF-16 surrogate (\ud800-\udfff): json.loads joins a pair into one character, but one alone
+# stays a lone surrogate, which is no Unicode text (UTF-8 cannot encode it). Web-scraped corpora hold a few.
+SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+LONE_SURROGATE = re.compile("[\ud800-\udfff]")
+REPLACEMENT_CHARACTER = "\ufffd"
 
 
 class JsonlError(ValueError):
     """A line of a JSON Lines file that holds no text to train on; the message names the line, not the file."""
 
 
+@dataclass
+class JsonlRecords:
+    """A file's documents, and the lines whose text held lone surrogates (each replaced by U+FFFD, as tiktoken
+    would have, but said)."""
+
+    documents: list[str] = field(default_factory=list)
+    repaired_lines: list[int] = field(default_factory=list)
+
+
 def is_jsonl(path: str | Path) -> bool:
-    return Path(path).suffix.lower() == JSONL_SUFFIX
+    return Path(path).suffix.lower() in JSONL_SUFFIXES
 
 
-def read_jsonl(path: str | Path, text_field: str, option: str = "--data.text_field") -> list[str]:
-    """jsonl_documents of a file, read a line at a time."""
+def read_jsonl(path: str | Path, text_field: str, option: str = "--data.text_field") -> JsonlRecords:
+    """jsonl_records of a file, read a line at a time."""
     with open(path, "rb") as lines:
-        return jsonl_documents(lines, text_field, option)
+        return jsonl_records(lines, text_field, option)
 
 
-def jsonl_documents(lines: Iterable[bytes], text_field: str, option: str = "--data.text_field") -> list[str]:
+def jsonl_records(lines: Iterable[bytes], text_field: str, option: str = "--data.text_field") -> JsonlRecords:
     """The text_field of every record, in file order; blank lines are skipped.
 
     Parsed a line of bytes at a time, never read or decoded as one whole-file string: the file's text is then held
@@ -42,15 +58,15 @@ def jsonl_documents(lines: Iterable[bytes], text_field: str, option: str = "--da
     takes a byte-order mark). `option` is how the caller's command line names the field, for the refusal of a
     record without it.
     """
-    documents = []
+    records = JsonlRecords()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             record = json.loads(line)
         except UnicodeDecodeError as error:
-            raise JsonlError(f"line {number} is not UTF-8 ({error}), as JSON Lines must be: convert the file (e.g. "
-                             "`iconv -f latin1 -t utf-8`)") from error
+            raise JsonlError(f"line {number} is not UTF-8 ({error}), as JSON Lines must be: convert the file to "
+                             "UTF-8 (e.g. `iconv -f ITS-ENCODING -t utf-8`)") from error
         except ValueError as error:
             raise JsonlError(f"line {number} is not JSON ({error}): fix or remove that line") from error
         if not isinstance(record, dict):
@@ -65,5 +81,14 @@ def jsonl_documents(lines: Iterable[bytes], text_field: str, option: str = "--da
         if not isinstance(value, str):
             raise JsonlError(f"line {number}: its {text_field!r} is {JSON_TYPES[type(value)]}, not a string: fix or "
                              "remove that record")
-        documents.append(value)
-    return documents
+        if SURROGATE_ESCAPE.search(line) and LONE_SURROGATE.search(value):  # the search only where one can be
+            value = LONE_SURROGATE.sub(REPLACEMENT_CHARACTER, value)
+            records.repaired_lines.append(number)
+        records.documents.append(value)
+    return records
+
+
+def lines_shown(numbers: list[int], shown: int = 5) -> str:
+    """`line 4` or `lines 4, 9, 12, ... (7 in all)`: where repaired records are, in one short phrase."""
+    listed = ", ".join(map(str, numbers[:shown])) + (f", ... ({len(numbers)} in all)" if len(numbers) > shown else "")
+    return f"line{'s' if len(numbers) > 1 else ''} {listed}"

@@ -61,7 +61,7 @@ from tml.data.gutenberg import (
     skipped_files,
     source_root,
 )
-from tml.data.jsonl import JsonlError, is_jsonl, read_jsonl
+from tml.data.jsonl import JsonlError, is_jsonl, lines_shown, read_jsonl
 from tml.data.shards import (
     FORMAT_VERSION,
     INDEX_FILE,
@@ -234,6 +234,17 @@ def shards_without_source(cfg: DataConfig) -> str | None:
     return f"data.source {cfg.source} is not on this machine: training on the shards in {cfg.shard_dir}{origin}"
 
 
+def indexed_jsonl(index: ShardIndex) -> list[str]:
+    """The JSON Lines files among those the index's shards were built from."""
+    return [entry["path"] for entry in index.source_files if is_jsonl(entry["path"])]
+
+
+def read_field_as(index: ShardIndex, cfg: DataConfig) -> bool:
+    """True when the index's .jsonl files, if any, were read as cfg reads them: records, by cfg.text_field. An index
+    written before tml read .jsonl files as records holds no text_field: its .jsonl text was read as plain text."""
+    return not indexed_jsonl(index) or index.settings.get("text_field") == cfg.text_field
+
+
 def source_content_fingerprint(cfg: DataConfig) -> str | None:
     """content_fingerprint of the text cfg's shards hold, or will hold once prepared, without building them.
 
@@ -241,8 +252,7 @@ def source_content_fingerprint(cfg: DataConfig) -> str | None:
     (a `touch` keeps it). None when neither tells (no index, or no source directory to read).
     """
     index = ShardIndex.load_or_none(cfg.shard_dir)
-    same_field = index is not None and index.settings.get("text_field", cfg.text_field) == cfg.text_field
-    if index is not None and index.content_fingerprint and same_field and (
+    if index is not None and index.content_fingerprint and read_field_as(index, cfg) and (
         not is_local(cfg) or shards_stand_alone(cfg, index) or listed_stats(index.source_files) == source_listing(cfg)
     ):
         return index.content_fingerprint
@@ -309,10 +319,12 @@ class ReadNotes:
     """What reading a local source found, for one summary line each instead of a warning per file; each line
     lists its names sorted, so a file is easy to find in it."""
 
-    text_files: int = 0  # .txt files read (Gutenberg's or not)
+    text_files: int = 0  # files read as plain text (Gutenberg's or not)
     kept_whole: list[str] = field(default_factory=list)
     jsonl_files: int = 0
     jsonl_records: int = 0
+    # `docs.jsonl lines 4, 9`: records whose lone surrogates were replaced by U+FFFD (tml/data/jsonl.py).
+    repaired: list[str] = field(default_factory=list)
     # Files that were not UTF-8, by the encoding read_book fell back to (Latin-1, cp1252).
     not_utf8: dict[str, list[str]] = field(default_factory=dict)
     # Documents without a word: each adds only an <|endoftext|> separator.
@@ -324,11 +336,14 @@ class ReadNotes:
     def lines(self) -> list[str]:
         lines = []
         if self.kept_whole:
-            lines.append(f"{len(self.kept_whole)} of {self.text_files} .txt files had no Project Gutenberg header: "
-                         f"kept whole ({shown(sorted(self.kept_whole))})")
+            lines.append(f"{len(self.kept_whole)} of {plural(self.text_files, 'text file')} had no Project Gutenberg "
+                         f"header: kept whole ({shown(sorted(self.kept_whole))})")
         if self.jsonl_files:
-            lines.append(f"{plural(self.jsonl_records, 'record')} from {plural(self.jsonl_files, '.jsonl file')}, each "
-                         "record a document")
+            lines.append(f"{plural(self.jsonl_records, 'record')} from {plural(self.jsonl_files, 'JSON Lines file')}, "
+                         "each record a document")
+        if self.repaired:
+            lines.append("lone UTF-16 surrogates (no Unicode text) replaced by U+FFFD in "
+                         f"{shown(sorted(self.repaired))}")
         if self.not_utf8:
             read_as = [f"{ENCODING_LABELS.get(encoding, encoding)}: {plural(len(names), 'file')} ({shown(sorted(names))})"
                        for encoding, names in sorted(self.not_utf8.items())]
@@ -357,10 +372,13 @@ def book_documents(books: Sequence[Book], cfg: DataConfig, notes: ReadNotes) -> 
     for book in books:
         if is_local(cfg) and is_jsonl(book.path):  # read a line at a time: no whole-file string beside the records
             try:
-                documents = read_jsonl(book.path, cfg.text_field)
+                records = read_jsonl(book.path, cfg.text_field)
             except JsonlError as error:
                 raise PrepareError(f"{book.path}: {error} (or move the file out of data.source)") from error
+            documents = records.documents
             name = display_name(book.path, root)
+            if records.repaired_lines:
+                notes.repaired.append(f"{name} {lines_shown(records.repaired_lines)}")
             notes.by_sha256.setdefault(book.sha256, []).append(name)
             notes.jsonl_files += 1
             notes.jsonl_records += len(documents)
@@ -456,11 +474,11 @@ def split_lines(index: ShardIndex, val_frac: float) -> list[str]:
              f"(data.val_frac {val_frac:g})"]
     if share < LOW_VAL_SHARE * val_frac:
         lines.append(f"[yellow]warning:[/] val holds {share:.1%} of the tokens, under a third of data.val_frac "
-                     f"{val_frac:g}: --data.val_split tail holds out val_frac of every document")
+                     f"{val_frac:g}: --data.val_split tail holds out val_frac of every {unit}")
     elif share > HIGH_VAL_SHARE * val_frac:
         lines.append(f"note: val holds {share:.1%} of the tokens, over twice data.val_frac {val_frac:g}: whole "
-                     "documents are held out by count, and these are long (training sees the rest); "
-                     "--data.val_split tail holds out val_frac of every document")
+                     f"{unit}s are held out by count, and these are long (training sees the rest); "
+                     f"--data.val_split tail holds out val_frac of every {unit}")
     return lines
 
 
@@ -606,8 +624,8 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
             notes.insert(0, f"rebuilt because the shards there were unusable: {unusable}")
         val_split = settings["val_split"]
         if val_split == "books" and len(books) < 2:
-            raise PrepareError(f"data.val_split=books holds out whole documents, but data.source={cfg.source!r} "
-                               f"gives {len(books)}: use --data.val_split tail (the last val_frac of every document)")
+            raise PrepareError(f"data.val_split=books holds out whole files, but data.source={cfg.source!r} "
+                               f"gives {len(books)}: use --data.val_split tail (the last val_frac of every file)")
         encoding = get_tokenizer()
         task = progress.add_task("tokenize", total=sum(book.bytes for book in books))
         val_ids = choose_val_books([book.id for book in books], cfg.val_frac, cfg.split_seed)

@@ -23,9 +23,11 @@ from tml.data.jsonl import is_jsonl
 from tml.data.prepare import (
     built_from,
     changed_files,
+    indexed_jsonl,
     is_local,
     resolved_val_split,
     shards_stand_alone,
+    shown,
     source_content_fingerprint,
     source_files,
     source_listing,
@@ -220,6 +222,16 @@ def check_resume_data(directory: Path, meta: dict[str, Any], data: DataConfig, s
     """
     index = ShardIndex.load_or_none(data.shard_dir) if shards_built else None
     saved_data = meta.get("config", {}).get("data", {})
+    if saved_data and "text_field" not in saved_data:  # saved before .jsonl files were read as records
+        built = index or ShardIndex.load_or_none(data.shard_dir)  # the shards it trained on, unless rebuilt since
+        if built is not None and built.content_fingerprint == meta.get(DATA_CONTENT) and (
+                as_text := indexed_jsonl(built)):
+            raise CheckpointError(
+                f"cannot resume {directory}: it was trained on {shown(as_text)} read as plain text, by a tml "
+                "that did not yet read JSON Lines files as records (one document each, their data.text_field), "
+                "which this one does: its data position counts windows of that text. Start a new run with another "
+                "--train.out_dir (the shards will be rebuilt from the records)"
+            )
     if saved_data and "val_split" not in saved_data:  # saved before val_split existed, when whole books were held out
         mode = index.settings.get("val_split") if index else resolved_val_split(data, len(source_listing(data)))
         if mode not in (None, "books"):

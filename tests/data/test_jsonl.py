@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import io
 import json
 
@@ -130,16 +131,36 @@ def test_surrogates_are_said_by_file_and_line_in_the_preparation_summary(tmp_pat
 
 
 def test_a_directory_reads_txt_and_json_lines_files_and_skips_the_rest_as_before(tmp_path):
-    names = ["a.txt", "B.TXT", "c.JSONL", "d.ndjson", "e.json", "f.jsonl.gz"]
+    names = ["a.txt", "B.TXT", "c.JSONL", "d.ndjson", "e.json", "f.txt.gz", "g.jsonl.zst"]
     source = own_corpus(tmp_path, {name: '{"text": "x"}\n' for name in names})
     cfg = config(tmp_path, source)
     assert sorted(path.name for path in local_book_paths(cfg).values()) == ["a.txt", "c.JSONL", "d.ndjson"]
-    assert sorted(path.name for path in skipped_files(cfg)) == ["B.TXT", "e.json", "f.jsonl.gz"]  # .TXT: as before
+    assert sorted(path.name for path in skipped_files(cfg)) == ["B.TXT", "e.json", "f.txt.gz", "g.jsonl.zst"]
 
 
 @pytest.mark.parametrize("name, why", [("records.json", "one JSON document: write its records one per line"),
-                                       ("corpus.jsonl.gz", "compressed: decompress it first")])
+                                       ("corpus.txt.gz", "compressed: decompress it first")])
 def test_a_json_or_compressed_file_named_as_the_source_is_refused_not_read_as_text(tmp_path, name, why):
     source = own_corpus(tmp_path, {name: '[{"text": "x"}]'})
     with pytest.raises(GutenbergError, match=why):
         prepare_data(config(tmp_path, source / name), console=quiet())
+
+
+def test_a_gzipped_jsonl_file_gives_the_tokens_of_the_file_itself_and_a_cut_short_one_is_refused(tmp_path):
+    text = jsonl([{"text": text} for text in RECORDS])
+    plain = own_corpus(tmp_path / "plain", {"docs.jsonl": text})
+    packed = own_corpus(tmp_path / "packed", {})
+    packed.mkdir(parents=True)
+    (packed / "docs.jsonl.gz").write_bytes(gzip.compress(text.encode()))
+    tokens = []
+    for source, shards in ((plain, "plain-shards"), (packed, "packed-shards")):
+        cfg = config(tmp_path, source, shard_dir=str(tmp_path / shards))
+        assert "30 records from 1 JSON Lines file" in output_of(cfg)
+        index = ShardIndex.load(cfg.shard_dir, verify=True)
+        tokens.append([document_tokens(index, split)[name] for split in ("train", "val")
+                       for name in document_tokens(index, split)])
+    assert tokens[0] == tokens[1]
+    whole = (packed / "docs.jsonl.gz").read_bytes()
+    (packed / "docs.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(PrepareError, match=r"docs\.jsonl\.gz: it is not a whole gzip file \(.*\): compress it again"):
+        prepare_data(config(tmp_path, packed, shard_dir=str(tmp_path / "packed-shards")), console=quiet())

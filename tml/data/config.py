@@ -32,8 +32,8 @@ class DataConfig:
 
     Attributes:
         source: "gutenberg" (download book_ids), a local directory of .txt files (your own text, or Gutenberg
-            books, whose headers are stripped) and .jsonl/.ndjson files (one JSON object per line, each a
-            document; other files are skipped), or one such file
+            books, whose headers are stripped) and .jsonl/.ndjson files, or either .gz (one JSON object per line,
+            each a document; other files are skipped), or one such file
         text_field: the field of a .jsonl record that holds its text
         mirror: base URL or directory standing in for gutenberg.org (env TML_GUTENBERG_MIRROR does the same)
         book_ids: Gutenberg ebook numbers to download when source is "gutenberg"

@@ -450,9 +450,9 @@ def scan_local_source(cfg: DataConfig) -> SourceScan:
     source = Path(cfg.source).expanduser()
     if not source.is_file():
         return scan_source(source_root(cfg))
-    if (why := NOT_A_CORPUS_FILE.get(source.suffix.lower())) is not None:
+    if not is_jsonl(source) and (why := NOT_A_CORPUS_FILE.get(source.suffix.lower())) is not None:
         raise GutenbergError(f"data.source={cfg.source!r} is {why}; tml reads text files and JSON Lines "
-                             "(.jsonl, .ndjson)")
+                             "(.jsonl, .ndjson, either as .gz)")
     return SourceScan([source], [], [])
 
 

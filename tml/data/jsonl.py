@@ -1,7 +1,7 @@
 """JSON Lines corpora: one JSON object per line, its text in one field (`data.text_field`, "text" by default).
 
 The form most pretraining text comes in (The Pile, RedPajama, Dolma, a `datasets` export with `to_json`), as
-`.jsonl` or `.ndjson` files. Every record is a document of its own: tml-prepare ends each with <|endoftext|>, as it
+`.jsonl` or `.ndjson` files, or either gzip-compressed (`.jsonl.gz`: decompressed as it is read, never on disk). Every record is a document of its own: tml-prepare ends each with <|endoftext|>, as it
 ends each .txt file, so a window that spans two records sees the boundary. Records are taken as they are, never
 stripped of a Gutenberg header. A line that is not such an object is refused with its line number: a corpus with a
 broken record is a corpus to fix, not to train on in part.
@@ -9,13 +9,15 @@ broken record is a corpus to fix, not to train on in part.
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
+import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
+JSONL_SUFFIXES = (".jsonl", ".ndjson", ".jsonl.gz", ".ndjson.gz")
 # Keys a refusal lists of a record without data.text_field: enough to spot the right one.
 SHOWN_KEYS = 8
 JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a number", float: "a number",
@@ -41,13 +43,17 @@ class JsonlRecords:
 
 
 def is_jsonl(path: str | Path) -> bool:
-    return Path(path).suffix.lower() in JSONL_SUFFIXES
+    return Path(path).name.lower().endswith(JSONL_SUFFIXES)
 
 
 def read_jsonl(path: str | Path, text_field: str, option: str = "--data.text_field") -> JsonlRecords:
-    """jsonl_records of a file, read a line at a time."""
-    with open(path, "rb") as lines:
-        return jsonl_records(lines, text_field, option)
+    """jsonl_records of a file, read (and, for .gz, decompressed) a line at a time."""
+    compressed = Path(path).name.lower().endswith(".gz")
+    try:
+        with (gzip.open if compressed else open)(path, "rb") as lines:
+            return jsonl_records(lines, text_field, option)
+    except (EOFError, gzip.BadGzipFile, zlib.error) as error:  # cut short, or not gzip at all
+        raise JsonlError(f"it is not a whole gzip file ({error}): compress it again, or name it without .gz") from error
 
 
 def jsonl_records(lines: Iterable[bytes], text_field: str, option: str = "--data.text_field") -> JsonlRecords:

@@ -6,13 +6,22 @@ import gzip
 import io
 import json
 
+import numpy as np
 import pytest
 
 from tests.data.test_prepare import OWN_TEXT, config, document_tokens, output_of, own_corpus, quiet
+from tml.data import prepare
 from tml.data.config import DataConfig, DataConfigError
 from tml.data.gutenberg import GutenbergError, local_book_paths, skipped_files
 from tml.data.jsonl import JsonlError, jsonl_records
-from tml.data.prepare import PrepareError, data_is_ready, data_settings, prepare_data, source_content_fingerprint
+from tml.data.prepare import (
+    PrepareError,
+    data_is_ready,
+    data_settings,
+    prepare_data,
+    source_content_fingerprint,
+    split_tail,
+)
 from tml.data.shards import ShardIndex
 from tml.data.tokenizer import EOT_TOKEN_ID, get_tokenizer
 
@@ -164,3 +173,26 @@ def test_a_gzipped_jsonl_file_gives_the_tokens_of_the_file_itself_and_a_cut_shor
     (packed / "docs.jsonl.gz").write_bytes(whole[: len(whole) // 2])
     with pytest.raises(PrepareError, match=r"docs\.jsonl\.gz: it is not a whole gzip file \(.*\): compress it again"):
         prepare_data(config(tmp_path, packed, shard_dir=str(tmp_path / "packed-shards")), console=quiet())
+
+
+def test_a_big_file_is_tokenized_in_parts_that_stay_one_document_and_each_gives_its_tail(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "JSONL_PART_CHARS", 1500)  # parts of a few records, as 8M characters are of many
+    source = own_corpus(tmp_path, {"docs.jsonl": jsonl([{"text": text} for text in RECORDS])})
+    cfg = config(tmp_path, source, val_frac=0.1)
+    prepare_data(cfg, console=quiet())
+    index = ShardIndex.load(cfg.shard_dir, verify=True)
+    assert [len(index.splits[split].documents) for split in ("train", "val")] == [1, 1]
+    encoding, parts, part, chars = get_tokenizer(), [], [], 0
+    for text in RECORDS:  # the parts as the reader cuts them
+        part.append(text)
+        chars += len(text)
+        if chars >= 1500:
+            parts.append(part)
+            part, chars = [], 0
+    parts += [part] if part else []
+    assert len(parts) > 3
+    heads, tails = zip(*(split_tail(np.array([token for text in part for token in
+                                              [*encoding.encode_ordinary(text), EOT_TOKEN_ID]]), 0.1)
+                         for part in parts), strict=True)
+    assert document_tokens(index, "train")["docs.jsonl"] == np.concatenate(heads).tolist()
+    assert document_tokens(index, "val")["docs.jsonl"] == np.concatenate(tails).tolist()

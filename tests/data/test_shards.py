@@ -63,6 +63,18 @@ def test_round_trip_keeps_every_token_and_document_boundary(tmp_path):
     assert not list(tmp_path.glob("*.tmp"))
 
 
+def test_parts_of_one_document_in_a_row_stay_one_document_across_shard_files(tmp_path):
+    parts = [("train", 7, "big.jsonl", list(range(10))), ("train", 7, "big.jsonl", list(range(10, 25))),
+             ("val", 7, "big.jsonl", [1, 2]), ("train", 8, "next.txt", [3, 4, 5])]
+    build(tmp_path, parts)
+    index = ShardIndex.load(tmp_path, verify=True)
+    train = index.splits["train"]
+    assert [(span.id, span.shard, span.offset, span.length) for span in train.documents] == [(7, 0, 0, 25),
+                                                                                            (8, 1, 9, 3)]
+    assert split_stream(index, "train").tolist() == [*range(25), 3, 4, 5]
+    assert [(span.id, span.length) for span in index.splits["val"].documents] == [(7, 2)]
+
+
 def test_rebuild_removes_shards_of_the_previous_larger_build(tmp_path):
     build(tmp_path, make_documents(count=9))
     first = {path.name for path in tmp_path.glob("*.bin")}

@@ -42,7 +42,8 @@ class DataConfig:
         shard_dir: token shards and their index.json
         val_frac: fraction of the corpus held out for validation
         val_split: how it is held out: "books" (whole files, so no text of a val book is trained on), "tail"
-            (the last val_frac of every file's tokens, as nanoGPT does; works for a single file) or "auto"
+            (the last val_frac of every file's tokens, as nanoGPT does, or of every part of about 8 M characters
+            of a JSON Lines file; works for a single file) or "auto"
             (books for "gutenberg" or a directory of at least 20 files, else tail)
         split_seed: seed of the choice of validation books
         shard_tokens: bound on tokens per shard file (50M tokens = 100 MB of uint16)

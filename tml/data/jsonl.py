@@ -13,7 +13,8 @@ import gzip
 import json
 import re
 import zlib
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -47,24 +48,51 @@ def is_jsonl(path: str | Path) -> bool:
 
 
 def read_jsonl(path: str | Path, text_field: str, option: str = "--data.text_field") -> JsonlRecords:
-    """jsonl_records of a file, read (and, for .gz, decompressed) a line at a time."""
+    """Every record of a file at once (tml eval's text); tml-prepare reads a file in parts (jsonl_parts)."""
+    records = JsonlRecords()
+    for part, _ in jsonl_parts(path, text_field, records.repaired_lines, option):
+        records.documents += part
+    return records
+
+
+def jsonl_parts(path: str | Path, text_field: str, repaired_lines: list[int], option: str = "--data.text_field",
+                part_chars: int | None = None) -> Iterator[tuple[list[str], int]]:
+    """The file's records in parts of about `part_chars` characters (all in one without it), each with the bytes
+    of the file read for it: a file of many GB is never held whole. Lines whose lone surrogates were replaced are
+    appended to `repaired_lines`. A .gz file is decompressed as it is read."""
     compressed = Path(path).name.lower().endswith(".gz")
     try:
-        with (gzip.open if compressed else open)(path, "rb") as lines:
-            return jsonl_records(lines, text_field, option)
+        with open(path, "rb") as raw, (gzip.open(raw, "rb") if compressed else nullcontext(raw)) as lines:
+            part: list[str] = []
+            chars = read = 0
+            for text in jsonl_texts(lines, text_field, repaired_lines, option):
+                part.append(text)
+                chars += len(text)
+                if part_chars is not None and chars >= part_chars:
+                    yield part, raw.tell() - read
+                    read = raw.tell()
+                    part, chars = [], 0
+            if part or not read:  # the last part; a file without a record still gives one, empty
+                yield part, raw.tell() - read
     except (EOFError, gzip.BadGzipFile, zlib.error) as error:  # cut short, or not gzip at all
         raise JsonlError(f"it is not a whole gzip file ({error}): compress it again, or name it without .gz") from error
 
 
 def jsonl_records(lines: Iterable[bytes], text_field: str, option: str = "--data.text_field") -> JsonlRecords:
+    """The text_field of every record of `lines` (and the lines repaired)."""
+    records = JsonlRecords()
+    records.documents = list(jsonl_texts(lines, text_field, records.repaired_lines, option))
+    return records
+
+
+def jsonl_texts(lines: Iterable[bytes], text_field: str, repaired_lines: list[int],
+                option: str = "--data.text_field") -> Iterator[str]:
     """The text_field of every record, in file order; blank lines are skipped.
 
-    Parsed a line of bytes at a time, never read or decoded as one whole-file string: the file's text is then held
-    once, in its records (the whole file beside them took twice the memory). JSON Lines is UTF-8 (json.loads also
-    takes a byte-order mark). `option` is how the caller's command line names the field, for the refusal of a
-    record without it.
+    Parsed a line of bytes at a time, never read or decoded as one whole-file string. JSON Lines is UTF-8
+    (json.loads also takes a byte-order mark). `option` is how the caller's command line names the field, for the
+    refusal of a record without it.
     """
-    records = JsonlRecords()
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -89,9 +117,8 @@ def jsonl_records(lines: Iterable[bytes], text_field: str, option: str = "--data
                              "remove that record")
         if SURROGATE_ESCAPE.search(line) and LONE_SURROGATE.search(value):  # the search only where one can be
             value = LONE_SURROGATE.sub(REPLACEMENT_CHARACTER, value)
-            records.repaired_lines.append(number)
-        records.documents.append(value)
-    return records
+            repaired_lines.append(number)
+        yield value
 
 
 def lines_shown(numbers: list[int], shown: int = 5) -> str:

@@ -3,7 +3,7 @@
 The inputs (every book's sha256, the cleaning code, the tokenizer files, the split and shard settings) are
 hashed into a fingerprint stored in the index: a second run with the same inputs returns at once, and any
 change rebuilds. Books are read, cleaned and encoded a bounded batch at a time, so memory does not grow with
-the corpus, only with its largest file (a file is tokenized whole: its tail may be the val split).
+the corpus, only with its largest .txt file (a .txt file is tokenized whole; a JSON Lines file in parts).
 
 A local directory may hold your own text as well as Gutenberg books: .txt files (each a document; only those that
 open like a Gutenberg file are stripped) and .jsonl files (each record a document: tml/data/jsonl.py). Validation
@@ -26,7 +26,7 @@ import re
 import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,7 @@ from tml.data.gutenberg import (
     skipped_files,
     source_root,
 )
-from tml.data.jsonl import JsonlError, is_jsonl, lines_shown, read_jsonl
+from tml.data.jsonl import JsonlError, is_jsonl, jsonl_parts, lines_shown
 from tml.data.shards import (
     FORMAT_VERSION,
     INDEX_FILE,
@@ -82,6 +82,10 @@ PREPARE_VERSION = 1  # bump when the way documents become tokens changes (e.g. t
 # Text encoded per tiktoken batch: large enough that every thread stays busy (the batch's longest book is
 # encoded first), small enough to bound the text and tokens held at once (~2M tokens, ~8 MB of uint32).
 ENCODE_BATCH_CHARS = 8_000_000
+# A JSON Lines file is read and tokenized in parts of about this many characters, so memory stays bounded by a part
+# whatever the file's size. With val_split "tail" each part gives its last val_frac of tokens to val: changing this
+# moves the split, so bump PREPARE_VERSION with it.
+JSONL_PART_CHARS = 8_000_000
 # Names listed in a one-line notice before "and N more": enough to find the files, short enough to read.
 SHOWN_NAMES = 5
 # A val split under this share of val_frac (one small book held out of a few) is worth a warning.
@@ -370,21 +374,8 @@ def book_documents(books: Sequence[Book], cfg: DataConfig, notes: ReadNotes) -> 
         root = source_root(cfg)
         notes.dangling = [display_name(path, root) for path in dangling_links(cfg)]
     for book in books:
-        if is_local(cfg) and is_jsonl(book.path):  # read a line at a time: no whole-file string beside the records
-            try:
-                records = read_jsonl(book.path, cfg.text_field)
-            except JsonlError as error:
-                raise PrepareError(f"{book.path}: {error} (or move the file out of data.source)") from error
-            documents = records.documents
-            name = display_name(book.path, root)
-            if records.repaired_lines:
-                notes.repaired.append(f"{name} {lines_shown(records.repaired_lines)}")
-            notes.by_sha256.setdefault(book.sha256, []).append(name)
-            notes.jsonl_files += 1
-            notes.jsonl_records += len(documents)
-            if not any(document.strip() for document in documents):
-                notes.empty.append(name)
-            yield book, documents or [""]  # a file without a record still ends in a separator, as an empty .txt
+        if is_local(cfg) and is_jsonl(book.path):
+            yield from jsonl_book_parts(book, cfg, display_name(book.path, root), notes)
             continue
         text, encoding = read_book(book.path)
         if not is_local(cfg):
@@ -404,6 +395,29 @@ def book_documents(books: Sequence[Book], cfg: DataConfig, notes: ReadNotes) -> 
         yield book, [text]
 
 
+def jsonl_book_parts(book: Book, cfg: DataConfig, name: str, notes: ReadNotes) -> Iterator[tuple[Book, list[str]]]:
+    """A JSON Lines file's records in parts of about JSONL_PART_CHARS characters, each a Book whose `bytes` are
+    those of the file read for it (the progress bar's share). Its parts' tokens follow each other into one document
+    of the index (SplitWriter.add), so the file is never held whole however big it is."""
+    repaired: list[int] = []
+    records = 0
+    has_text = False
+    try:
+        for part, part_bytes in jsonl_parts(book.path, cfg.text_field, repaired, part_chars=JSONL_PART_CHARS):
+            records += len(part)
+            has_text = has_text or any(text.strip() for text in part)
+            yield replace(book, bytes=part_bytes), part or [""]  # no record: still a separator, as an empty .txt
+    except JsonlError as error:
+        raise PrepareError(f"{book.path}: {error} (or move the file out of data.source)") from error
+    notes.by_sha256.setdefault(book.sha256, []).append(name)
+    notes.jsonl_files += 1
+    notes.jsonl_records += records
+    if repaired:
+        notes.repaired.append(f"{name} {lines_shown(repaired)}")
+    if not has_text:
+        notes.empty.append(name)
+
+
 def split_tail(tokens: np.ndarray, val_frac: float) -> tuple[np.ndarray, np.ndarray | None]:
     """A document's head for train and its last val_frac of tokens for val (None when that rounds to nothing),
     each ending in the document's <|endoftext|> so both splits keep documents apart."""
@@ -417,8 +431,8 @@ def tokenized_books(
     texts: Iterable[tuple[Book, list[str]]], val_split: str, val_ids: set[int], val_frac: float, threads: int,
     progress: Progress | None = None, task: TaskID | None = None,
 ) -> Iterator[tuple[str, int, str, np.ndarray]]:
-    """(split, id, title, tokens) per book (per part, for "tail"), in source order, encoding about
-    ENCODE_BATCH_CHARS at a time. A book's tokens are its documents', each ended by <|endoftext|>. "books" sends
+    """(split, id, title, tokens) per book, or per part of a JSON Lines file (and per split, for "tail"), in source
+    order, encoding about ENCODE_BATCH_CHARS at a time. A book's tokens are its documents', each ended by <|endoftext|>. "books" sends
     val_ids' books to val whole; "tail" splits every book."""
 
     def encode(batch: list[tuple[Book, list[str]]]) -> Iterator[tuple[str, int, str, np.ndarray]]:

@@ -18,7 +18,7 @@ import os
 import random
 import shutil
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -265,18 +265,22 @@ class SplitWriter:
 
     def add(self, document_id: int, title: str, tokens: np.ndarray | Sequence[int]) -> None:
         """Append one document, continuing into new shards when the current one fills up. Ids outside the
-        vocabulary are refused, not wrapped into SHARD_DTYPE."""
+        vocabulary are refused, not wrapped into SHARD_DTYPE. Tokens of the document added last (the same id) lengthen
+        it: a big file arrives in parts (tml/data/prepare.py), and stays one document of the index."""
         array = np.asarray(tokens)
         if array.size == 0:
             return
         if int(array.min()) < 0 or int(array.max()) >= self.vocab_size:
             raise ShardError(f"document {document_id} ({title}) has token ids outside 0..{self.vocab_size - 1}")
         tokens = np.ascontiguousarray(array, dtype=SHARD_DTYPE)
-        if self._file is None or self._count == self.shard_tokens:
-            self._open_next()
-        self.index.documents.append(
-            DocumentSpan(id=document_id, title=title, shard=len(self.index.shards), offset=self._count, length=len(tokens))
-        )
+        documents = self.index.documents
+        if documents and documents[-1].id == document_id:
+            documents[-1] = replace(documents[-1], length=documents[-1].length + len(tokens))
+        else:
+            if self._file is None or self._count == self.shard_tokens:
+                self._open_next()
+            documents.append(DocumentSpan(id=document_id, title=title, shard=len(self.index.shards),
+                                          offset=self._count, length=len(tokens)))
         while len(tokens):
             if self._count == self.shard_tokens:
                 self._open_next()

@@ -13,7 +13,7 @@ from tests.data.test_prepare import OWN_TEXT, config, document_tokens, output_of
 from tml.data import prepare
 from tml.data.config import DataConfig, DataConfigError
 from tml.data.gutenberg import GutenbergError, local_book_paths, skipped_files
-from tml.data.jsonl import JsonlError, jsonl_records
+from tml.data.jsonl import JsonlError, jsonl_texts
 from tml.data.prepare import (
     PrepareError,
     data_is_ready,
@@ -34,7 +34,7 @@ def jsonl(records: list[dict]) -> str:
 
 def test_records_are_read_in_order_and_blank_lines_skipped():
     text = '\ufeff{"text": "first", "id": 1}\r\n\n   \n{"text": "line\u2028separator kept"}\n{"text": ""}'
-    assert jsonl_records(io.BytesIO(text.encode()), "text").documents == ["first", "line\u2028separator kept", ""]
+    assert list(jsonl_texts(io.BytesIO(text.encode()), "text", [])) == ["first", "line\u2028separator kept", ""]
 
 
 @pytest.mark.parametrize("line, why", [
@@ -47,12 +47,12 @@ def test_records_are_read_in_order_and_blank_lines_skipped():
 ])
 def test_a_line_without_text_is_refused_by_its_number(line, why):
     with pytest.raises(JsonlError, match=why):
-        jsonl_records(io.BytesIO(('{"text": "fine"}\n' + line + "\n").encode()), "text")
+        list(jsonl_texts(io.BytesIO(('{"text": "fine"}\n' + line + "\n").encode()), "text", []))
 
 
 def test_a_line_that_is_not_utf8_is_refused_saying_so():
     with pytest.raises(JsonlError, match=r"line 1 is not UTF-8 \(.*\), as JSON Lines must be: convert the file"):
-        jsonl_records(['{"text": "café"}\n'.encode("latin-1")], "text")
+        list(jsonl_texts(['{"text": "café"}\n'.encode("latin-1")], "text", []))
 
 
 def test_each_record_is_a_document_ended_by_endoftext_beside_a_txt_file(tmp_path):
@@ -128,9 +128,9 @@ def test_an_empty_text_field_is_refused_by_the_config():
 
 def test_lone_surrogates_are_replaced_and_said_and_a_pair_is_one_character():
     lines = [b'{"text": "smile \\ud83d\\ude00"}\n', b'{"text": "half \\ud800 of one"}\n', b'{"text": "plain"}\n']
-    records = jsonl_records(lines, "text")
-    assert records.documents == ["smile \U0001f600", "half \ufffd of one", "plain"]
-    assert records.repaired_lines == [2]
+    repaired: list[int] = []
+    assert list(jsonl_texts(lines, "text", repaired)) == ["smile \U0001f600", "half \ufffd of one", "plain"]
+    assert repaired == [2]
 
 
 def test_surrogates_are_said_by_file_and_line_in_the_preparation_summary(tmp_path):

@@ -1,10 +1,12 @@
 """JSON Lines corpora: one JSON object per line, its text in one field (`data.text_field`, "text" by default).
 
 The form most pretraining text comes in (The Pile, RedPajama, Dolma, a `datasets` export with `to_json`), as
-`.jsonl` or `.ndjson` files, or either gzip-compressed (`.jsonl.gz`: decompressed as it is read, never on disk). Every record is a document of its own: tml-prepare ends each with <|endoftext|>, as it
-ends each .txt file, so a window that spans two records sees the boundary. Records are taken as they are, never
-stripped of a Gutenberg header. A line that is not such an object is refused with its line number: a corpus with a
-broken record is a corpus to fix, not to train on in part.
+`.jsonl` or `.ndjson` files, or either gzip-compressed (`.jsonl.gz`: decompressed as it is read, never on disk).
+Every record is a document of its own: tml-prepare ends each with <|endoftext|>, as it ends each .txt file, so a
+window that spans two records sees the boundary. Records are taken as they are, never stripped of a Gutenberg
+header. A file is read a line at a time and handed on in parts (jsonl_parts), so its size never decides memory. A
+line that is not such an object is refused with its line number: a corpus with a broken record is a corpus to fix,
+not to train on in part.
 """
 
 from __future__ import annotations
@@ -64,25 +66,18 @@ def jsonl_parts(path: str | Path, text_field: str, repaired_lines: list[int], op
     try:
         with open(path, "rb") as raw, (gzip.open(raw, "rb") if compressed else nullcontext(raw)) as lines:
             part: list[str] = []
-            chars = read = 0
+            chars = counted = 0  # characters in this part; bytes of the file handed on with earlier parts
             for text in jsonl_texts(lines, text_field, repaired_lines, option):
                 part.append(text)
                 chars += len(text)
                 if part_chars is not None and chars >= part_chars:
-                    yield part, raw.tell() - read
-                    read = raw.tell()
+                    yield part, raw.tell() - counted
+                    counted = raw.tell()
                     part, chars = [], 0
-            if part or not read:  # the last part; a file without a record still gives one, empty
-                yield part, raw.tell() - read
+            if part or not counted:  # the last part; a file without a record still gives one, empty
+                yield part, raw.tell() - counted
     except (EOFError, gzip.BadGzipFile, zlib.error) as error:  # cut short, or not gzip at all
         raise JsonlError(f"it is not a whole gzip file ({error}): compress it again, or name it without .gz") from error
-
-
-def jsonl_records(lines: Iterable[bytes], text_field: str, option: str = "--data.text_field") -> JsonlRecords:
-    """The text_field of every record of `lines` (and the lines repaired)."""
-    records = JsonlRecords()
-    records.documents = list(jsonl_texts(lines, text_field, records.repaired_lines, option))
-    return records
 
 
 def jsonl_texts(lines: Iterable[bytes], text_field: str, repaired_lines: list[int],

@@ -239,6 +239,10 @@ def test_eval_and_inspect_read_a_jsonl_files_records_as_one_text_a_blank_line_be
                  "--context", "8"]) == 1  # the default field, "text", is not there
     assert capsys.readouterr().err.startswith(f"tml inspect: --data {records}: line 1 has no 'text' field (its fields: "
                                               "'body', 'id'): name the field that holds the text with --text-field")
+    one_document = tmp_path / "records.json"
+    one_document.write_text(json.dumps([{"text": text} for text in paragraphs]))
+    assert main(["eval", "--checkpoint", str(trained_run), "--data", str(one_document)]) == 1
+    assert f"--data {one_document} is one JSON document: write its records one per line" in capsys.readouterr().err
 
 
 def test_a_run_directory_without_a_checkpoint_yet_is_said_so(trained_run, tmp_path, capsys):

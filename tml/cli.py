@@ -48,6 +48,11 @@ TRAIN_DESCRIPTION = (
     "says what a start would do, training nothing."
 )
 DRY_RUN_FLAG = "--dry-run"
+TRAIN_FLAGS = (
+    "Read before the config, on the command line only: --sweep KEY=V1,V2,... (repeatable) one run per combination "
+    "of the values, each in its own directory under train.out_dir; --dry-run checks the run (each run of a sweep) "
+    "and says what a start would do, training nothing."
+)
 SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
 
 
@@ -161,14 +166,9 @@ def train_parser(prog: str | None) -> ArgumentParser:
     """The config parser with what --help should say of training (prog: `tml train` or launch/local.py)."""
     from tml.config import build_parser
 
-    parser = build_parser(prog=prog, description=TRAIN_DESCRIPTION)
-    # Read before the config (train_main), listed here so that --help shows them among the options.
-    parser.add_argument("--sweep", action="append", metavar="KEY=V1,V2,...",
-                        help="one run per combination of the values (repeatable), each in its own directory under "
-                             "train.out_dir")
-    parser.add_argument(DRY_RUN_FLAG, action="store_true",
-                        help="check the run (each run of a sweep) and say what a start would do; train nothing")
-    return parser
+    # --sweep and --dry-run are read before the config (train_main), so they are no parser arguments (a config
+    # file could set those): the epilog lists them beside the options.
+    return build_parser(prog=prog, description=TRAIN_DESCRIPTION, epilog=TRAIN_FLAGS)
 
 
 def dry_run_main(argv: Sequence[str], prog: str | None) -> int:

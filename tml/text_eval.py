@@ -14,6 +14,7 @@ import torch
 from rich.progress import Progress
 
 from tml.data.clean import has_gutenberg_header, strip_gutenberg
+from tml.data.gutenberg import not_a_corpus_file
 from tml.data.jsonl import JsonlError, is_jsonl, lines_shown, read_jsonl
 from tml.data.prepare import NotText, decode_text
 from tml.model import ModelConfig, ModelConfigError, Transformer
@@ -107,6 +108,9 @@ def read_text_file(path: Path, command: str = "eval", text_field: str = "text") 
         raise FileNotFoundError(f"--data {path}: no such file")
     if not path.is_file():
         raise ValueError(f"--data {path} is not a file (a text file is needed)")
+    if (why := not_a_corpus_file(path)) is not None:
+        raise ValueError(f"--data {path} is {why}; tml reads text files and JSON Lines (.jsonl, .ndjson, either "
+                         "as .gz)")
     if is_jsonl(path):
         try:
             records = read_jsonl(path, text_field, "--text-field")

@@ -38,7 +38,7 @@ def test_records_are_read_in_order_and_blank_lines_skipped():
 
 
 @pytest.mark.parametrize("line, why", [
-    ("not json", r"line 2 is not JSON \(Expecting value.*\): fix or remove that line"),
+    ("not json", r"line 2 is not JSON \(Expecting value at column 1\): fix or remove that line"),
     ("[1, 2]", "line 2 is an array, not an object with a 'text' field: fix or remove that line"),
     ('{"body": "x", "id": 3}', "line 2 has no 'text' field \\(its fields: 'body', 'id'\\): name the field that holds "
                                "the text with --data.text_field, or fix that record"),
@@ -196,3 +196,20 @@ def test_a_big_file_is_tokenized_in_parts_that_stay_one_document_and_each_gives_
                          for part in parts), strict=True)
     assert document_tokens(index, "train")["docs.jsonl"] == np.concatenate(heads).tolist()
     assert document_tokens(index, "val")["docs.jsonl"] == np.concatenate(tails).tolist()
+
+
+def test_a_bad_line_in_a_later_part_leaves_the_shards_there_as_they_were(tmp_path, monkeypatch):
+    """Earlier parts are already in the build directory when a later line is refused: none of it replaces the
+    shards of the last good build."""
+    monkeypatch.setattr(prepare, "JSONL_PART_CHARS", 1500)
+    monkeypatch.setattr(prepare, "ENCODE_BATCH_CHARS", 1500)  # each part encoded and written before the next
+    source = own_corpus(tmp_path, {"docs.jsonl": jsonl([{"text": text} for text in RECORDS])})
+    cfg = config(tmp_path, source)
+    prepare_data(cfg, console=quiet())
+    before = {path.name: path.read_bytes() for path in (tmp_path / "shards").iterdir() if path.is_file()}
+    (source / "docs.jsonl").write_text(jsonl([{"text": text} for text in RECORDS]) + '{"text": "cut off\n')
+    with pytest.raises(PrepareError, match=f"docs.jsonl: line {len(RECORDS) + 1} is not JSON"):
+        prepare_data(cfg, console=quiet())
+    after = {path.name: path.read_bytes() for path in (tmp_path / "shards").iterdir() if path.is_file()}
+    assert after == before  # and no build directory is left beside them
+    assert not [path for path in (tmp_path / "shards").iterdir() if path.is_dir()]

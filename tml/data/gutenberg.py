@@ -444,13 +444,18 @@ def is_corpus_file(path: Path) -> bool:
     return path.suffix == ".txt" or is_jsonl(path)
 
 
+def not_a_corpus_file(path: Path) -> str | None:
+    """Why a file named on its own is no text to read (JSON, compressed, an archive), and what to do; else None."""
+    return None if is_jsonl(path) else NOT_A_CORPUS_FILE.get(path.suffix.lower())
+
+
 def scan_local_source(cfg: DataConfig) -> SourceScan:
     """scan_source of data.source; a single file named as the source (nanoGPT's input.txt) is the whole corpus,
     read as text whatever its name unless it is JSON Lines, or refused when it is JSON or compressed."""
     source = Path(cfg.source).expanduser()
     if not source.is_file():
         return scan_source(source_root(cfg))
-    if not is_jsonl(source) and (why := NOT_A_CORPUS_FILE.get(source.suffix.lower())) is not None:
+    if (why := not_a_corpus_file(source)) is not None:
         raise GutenbergError(f"data.source={cfg.source!r} is {why}; tml reads text files and JSON Lines "
                              "(.jsonl, .ndjson, either as .gz)")
     return SourceScan([source], [], [])

@@ -4,9 +4,9 @@ The form most pretraining text comes in (The Pile, RedPajama, Dolma, a `datasets
 `.jsonl` or `.ndjson` files, or either gzip-compressed (`.jsonl.gz`: decompressed as it is read, never on disk).
 Every record is a document of its own: tml-prepare ends each with <|endoftext|>, as it ends each .txt file, so a
 window that spans two records sees the boundary. Records are taken as they are, never stripped of a Gutenberg
-header. A file is read a line at a time and handed on in parts (jsonl_parts), so its size never decides memory. A
-line that is not such an object is refused with its line number: a corpus with a broken record is a corpus to fix,
-not to train on in part.
+header. A file is read a line at a time and handed on in parts (jsonl_parts), so memory grows with its largest
+record, not with the file. A line that is not such an object is refused with its line number: a corpus with a
+broken record is a corpus to fix, not to train on in part.
 """
 
 from __future__ import annotations
@@ -60,8 +60,8 @@ def read_jsonl(path: str | Path, text_field: str, option: str = "--data.text_fie
 def jsonl_parts(path: str | Path, text_field: str, repaired_lines: list[int], option: str = "--data.text_field",
                 part_chars: int | None = None) -> Iterator[tuple[list[str], int]]:
     """The file's records in parts of about `part_chars` characters (all in one without it), each with the bytes
-    of the file read for it: a file of many GB is never held whole. Lines whose lone surrogates were replaced are
-    appended to `repaired_lines`. A .gz file is decompressed as it is read."""
+    of the file read for it: a file of many GB is never held whole (a record is). Lines whose lone surrogates were
+    replaced are appended to `repaired_lines`. A .gz file is decompressed as it is read."""
     compressed = Path(path).name.lower().endswith(".gz")
     try:
         with open(path, "rb") as raw, (gzip.open(raw, "rb") if compressed else nullcontext(raw)) as lines:
@@ -96,8 +96,9 @@ def jsonl_texts(lines: Iterable[bytes], text_field: str, repaired_lines: list[in
         except UnicodeDecodeError as error:
             raise JsonlError(f"line {number} is not UTF-8 ({error}), as JSON Lines must be: convert the file to "
                              "UTF-8 (e.g. `iconv -f ITS-ENCODING -t utf-8`)") from error
-        except ValueError as error:
-            raise JsonlError(f"line {number} is not JSON ({error}): fix or remove that line") from error
+        except json.JSONDecodeError as error:  # its own position says "line 1": the line alone was parsed
+            raise JsonlError(f"line {number} is not JSON ({error.msg} at column {error.colno}): fix or remove that "
+                             "line") from error
         if not isinstance(record, dict):
             raise JsonlError(f"line {number} is {JSON_TYPES[type(record)]}, not an object with a "
                              f"{text_field!r} field: fix or remove that line")

@@ -432,8 +432,8 @@ def tokenized_books(
     progress: Progress | None = None, task: TaskID | None = None,
 ) -> Iterator[tuple[str, int, str, np.ndarray]]:
     """(split, id, title, tokens) per book, or per part of a JSON Lines file (and per split, for "tail"), in source
-    order, encoding about ENCODE_BATCH_CHARS at a time. A book's tokens are its documents', each ended by <|endoftext|>. "books" sends
-    val_ids' books to val whole; "tail" splits every book."""
+    order, encoding about ENCODE_BATCH_CHARS at a time. A book's tokens are its documents', each ended by
+    <|endoftext|>. "books" sends val_ids' books to val whole; "tail" splits every book (every part)."""
 
     def encode(batch: list[tuple[Book, list[str]]]) -> Iterator[tuple[str, int, str, np.ndarray]]:
         encoded = iter(encode_documents([text for _, documents in batch for text in documents], threads))
@@ -481,6 +481,8 @@ def split_lines(index: ShardIndex, val_frac: float) -> list[str]:
     unit = split_unit(index)
     if index.settings.get("val_split") == "tail":
         held = f"the last {val_frac * 100:g}% of every {unit}'s tokens ({plural(len(train.documents), unit)})"
+        if indexed_jsonl(index):
+            held += f", of every part of about {JSONL_PART_CHARS / 1e6:g} M characters of a JSON Lines file"
     else:
         names = sorted(document.title or str(document.id) for document in val.documents)
         held = f"{len(names)} of {len(train.documents) + len(names)} {unit}s: {shown(names)}"

@@ -265,8 +265,9 @@ class SplitWriter:
 
     def add(self, document_id: int, title: str, tokens: np.ndarray | Sequence[int]) -> None:
         """Append one document, continuing into new shards when the current one fills up. Ids outside the
-        vocabulary are refused, not wrapped into SHARD_DTYPE. Tokens of the document added last (the same id) lengthen
-        it: a big file arrives in parts (tml/data/prepare.py), and stays one document of the index."""
+        vocabulary are refused, not wrapped into SHARD_DTYPE. Tokens of the document added last (the same id and
+        title) lengthen it: a big file arrives in parts (tml/data/prepare.py), and stays one document of the index.
+        Two files never share an id (tml/data/gutenberg.py local_book_ids), so only a file's parts follow this way."""
         array = np.asarray(tokens)
         if array.size == 0:
             return
@@ -274,7 +275,7 @@ class SplitWriter:
             raise ShardError(f"document {document_id} ({title}) has token ids outside 0..{self.vocab_size - 1}")
         tokens = np.ascontiguousarray(array, dtype=SHARD_DTYPE)
         documents = self.index.documents
-        if documents and documents[-1].id == document_id:
+        if documents and (documents[-1].id, documents[-1].title) == (document_id, title):
             documents[-1] = replace(documents[-1], length=documents[-1].length + len(tokens))
         else:
             if self._file is None or self._count == self.shard_tokens:

@@ -15,7 +15,7 @@ from rich.progress import Progress
 
 from tml.data.clean import has_gutenberg_header, strip_gutenberg
 from tml.data.gutenberg import not_a_corpus_file
-from tml.data.jsonl import JsonlError, is_jsonl, lines_shown, read_jsonl
+from tml.data.jsonl import SURROGATES_REPLACED, JsonlError, is_jsonl, lines_shown, read_jsonl
 from tml.data.prepare import NotText, decode_text
 from tml.model import ModelConfig, ModelConfigError, Transformer
 from tml.model.transformer import IGNORE_INDEX
@@ -109,8 +109,7 @@ def read_text_file(path: Path, command: str = "eval", text_field: str = "text") 
     if not path.is_file():
         raise ValueError(f"--data {path} is not a file (a text file is needed)")
     if (why := not_a_corpus_file(path)) is not None:
-        raise ValueError(f"--data {path} is {why}; tml reads text files and JSON Lines (.jsonl, .ndjson, either "
-                         "as .gz)")
+        raise ValueError(f"--data {path} is {why}")
     if is_jsonl(path):
         try:
             records = read_jsonl(path, text_field, "--text-field")
@@ -120,8 +119,8 @@ def read_text_file(path: Path, command: str = "eval", text_field: str = "text") 
         print(f"tml {command}: --data {path} is JSON Lines: the {text_field!r} field of its {count:,} "
               f"record{'' if count == 1 else 's'}, read as one text with a blank line between records", file=sys.stderr)
         if records.repaired_lines:
-            print(f"tml {command}: --data {path}: lone UTF-16 surrogates (no Unicode text) replaced by U+FFFD in "
-                  f"{lines_shown(records.repaired_lines)}", file=sys.stderr)
+            print(f"tml {command}: --data {path}: {SURROGATES_REPLACED} {lines_shown(records.repaired_lines)}",
+                  file=sys.stderr)
         return "\n\n".join(records.documents)
     try:
         text, encoding = decode_text(path.read_bytes())

@@ -74,8 +74,8 @@ LOCAL_NAME = re.compile(r"^(?:pg)?(\d+)(?:-0)?\.txt$", re.IGNORECASE)
 # their bytes as text (a .json file read as text is JSON syntax, not the text in it).
 NOT_A_CORPUS_FILE = {
     ".json": "one JSON document: write its records one per line as .jsonl (e.g. `jq -c '.[]' FILE > FILE.jsonl`)",
-    ".gz": "compressed: decompress it first (gunzip)", ".bz2": "compressed: decompress it first (bunzip2)",
-    ".xz": "compressed: decompress it first (unxz)", ".zst": "compressed: decompress it first (unzstd)",
+    **{suffix: f"compressed: decompress it first ({tool})"
+       for suffix, tool in {".gz": "gunzip", ".bz2": "bunzip2", ".xz": "unxz", ".zst": "unzstd"}.items()},
     ".zip": "an archive: unpack it and name the directory",
 }
 
@@ -445,8 +445,10 @@ def is_corpus_file(path: Path) -> bool:
 
 
 def not_a_corpus_file(path: Path) -> str | None:
-    """Why a file named on its own is no text to read (JSON, compressed, an archive), and what to do; else None."""
-    return None if is_jsonl(path) else NOT_A_CORPUS_FILE.get(path.suffix.lower())
+    """Why a file named on its own is no text to read (JSON, compressed, an archive), what to do, and what tml
+    reads; else None."""
+    why = None if is_jsonl(path) else NOT_A_CORPUS_FILE.get(path.suffix.lower())
+    return why and f"{why}; tml reads text files and JSON Lines (.jsonl, .ndjson, either as .gz)"
 
 
 def scan_local_source(cfg: DataConfig) -> SourceScan:
@@ -456,8 +458,7 @@ def scan_local_source(cfg: DataConfig) -> SourceScan:
     if not source.is_file():
         return scan_source(source_root(cfg))
     if (why := not_a_corpus_file(source)) is not None:
-        raise GutenbergError(f"data.source={cfg.source!r} is {why}; tml reads text files and JSON Lines "
-                             "(.jsonl, .ndjson, either as .gz)")
+        raise GutenbergError(f"data.source={cfg.source!r} is {why}")
     return SourceScan([source], [], [])
 
 

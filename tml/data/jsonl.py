@@ -30,6 +30,7 @@ JSON_TYPES = {dict: "an object", list: "an array", str: "a string", int: "a numb
 SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 LONE_SURROGATE = re.compile("[\ud800-\udfff]")
 REPLACEMENT_CHARACTER = "\ufffd"
+SURROGATES_REPLACED = "lone UTF-16 surrogates (no Unicode text) replaced by U+FFFD in"  # then where: file, lines
 
 
 class JsonlError(ValueError):
@@ -89,7 +90,7 @@ def jsonl_texts(lines: Iterable[bytes], text_field: str, repaired_lines: list[in
     refusal of a record without it.
     """
     for number, line in enumerate(lines, start=1):
-        if not line.strip():
+        if not line or line.isspace():  # blank (strip() would copy every line to ask)
             continue
         try:
             record = json.loads(line)

@@ -61,7 +61,7 @@ from tml.data.gutenberg import (
     skipped_files,
     source_root,
 )
-from tml.data.jsonl import JsonlError, is_jsonl, jsonl_parts, lines_shown
+from tml.data.jsonl import SURROGATES_REPLACED, JsonlError, is_jsonl, jsonl_parts, lines_shown
 from tml.data.shards import (
     FORMAT_VERSION,
     INDEX_FILE,
@@ -346,8 +346,7 @@ class ReadNotes:
             lines.append(f"{plural(self.jsonl_records, 'record')} from {plural(self.jsonl_files, 'JSON Lines file')}, "
                          "each record a document")
         if self.repaired:
-            lines.append("lone UTF-16 surrogates (no Unicode text) replaced by U+FFFD in "
-                         f"{shown(sorted(self.repaired))}")
+            lines.append(f"{SURROGATES_REPLACED} {shown(sorted(self.repaired))}")
         if self.not_utf8:
             read_as = [f"{ENCODING_LABELS.get(encoding, encoding)}: {plural(len(names), 'file')} ({shown(sorted(names))})"
                        for encoding, names in sorted(self.not_utf8.items())]
@@ -470,7 +469,7 @@ def progress_bars(console: Console) -> Progress:
 
 def split_unit(index: ShardIndex) -> str:
     """What the index's entries are to a reader: documents, or files where a .jsonl file holds many documents."""
-    return "file" if any(is_jsonl(entry["path"]) for entry in index.source_files) else "document"
+    return "file" if indexed_jsonl(index) else "document"
 
 
 def split_lines(index: ShardIndex, val_frac: float) -> list[str]:

@@ -159,8 +159,7 @@ def _text_field_unread(change: tuple[str, Any, Any], data: DataConfig) -> bool:
     if change[0] != "data.text_field":
         return False
     index = ShardIndex.load_or_none(data.shard_dir)
-    files = source_listing(data) + (index.source_files if index else [])
-    return not any(is_jsonl(entry["path"]) for entry in files)
+    return not any(is_jsonl(entry["path"]) for entry in source_listing(data)) and not (index and indexed_jsonl(index))
 
 
 def _changes_weights(key: str) -> bool:

@@ -148,6 +148,7 @@ def test_reference_config_is_exactly_the_reference_setup():
     assert (t.lr, t.min_lr, t.warmup_frac, t.grad_clip) == (3e-4, 3e-5, 0.1, 1.0)
     assert (t.val_interval, t.precision, t.devices, t.num_nodes, t.strategy) == (500, "16-mixed", 1, 1, "auto")
     assert t.early_stop_patience > 0 and t.ckpt_interval > 0
+    assert t.compile  # speed only: the GPU check measured 1.9x eager's tokens/s
     assert config.data.source == "gutenberg" and config.log.tensorboard
 
 

@@ -54,6 +54,7 @@ def test_gpu_check_trains_the_reference_config_decodes_and_writes_json_on_cpu(tm
     assert json.loads(json_path.read_text()) == report
     run = report["run"]
     assert run["precision"] == "bf16-mixed"  # the reference's 16-mixed, as CPU runs it
+    assert run["compile"] is False  # eager, though reference.yaml compiles: the `compiled` variant is the change
     assert run["steps"] == 12 and run["tokens_per_step"] == 2 * 2 * 32
     # No upper bound: on a CPU without native bf16 the bf16 peak probed at start-up (a 1024-wide matmul) is below what
     # this debug model's small matmuls reach, so its MFU exceeds 1 there (1.6 on an AMD EPYC without AVX512)

@@ -21,6 +21,7 @@ from tml.train.fabric import (
     build_strategy,
     deepspeed_config,
     is_deepspeed,
+    set_fp32_matmul_precision,
     silence_known_noise,
 )
 
@@ -101,6 +102,27 @@ def test_fp16_on_cuda_gets_dynamic_loss_scaling():
     assert config["fp16"]["enabled"] is True
     assert config["fp16"]["loss_scale"] == 0  # dynamic
     assert "bf16" not in config
+
+
+@pytest.fixture
+def restore_fp32_matmul_precision():
+    before = torch.get_float32_matmul_precision()
+    yield
+    torch.set_float32_matmul_precision(before)
+
+
+def test_tf32_on_cuda_sets_and_unsets_torchs_fp32_matmul_precision(restore_fp32_matmul_precision):
+    # The setting is a process-wide flag, so the CUDA branch can be checked on any machine.
+    set_fp32_matmul_precision(TrainConfig(accelerator="cuda"), "cuda")
+    assert torch.get_float32_matmul_precision() == "high"  # TF32 on by default, as Lightning's warning asks
+    set_fp32_matmul_precision(TrainConfig(accelerator="cuda", tf32=False), "cuda")  # the next run of a sweep
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_cpu_runs_keep_exact_fp32_matmuls(restore_fp32_matmul_precision):
+    torch.set_float32_matmul_precision("highest")
+    build_fabric(cpu_train(tf32=True))
+    assert torch.get_float32_matmul_precision() == "highest"
 
 
 def test_bf16_gets_a_bf16_section():

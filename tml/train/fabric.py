@@ -174,6 +174,7 @@ def build_fabric(train: TrainConfig, loggers: list | None = None) -> Fabric:
     check_accelerator(train)
     accelerator = resolve_accelerator(train, notify=True)
     precision = resolve_precision(train, accelerator, notify=True)
+    set_fp32_matmul_precision(train, accelerator)
     return Fabric(
         accelerator=accelerator,
         strategy=build_strategy(train, accelerator, precision),
@@ -182,6 +183,16 @@ def build_fabric(train: TrainConfig, loggers: list | None = None) -> Fabric:
         precision=precision,
         loggers=loggers,
     )
+
+
+def set_fp32_matmul_precision(train: TrainConfig, accelerator: str) -> None:
+    """train.tf32 on CUDA: TF32 tensor cores for fp32 matmuls ("high") or IEEE fp32 ("highest", torch's default).
+
+    Set both ways, so a sweep's runs in one process each get their own. CPU is left alone: its "high" lets oneDNN
+    round fp32 matmuls too, and the CPU tests compare losses bit for bit.
+    """
+    if accelerator == "cuda":
+        torch.set_float32_matmul_precision("high" if train.tf32 else "highest")
 
 
 def is_deepspeed(fabric: Fabric) -> bool:

@@ -69,7 +69,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     source.add_argument("--shards", help="a shard directory already built by tml-prepare")
     parser.add_argument("--steps", type=int, default=200, help="optimizer steps of the fp16 run")
     parser.add_argument("--variants", default="", help=f"comma-separated, from {', '.join(VARIANTS)} (default none)")
-    parser.add_argument("--variant-steps", type=int, default=100, help="optimizer steps of each variant run")
+    parser.add_argument("--variant-steps", type=int, default=60, help="optimizer steps of each variant run")
     parser.add_argument("--work", help="where shards and runs go (default: a new temporary directory)")
     parser.add_argument("--json", help="also write the JSON result to this file")
     parser.add_argument("--allow-cpu", action="store_true", help="run without CUDA (to test this script)")

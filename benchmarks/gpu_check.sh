@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # GPU check (a few minutes on one modern GPU): the reference config (configs/reference.yaml: 12x768 post-LN MLA,
 # block 512, batch 20 x 4 accumulation, fp16 mixed precision) for 200 optimizer steps on one GPU, greedy decode
-# from its checkpoint with the latent KV cache, then 100 steps each compiled, as MHA, in bf16, with Muon and under
+# from its checkpoint with the latent KV cache, then 60 steps each compiled, as MHA, in bf16, with Muon and under
 # DeepSpeed ZeRO-2 (its own fp16 loss scaling; last: it starts a process group in this process); prints JSON with
 # tokens/s, MFU (against the datasheet peak in tml/train/throughput.py) and peak GPU memory. Details: gpu_check.py.
 # Data: 20 books from ../shared/data/gutenberg or ./shared/data/gutenberg (or TML_GPU_CHECK_BOOKS=DIR): no network.

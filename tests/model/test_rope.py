@@ -106,3 +106,29 @@ def test_yarn_stretches_slow_pairs_so_position_s_times_p_turns_as_p_did():
 def test_yarn_multiplies_the_softmax_scale_by_its_temperature_squared(factor, mscale):
     temperature = (0.1 * mscale * math.log(factor) + 1) ** 2  # 1 at factor 1
     assert RotaryScaling(factor, ORIGINAL, mscale=mscale).softmax_scale_factor == pytest.approx(temperature, rel=1e-15)
+
+
+def test_angles_are_remembered_across_layers_and_equal_fresh_ones():
+    first = rotary_angles(DIM, 5, 3, THETA, CPU)
+    again = rotary_angles(DIM, 5, 3, THETA, CPU)  # the next layer of the same decode step
+    assert again[0] is first[0] and again[1] is first[1]
+    positions = torch.arange(5, 8, dtype=torch.float32)
+    inv_freq = THETA ** (-torch.arange(0, DIM, 2, dtype=torch.float32) / DIM)
+    torch.testing.assert_close(first[0], torch.outer(positions, inv_freq).cos())
+    assert not first[0].requires_grad
+
+
+def test_angles_made_in_inference_mode_do_not_reach_a_training_step():
+    """tml eval runs under inference_mode; autograd refuses to save an inference tensor for backward."""
+    x = torch.randn(2, 6, DIM)
+    with torch.inference_mode():
+        apply_rotary(x, 0, THETA)
+    weight = torch.ones(DIM, requires_grad=True)
+    apply_rotary(x * weight, 0, THETA).sum().backward()  # raised "Inference tensors cannot be saved" if shared
+    assert weight.grad is not None
+
+
+def test_compiled_rotation_has_no_graph_break():
+    """The memo is skipped under torch.compile, which traces the angles into its graph instead."""
+    explained = torch._dynamo.explain(lambda x: apply_rotary(x, 4, THETA))(torch.randn(1, 3, DIM))
+    assert explained.graph_break_count == 0 and explained.graph_count == 1

@@ -3,9 +3,9 @@
 DeepSeek-V2/V3 store their RoPE dims interleaved (2i pairs with 2i+1). It is the same rotation once the RoPE rows
 of the query and key projections are permuted, which loading DeepSeek weights into tml would have to do.
 
-The angles are computed on the fly in fp32 from the absolute positions instead of being stored as buffers:
-a buffer would be cast to bf16/fp16 with the model (`model.to(dtype)`) and lose the precision that long
-positions need, and recomputing dim/2 frequencies per call costs nothing next to attention.
+The angles are computed in fp32 from the absolute positions instead of being stored as buffers: a buffer would
+be cast to bf16/fp16 with the model (`model.to(dtype)`) and lose the precision that long positions need. The
+last few tables are remembered instead (rotary_angles).
 
 YaRN (Peng et al. 2023) extends a trained context L by a factor s, as DeepSeek-V2 did from 4K to 128K on MLA's
 shared RoPE key: "NTK-by-parts" interpolation of the frequencies (RotaryScaling) plus a softmax temperature.
@@ -13,6 +13,7 @@ shared RoPE key: "NTK-by-parts" interpolation of the frequencies (RotaryScaling)
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -25,6 +26,9 @@ if TYPE_CHECKING:
 # YaRN's attention temperature: sqrt(1/t) = YARN_TEMPERATURE_SLOPE * mscale * ln(s) + 1, the slope the paper fitted
 # on LLaMA's perplexity at extended contexts (mscale 1); DeepSeek-V2 keeps the form with mscale 0.707.
 YARN_TEMPERATURE_SLOPE = 0.1
+# Angle tables kept by rotary_angles: a few (start, length) pairs are all a forward pass, a decode step or a
+# validation uses at a time, and each is [length, dim/2] fp32.
+RECENT_ANGLES = 8
 
 
 @dataclass(frozen=True)
@@ -99,11 +103,32 @@ NO_SCALING = RotaryScaling()
 
 def rotary_angles(dim: int, start: int, length: int, theta: float, device: torch.device,
                   scaling: RotaryScaling = NO_SCALING) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of shape [length, dim/2] for positions start .. start+length-1, in fp32."""
+    """cos and sin of shape [length, dim/2] for positions start .. start+length-1, in fp32.
+
+    Eagerly, the last few results are kept: every layer's query and key rotate by the same positions, and decoding
+    a token otherwise launched some 200 small kernels on a GPU to compute them again (12 layers, twice each).
+    Under torch.compile they are computed in the graph, which fuses them; inference-mode tensors are kept apart, as
+    autograd refuses them in a later training step.
+    """
+    if torch.compiler.is_compiling():
+        return _angles(dim, start, length, theta, device, scaling)
+    return _recent_angles(dim, start, length, theta, device, scaling, torch.is_inference_mode_enabled())
+
+
+def _angles(dim: int, start: int, length: int, theta: float, device: torch.device,
+            scaling: RotaryScaling) -> tuple[torch.Tensor, torch.Tensor]:
     inv_freq = scaling.inverse_frequencies(dim, theta, device)
     positions = torch.arange(start, start + length, device=device, dtype=torch.float32)
     angles = torch.outer(positions, inv_freq)
     return angles.cos(), angles.sin()
+
+
+@functools.lru_cache(maxsize=RECENT_ANGLES)
+def _recent_angles(dim: int, start: int, length: int, theta: float, device: torch.device, scaling: RotaryScaling,
+                   inference_mode: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """_angles, remembered; `inference_mode` is part of the key only (the caller's mode, which made the tensors)."""
+    with torch.no_grad():
+        return _angles(dim, start, length, theta, device, scaling)
 
 
 def apply_rotary(x: torch.Tensor, start: int, theta: float, scaling: RotaryScaling = NO_SCALING) -> torch.Tensor:

@@ -16,7 +16,7 @@ from rich.progress import Progress
 from tml.data.clean import has_gutenberg_header, strip_gutenberg
 from tml.data.gutenberg import not_a_corpus_file
 from tml.data.jsonl import SURROGATES_REPLACED, JsonlError, is_jsonl, lines_shown, read_jsonl
-from tml.data.prepare import NotText, decode_text
+from tml.data.text_files import NotText, decode_text
 from tml.model import ModelConfig, ModelConfigError, Transformer
 from tml.model.transformer import IGNORE_INDEX
 

@@ -2,8 +2,9 @@
 
 The inputs (every book's sha256, the cleaning code, the tokenizer files, the split and shard settings) are
 hashed into a fingerprint stored in the index: a second run with the same inputs returns at once, and any
-change rebuilds. Books are read, cleaned and encoded a bounded batch at a time, so memory does not grow with
-the corpus, only with its largest .txt file (a .txt file is tokenized whole; a JSON Lines file in parts).
+change rebuilds. Books are read, cleaned and encoded a bounded batch at a time, and a big file in parts (a .txt
+file of your own: tml/data/text_files.py; a JSON Lines file: tml/data/jsonl.py), so memory does not grow with the
+corpus or with its files, only with its largest Gutenberg book or JSON Lines record.
 
 A local directory may hold your own text as well as Gutenberg books: .txt files (each a document; only those that
 open like a Gutenberg file are stripped) and .jsonl files (each record a document: tml/data/jsonl.py). Validation
@@ -17,13 +18,14 @@ Preparations of one shard_dir (two launches started together on a fresh corpus) 
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import fcntl
 import hashlib
 import json
 import os
-import re
 import sys
+import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -73,6 +75,7 @@ from tml.data.shards import (
     remove_temporaries,
     write_shards,
 )
+from tml.data.text_files import LATIN_1, NotText, decode_text, text_encoding, text_parts
 from tml.data.tokenizer import GPT2_FILES, TOKENIZER_NAME, TokenizerError, encode_documents, get_tokenizer
 from tml.files import file_sha256, write_failure
 from tml.locks import NO_FLOCK_ERRNOS, open_lock_file, read_holder, write_holder
@@ -86,6 +89,12 @@ ENCODE_BATCH_CHARS = 8_000_000
 # whatever the file's size. With val_split "tail" each part gives its last val_frac of tokens to val: changing this
 # moves the split, so bump PREPARE_VERSION with it.
 JSONL_PART_CHARS = 8_000_000
+# A local .txt file bigger than this many bytes that does not open like a Gutenberg file is read in parts of about
+# this many characters (tml/data/text_files.py), its tokens exactly the whole file's: the split and the shards are
+# those of reading it whole, so this may change freely. A quarter of ENCODE_BATCH_CHARS, so a batch's parts keep
+# several threads busy. Gutenberg books are read whole: their footer is at the end.
+TEXT_PART_CHARS = 2_000_000
+SPILL_READ_TOKENS = 1 << 22  # tokens read back at a time from a TokenSpill (16 MB)
 # Names listed in a one-line notice before "and N more": enough to find the files, short enough to read.
 SHOWN_NAMES = 5
 # A val split under this share of val_frac (one small book held out of a few) is worth a warning.
@@ -93,14 +102,7 @@ LOW_VAL_SHARE = 1 / 3
 # Whole books are held out by count, so a few long ones can hold far more than val_frac of the tokens (War and
 # Peace among 20 books: 28%); past this multiple of val_frac, prepare says so and how to hold out exactly val_frac.
 HIGH_VAL_SHARE = 2.0
-LATIN_1 = "latin-1"
 ENCODING_LABELS = {LATIN_1: "Latin-1"}  # how the not-UTF-8 notice names an encoding, where not by its codec name
-# Windows text: Latin-1 plus curly quotes, dashes and the euro sign where Latin-1 has C1 control characters.
-CP1252 = "cp1252"
-C1_CONTROLS = re.compile(rb"[\x80-\x9f]")  # bytes Latin-1 turns into U+0080-U+009F, which real text never holds
-# Byte-order marks, longest first: UTF-32's little-endian mark begins with UTF-16's.
-BOMS = ((b"\xff\xfe\x00\x00", "utf-32"), (b"\x00\x00\xfe\xff", "utf-32"), (b"\xef\xbb\xbf", "utf-8-sig"),
-        (b"\xff\xfe", "utf-16"), (b"\xfe\xff", "utf-16"))
 # What data_is_ready compares of each source file: a stat, no read. ctime because an edit that keeps size and
 # mtime (sed, then touch -r) still moves it; a changed stat only leads to a re-hash, never by itself to a rebuild.
 LISTED_STAT = ("path", "bytes", "mtime_ns", "ctime_ns")
@@ -268,44 +270,17 @@ def source_content_fingerprint(cfg: DataConfig) -> str | None:
         return None
 
 
-class NotText(ValueError):
-    """Bytes that no encoding tml reads turns into text; the message says why, without naming a file."""
-
-
-def decode_text(data: bytes) -> tuple[str, str]:
-    """The text and the encoding it was read with: a byte-order mark's, else UTF-8, else cp1252 or Latin-1.
-
-    Gutenberg files are UTF-8 since the 2000s and the older ones Latin-1, which decodes any bytes; so bytes with
-    NUL in them (binary, or UTF-16/32 without a BOM) are refused rather than turned into garbage tokens. Bytes
-    0x80-0x9F are control characters in Latin-1 but curly quotes and dashes in Windows text, so text holding
-    them is read as cp1252 (Latin-1 still when cp1252 leaves one of them undefined).
-    """
-    for bom, encoding in BOMS:
-        if data.startswith(bom):
-            try:
-                return data.decode(encoding), encoding
-            except UnicodeDecodeError as error:
-                raise NotText(f"it starts with a {encoding} byte-order mark but is not {encoding} ({error})") from error
-    if (nul := data.find(b"\x00")) >= 0:
-        raise NotText(f"it holds NUL bytes (the first at offset {nul:,}): it is binary, or UTF-16/UTF-32 without a "
-                      "byte-order mark")
-    try:
-        return data.decode("utf-8"), "utf-8"
-    except UnicodeDecodeError:
-        pass
-    if C1_CONTROLS.search(data):
-        with contextlib.suppress(UnicodeDecodeError):
-            return data.decode(CP1252), CP1252
-    return data.decode(LATIN_1), LATIN_1
-
-
 def read_book(path: Path) -> tuple[str, str]:
     """decode_text of a corpus file; a file it refuses stops preparation, naming the file and the way out."""
     try:
         return decode_text(Path(path).read_bytes())
     except NotText as error:
-        raise PrepareError(f"{path} is not text tml can read: {error}; convert it to UTF-8 (e.g. `iconv -f "
-                           "UTF-16LE -t UTF-8`) or move it out of data.source") from error
+        raise not_text(path, error) from error
+
+
+def not_text(path: Path, error: NotText) -> PrepareError:
+    return PrepareError(f"{path} is not text tml can read: {error}; convert it to UTF-8 (e.g. `iconv -f UTF-16LE -t "
+                        "UTF-8`) or move it out of data.source")
 
 
 def plural(count: int, noun: str) -> str:
@@ -376,6 +351,11 @@ def book_documents(books: Sequence[Book], cfg: DataConfig, notes: ReadNotes) -> 
         if is_local(cfg) and is_jsonl(book.path):
             yield from jsonl_book_parts(book, cfg, display_name(book.path, root), notes)
             continue
+        if is_local(cfg) and book.bytes > TEXT_PART_CHARS:
+            encoding = file_encoding(book.path)
+            if not opens_like_gutenberg(book.path, encoding):
+                yield from text_book_parts(book, encoding, display_name(book.path, root), notes)
+                continue
         text, encoding = read_book(book.path)
         if not is_local(cfg):
             yield book, [strip_gutenberg(text, name=str(book.path))]
@@ -392,6 +372,52 @@ def book_documents(books: Sequence[Book], cfg: DataConfig, notes: ReadNotes) -> 
         if not text.strip():
             notes.empty.append(name)
         yield book, [text]
+
+
+@dataclass(frozen=True)
+class ContinuedBook(Book):
+    """A part of a big file whose text goes on in the next part: no <|endoftext|> after its tokens."""
+
+
+def file_encoding(path: Path) -> str:
+    """text_encoding, refused as read_book refuses."""
+    try:
+        return text_encoding(path)
+    except NotText as error:
+        raise not_text(path, error) from error
+
+
+def opens_like_gutenberg(path: Path, encoding: str) -> bool:
+    """has_gutenberg_header on the start of the file, decoded as reading it whole would."""
+    with open(path, "rb") as file:
+        head = file.read(4 * clean.HEADER_PROBE_CHARS)  # 4 bytes a character at most
+    return has_gutenberg_header(codecs.getincrementaldecoder(encoding)(errors="ignore").decode(head))
+
+
+def text_book_parts(book: Book, encoding: str, name: str, notes: ReadNotes) -> Iterator[tuple[Book, list[str]]]:
+    """A big .txt file of your own in parts of about TEXT_PART_CHARS characters, each a Book with the bytes read
+    for it, all but the last a ContinuedBook: one document, whose tokens are the whole file's."""
+    tokenizer = get_tokenizer()
+    parts = text_parts(book.path, encoding, TEXT_PART_CHARS, lambda text: tokenizer.encode(text, disallowed_special=()))
+    has_text = False
+    part, part_bytes = next(parts)
+    for following, following_bytes in parts:  # one part ahead: the last one ends the document
+        has_text = has_text or not is_blank(part)
+        yield ContinuedBook(**vars(replace(book, bytes=part_bytes))), [part]
+        part, part_bytes = following, following_bytes
+    has_text = has_text or not is_blank(part)
+    yield replace(book, bytes=part_bytes), [part]
+    notes.by_sha256.setdefault(book.sha256, []).append(name)
+    if not encoding.startswith("utf"):
+        notes.not_utf8.setdefault(encoding, []).append(name)
+    notes.text_files += 1
+    notes.kept_whole.append(name)
+    if not has_text:
+        notes.empty.append(name)
+
+
+def is_blank(text: str) -> bool:
+    return text == "" or text.isspace()
 
 
 def jsonl_book_parts(book: Book, cfg: DataConfig, name: str, notes: ReadNotes) -> Iterator[tuple[Book, list[str]]]:
@@ -426,22 +452,66 @@ def split_tail(tokens: np.ndarray, val_frac: float) -> tuple[np.ndarray, np.ndar
     return np.concatenate((body[:cut], end)), val
 
 
+class TokenSpill:
+    """A big file's tokens while its parts arrive, in an unnamed temporary file, so that val_split "tail" can hold
+    out the last val_frac of the whole file (what split_tail does with one array) without holding it in memory."""
+
+    def __init__(self, directory: Path | None) -> None:
+        self.file = tempfile.TemporaryFile(dir=directory)  # gone when closed, or when the process dies
+        self.count = 0
+
+    def add(self, tokens: np.ndarray) -> None:
+        np.ascontiguousarray(tokens, dtype=np.uint32).tofile(self.file)
+        self.count += len(tokens)
+
+    def read(self, start: int, stop: int) -> Iterator[np.ndarray]:
+        for offset in range(start, stop, SPILL_READ_TOKENS):
+            self.file.seek(offset * 4)
+            yield np.fromfile(self.file, dtype=np.uint32, count=min(SPILL_READ_TOKENS, stop - offset))
+
+    def split_tail(self, val_frac: float) -> Iterator[tuple[str, np.ndarray]]:
+        """split_tail's (split, tokens) over everything added, in pieces: the train head, then the val tail."""
+        try:
+            body = self.count - 1  # the last token is the file's <|endoftext|>
+            cut = body - round(val_frac * body)
+            end = next(self.read(body, self.count))
+            yield from (("train", piece) for piece in self.read(0, cut))
+            yield "train", end
+            if cut < body:
+                yield from (("val", piece) for piece in self.read(cut, body))
+                yield "val", end
+        finally:
+            self.file.close()
+
+
 def tokenized_books(
     texts: Iterable[tuple[Book, list[str]]], val_split: str, val_ids: set[int], val_frac: float, threads: int,
-    progress: Progress | None = None, task: TaskID | None = None,
+    progress: Progress | None = None, task: TaskID | None = None, spill_dir: Path | None = None,
 ) -> Iterator[tuple[str, int, str, np.ndarray]]:
-    """(split, id, title, tokens) per book, or per part of a JSON Lines file (and per split, for "tail"), in source
+    """(split, id, title, tokens) per book, or per part of a big file (and per split, for "tail"), in source
     order, encoding about ENCODE_BATCH_CHARS at a time. A book's tokens are its documents', each ended by
-    <|endoftext|>. "books" sends val_ids' books to val whole; "tail" splits every book (every part)."""
+    <|endoftext|>. "books" sends val_ids' books to val whole; "tail" splits every book (every part of a JSON Lines
+    file; a big .txt file as a whole, its parts' tokens kept in a TokenSpill in spill_dir until its last)."""
+    spill: TokenSpill | None = None
 
     def encode(batch: list[tuple[Book, list[str]]]) -> Iterator[tuple[str, int, str, np.ndarray]]:
+        nonlocal spill
         encoded = iter(encode_documents([text for _, documents in batch for text in documents], threads))
         for book, documents in batch:
             parts = [next(encoded) for _ in documents]
             tokens = parts[0] if len(parts) == 1 else np.concatenate(parts)
+            continues = isinstance(book, ContinuedBook)
+            if continues:
+                tokens = tokens[:-1]  # the document goes on in the next part: no <|endoftext|> yet
             if progress is not None and task is not None:
                 progress.advance(task, book.bytes)
-            if val_split == "tail":
+            if val_split == "tail" and (continues or spill is not None):
+                spill = spill or TokenSpill(spill_dir)
+                spill.add(tokens)
+                if not continues:
+                    yield from ((split, book.id, book.title, piece) for split, piece in spill.split_tail(val_frac))
+                    spill = None
+            elif val_split == "tail":
                 head, tail = split_tail(tokens, val_frac)
                 yield "train", book.id, book.title, head
                 if tail is not None:
@@ -648,7 +718,7 @@ def prepare_data(cfg: DataConfig, console: Console | None = None, force: bool = 
         index = write_shards(
             shard_dir,
             tokenized_books(book_documents(books, cfg, read_notes), val_split, val_ids, cfg.val_frac,
-                            cfg.encode_threads, progress, task),
+                            cfg.encode_threads, progress, task, spill_dir=shard_dir),
             tokenizer=TOKENIZER_NAME,
             vocab_size=encoding.n_vocab,
             shard_tokens=cfg.shard_tokens,

@@ -27,7 +27,7 @@ READ_BYTES = 1 << 22  # 4 MiB a read: a part is a few of them
 # one character ahead, so this is ample unless a single word or run of spaces is longer.
 CUT_CONTEXT = 256
 # How far from the wanted length a cut is looked for, and how many places are tried (after a newline first).
-CUT_SEARCH_CHARS = 1 << 16
+CUT_SEARCH_CHARS = 4096
 CUT_TRIES = 200
 WHITESPACE = re.compile(r"\s")
 
@@ -119,14 +119,16 @@ def text_encoding(path: Path) -> str:
 
 
 def token_safe_cut(text: str, target: int, encode: Callable[[str], list[int]]) -> int | None:
-    """An offset near `target` after a whitespace character (a newline preferred) where `text` encodes to the same
-    tokens cut as uncut, judged on CUT_CONTEXT characters each side; None when none is found near it."""
+    """An offset within CUT_SEARCH_CHARS of `target`, after a whitespace character, where `text` encodes to the
+    same tokens cut as uncut, judged on CUT_CONTEXT characters each side; None when none of the CUT_TRIES places
+    nearest it is. A lone newline between two other characters is tried first: a line break almost always is."""
     low, high = max(CUT_CONTEXT, target - CUT_SEARCH_CHARS), min(len(text) - CUT_CONTEXT, target + CUT_SEARCH_CHARS)
-    if low > high:
-        return None
     after_space = [match.end() for match in WHITESPACE.finditer(text, low - 1, high) if match.end() >= low]
-    # Nearest the wanted length first, after a newline before after any other space.
-    after_space.sort(key=lambda offset: (text[offset - 1] != "\n", abs(offset - target)))
+
+    def lone_newline(offset: int) -> bool:
+        return text[offset - 1] == "\n" and not text[offset - 2].isspace() and not text[offset].isspace()
+
+    after_space.sort(key=lambda offset: (not lone_newline(offset), abs(offset - target)))
     for offset in after_space[:CUT_TRIES]:
         before, after = text[offset - CUT_CONTEXT:offset], text[offset:offset + CUT_CONTEXT]
         if encode(before) + encode(after) == encode(before + after):

@@ -491,6 +491,19 @@ def test_compiled_run_matches_eager_and_saves_weights_a_plain_model_loads(tmp_pa
     Transformer(config.model).load_state_dict(state)  # strict: what `tml generate` and `tml eval` do
 
 
+@pytest.mark.slow
+def test_an_eager_run_resumes_compiled_and_a_compiled_one_eagerly(tmp_path, tiny_shards, capsys):
+    """configs/reference.yaml compiles since the GPU check: a reference run an older tml trained eagerly resumes."""
+    settings = dict(val_interval=100, ckpt_interval=100)
+    train(tiny_run_config(tiny_shards, tmp_path, max_steps=2, **settings))
+    assert train(tiny_run_config(tiny_shards, tmp_path, max_steps=4, compile=True, resume="auto",
+                                 **settings)).final_step == 4
+    assert "train.compile false -> true" in capsys.readouterr().out  # listed, not refused
+    resumed = train(tiny_run_config(tiny_shards, tmp_path, max_steps=6, resume="auto", **settings))
+    assert resumed.final_step == 6 and math.isfinite(resumed.val_loss)
+    assert [step for step, _ in scalars(tmp_path, "train/loss")] == [1, 2, 3, 4, 5, 6]
+
+
 def launch(config, timeout=SUBPROCESS_TIMEOUT_S, **popen):
     """Run launch/local.py on `config` (written as YAML next to its out_dir)."""
     path = config.train.out_dir + ".yaml"

@@ -133,7 +133,8 @@ def test_a_big_gutenberg_file_is_still_read_whole_and_stripped(tmp_path, monkeyp
     source = own_corpus(tmp_path, {"pg5.txt": HEADER.format(title="FIVE") + body + FOOTER.format(title="FIVE")})
     index = ShardIndex.load(prepare_data(config(tmp_path, source, val_frac=0.1), console=quiet()))
     [train], [val] = document_tokens(index, "train").values(), document_tokens(index, "val").values()
-    assert train[:-1] + val[:-1] == encode(strip_gutenberg(HEADER.format(title="FIVE") + body + FOOTER.format(title="FIVE")))
+    whole = HEADER.format(title="FIVE") + body + FOOTER.format(title="FIVE")
+    assert train[:-1] + val[:-1] == encode(strip_gutenberg(whole))
 
 
 def test_a_big_windows_file_is_read_in_parts_as_cp1252_and_said(tmp_path, monkeypatch):
@@ -155,4 +156,69 @@ def test_a_big_file_with_nul_bytes_is_refused_by_name_before_any_part(tmp_path, 
     source.mkdir()
     (source / "wide.txt").write_bytes(big_own_text().encode("utf-16-le"))
     with pytest.raises(PrepareError, match=r"wide\.txt is not text tml can read: it holds NUL bytes"):
+        prepare_data(config(tmp_path, source), console=quiet())
+
+
+@pytest.mark.parametrize("run", ["\n", "\u00a0", " "])
+def test_a_cut_never_falls_inside_a_whitespace_run_longer_than_its_window(tmp_path, run):
+    """GPT-2 merges newlines in pairs and no-break spaces in fours: whether a cut inside a run is safe depends on where
+    the run starts, which 256 characters of it either side cannot show."""
+    text = "x" + run * 30001 + " end\n" + "word " * 2000  # no other place to cut within 4,096 of 1,000
+    path = tmp_path / "f.txt"
+    path.write_bytes(text.encode())
+    parts = [part for part, _ in text_parts(path, "utf-8", 1000, encode)]
+    assert "".join(parts) == text
+    assert [token for part in parts for token in encode(part)] == encode(text)
+
+
+def test_a_one_line_file_of_single_spaces_is_cut_before_a_word_at_the_first_try(tmp_path, monkeypatch):
+    """text8's form: after a space is never a safe cut (GPT-2 gives the space to the next word), before it is."""
+    text = " ".join(f"word{n % 97}" for n in range(3000))
+    path = tmp_path / "f.txt"
+    path.write_bytes(text.encode())
+    calls = []
+    parts = [part for part, _ in text_parts(path, "utf-8", 2000, lambda piece: calls.append(piece) or encode(piece))]
+    assert len(parts) > 5 and all(part[-1] != " " and parts[i + 1][0] == " " for i, part in enumerate(parts[:-1]))
+    assert len(calls) == 3 * (len(parts) - 1)  # one check of three encodes per cut
+    assert [token for part in parts for token in encode(part)] == encode(text)
+
+
+def test_a_bad_character_deep_in_a_marked_file_is_placed_by_its_file_offset(tmp_path, small_reads):
+    data = "fine text\n".encode("utf-16") + "more".encode("utf-16-le") + b"\x00\xd8x\x00"  # a lone surrogate
+    path = tmp_path / "f.txt"
+    path.write_bytes(data)
+    with pytest.raises(NotText, match=r"'utf-16-le' codec can't decode bytes in position 30-31: illegal UTF-16 "
+                                      r"surrogate") as streamed:
+        text_encoding(path)
+    with pytest.raises(NotText) as whole:
+        decode_text(data)
+    assert str(streamed.value) == str(whole.value)
+
+
+def test_a_big_utf32_gutenberg_file_is_recognised_past_its_byte_order_mark(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "TEXT_PART_CHARS", 2000)
+    head = "x" * (1000 - len("Project Gutenberg")) + "Project Gutenberg"  # the mention ends at character 1,000
+    text = head + HEADER.format(title="FIVE") + big_own_text(tricky=False) + FOOTER.format(title="FIVE")
+    source = own_corpus(tmp_path, {})
+    source.mkdir()
+    (source / "pg5.txt").write_bytes(text.encode("utf-32"))
+    index = ShardIndex.load(prepare_data(config(tmp_path, source, val_frac=0.1), console=quiet()))
+    [train], [val] = document_tokens(index, "train").values(), document_tokens(index, "val").values()
+    assert train[:-1] + val[:-1] == encode(strip_gutenberg(text))
+
+
+def test_a_file_written_to_while_it_is_read_is_refused_by_name(tmp_path, monkeypatch):
+    monkeypatch.setattr(prepare, "TEXT_PART_CHARS", 2000)
+    source = own_corpus(tmp_path, {"grows.txt": big_own_text(tricky=False)})
+    decided = prepare.file_encoding
+
+    def then_written_to(path):  # as a download still in progress would
+        encoding = decided(path)
+        with open(path, "ab") as file:
+            file.write(b"\xff")
+        return encoding
+
+    monkeypatch.setattr(prepare, "file_encoding", then_written_to)
+    with pytest.raises(PrepareError, match=r"grows\.txt changed while tml-prepare read it \(.*\); run tml-prepare "
+                                           "again once nothing writes to it"):
         prepare_data(config(tmp_path, source), console=quiet())

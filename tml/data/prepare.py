@@ -390,7 +390,7 @@ def file_encoding(path: Path) -> str:
 def opens_like_gutenberg(path: Path, encoding: str) -> bool:
     """has_gutenberg_header on the start of the file, decoded as reading it whole would."""
     with open(path, "rb") as file:
-        head = file.read(4 * clean.HEADER_PROBE_CHARS)  # 4 bytes a character at most
+        head = file.read(4 * clean.HEADER_PROBE_CHARS + 4)  # 4 bytes a character at most, and a byte-order mark
     return has_gutenberg_header(codecs.getincrementaldecoder(encoding)(errors="ignore").decode(head))
 
 
@@ -398,7 +398,8 @@ def text_book_parts(book: Book, encoding: str, name: str, notes: ReadNotes) -> I
     """A big .txt file of your own in parts of about TEXT_PART_CHARS characters, each a Book with the bytes read
     for it, all but the last a ContinuedBook: one document, whose tokens are the whole file's."""
     tokenizer = get_tokenizer()
-    parts = text_parts(book.path, encoding, TEXT_PART_CHARS, lambda text: tokenizer.encode(text, disallowed_special=()))
+    parts = changed_while_read(book.path, text_parts(book.path, encoding, TEXT_PART_CHARS,
+                                                     lambda text: tokenizer.encode(text, disallowed_special=())))
     has_text = False
     part, part_bytes = next(parts)
     for following, following_bytes in parts:  # one part ahead: the last one ends the document
@@ -414,6 +415,15 @@ def text_book_parts(book: Book, encoding: str, name: str, notes: ReadNotes) -> I
     notes.kept_whole.append(name)
     if not has_text:
         notes.empty.append(name)
+
+
+def changed_while_read(path: Path, parts: Iterator[tuple[str, int]]) -> Iterator[tuple[str, int]]:
+    """text_parts, with a decoding error (the file was written to after its encoding was decided) named."""
+    try:
+        yield from parts
+    except UnicodeDecodeError as error:
+        raise PrepareError(f"{path} changed while tml-prepare read it ({error}); run tml-prepare again once "
+                           "nothing writes to it") from error
 
 
 def is_blank(text: str) -> bool:

@@ -11,6 +11,7 @@ big the file is.
 from __future__ import annotations
 
 import codecs
+import itertools
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -64,8 +65,16 @@ def decode_text(data: bytes) -> tuple[str, str]:
     return data.decode(LATIN_1), LATIN_1
 
 
-def bad_bom(encoding: str, error: UnicodeDecodeError) -> str:
+def bad_bom(encoding: str, error: UnicodeDecodeError | str) -> str:
     return f"it starts with a {encoding} byte-order mark but is not {encoding} ({error})"
+
+
+def at_offset(error: UnicodeDecodeError, start: int) -> str:
+    """A streaming decoder's error with its positions in the file, not in the read that raised it."""
+    bad = error.object[error.start:error.end]
+    where = (f"byte 0x{bad[0]:02x} in position {start + error.start}" if len(bad) == 1 else
+             f"bytes in position {start + error.start}-{start + error.end - 1}")
+    return f"'{error.encoding}' codec can't decode {where}: {error.reason}"
 
 
 def holds_nul(offset: int) -> str:
@@ -85,13 +94,14 @@ def text_encoding(path: Path) -> str:
         head = file.read(4)
     for bom, encoding in BOMS:
         if head.startswith(bom):
-            decoder = codecs.getincrementaldecoder(encoding)()
-            try:
-                for chunk in chunks(path):
-                    decoder.decode(chunk)
-                decoder.decode(b"", final=True)
-            except UnicodeDecodeError as error:
-                raise NotText(bad_bom(encoding, error)) from error
+            decoder, fed = codecs.getincrementaldecoder(encoding)(), 0
+            for chunk in itertools.chain(chunks(path), [b""]):  # b"": the end, where a cut-short character shows
+                start = fed - len(decoder.getstate()[0])  # the file offset of what this call decodes
+                try:
+                    decoder.decode(chunk, final=not chunk)
+                except UnicodeDecodeError as error:
+                    raise NotText(bad_bom(encoding, at_offset(error, start))) from error
+                fed += len(chunk)
             return encoding
     utf8, is_utf8, has_c1, is_cp1252, offset = codecs.getincrementaldecoder("utf-8")(), True, False, True, 0
     for chunk in chunks(path):
@@ -119,18 +129,34 @@ def text_encoding(path: Path) -> str:
 
 
 def token_safe_cut(text: str, target: int, encode: Callable[[str], list[int]]) -> int | None:
-    """An offset within CUT_SEARCH_CHARS of `target`, after a whitespace character, where `text` encodes to the
+    """An offset within CUT_SEARCH_CHARS of `target`, next to a whitespace character, where `text` encodes to the
     same tokens cut as uncut, judged on CUT_CONTEXT characters each side; None when none of the CUT_TRIES places
-    nearest it is. A lone newline between two other characters is tried first: a line break almost always is."""
+    nearest it is. A lone newline between two other characters is tried first (a line break almost always is a
+    safe cut), then the place before a space that starts a word ("word| next": GPT-2 gives the space to the word),
+    then after other whitespace. Never between a space and its word, and never where a side of the window is all
+    whitespace: GPT-2 merges runs of newlines and spaces in pairs and fours, so whether a cut inside a run is safe
+    depends on where the run starts, which such a window cannot see."""
     low, high = max(CUT_CONTEXT, target - CUT_SEARCH_CHARS), min(len(text) - CUT_CONTEXT, target + CUT_SEARCH_CHARS)
-    after_space = [match.end() for match in WHITESPACE.finditer(text, low - 1, high) if match.end() >= low]
+    places = set()
+    for match in WHITESPACE.finditer(text, low - 1, high + 1):
+        places.update((match.start(), match.end()))
 
-    def lone_newline(offset: int) -> bool:
-        return text[offset - 1] == "\n" and not text[offset - 2].isspace() and not text[offset].isspace()
+    def preference(offset: int) -> tuple[int, int]:
+        before, after = text[offset - 1], text[offset]
+        if before == "\n" and not text[offset - 2].isspace() and not after.isspace():
+            rank = 0  # a lone newline
+        elif after == " " and not before.isspace():
+            rank = 1  # before a space that starts a word
+        else:
+            rank = 2
+        return rank, abs(offset - target)
 
-    after_space.sort(key=lambda offset: (not lone_newline(offset), abs(offset - target)))
-    for offset in after_space[:CUT_TRIES]:
+    candidates = sorted((offset for offset in places if low <= offset <= high
+                         and not (text[offset - 1] == " " and not text[offset].isspace())), key=preference)
+    for offset in candidates[:CUT_TRIES]:
         before, after = text[offset - CUT_CONTEXT:offset], text[offset:offset + CUT_CONTEXT]
+        if before.isspace() or after.isspace():
+            continue
         if encode(before) + encode(after) == encode(before + after):
             return offset
     return None

@@ -504,6 +504,11 @@ def test_an_eager_run_resumes_compiled_and_a_compiled_one_eagerly(tmp_path, tiny
     assert [step for step, _ in scalars(tmp_path, "train/loss")] == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_muon_lr_an_adamw_run_does_not_use_is_named(tmp_path, tiny_shards, capsys):
+    train(tiny_run_config(tiny_shards, tmp_path, max_steps=1, val_interval=100, muon_lr=0.02))
+    assert "train.muon_lr 0.02 is unused: it is Muon's lr, and train.optimizer is adamw" in capsys.readouterr().out
+
+
 def launch(config, timeout=SUBPROCESS_TIMEOUT_S, **popen):
     """Run launch/local.py on `config` (written as YAML next to its out_dir)."""
     path = config.train.out_dir + ".yaml"

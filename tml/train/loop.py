@@ -209,6 +209,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
                      f"ranks of {block} tokens = {tokens_per_step:,} tokens per optimizer step")
         if muon:
             fabric.print(split)
+        elif tc.muon_lr is not None:  # a sweep over train.optimizer may set it for its Muon runs
+            fabric.print(f"train.muon_lr {tc.muon_lr:g} is unused: it is Muon's lr, and train.optimizer is {tc.optimizer}")
         if budget := describe_budget(config):
             fabric.print(budget)
         if step >= tc.max_steps:

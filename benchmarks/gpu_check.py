@@ -3,8 +3,8 @@
 What the CPU suite cannot show: the real CUDA fp16 path (Fabric's 16-mixed with a GradScaler, SDPA kernels,
 pinned-memory loading), its speed, and its memory. Runs `tml.train.loop.train` unchanged on the reference config
 (12x768 post-LN MLA, block 512, batch 20 x 4 accumulation, 16-mixed), eagerly, for `--steps` optimizer steps,
-reads the figures back from the run's TensorBoard scalars, times `generate` from the saved checkpoint (absorbed and naive
-latent-cache decode), and prints one JSON object. `--variants` adds shorter runs that each change one thing:
+reads the figures back from the run's TensorBoard scalars, times `generate` from the saved checkpoint (absorbed
+and naive latent-cache decode), and prints one JSON object. `--variants` adds shorter runs that each change one thing:
 torch.compile, the MHA baseline at the same width, GQA at MLA's cache, bf16 instead of fp16, DeepSpeed ZeRO-2
 (its own fp16 engine), or Muon instead of AdamW.
 
@@ -93,7 +93,7 @@ def run_config(args: argparse.Namespace, overrides: list[str], work: Path, name:
         *data, f"--train.max_steps={steps}", f"--train.val_interval={steps}", f"--train.ckpt_interval={steps}",
         "--train.val_batches=10", f"--train.log_interval={LOG_INTERVAL}", f"--train.out_dir={work}/{name}",
         "--train.resume=none", "--train.devices=1", "--log.wandb=false",
-        "--train.compile=false",  # eager, as every variant but `compiled`: each changes one thing (reference.yaml compiles)
+        "--train.compile=false",  # eager, as every variant but `compiled`: each changes one thing (reference compiles)
         *extra, *overrides,
     ])
 

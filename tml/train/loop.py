@@ -210,7 +210,8 @@ def train(config: Config, preemption: PreemptionFlag | None = None) -> TrainResu
         if muon:
             fabric.print(split)
         elif tc.muon_lr is not None:  # a sweep over train.optimizer may set it for its Muon runs
-            fabric.print(f"train.muon_lr {tc.muon_lr:g} is unused: it is Muon's lr, and train.optimizer is {tc.optimizer}")
+            fabric.print(f"train.muon_lr {tc.muon_lr:g} is unused: it is Muon's lr, and train.optimizer is "
+                         f"{tc.optimizer}")
         if budget := describe_budget(config):
             fabric.print(budget)
         if step >= tc.max_steps:

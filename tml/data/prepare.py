@@ -312,6 +312,21 @@ class ReadNotes:
     by_sha256: dict[str, list[str]] = field(default_factory=dict)
     dangling: list[str] = field(default_factory=list)
 
+    def add_file(self, name: str, sha256: str, has_text: bool) -> None:
+        """A local file read: copies are found by content, and a file without a word is named."""
+        self.by_sha256.setdefault(sha256, []).append(name)
+        if not has_text:
+            self.empty.append(name)
+
+    def add_text_file(self, name: str, sha256: str, encoding: str, kept_whole: bool, has_text: bool) -> None:
+        """A .txt file read, whole or in parts: add_file, and its encoding and Gutenberg header as found."""
+        self.add_file(name, sha256, has_text)
+        self.text_files += 1
+        if not encoding.startswith("utf"):
+            self.not_utf8.setdefault(encoding, []).append(name)
+        if kept_whole:
+            self.kept_whole.append(name)
+
     def lines(self) -> list[str]:
         lines = []
         if self.kept_whole:
@@ -360,17 +375,10 @@ def book_documents(books: Sequence[Book], cfg: DataConfig, notes: ReadNotes) -> 
         if not is_local(cfg):
             yield book, [strip_gutenberg(text, name=str(book.path))]
             continue
-        name = display_name(book.path, root)
-        notes.by_sha256.setdefault(book.sha256, []).append(name)
-        if not encoding.startswith("utf"):
-            notes.not_utf8.setdefault(encoding, []).append(name)
-        notes.text_files += 1
-        if has_gutenberg_header(text):
+        kept_whole = not has_gutenberg_header(text)
+        if not kept_whole:
             text = strip_gutenberg(text, name=str(book.path))
-        else:
-            notes.kept_whole.append(name)
-        if not text.strip():
-            notes.empty.append(name)
+        notes.add_text_file(display_name(book.path, root), book.sha256, encoding, kept_whole, not is_blank(text))
         yield book, [text]
 
 
@@ -408,13 +416,7 @@ def text_book_parts(book: Book, encoding: str, name: str, notes: ReadNotes) -> I
         part, part_bytes = following, following_bytes
     has_text = has_text or not is_blank(part)
     yield replace(book, bytes=part_bytes), [part]
-    notes.by_sha256.setdefault(book.sha256, []).append(name)
-    if not encoding.startswith("utf"):
-        notes.not_utf8.setdefault(encoding, []).append(name)
-    notes.text_files += 1
-    notes.kept_whole.append(name)
-    if not has_text:
-        notes.empty.append(name)
+    notes.add_text_file(name, book.sha256, encoding, kept_whole=True, has_text=has_text)
 
 
 def changed_while_read(path: Path, parts: Iterator[tuple[str, int]]) -> Iterator[tuple[str, int]]:
@@ -440,24 +442,27 @@ def jsonl_book_parts(book: Book, cfg: DataConfig, name: str, notes: ReadNotes) -
     try:
         for part, part_bytes in jsonl_parts(book.path, cfg.text_field, repaired, part_chars=JSONL_PART_CHARS):
             records += len(part)
-            has_text = has_text or any(text.strip() for text in part)
+            has_text = has_text or not all(is_blank(text) for text in part)
             yield replace(book, bytes=part_bytes), part or [""]  # no record: still a separator, as an empty .txt
     except JsonlError as error:
         raise PrepareError(f"{book.path}: {error} (or move the file out of data.source)") from error
-    notes.by_sha256.setdefault(book.sha256, []).append(name)
+    notes.add_file(name, book.sha256, has_text)
     notes.jsonl_files += 1
     notes.jsonl_records += records
     if repaired:
         notes.repaired.append(f"{name} {lines_shown(repaired)}")
-    if not has_text:
-        notes.empty.append(name)
+
+
+def tail_start(body: int, val_frac: float) -> int:
+    """Where the val tail of a document of `body` tokens (its <|endoftext|> not counted) starts."""
+    return body - round(val_frac * body)
 
 
 def split_tail(tokens: np.ndarray, val_frac: float) -> tuple[np.ndarray, np.ndarray | None]:
     """A document's head for train and its last val_frac of tokens for val (None when that rounds to nothing),
     each ending in the document's <|endoftext|> so both splits keep documents apart."""
     body, end = tokens[:-1], tokens[-1:]
-    cut = len(body) - round(val_frac * len(body))
+    cut = tail_start(len(body), val_frac)
     val = np.concatenate((body[cut:], end)) if cut < len(body) else None
     return np.concatenate((body[:cut], end)), val
 
@@ -483,7 +488,7 @@ class TokenSpill:
         """split_tail's (split, tokens) over everything added, in pieces: the train head, then the val tail."""
         try:
             body = self.count - 1  # the last token is the file's <|endoftext|>
-            cut = body - round(val_frac * body)
+            cut = tail_start(body, val_frac)
             end = next(self.read(body, self.count))
             yield from (("train", piece) for piece in self.read(0, cut))
             yield "train", end
@@ -515,19 +520,19 @@ def tokenized_books(
                 tokens = tokens[:-1]  # the document goes on in the next part: no <|endoftext|> yet
             if progress is not None and task is not None:
                 progress.advance(task, book.bytes)
-            if val_split == "tail" and (continues or spill is not None):
+            if val_split != "tail":
+                yield ("val" if book.id in val_ids else "train"), book.id, book.title, tokens
+            elif continues or spill is not None:  # a big .txt file's part: its tail is the whole file's
                 spill = spill or TokenSpill(spill_dir)
                 spill.add(tokens)
                 if not continues:
                     yield from ((split, book.id, book.title, piece) for split, piece in spill.split_tail(val_frac))
                     spill = None
-            elif val_split == "tail":
+            else:
                 head, tail = split_tail(tokens, val_frac)
                 yield "train", book.id, book.title, head
                 if tail is not None:
                     yield "val", book.id, book.title, tail
-            else:
-                yield ("val" if book.id in val_ids else "train"), book.id, book.title, tokens
 
     batch, batch_chars = [], 0
     for book, documents in texts:

@@ -45,12 +45,11 @@ def decode_text(data: bytes) -> tuple[str, str]:
     0x80-0x9F are control characters in Latin-1 but curly quotes and dashes in Windows text, so text holding
     them is read as cp1252 (Latin-1 still when cp1252 leaves one of them undefined).
     """
-    for bom, encoding in BOMS:
-        if data.startswith(bom):
-            try:
-                return data.decode(encoding), encoding
-            except UnicodeDecodeError as error:
-                raise NotText(bad_bom(encoding, error)) from error
+    if encoding := marked_encoding(data):
+        try:
+            return data.decode(encoding), encoding
+        except UnicodeDecodeError as error:
+            raise NotText(bad_bom(encoding, error)) from error
     if (nul := data.find(b"\x00")) >= 0:
         raise NotText(holds_nul(nul))
     try:
@@ -63,6 +62,11 @@ def decode_text(data: bytes) -> tuple[str, str]:
         except UnicodeDecodeError:
             pass
     return data.decode(LATIN_1), LATIN_1
+
+
+def marked_encoding(head: bytes) -> str | None:
+    """The encoding a byte-order mark at the start of `head` names, if any."""
+    return next((encoding for bom, encoding in BOMS if head.startswith(bom)), None)
 
 
 def bad_bom(encoding: str, error: UnicodeDecodeError | str) -> str:
@@ -91,18 +95,17 @@ def chunks(path: Path) -> Iterator[bytes]:
 def text_encoding(path: Path) -> str:
     """decode_text's encoding for the file at `path`, decided in one pass of READ_BYTES reads (NotText likewise)."""
     with open(path, "rb") as file:
-        head = file.read(4)
-    for bom, encoding in BOMS:
-        if head.startswith(bom):
-            decoder, fed = codecs.getincrementaldecoder(encoding)(), 0
-            for chunk in itertools.chain(chunks(path), [b""]):  # b"": the end, where a cut-short character shows
-                start = fed - len(decoder.getstate()[0])  # the file offset of what this call decodes
-                try:
-                    decoder.decode(chunk, final=not chunk)
-                except UnicodeDecodeError as error:
-                    raise NotText(bad_bom(encoding, at_offset(error, start))) from error
-                fed += len(chunk)
-            return encoding
+        encoding = marked_encoding(file.read(4))
+    if encoding:
+        decoder, fed = codecs.getincrementaldecoder(encoding)(), 0
+        for chunk in itertools.chain(chunks(path), [b""]):  # b"": the end, where a cut-short character shows
+            start = fed - len(decoder.getstate()[0])  # the file offset of what this call decodes
+            try:
+                decoder.decode(chunk, final=not chunk)
+            except UnicodeDecodeError as error:
+                raise NotText(bad_bom(encoding, at_offset(error, start))) from error
+            fed += len(chunk)
+        return encoding
     utf8, is_utf8, has_c1, is_cp1252, offset = codecs.getincrementaldecoder("utf-8")(), True, False, True, 0
     for chunk in chunks(path):
         if (nul := chunk.find(b"\x00")) >= 0:
